@@ -1,0 +1,50 @@
+"""Cold start of `orchestrate plan`: wall time of a fresh interpreter, interleaved with baselines.
+
+    python benchmarks/cold_start.py [--runs 15]
+
+Reports medians for: bare `python -c pass`, importing only what `plan` needs (pydantic, yaml,
+click), and the real `orchestrate plan examples/quickstart-cpu.yaml`. Also lists which heavy
+modules (docker, gguf, rich, requests, jinja2, psutil) `plan` loaded: the goal is none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = {
+    "python -c pass": [sys.executable, "-c", "pass"],
+    "import pydantic+yaml+click": [sys.executable, "-c", "import pydantic, yaml, click"],
+    "orchestrate plan": [sys.executable, "-m", "orchestrator", "plan", "examples/quickstart-cpu.yaml"],
+}
+PROBE = ("import sys; sys.argv=['orchestrate','plan','examples/quickstart-cpu.yaml']\n"
+         "from orchestrator.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+         "print([m for m in ('docker','gguf','rich','requests','jinja2','psutil') if m in sys.modules], file=sys.stderr)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=15)
+    args = ap.parse_args()
+    times: dict[str, list[float]] = {k: [] for k in CASES}
+    for _ in range(args.runs):
+        for name, argv in CASES.items():  # interleaved so machine noise hits every case alike
+            t0 = time.perf_counter()
+            subprocess.run(argv, cwd=ROOT, capture_output=True, check=True)
+            times[name].append(time.perf_counter() - t0)
+    base = statistics.median(times["python -c pass"])
+    print(f"{'case':32} {'median ms':>10} {'vs python':>10}")
+    for name, ts in times.items():
+        m = statistics.median(ts)
+        print(f"{name:32} {m * 1000:10.1f} {m / base:10.2f}x")
+    heavy = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True).stderr.strip()
+    print(f"heavy modules loaded by plan: {heavy.splitlines()[-1]}")
+
+
+if __name__ == "__main__":
+    main()

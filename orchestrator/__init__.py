@@ -1,0 +1,3 @@
+"""orchestrator: declarative deployments for local LLM servers."""
+
+__version__ = "0.1.0"

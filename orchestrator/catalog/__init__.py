@@ -1,0 +1,139 @@
+"""Knowledge as data: the GPU catalog and the engine capability table."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+import yaml
+
+_VENDOR_WORDS = ("nvidia", "geforce", "tesla", "quadro", "amd", "radeon", "instinct", "intel", "arc", "apple")
+
+
+@dataclass(frozen=True)
+class Gpu:
+    id: str
+    name: str
+    aliases: tuple[str, ...]
+    vendor: str
+    arch: str
+    compute_capability: str | None
+    gfx_target: str | None
+    vram_gb: float
+    bandwidth_gbs: float | None
+    fp16_tflops: float | None
+    tensor_cores: bool
+    fp8: bool
+    bf16: bool
+    tdp_w: float | None
+    form: str
+    source: str
+    notes: str | None = None
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.vendor == "cpu"
+
+    @property
+    def cc(self) -> tuple[int, int] | None:
+        """Compute capability as a comparable tuple (NVIDIA only)."""
+        if not self.compute_capability:
+            return None
+        major, minor = self.compute_capability.split(".")
+        return int(major), int(minor)
+
+    @property
+    def sm(self) -> str:
+        cc = self.cc
+        return f"sm_{cc[0]}{cc[1]}" if cc else (self.gfx_target or self.arch)
+
+    @property
+    def accelerator(self) -> str:
+        """Backend family: cuda | rocm | intel | metal | cpu."""
+        return {"nvidia": "cuda", "amd": "rocm", "intel": "intel", "apple": "metal"}.get(self.vendor, "cpu")
+
+    def describe(self) -> str:
+        if self.is_cpu:
+            return "CPU"
+        return f"{self.name} is {self.arch.capitalize()} ({self.sm})"
+
+
+def normalize(name: str) -> str:
+    s = name.lower().strip()
+    s = re.sub(r"[\s_\-]+", "", s)
+    changed = True
+    while changed:
+        changed = False
+        for word in _VENDOR_WORDS:
+            if s.startswith(word) and len(s) > len(word):
+                s = s[len(word):]
+                changed = True
+    return s
+
+
+def parse_cc(value: str) -> tuple[int, int]:
+    major, minor = value.split(".")
+    return int(major), int(minor)
+
+
+def _load_yaml(name: str) -> Any:
+    text = resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~10x faster on the catalog
+    return yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader
+
+
+@lru_cache(maxsize=1)
+def gpus() -> dict[str, Gpu]:
+    data = _load_yaml("gpus.yaml")
+    out: dict[str, Gpu] = {}
+    for entry in data["gpus"]:
+        fields = {k: entry.get(k) for k in Gpu.__dataclass_fields__}
+        fields["aliases"] = tuple(entry.get("aliases") or ())
+        out[entry["id"]] = Gpu(**fields)
+    return out
+
+
+@lru_cache(maxsize=1)
+def _gpu_index() -> dict[str, str]:
+    index: dict[str, str] = {}
+    for gpu in gpus().values():
+        for key in (gpu.id, gpu.name, *gpu.aliases):
+            index.setdefault(normalize(key), gpu.id)
+    return index
+
+
+class UnknownGpu(LookupError):
+    def __init__(self, name: str, suggestions: list[str]) -> None:
+        super().__init__(name)
+        self.name = name
+        self.suggestions = suggestions
+
+
+def find_gpu(name: str) -> Gpu:
+    """Look up a GPU by id, name or alias, loosely; raise UnknownGpu with close matches."""
+    key = normalize(name)
+    index = _gpu_index()
+    if key in index:
+        return gpus()[index[key]]
+    close = difflib.get_close_matches(key, list(index), n=6, cutoff=0.6)
+    ids: list[str] = []
+    for c in close:
+        if index[c] not in ids:
+            ids.append(index[c])
+    if not ids:
+        ids = [g for g in gpus() if key and key in normalize(g)][:5]
+    raise UnknownGpu(name, ids[:4])
+
+
+@lru_cache(maxsize=1)
+def engines() -> dict[str, dict[str, Any]]:
+    data: dict[str, dict[str, Any]] = _load_yaml("engines.yaml")["engines"]
+    return data
+
+
+def engine(name: str) -> dict[str, Any]:
+    return engines()[name]

@@ -1,0 +1,125 @@
+"""Shared rule machinery: a context of resolved facts and an ordered list of small rules.
+
+Each engine module exposes RULES: a list of functions `rule(ctx) -> Flag | list[Flag] | None`.
+A rule decides one thing and writes its reason next to the value. Facts come from
+catalog/engines.yaml (ctx.caps) and catalog/gpus.yaml (ctx.gpu); syntax lives in the rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..catalog import Gpu
+from ..errors import Problem
+from ..modelinfo import ModelFacts
+from ..plan import ApiKey, EnvVar, Flag
+from ..profile import Profile, Server
+
+
+@dataclass
+class Offload:
+    """Where the weights go, decided once by the planner for GGUF engines."""
+
+    mode: str              # cpu | all | moe_all | moe_layers | layers
+    reason: str
+    layers: int | None = None      # -ngl for mode=layers, -ncmoe N for moe_layers
+
+
+@dataclass
+class Ctx:
+    profile: Profile
+    server: Server
+    index: int                     # position in profile.servers (for error paths)
+    engine: str
+    caps: dict[str, Any]
+    gpu: Gpu
+    gpu_count: int
+    facts: ModelFacts
+    draft: ModelFacts | None
+    model_arg: str                 # path or hf reference as the process sees it
+    model_container: str | None    # path inside a container (None: same / hf)
+    draft_arg: str | None
+    draft_container: str | None
+    kv_cache: str                  # resolved: f16 | bf16 | q8_0 | q4_0 | fp8_e4m3 | ...
+    kv_reason: str
+    offload: Offload
+    served_name: str
+    api_key: ApiKey | None = None
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.gpu.is_cpu
+
+    @property
+    def cc(self) -> tuple[int, int] | None:
+        return self.gpu.cc
+
+    @property
+    def spec(self) -> str:
+        return self.server.speculative.method
+
+    def path(self, *parts: str | int) -> tuple[str | int, ...]:
+        return ("servers", self.index, *parts)
+
+    def error(self, field_path: tuple[str | int, ...], message: str, hint: str) -> None:
+        self.problems.append(Problem(self.path(*field_path), message, hint))
+
+
+Out = Flag | EnvVar
+Rule = Callable[[Ctx], "Out | list[Out] | list[Flag] | None"]
+
+
+def run_rules(rules: Iterable[Rule], ctx: Ctx) -> tuple[list[Flag], list[EnvVar]]:
+    flags: list[Flag] = []
+    env: list[EnvVar] = []
+    for rule in rules:
+        out = rule(ctx)
+        if out is None:
+            continue
+        for item in out if isinstance(out, list) else [out]:
+            if isinstance(item, Flag):
+                flags.append(item)
+            else:
+                env.append(item)
+    return flags, env
+
+
+def api_key_file(ctx: Ctx) -> Flag | None:
+    """Engines without an API-key env var get the key in a 0600 file (ik_llama) or config (SGLang)."""
+    key = ctx.api_key
+    if key is None or key.file_flag is None:
+        return None
+    what = "API key file" if key.mechanism == "file" else "config file holding the API key"
+    return Flag(key.file_flag, key.process_path,
+                f"{what}, written 0600 from ${key.env_var} at start: the key never appears in argv",
+                container_value=key.container_path)
+
+
+def api_key_env(ctx: Ctx) -> EnvVar | None:
+    key = ctx.api_key
+    if key is None or key.engine_env is None:
+        return None
+    return EnvVar(key.engine_env, None, f"API key from ${key.env_var}, passed by environment (never in argv)",
+                  from_env=key.env_var)
+
+
+def user_args(ctx: Ctx) -> list[Flag]:
+    """extra_args are passed verbatim and labelled as the user's."""
+    return [Flag("", arg, "extra_args from the profile (passed verbatim)", "user")
+            for arg in ctx.server.extra_args]
+
+
+def bind_host(ctx: Ctx) -> Flag:
+    return Flag("--host", ctx.server.host,
+                f"clients reach it on {ctx.server.host}; in a container the server binds all "
+                "interfaces and the runtime publishes the port on the profile host",
+                container_value="0.0.0.0")  # noqa: S104 - inside a container; published on the profile host
+
+
+def port(ctx: Ctx) -> Flag:
+    return Flag("--port", str(ctx.server.port), "from the profile" if ctx.server.port else "default")

@@ -1,0 +1,71 @@
+"""ik_llama.cpp `llama-server` rules. Syntax verified against ik 55d3c05bf (2026-04-13).
+
+Differences from mainline that matter here: `-ngl` takes a number (no `all`),
+speculative decoding uses `-mtp` / `-md` with `--draft-max` (upstream moved to
+`--spec-type TYPE:k=v` in 2026-06), there is no `--cache-reuse`, fused MoE is on by
+default and `-fmoe` is rejected, the API key comes only from `--api-key-file`.
+"""
+
+from __future__ import annotations
+
+from ..plan import Flag
+from . import llama_cpp as mainline
+from .base import Ctx, Rule, api_key_file, bind_host, port, user_args
+
+
+def model(ctx: Ctx) -> Flag:
+    return Flag("-m", ctx.model_arg, "model file from the profile", container_value=ctx.model_container)
+
+
+def alias(ctx: Ctx) -> Flag:
+    return Flag("-a", ctx.served_name, "the name clients use in /v1/models and requests (ik takes one alias)")
+
+
+def gpu_layers(ctx: Ctx) -> Flag | None:
+    return mainline.gpu_layers(ctx, all_value="999")
+
+
+def speculative(ctx: Ctx) -> list[Flag] | None:
+    sp = ctx.server.speculative
+    if sp.method == "none":
+        return None
+    n = str(sp.tokens)
+    out: list[Flag] = []
+    if sp.method == "mtp":
+        out.append(Flag("-mtp", None, "the model's own multi-token-prediction (NextN) layers draft tokens "
+                        "(this ik build's syntax; newer ik uses --spec-type mtp:n_max=N)"))
+    else:
+        out.append(Flag("-md", ctx.draft_arg, "draft model from the profile", container_value=ctx.draft_container))
+        if ctx.offload.mode != "cpu":
+            out.append(Flag("-ngld", "999", "keep the draft model on the GPU: it runs every step"))
+    out.append(Flag("--draft-max", n, f"up to {n} draft tokens per step (profile speculative.tokens)"))
+    return out
+
+
+def prompt_cache(ctx: Ctx) -> Flag | None:
+    if not ctx.server.prefix_cache:
+        return Flag("-cram", "0", "prefix_cache: false in the profile: no host-memory prompt cache")
+    return None
+
+
+def mla(ctx: Ctx) -> list[Flag] | None:
+    if ctx.facts.arch in ("deepseek2", "deepseek32", "deepseek4", "glm-dsa") and not ctx.on_cpu:
+        return [Flag("-mla", "3", "MLA model: mode 3 keeps the compressed latent KV cache (smallest KV) "
+                     "with fast prefill"),
+                Flag("-amb", "512", "cap the attention scratch buffer at 512 MiB for long contexts")]
+    return None
+
+
+def run_time_repack(ctx: Ctx) -> Flag | None:
+    if ctx.on_cpu or ctx.offload.mode in ("moe_all", "moe_layers"):
+        where = "on CPU" if ctx.on_cpu else "for the experts kept on CPU"
+        return Flag("-rtr", None, f"repack weights at load into ik's faster CPU row-interleaved layouts {where} "
+                    "(disables mmap: load is slower, token generation faster)")
+    return None
+
+
+RULES: list[Rule] = [
+    model, alias, bind_host, port, api_key_file, mainline.context, mainline.slots, mainline.threads, gpu_layers,
+    mainline.moe_offload, mainline.flash_attention, mainline.kv_types, mla, run_time_repack,
+    speculative, prompt_cache, mainline.metrics, user_args,
+]

@@ -1,0 +1,125 @@
+"""llama.cpp `llama-server` rules. Syntax verified against b11434 (`llama-server --help`).
+
+ik_llama.cpp shares most of these (see ik_llama.py); the rules that differ say so.
+"""
+
+from __future__ import annotations
+
+from ..plan import Flag
+from .base import Ctx, Rule, api_key_env, bind_host, port, user_args
+
+QUANTIZED_KV = {"q8_0", "q4_0", "q6_0", "q8_KV"}
+
+
+def model(ctx: Ctx) -> Flag:
+    if ctx.facts.location.startswith("hf:"):
+        return Flag("-hf", ctx.model_arg, "model from the profile (hf reference, fetched by the engine)")
+    return Flag("-m", ctx.model_arg, "model file from the profile", container_value=ctx.model_container)
+
+
+def alias(ctx: Ctx) -> Flag:
+    return Flag("-a", ctx.served_name, "the name clients use in /v1/models and requests")
+
+
+def context(ctx: Ctx) -> Flag:
+    s = ctx.server
+    total = s.context * s.parallel
+    if s.parallel > 1:
+        why = (f"{s.context} tokens per sequence × {s.parallel} slots: llama-server splits -c evenly "
+               "across slots, so each slot gets the profile's context")
+    else:
+        why = f"{s.context} tokens per sequence, one slot"
+    return Flag("-c", str(total), why)
+
+
+def slots(ctx: Ctx) -> Flag:
+    return Flag("-np", str(ctx.server.parallel), f"{ctx.server.parallel} concurrent sequence(s) (profile parallel)")
+
+
+def threads(ctx: Ctx) -> Flag | None:
+    if ctx.server.threads:
+        return Flag("-t", str(ctx.server.threads), "CPU threads from the profile")
+    return None
+
+
+def gpu_layers(ctx: Ctx, all_value: str = "all") -> Flag | None:
+    off = ctx.offload
+    if off.mode == "cpu":
+        return None
+    if off.mode == "layers":
+        return Flag("-ngl", str(off.layers), off.reason)
+    if off.mode in ("moe_all", "moe_layers"):
+        return Flag("-ngl", all_value, "every layer on the GPU except the MoE expert tensors placed on CPU below")
+    return Flag("-ngl", all_value, off.reason)
+
+
+def moe_offload(ctx: Ctx) -> Flag | None:
+    off = ctx.offload
+    if off.mode == "moe_all":
+        return Flag("-cmoe", None, off.reason)
+    if off.mode == "moe_layers":
+        return Flag("-ncmoe", str(off.layers), off.reason)
+    return None
+
+
+def flash_attention(ctx: Ctx) -> Flag:
+    quantized_v = ctx.kv_cache in QUANTIZED_KV
+    need = "; required for a quantized V cache" if quantized_v else ""
+    acc = ctx.gpu.accelerator
+    if ctx.on_cpu:
+        return Flag("-fa", "on", f"CPU backend has FlashAttention kernels{need}; it keeps the KV working set small")
+    if acc == "cuda":
+        tc = "with tensor-core kernels" if ctx.gpu.tensor_cores else "with the FP32 vector kernel (no fast FP16)"
+        return Flag("-fa", "on", f"{ctx.gpu.describe()}; FlashAttention kernels are supported {tc}{need}")
+    if acc in ("metal", "rocm"):
+        return Flag("-fa", "on", f"{ctx.gpu.describe()}; FlashAttention is supported on this backend{need}")
+    value = "on" if quantized_v else "auto"
+    return Flag("-fa", value, f"{ctx.gpu.describe()}; FA support depends on the driver (coopmat2/subgroup ops)"
+                + (need or ", so let the engine decide"))
+
+
+def kv_types(ctx: Ctx) -> list[Flag] | None:
+    if ctx.kv_cache in ("f16",):
+        return None
+    return [Flag("-ctk", ctx.kv_cache, ctx.kv_reason), Flag("-ctv", ctx.kv_cache, ctx.kv_reason)]
+
+
+def speculative(ctx: Ctx) -> list[Flag] | None:
+    sp = ctx.server.speculative
+    if sp.method == "none":
+        return None
+    spec_type = ctx.caps["spec_types"][sp.method]
+    n = str(sp.tokens)
+    out: list[Flag] = []
+    if ctx.draft_arg:
+        out.append(Flag("-md", ctx.draft_arg, f"{sp.method} draft model from the profile",
+                        container_value=ctx.draft_container))
+        if ctx.offload.mode != "cpu":
+            out.append(Flag("-ngld", "all", "keep the draft model on the GPU: it runs every step"))
+    why = {
+        "draft": "a small draft model proposes tokens the main model verifies in one batch",
+        "eagle3": "EAGLE-3 head predicts tokens from the target's hidden states",
+        "mtp": "the model's own multi-token-prediction (NextN) layers draft tokens",
+        "ngram": "drafts from n-grams already in the context (no extra model); pays off on repetitive text",
+    }[sp.method]
+    out.append(Flag("--spec-type", spec_type, why))
+    if sp.method != "ngram":
+        out.append(Flag("--spec-draft-n-max", n, f"up to {n} draft tokens per step (profile speculative.tokens)"))
+    return out
+
+
+def prompt_cache(ctx: Ctx) -> Flag | None:
+    if ctx.server.prefix_cache:
+        return Flag("--cache-reuse", "256", "prefix_cache: reuse cached KV chunks of ≥256 tokens across "
+                    "requests by shifting (prompt caching itself is on by default)")
+    return Flag("--no-cache-prompt", None, "prefix_cache: false in the profile")
+
+
+def metrics(ctx: Ctx) -> Flag:
+    return Flag("--metrics", None, "expose Prometheus /metrics for status and bench (returns 501 otherwise)")
+
+
+RULES: list[Rule] = [
+    model, alias, bind_host, port, api_key_env, context, slots, threads, gpu_layers, moe_offload,
+    flash_attention, kv_types, speculative, prompt_cache, metrics, user_args,
+]

@@ -1,0 +1,96 @@
+"""SGLang rules. Syntax verified against SGLang 0.5.23 (python/sglang/srt/server_args.py)."""
+
+from __future__ import annotations
+
+from ..plan import Flag
+from .base import Ctx, Rule, api_key_file, bind_host, port, user_args
+
+KV_DTYPES = {"f16": "auto", "bf16": "bf16", "fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
+
+
+def model(ctx: Ctx) -> Flag:
+    return Flag("--model-path", ctx.model_arg, "model from the profile", container_value=ctx.model_container)
+
+
+def served_name(ctx: Ctx) -> Flag:
+    return Flag("--served-model-name", ctx.served_name, "the name clients use in /v1/models and requests")
+
+
+def context_length(ctx: Ctx) -> Flag:
+    return Flag("--context-length", str(ctx.server.context), "tokens per sequence (profile context)")
+
+
+def max_running(ctx: Ctx) -> Flag:
+    return Flag("--max-running-requests", str(ctx.server.parallel), "concurrent sequence(s) (profile parallel)")
+
+
+def tensor_parallel(ctx: Ctx) -> Flag | None:
+    if ctx.gpu_count > 1:
+        return Flag("--tp-size", str(ctx.gpu_count), f"shard the model over the {ctx.gpu_count} GPUs this server uses")
+    return None
+
+
+def memory_fraction(ctx: Ctx) -> Flag | None:
+    if ctx.on_cpu:
+        return None
+    sharing = [s for s in ctx.profile.servers if s.engine in ("vllm", "sglang") and s is not ctx.server]
+    frac = 0.85 if not sharing else round(0.85 / (len(sharing) + 1), 2)
+    why = ("weights + KV pool take 85% of GPU memory; the rest holds activations and CUDA graphs"
+           if not sharing else f"{len(sharing) + 1} vLLM/SGLang servers share the GPUs: each gets {frac:.2f}")
+    return Flag("--mem-fraction-static", f"{frac:.2f}", why)
+
+
+def attention_backend(ctx: Ctx) -> Flag | None:
+    cc = ctx.cc
+    if cc is None:
+        return None
+    if cc[0] == 9:
+        return Flag("--attention-backend", "fa3", f"{ctx.gpu.describe()}: FlashAttention-3 is the fastest on Hopper")
+    return None
+
+
+def kv_cache(ctx: Ctx) -> Flag | None:
+    value = KV_DTYPES[ctx.kv_cache]
+    if value == "auto":
+        return None
+    return Flag("--kv-cache-dtype", value, ctx.kv_reason)
+
+
+def radix_cache(ctx: Ctx) -> Flag | None:
+    if ctx.server.prefix_cache:
+        return None
+    return Flag("--disable-radix-cache", None, "prefix_cache: false in the profile (radix cache is on by default)")
+
+
+def speculative(ctx: Ctx) -> list[Flag] | None:
+    sp = ctx.server.speculative
+    if sp.method == "none":
+        return None
+    algo = ctx.caps["spec_algorithms"][sp.method]
+    out = [Flag("--speculative-algorithm", algo, f"speculative method {sp.method} → SGLang {algo}")]
+    if ctx.draft_arg:
+        out.append(Flag("--speculative-draft-model-path", ctx.draft_arg, "draft / EAGLE head from the profile",
+                        container_value=ctx.draft_container))
+    if algo != "NGRAM":
+        out += [
+            Flag("--speculative-num-steps", str(sp.tokens), f"{sp.tokens} drafting steps (profile speculative.tokens)"),
+            Flag("--speculative-eagle-topk", "1", "chain drafting (topk 1) works with every attention backend"),
+            Flag("--speculative-num-draft-tokens", str(sp.tokens + 1), "steps + 1 tokens verified per round"),
+        ]
+    return out
+
+
+def metrics(ctx: Ctx) -> Flag:
+    return Flag("--enable-metrics", None, "expose Prometheus /metrics for status and bench")
+
+
+def trust_remote_code(ctx: Ctx) -> Flag | None:
+    if ctx.server.model.trust_remote_code:
+        return Flag("--trust-remote-code", None, "opted in by the profile: runs Python code shipped with the model")
+    return None
+
+
+RULES: list[Rule] = [
+    model, served_name, bind_host, port, api_key_file, context_length, max_running, tensor_parallel, memory_fraction,
+    attention_backend, kv_cache, radix_cache, speculative, metrics, trust_remote_code, user_args,
+]

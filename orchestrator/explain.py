@@ -1,0 +1,51 @@
+"""The plan's stable text form: what `orchestrate plan` prints and golden tests compare."""
+
+from __future__ import annotations
+
+from .plan import Plan, ServerPlan
+
+
+def _flag_text(value: str | None, name: str) -> str:
+    if not name:
+        return value or ""
+    return name if value is None else f"{name} {value}"
+
+
+def explain_server(s: ServerPlan) -> list[str]:
+    lines = [
+        f"server {s.name}: {s.engine_display} {s.engine_version} ({s.engine_reason})",
+        f"  runtime: {s.runtime}; listens on {s.host}:{s.port}; serves model as {s.served_name!r}",
+        f"  image: {s.image or '-'} ({s.image_reason})",
+    ]
+    if s.health:
+        lines.append(f"  health: {s.health.ready_path} within {s.health.timeout_s}s ({s.health.timeout_reason})")
+    lines.append("  flags:")
+    width = max((len(_flag_text(f.value, f.name)) for f in s.flags), default=0)
+    width = min(width, 48)
+    for f in s.flags:
+        text = _flag_text(f.value, f.name)
+        tag = "" if f.source == "rule" else f" [{f.source}]"
+        pad = text.ljust(width) if len(text) <= width else text + "\n" + " " * (width + 4)
+        lines.append(f"    {pad} — {f.reason}{tag}")
+    if s.env:
+        lines.append("  environment:")
+        for e in s.env:
+            value = f"${{{e.from_env}}}" if e.from_env else e.value
+            lines.append(f"    {e.name}={value} — {e.reason}")
+    for w in s.warnings:
+        lines.append(f"  warning: {w}")
+    for n in s.notes:
+        lines.append(f"  note: {n}")
+    return lines
+
+
+def explain(plan: Plan) -> str:
+    hw = plan.hardware
+    gpu = hw["name"] if hw["gpu"] == "cpu" else f"{hw['count']}× {hw['name']} ({hw['vram_gb']:g} GB, {hw['arch']})"
+    lines = [f"deployment {plan.name} on {gpu}"]
+    for w in plan.warnings:
+        lines.append(f"warning: {w}")
+    for s in plan.servers:
+        lines.append("")
+        lines += explain_server(s)
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,132 @@
+"""The Plan: the one typed object between a profile and everything that renders or runs it.
+
+Plain dataclasses, no I/O. Every flag carries the reason it was chosen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+Source = Literal["rule", "user", "default"]
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str                          # "-fa", "--port"; "" for a positional argument
+    value: str | None                  # None for a switch
+    reason: str
+    source: Source = "rule"
+    container_value: str | None = None # value inside a container, where it differs (paths, bind host)
+
+    def argv(self, container: bool = False) -> list[str]:
+        value = self.container_value if (container and self.container_value is not None) else self.value
+        out = [self.name] if self.name else []
+        if value is not None:
+            out.append(value)
+        return out
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    name: str
+    value: str | None                  # literal value (never a secret)
+    reason: str
+    from_env: str | None = None        # name of the user's env var this is taken from (secrets)
+    process_only: bool = False         # e.g. CUDA_VISIBLE_DEVICES: containers select devices instead
+
+    @property
+    def secret(self) -> bool:
+        return self.from_env is not None
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """How the server receives its API key without the key appearing in argv or files we render."""
+
+    env_var: str                       # the user's variable holding the key
+    mechanism: Literal["env", "file", "config"]
+    engine_env: str | None = None      # env: the engine's own variable (LLAMA_API_KEY, VLLM_API_KEY)
+    file_flag: str | None = None       # file/config: the flag that takes the file path
+    process_path: str | None = None    # file path for the process runtime (0600, state dir)
+    container_path: str | None = None  # file path inside a container (secret mount)
+
+
+@dataclass(frozen=True)
+class Mount:
+    host_path: str
+    container_path: str
+    read_only: bool = True
+
+
+@dataclass(frozen=True)
+class HealthSpec:
+    ready_path: str
+    models_path: str
+    props_path: str | None
+    metrics_path: str | None
+    timeout_s: int
+    interval_s: int
+    timeout_reason: str
+
+
+@dataclass
+class ServerPlan:
+    name: str
+    engine: str
+    engine_display: str
+    engine_version: str
+    engine_reason: str
+    runtime: str
+    accelerator: str                   # cuda | rocm | intel | metal | cpu
+    image: str | None
+    image_reason: str
+    host: str                          # address clients reach it on
+    port: int
+    served_name: str
+    model_location: str
+    model_format: str
+    gpu_ids: list[int] | None          # None: all GPUs of the machine (or none: CPU)
+    gpu_count: int                     # GPUs this server uses (0 on CPU)
+    command: list[str]                 # process: binary (and subcommand)
+    container_command: list[str]       # container: entry command, [] = image entrypoint
+    flags: list[Flag] = field(default_factory=list)
+    env: list[EnvVar] = field(default_factory=list)
+    api_key: ApiKey | None = None
+    mounts: list[Mount] = field(default_factory=list)
+    health: HealthSpec | None = None
+    shm_size: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    estimate: dict[str, Any] = field(default_factory=dict)
+
+    def args(self, container: bool = False) -> list[str]:
+        out: list[str] = []
+        for flag in self.flags:
+            out.extend(flag.argv(container))
+        return out
+
+    def argv(self, container: bool = False) -> list[str]:
+        prefix = self.container_command if container else self.command
+        return [*prefix, *self.args(container)]
+
+
+@dataclass
+class Plan:
+    name: str
+    profile_file: str
+    hardware: dict[str, Any]
+    servers: list[ServerPlan]
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for server, sp in zip(data["servers"], self.servers, strict=True):
+            server["argv"] = sp.argv()
+        return data
+
+    def server(self, name: str) -> ServerPlan:
+        for s in self.servers:
+            if s.name == name:
+                return s
+        raise KeyError(name)
