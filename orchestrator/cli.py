@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,192 @@ def render(profile: str, target: str, output: str | None, as_json: bool) -> None
         click.echo(f"wrote {output}", err=True)
     else:
         click.echo(text, nl=False)
+
+
+def _deployer(as_json: bool = False) -> Any:
+    from .deploy import Deployer
+    from .planner import default_state_dir
+    from .runtime.state import StateStore
+
+    def progress(server: str, event: str, detail: str) -> None:
+        if not as_json:
+            click.echo(f"  [{server}] {event}" + (f": {detail}" if detail else ""), err=True)
+
+    return Deployer(StateStore(default_state_dir(dict(os.environ))), progress=progress)
+
+
+def _print_up(results: list[Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps([r.__dict__ for r in results], indent=2))
+        return
+    for r in results:
+        if r.ok:
+            extra = f", first token in {r.ttft_s * 1000:.0f} ms" if r.ttft_s else ""
+            took = f" in {r.elapsed_s:.1f}s" if r.elapsed_s else ""
+            click.echo(f"{r.server}: {r.outcome}{took} ({r.detail}{extra}) — {r.url}")
+        else:
+            click.echo(f"{r.server}: FAILED at stage '{r.stage}': {r.detail}", err=True)
+            click.echo(f"  cause: {r.cause} — {r.hint}", err=True)
+            if r.log_tail:
+                click.echo(f"  last log lines ({r.log}):", err=True)
+                for line in r.log_tail:
+                    click.echo(f"    {line}", err=True)
+
+
+@main.command()
+@click.argument("profile", type=click.Path(dir_okay=False))
+@click.option("--server", "servers", multiple=True, help="Only this server (repeatable).")
+@click.option("--foreground", is_flag=True, help="Stay attached; stop the servers on Ctrl-C.")
+@click.option("--atomic", is_flag=True, help="If any server fails, stop the ones this run started.")
+@click.option("--json", "as_json", is_flag=True)
+def up(profile: str, servers: tuple[str, ...], foreground: bool, atomic: bool, as_json: bool) -> None:
+    """Start every server and wait until each passes all health stages."""
+    from .planner import build_plan
+    from .profile import load
+
+    try:
+        loaded = load(profile)
+        plan_ = build_plan(loaded)
+        deployer = _deployer(as_json)
+        results = deployer.up(loaded, plan_, list(servers) or None, atomic=atomic)
+    except ProfileError as exc:
+        _fail([str(x) for x in exc.problems])
+        return
+    except OrchestratorError as exc:
+        _fail([f"error: {exc}"])
+        return
+    _print_up(results, as_json)
+    ok = all(r.ok for r in results)
+    if ok and foreground:
+        click.echo("attached: Ctrl-C stops the servers", err=True)
+        deployer.wait_foreground(plan_.name)
+        for name, outcome in deployer.down(plan_.name, list(servers) or None):
+            click.echo(f"{name}: {outcome}")
+    sys.exit(0 if ok else 1)
+
+
+@main.command()
+@click.argument("target")
+@click.option("--server", "servers", multiple=True, help="Only this server (repeatable).")
+def down(target: str, servers: tuple[str, ...]) -> None:
+    """Stop a deployment (by profile file or deployment name): SIGTERM, grace period, SIGKILL."""
+    name = _deployment_name(target)
+    results = _deployer().down(name, list(servers) or None)
+    if not results:
+        click.echo(f"{name}: nothing running")
+    for server, outcome in results:
+        click.echo(f"{name}/{server}: {outcome}")
+
+
+def _deployment_name(target: str) -> str:
+    if target.endswith((".yaml", ".yml")) or os.path.sep in target:
+        from .profile import load
+
+        try:
+            return load(target).profile.name
+        except ProfileError as exc:
+            _fail([str(x) for x in exc.problems])
+    return target
+
+
+@main.command()
+@click.argument("target", required=False)
+@click.option("--json", "as_json", is_flag=True)
+def status(target: str | None, as_json: bool) -> None:
+    """Reconcile recorded servers with reality: alive, healthy, loading, busy, dead, stale."""
+    rows = _deployer(as_json).status([_deployment_name(target)] if target else None)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no deployments")
+        return
+    for r in rows:
+        up_ = f" up {r['uptime_s']:.0f}s" if r["uptime_s"] is not None else ""
+        click.echo(f"{r['deployment']}/{r['server']}: {r['state']} — {r['engine']} pid {r['pid']} "
+                   f"{r['address']} model {r['model']}{up_}")
+
+
+@main.command()
+@click.argument("target")
+@click.option("--server", help="Which server (default: all).")
+@click.option("-n", "lines", default=50, show_default=True, help="Lines from the end.")
+@click.option("-f", "follow", is_flag=True, help="Keep printing new lines.")
+def logs(target: str, server: str | None, lines: int, follow: bool) -> None:
+    """Show a server's log."""
+    import time
+
+    from .deploy import tail
+
+    deployer = _deployer()
+    name = _deployment_name(target)
+    records = deployer.store.load(name)
+    paths = sorted(deployer.store.logs.glob(f"{name}-*.log"))
+    if server:
+        paths = [deployer.store.log_path(name, server)]
+    if not paths or not all(p.exists() for p in paths):
+        _fail([f"error: no logs for {name}{'/' + server if server else ''} — run orchestrate up first"])
+    for p in paths:
+        if len(paths) > 1:
+            click.echo(f"==> {p.name} <==")
+        for line in tail(p, lines):
+            click.echo(line)
+    if follow:
+        offsets = {p: p.stat().st_size for p in paths}
+        try:
+            while True:
+                for p in paths:
+                    with p.open("rb") as fh:
+                        fh.seek(offsets[p])
+                        chunk = fh.read()
+                        offsets[p] += len(chunk)
+                    if chunk:
+                        click.echo(chunk.decode("utf-8", "replace"), nl=False)
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+    del records
+
+
+@main.group()
+def engines() -> None:
+    """Build and list llama.cpp / ik_llama.cpp engines."""
+
+
+@engines.command("install")
+@click.argument("engine", type=click.Choice(["llama.cpp", "ik_llama"]))
+@click.option("--backend", type=click.Choice(["cpu", "cuda", "rocm", "vulkan"]), default="cpu", show_default=True)
+@click.option("--gpu-arch", help="CUDA architectures (e.g. 86, 89;90) or AMD gfx target.")
+@click.option("--source", type=click.Path(exists=True), help="Source tarball or tree instead of the PyPI sdist.")
+@click.option("--portable", is_flag=True, help="Build for any x86-64 CPU instead of this one.")
+def engines_install(engine: str, backend: str, gpu_arch: str | None, source: str | None, portable: bool) -> None:
+    """Build llama-server (+ llama-bench, llama-perplexity) into the user cache dir."""
+    from . import provision
+
+    try:
+        inst = provision.build(engine, backend, gpu_arch, Path(source) if source else None, portable,
+                               log=lambda m: click.echo(f"  {m}", err=True))
+    except provision.ProvisionError as exc:
+        _fail([f"error: {exc}"])
+        return
+    click.echo(f"{inst.engine} {inst.version} ({inst.backend}) → {inst.binary()}  (build log: {inst.build_log})")
+
+
+@engines.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def engines_list(as_json: bool) -> None:
+    """Installed engine builds."""
+    from . import provision
+
+    rows = provision.list_installed()
+    if as_json:
+        click.echo(json.dumps([r.__dict__ for r in rows], indent=2))
+        return
+    if not rows:
+        click.echo("no engines installed — orchestrate engines install llama.cpp")
+    for r in rows:
+        arch = f" {r.gpu_arch}" if r.gpu_arch else ""
+        click.echo(f"{r.engine:10} {r.version:10} {r.backend}{arch:6} {r.bin_dir}")
 
 
 @main.command()

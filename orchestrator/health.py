@@ -1,0 +1,213 @@
+"""Staged health checks. Each stage answers ready / pending / failed(reason); a dead process ends
+the wait at once, so a crash is reported in well under a second instead of after a timeout.
+
+Stages: 1 process alive, 2 port accepting, 3 engine readiness endpoint, 4 /v1/models lists the
+served name, 5 a real 1-token completion (time to first token), 6 effective settings match the
+plan (llama.cpp/ik_llama /props: per-slot context and slot count).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .plan import ServerPlan
+
+STAGES = ("process", "port", "ready", "models", "completion", "settings")
+READY, PENDING, FAILED = "ready", "pending", "failed"
+
+
+@dataclass
+class StageResult:
+    status: str
+    detail: str = ""
+
+
+@dataclass
+class HealthReport:
+    ok: bool
+    stage: str                          # last stage reached (the failing one when not ok)
+    detail: str = ""
+    ttft_s: float | None = None
+    elapsed_s: float = 0.0
+    passed: list[str] = field(default_factory=list)
+    exit_code: int | None = None
+
+
+def probe_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)  # noqa: S104
+
+
+class Prober:
+    """HTTP probes against one server, API key sent when configured."""
+
+    def __init__(self, sp: ServerPlan, api_key: str | None, timeout: float = 5.0) -> None:
+        import requests
+
+        self.sp = sp
+        host = probe_host(sp.host)
+        self.base = f"http://[{host}]:{sp.port}" if ":" in host else f"http://{host}:{sp.port}"
+        self.session = requests.Session()
+        self.session.trust_env = False          # never route loopback probes through a proxy
+        if api_key:
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
+        self.timeout = timeout
+        self.ttft_s: float | None = None
+
+    def get(self, path: str, timeout: float | None = None) -> Any:
+        return self.session.get(self.base + path, timeout=timeout or self.timeout)
+
+    def port(self) -> StageResult:
+        host = probe_host(self.sp.host)
+        try:
+            with socket.create_connection((host, self.sp.port), timeout=1.0):
+                return StageResult(READY)
+        except OSError as exc:
+            return StageResult(PENDING, f"connect: {exc.strerror or exc}")
+
+    def ready(self) -> StageResult:
+        import requests
+
+        assert self.sp.health is not None
+        try:
+            r = self.get(self.sp.health.ready_path)
+        except requests.RequestException as exc:
+            return StageResult(PENDING, f"{self.sp.health.ready_path}: {type(exc).__name__}")
+        if r.status_code == 200:
+            return StageResult(READY)
+        if r.status_code in (503, 502, 500):
+            return StageResult(PENDING, f"{self.sp.health.ready_path} {r.status_code} {r.text[:80].strip()}")
+        if r.status_code in (401, 403):
+            return StageResult(FAILED, f"{self.sp.health.ready_path} {r.status_code}: the API key was refused")
+        return StageResult(PENDING, f"{self.sp.health.ready_path} {r.status_code}")
+
+    def models(self) -> StageResult:
+        import requests
+
+        assert self.sp.health is not None
+        try:
+            r = self.get(self.sp.health.models_path)
+        except requests.RequestException as exc:
+            return StageResult(PENDING, f"/v1/models: {type(exc).__name__}")
+        if r.status_code in (401, 403):
+            return StageResult(FAILED, f"/v1/models {r.status_code}: the API key was refused")
+        if r.status_code != 200:
+            return StageResult(PENDING, f"/v1/models {r.status_code}")
+        ids = [m.get("id") for m in r.json().get("data", [])]
+        if self.sp.served_name in ids:
+            return StageResult(READY)
+        return StageResult(FAILED, f"/v1/models lists {ids}, not the planned name {self.sp.served_name!r}")
+
+    def completion(self) -> StageResult:
+        import requests
+
+        body = {"model": self.sp.served_name, "prompt": "Hello", "max_tokens": 1, "temperature": 0}
+        t0 = time.perf_counter()
+        try:
+            r = self.session.post(self.base + "/v1/completions", json=body, timeout=max(self.timeout, 60))
+        except requests.RequestException as exc:
+            return StageResult(FAILED, f"1-token completion: {type(exc).__name__}: {exc}")
+        if r.status_code == 503:
+            return StageResult(PENDING, "completion 503 (still loading)")
+        if r.status_code != 200:
+            return StageResult(FAILED, f"1-token completion answered {r.status_code}: {r.text[:200]}")
+        try:
+            choices = r.json()["choices"]
+        except (ValueError, KeyError):
+            return StageResult(FAILED, f"1-token completion returned no choices: {r.text[:200]}")
+        if not choices:
+            return StageResult(FAILED, "1-token completion returned no choices")
+        self.ttft_s = time.perf_counter() - t0
+        return StageResult(READY, f"time to first token {self.ttft_s * 1000:.0f} ms")
+
+    def settings(self) -> StageResult:
+        import requests
+
+        assert self.sp.health is not None
+        if not self.sp.health.props_path:
+            return StageResult(READY, "no settings endpoint for this engine")
+        try:
+            r = self.get(self.sp.health.props_path)
+            props = r.json() if r.status_code == 200 else None
+        except (requests.RequestException, ValueError):
+            props = None
+        if not isinstance(props, dict):
+            return StageResult(READY, "settings endpoint unavailable; skipped")
+        want = planned_settings(self.sp)
+        got = {"n_ctx": (props.get("default_generation_settings") or {}).get("n_ctx"),
+               "total_slots": props.get("total_slots")}
+        wrong = [f"{k} is {got[k]}, plan says {v}" for k, v in want.items() if got.get(k) is not None and got[k] != v]
+        if wrong:
+            return StageResult(FAILED, "effective settings differ from the plan: " + "; ".join(wrong))
+        return StageResult(READY, ", ".join(f"{k}={got[k]}" for k in want if got.get(k) is not None))
+
+
+def planned_settings(sp: ServerPlan) -> dict[str, int]:
+    """Per-slot context and slot count the plan asked llama-server for."""
+    values = {f.name: f.value for f in sp.flags}
+    out: dict[str, int] = {}
+    if values.get("-c") and values.get("-np"):
+        slots = int(values["-np"] or 1)
+        out["n_ctx"] = int(values["-c"] or 0) // slots
+        out["total_slots"] = slots
+    return out
+
+
+def wait_healthy(sp: ServerPlan, prober: Prober, poll_exit: Callable[[], int | None], timeout_s: float,
+                 on_stage: Callable[[str, StageResult], None] | None = None, interval: float = 0.1) -> HealthReport:
+    """Walk the stages in order until all pass, the process exits, a stage fails, or time runs out."""
+    t0 = time.monotonic()
+    deadline = t0 + timeout_s
+    passed: list[str] = []
+    checks: dict[str, Callable[[], StageResult]] = {
+        "process": lambda: StageResult(READY), "port": prober.port, "ready": prober.ready,
+        "models": prober.models, "completion": prober.completion, "settings": prober.settings,
+    }
+    for stage in STAGES:
+        last = StageResult(PENDING)
+        while True:
+            code = poll_exit()
+            if code is not None:
+                return HealthReport(False, stage, f"process exited with code {code} during stage '{stage}'",
+                                    elapsed_s=time.monotonic() - t0, passed=passed, exit_code=code)
+            last = checks[stage]()
+            if last.status == READY:
+                passed.append(stage)
+                if on_stage:
+                    on_stage(stage, last)
+                break
+            if last.status == FAILED:
+                return HealthReport(False, stage, last.detail, elapsed_s=time.monotonic() - t0, passed=passed)
+            if time.monotonic() >= deadline:
+                return HealthReport(False, stage, f"not ready after {timeout_s:.0f}s (stage '{stage}': "
+                                    f"{last.detail or 'pending'})", elapsed_s=time.monotonic() - t0, passed=passed)
+            time.sleep(interval)
+    return HealthReport(True, "settings", "", prober.ttft_s, time.monotonic() - t0, passed)
+
+
+def quick_probe(sp_host: str, port: int, path: str, api_key: str | None, timeout: float = 3.0) -> str:
+    """For status: 'healthy' | 'loading' | 'busy' (no answer in time) | 'down' (refused)."""
+    import requests
+
+    host = probe_host(sp_host)
+    url = f"http://{host}:{port}{path}"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        r = requests.get(url, timeout=timeout, headers=headers, proxies={"http": "", "https": ""})
+    except requests.Timeout:
+        return "busy"
+    except requests.ConnectionError:
+        return "down"
+    if r.status_code == 200:
+        return "healthy"
+    if r.status_code == 503:
+        try:
+            msg = json.loads(r.text).get("error", {}).get("message", "")
+        except (ValueError, AttributeError):
+            msg = ""
+        return "loading" if "load" in msg.lower() or not msg else "busy"
+    return f"http {r.status_code}"

@@ -1,0 +1,127 @@
+"""The process runtime: start an engine in its own process group, find it again, stop it for sure."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+
+from .state import ServerRecord
+
+
+def spawn(argv: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True, close_fds=True)
+    finally:
+        os.close(fd)
+
+
+def create_time(pid: int) -> float | None:
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def identity(rec: ServerRecord) -> str:
+    """'alive' | 'dead' | 'stale' (the pid now belongs to another process: never signal it)."""
+    try:
+        proc = psutil.Process(rec.pid)
+        if abs(proc.create_time() - rec.create_time) > 0.05:
+            return "stale"
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return "dead"
+        return "alive"
+    except psutil.NoSuchProcess:
+        return "dead"
+
+
+def group_members(pgid: int, not_before: float) -> list[psutil.Process]:
+    """Processes of the group that started no earlier than the leader (pid-reuse safe)."""
+    out = []
+    for proc in psutil.process_iter(["pid", "create_time", "status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["create_time"] >= not_before - 0.05 \
+                    and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                out.append(proc)
+        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+            continue
+    return out
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except (ChildProcessError, OSError):
+        pass
+
+
+def stop(rec: ServerRecord, grace: float = 10.0) -> str:
+    """SIGTERM the group, wait, SIGKILL; 'stopped' | 'forced' | 'not running' | 'stale'."""
+    state = identity(rec)
+    if state == "stale":
+        members = group_members(rec.pgid, rec.create_time) if rec.pgid != rec.pid else []
+        if not members:
+            return "stale"
+    members = group_members(rec.pgid, rec.create_time)
+    if not members:
+        _reap(rec.pid)
+        return "not running"
+    try:
+        os.killpg(rec.pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return "not running"
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        _reap(rec.pid)
+        if not group_members(rec.pgid, rec.create_time):
+            return "stopped"
+        time.sleep(0.05)
+    try:
+        os.killpg(rec.pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        return "stopped"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        _reap(rec.pid)
+        if not group_members(rec.pgid, rec.create_time):
+            return "forced"
+        time.sleep(0.05)
+    raise RuntimeError(f"process group {rec.pgid} survived SIGKILL")
+
+
+def port_owner(host: str, port: int) -> str | None:
+    """Who listens on the port: 'pid 123 (name)' or 'another process'; None when the port is free."""
+    import socket
+
+    bind_host = "0.0.0.0" if host in ("0.0.0.0", "::") else host  # noqa: S104 - probing only
+    with socket.socket(socket.AF_INET6 if ":" in bind_host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((bind_host, port))
+            return None
+        except OSError:
+            pass
+    try:
+        for conn in psutil.net_connections(kind="inet"):
+            if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
+                try:
+                    name = psutil.Process(conn.pid).name()
+                except psutil.NoSuchProcess:
+                    name = "?"
+                return f"pid {conn.pid} ({name})"
+    except psutil.AccessDenied:
+        pass
+    return "another process"
+
+
+def which(name: str) -> str | None:
+    return shutil.which(name)

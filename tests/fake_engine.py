@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""A small scripted llama-server stand-in for fault shapes the real engines can't be made to show
+on demand (never ready, crash mid-load, ignoring SIGTERM, slow load, a stubborn child).
+
+It accepts the llama-server argv orchestrate renders (reads --host, --port, -a; ignores the rest)
+and takes its behaviour from environment variables:
+  FAKE_READY_AFTER=S     /health answers 503 "Loading model" for S seconds, then 200 (default 0)
+  FAKE_NEVER_READY=1     /health stays 503 forever
+  FAKE_CRASH_AFTER=S     print a load error and exit 1 after S seconds
+  FAKE_IGNORE_SIGTERM=1  ignore SIGTERM (the runtime must SIGKILL after its grace period)
+  FAKE_SPAWN_CHILD=1     start a child in the same process group that also ignores SIGTERM
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def arg(name: str, default: str) -> str:
+    argv = sys.argv[1:]
+    return argv[argv.index(name) + 1] if name in argv else default
+
+
+HOST, PORT, ALIAS = arg("--host", "127.0.0.1"), int(arg("--port", "8080")), arg("-a", "fake")
+START = time.monotonic()
+READY_AFTER = float(os.environ.get("FAKE_READY_AFTER", "0"))
+
+
+def ready() -> bool:
+    return not os.environ.get("FAKE_NEVER_READY") and time.monotonic() - START >= READY_AFTER
+
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, fmt: str, *args: object) -> None:
+        print("request:", fmt % args, flush=True)
+
+    def send(self, code: int, body: object) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:  # noqa: N802
+        if not ready():
+            self.send(503, {"error": {"code": 503, "message": "Loading model"}})
+        elif self.path == "/health":
+            self.send(200, {"status": "ok"})
+        elif self.path == "/v1/models":
+            self.send(200, {"object": "list", "data": [{"id": ALIAS, "object": "model"}]})
+        else:
+            self.send(404, {"error": "not found"})
+
+    def do_POST(self) -> None:  # noqa: N802
+        length = int(self.headers.get("Content-Length", "0"))
+        self.rfile.read(length)
+        if not ready():
+            self.send(503, {"error": {"code": 503, "message": "Loading model"}})
+        else:
+            self.send(200, {"choices": [{"text": "!", "index": 0}]})
+
+
+def main() -> None:
+    if os.environ.get("FAKE_IGNORE_SIGTERM"):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if os.environ.get("FAKE_SPAWN_CHILD"):
+        subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                          "signal.SIG_IGN); time.sleep(3600)"])
+    print(f"fake engine: loading model {arg('-m', '?')}", flush=True)
+    crash = os.environ.get("FAKE_CRASH_AFTER")
+    server = ThreadingHTTPServer((HOST, PORT), Handler)
+    server.timeout = 0.1
+    while True:
+        if crash and time.monotonic() - START >= float(crash):
+            print("llama_model_load: error loading model: tensor 'blk.3.ffn_up.weight' data is not within the "
+                  "file bounds, model is corrupted or incomplete", flush=True)
+            sys.exit(1)
+        server.handle_request()
+
+
+if __name__ == "__main__":
+    main()
