@@ -158,7 +158,7 @@ def planned_settings(sp: ServerPlan) -> dict[str, int]:
 
 
 def wait_healthy(sp: ServerPlan, prober: Prober, poll_exit: Callable[[], int | None], timeout_s: float,
-                 on_stage: Callable[[str, StageResult], None] | None = None, interval: float = 0.1) -> HealthReport:
+                 on_stage: Callable[[str, StageResult], None] | None = None, interval: float = 0.02) -> HealthReport:
     """Walk the stages in order until all pass, the process exits, a stage fails, or time runs out."""
     t0 = time.monotonic()
     deadline = t0 + timeout_s
