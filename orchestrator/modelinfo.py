@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-# Bits per weight by quant label (llama.cpp quantize table / performance.md §2.1, rounded).
+# Bits per weight by quant label (llama.cpp's quantize table and published GGUF sizes, rounded).
 BITS_PER_WEIGHT = {
     "F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.69, "Q5_K_S": 5.54,
     "Q5_0": 5.5, "Q4_K_M": 4.89, "Q4_K_S": 4.58, "Q4_K_XL": 4.9, "Q4_0": 4.5, "IQ4_XS": 4.25,

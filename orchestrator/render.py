@@ -328,8 +328,15 @@ def k8s_docs(plan: Plan) -> list[dict[str, Any]]:
     return docs
 
 
+class _Dumper(yaml.SafeDumper):
+    """Plain YAML for humans and validators: no &anchors/*aliases for values that repeat."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def _dump(doc: Any) -> str:
-    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, allow_unicode=True, width=100)
+    return yaml.dump(doc, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True, width=100)
 
 
 def render(plan: Plan, target: str, as_json: bool = False) -> str:

@@ -73,3 +73,11 @@ def test_k8s_schema_rejects_broken_manifest(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\nspec:\n  replicas: one\n")
     assert _k8s_validate(bad).returncode != 0
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES + K8S_FILES, ids=[f"{p.parent.name}-{p.stem}" for p in COMPOSE_FILES + K8S_FILES])
+def test_no_yaml_anchors_or_aliases(path: Path) -> None:
+    import yaml
+
+    events = list(yaml.parse(path.read_text()))
+    assert not any(getattr(e, "anchor", None) for e in events), "plain YAML: no &anchors / *aliases"
