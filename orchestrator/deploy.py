@@ -120,33 +120,22 @@ class Deployer:
                                 Diagnosis("model_corrupt", "the file is not a GGUF model: download it again", None))
 
     def resolve_binary(self, sp: ServerPlan) -> str:
-        if sp.binary:
-            exe = Path(sp.binary).expanduser()
-            if not os.access(exe, os.X_OK):
-                raise ServerFailure("preflight", f"binary {exe} is not an executable file")
-            return str(exe)
-        if sp.engine in provision.SOURCES:
-            backend = {"cuda": "cuda", "rocm": "rocm"}.get(sp.accelerator, "cpu")
-            inst = provision.installed(sp.engine, backend)
-            if inst is not None:
-                return str(inst.binary())
-            if backend == "cpu":
-                self.progress(sp.name, "engine", f"building {sp.engine_display} {sp.engine_version} for CPU "
-                              "(first time only, several minutes)")
-                try:
-                    inst = provision.build(sp.engine, "cpu", log=lambda m: self.progress(sp.name, "engine", m))
-                except provision.ProvisionError as exc:
-                    raise ServerFailure("preflight", str(exc)) from None
-                return str(inst.binary())
-            raise ServerFailure("preflight", f"no {sp.engine_display} build for {backend} is installed",
-                                Diagnosis("engine_missing", f"orchestrate engines install {sp.engine} --backend "
-                                          f"{backend} --gpu-arch <arch>", None))
-        found = process.which(sp.command[0])
-        if found is None:
-            raise ServerFailure("preflight", f"{sp.command[0]} is not on PATH",
-                                Diagnosis("engine_missing", f"install {sp.engine_display} or set binary: in the "
-                                          "profile", None))
-        return found
+        found, how = provision.locate(sp.engine, sp.accelerator, sp.command[0], sp.binary)
+        if found is not None:
+            if not os.access(found, os.X_OK):
+                raise ServerFailure("preflight", f"{found} ({how}) is not an executable file")
+            return found
+        if sp.engine in provision.SOURCES and provision.backend_for(sp.accelerator) == "cpu":
+            self.progress(sp.name, "engine", f"building {sp.engine_display} {sp.engine_version} for CPU "
+                          "(first time only, several minutes)")
+            try:
+                inst = provision.build(sp.engine, "cpu", log=lambda m: self.progress(sp.name, "engine", m))
+            except provision.ProvisionError as exc:
+                raise ServerFailure("preflight", str(exc)) from None
+            return str(inst.binary())
+        raise ServerFailure("preflight", f"no {sp.engine_display} executable: {how}",
+                            Diagnosis("engine_missing", how if "install" in how else
+                                      f"install {sp.engine_display} or set binary: in the profile", None))
 
     def api_key(self, sp: ServerPlan) -> str | None:
         if sp.api_key is None:

@@ -17,6 +17,8 @@ def explain_server(s: ServerPlan) -> list[str]:
         f"  runtime: {s.runtime}; listens on {s.host}:{s.port}; serves model as {s.served_name!r}",
         f"  image: {s.image or '-'} ({s.image_reason})",
     ]
+    if s.executable:
+        lines.append(f"  executable: {s.executable}")
     if s.health:
         lines.append(f"  health: {s.health.ready_path} within {s.health.timeout_s}s ({s.health.timeout_reason})")
     lines.append("  flags:")

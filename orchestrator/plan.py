@@ -102,6 +102,7 @@ class ServerPlan:
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     estimate: dict[str, Any] = field(default_factory=dict)
+    executable: str = ""               # what up will run and how it was found ("" when not looked up)
 
     def args(self, container: bool = False) -> list[str]:
         out: list[str] = []

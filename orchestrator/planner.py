@@ -41,6 +41,7 @@ class Facts:
     drafts: dict[str, ModelFacts]
     environ: dict[str, str]
     state_dir: str
+    look_up_engines: bool = True        # find installed engine binaries (off for golden files)
 
 
 # --------------------------------------------------------------------------- fact gathering
@@ -106,7 +107,7 @@ def gather_facts(loaded: LoadedProfile, environ: dict[str, str] | None = None,
                 drafts[server.name] = gather(loc) if not _looks_hf(draft) else gather(draft, is_hf=True)
     if problems:
         raise ProfileError([loaded.source.locate(p) for p in problems])
-    return Facts(gpu, reason, count, models, drafts, environ, state_dir or default_state_dir(environ))
+    return Facts(gpu, reason, count, models, drafts, environ, state_dir or default_state_dir(environ), detect)
 
 
 def _looks_hf(ref: str) -> bool:
@@ -405,6 +406,13 @@ def plan_server(profile: Profile, index: int, facts: Facts) -> tuple[ServerPlan 
     timeout, timeout_reason = health_timeout(server, engine, model)
     health = HealthSpec(caps["health_path"], caps["models_path"], caps.get("props_path"), caps.get("metrics_path"),
                         timeout, server.health.interval, timeout_reason)
+    executable = ""
+    if facts.look_up_engines and server.runtime == "process":
+        from .provision import locate
+
+        arch = facts.gpu.compute_capability.replace(".", "") if facts.gpu.compute_capability else facts.gpu.gfx_target
+        path, how = locate(engine, facts.gpu.accelerator, caps["process_command"][0], server.binary, arch)
+        executable = f"{path} ({how})" if path else how
     shm = "16g" if gpu_count > 1 else ("8g" if engine in ("vllm", "sglang") else None)
     est.update({"engine": engine})
     sp = ServerPlan(
@@ -412,7 +420,7 @@ def plan_server(profile: Profile, index: int, facts: Facts) -> tuple[ServerPlan 
         engine_reason=engine_reason, runtime=server.runtime, accelerator=facts.gpu.accelerator, image=image,
         image_reason=image_reason, host=server.host, port=server.port, served_name=served,
         model_location=model.location, model_format=model.format, model_is_hf=bool(server.model.hf),
-        model_pypi=server.model.pypi, binary=server.binary,
+        model_pypi=server.model.pypi, binary=server.binary, executable=executable,
         gpu_ids=list(server.gpus) if isinstance(server.gpus, list) else None, gpu_count=gpu_count,
         command=list(caps["process_command"]), container_command=list(caps["container_command"]),
         flags=flags, env=env, api_key=ctx.api_key, mounts=mounts, health=health, shm_size=shm,

@@ -182,6 +182,31 @@ def installed(engine: str, backend: str = "cpu", gpu_arch: str | None = None) ->
     return inst if inst.binary().exists() else None
 
 
+def backend_for(accelerator: str) -> str:
+    return {"cuda": "cuda", "rocm": "rocm"}.get(accelerator, "cpu")
+
+
+def locate(engine: str, accelerator: str, command: str, binary: str | None = None,
+           gpu_arch: str | None = None) -> tuple[str | None, str]:
+    """Which executable a server will run, without building anything: (path or None, how it was found)."""
+    if binary:
+        return str(Path(binary).expanduser()), "binary: from the profile"
+    if engine in SOURCES:
+        backend = backend_for(accelerator)
+        inst = installed(engine, backend)
+        if inst is not None:
+            return str(inst.binary()), f"installed build {inst.engine} {inst.version} ({inst.backend})"
+    found = shutil.which(command)
+    if found:
+        return found, f"{command} on PATH (its version is not checked against the plan's)"
+    if engine in SOURCES and backend_for(accelerator) == "cpu":
+        return None, f"not installed: up builds {engine} {SOURCES[engine]['version']} for CPU first"
+    if engine in SOURCES:
+        return None, (f"not installed: orchestrate engines install {engine} --backend "
+                      f"{backend_for(accelerator)} --gpu-arch {gpu_arch or '<arch>'}")
+    return None, f"{command} not found on PATH"
+
+
 def list_installed() -> list[InstalledEngine]:
     root = cache_root() / "engines"
     out: list[InstalledEngine] = []
