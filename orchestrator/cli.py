@@ -28,9 +28,29 @@ def _load_plan(profile: str) -> Any:
     return build_plan(load(profile))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """User errors end as one line and exit 1; a traceback only with -v."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ProfileError as exc:
+            _fail([str(x) for x in exc.problems])
+        except OrchestratorError as exc:
+            _fail([f"error: {exc}"])
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            if ctx.params.get("verbose"):
+                raise
+            _fail([f"error: {type(exc).__name__}: {exc} — rerun with orchestrate -v for the traceback"])
+        return None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks for unexpected errors.")
 @click.version_option(package_name="orchestrator")
-def main() -> None:
+def main(verbose: bool) -> None:
     """Declarative deployments for local LLM servers (llama.cpp, ik_llama.cpp, vLLM, SGLang)."""
 
 
@@ -68,11 +88,7 @@ def validate(profiles: tuple[str, ...], as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="The plan as data.")
 def plan(profile: str, as_json: bool) -> None:
     """Show per server the engine, image, port and every flag with its reason."""
-    try:
-        p = _load_plan(profile)
-    except ProfileError as exc:
-        _fail([str(x) for x in exc.problems])
-        return
+    p = _load_plan(profile)
     if as_json:
         click.echo(json.dumps(p.to_dict(), indent=2))
         return
@@ -91,14 +107,7 @@ def render(profile: str, target: str, output: str | None, as_json: bool) -> None
     """Render launch commands, docker run lines, a compose file or k8s manifests."""
     from .render import render as do_render
 
-    try:
-        text = do_render(_load_plan(profile), target, as_json)
-    except ProfileError as exc:
-        _fail([str(x) for x in exc.problems])
-        return
-    except OrchestratorError as exc:
-        _fail([f"error: {exc}"])
-        return
+    text = do_render(_load_plan(profile), target, as_json)
     if output:
         tmp = Path(output + ".tmp")
         tmp.write_text(text, encoding="utf-8")
@@ -147,26 +156,19 @@ def up(profile: str, servers: tuple[str, ...], foreground: bool, atomic: bool, a
     """Start every server and wait until each passes all health stages."""
     from . import plancache
 
-    try:
-        environ = dict(os.environ)
-        deployer = _deployer(as_json)
-        plan_ = plancache.load(profile, environ)
-        if plan_ is None:
-            from .planner import build_plan
-            from .profile import load
+    environ = dict(os.environ)
+    deployer = _deployer(as_json)
+    plan_ = plancache.load(profile, environ)
+    if plan_ is None:
+        from .planner import build_plan
+        from .profile import load
 
-            loaded = load(profile)
+        loaded = load(profile)
+        plan_ = build_plan(loaded)
+        if deployer.fetch_models(plan_):  # the model's own header may change the plan
             plan_ = build_plan(loaded)
-            if deployer.fetch_models(plan_):  # the model's own header may change the plan
-                plan_ = build_plan(loaded)
-            plancache.store(profile, environ, plan_, auto_detected=loaded.profile.hardware.gpu == "auto")
-        results = deployer.up(plan_, list(servers) or None, atomic=atomic)
-    except ProfileError as exc:
-        _fail([str(x) for x in exc.problems])
-        return
-    except OrchestratorError as exc:
-        _fail([f"error: {exc}"])
-        return
+        plancache.store(profile, environ, plan_, auto_detected=loaded.profile.hardware.gpu == "auto")
+    results = deployer.up(plan_, list(servers) or None, atomic=atomic)
     _print_up(results, as_json)
     ok = all(r.ok for r in results)
     if ok and foreground:
@@ -194,10 +196,7 @@ def _deployment_name(target: str) -> str:
     if target.endswith((".yaml", ".yml")) or os.path.sep in target:
         from .profile import load
 
-        try:
-            return load(target).profile.name
-        except ProfileError as exc:
-            _fail([str(x) for x in exc.problems])
+        return load(target).profile.name
     return target
 
 
@@ -279,8 +278,7 @@ def engines_install(engine: str, backend: str, gpu_arch: str | None, source: str
         inst = provision.build(engine, backend, gpu_arch, Path(source) if source else None, portable,
                                log=lambda m: click.echo(f"  {m}", err=True))
     except provision.ProvisionError as exc:
-        _fail([f"error: {exc}"])
-        return
+        raise OrchestratorError(str(exc)) from None
     click.echo(f"{inst.engine} {inst.version} ({inst.backend}) → {inst.binary()}  (build log: {inst.build_log})")
 
 
