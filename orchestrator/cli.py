@@ -21,11 +21,14 @@ def _fail(problems: list[str], as_json: bool = False, data: Any = None) -> None:
     sys.exit(1)
 
 
-def _load_plan(profile: str) -> Any:
+def _load_plan(profile: str, ignore_fit: bool = False) -> Any:
     from .planner import build_plan
     from .profile import load
 
-    return build_plan(load(profile))
+    return build_plan(load(profile), enforce_fit=not ignore_fit)
+
+
+IGNORE_FIT = click.option("--ignore-fit", is_flag=True, help="Plan even when the memory estimate says it won't fit.")
 
 
 class _Group(click.Group):
@@ -57,7 +60,8 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.argument("profiles", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print problems as JSON.")
-def validate(profiles: tuple[str, ...], as_json: bool) -> None:
+@IGNORE_FIT
+def validate(profiles: tuple[str, ...], as_json: bool, ignore_fit: bool) -> None:
     """Check profiles: every problem as FILE:LINE: field: what — how to fix."""
     from .planner import build_plan
     from .profile import load
@@ -66,7 +70,7 @@ def validate(profiles: tuple[str, ...], as_json: bool) -> None:
     warnings: list[str] = []
     for path in profiles:
         try:
-            plan = build_plan(load(path))
+            plan = build_plan(load(path), enforce_fit=not ignore_fit)
             warnings += [f"{path}: {s.name}: warning: {w}" for s in plan.servers for w in s.warnings]
         except ProfileError as exc:
             problems += exc.problems
@@ -86,9 +90,10 @@ def validate(profiles: tuple[str, ...], as_json: bool) -> None:
 @main.command()
 @click.argument("profile", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="The plan as data.")
-def plan(profile: str, as_json: bool) -> None:
+@IGNORE_FIT
+def plan(profile: str, as_json: bool, ignore_fit: bool) -> None:
     """Show per server the engine, image, port and every flag with its reason."""
-    p = _load_plan(profile)
+    p = _load_plan(profile, ignore_fit)
     if as_json:
         click.echo(json.dumps(p.to_dict(), indent=2))
         return
@@ -97,17 +102,34 @@ def plan(profile: str, as_json: bool) -> None:
     click.echo(explain(p), nl=False)
 
 
+@main.command("fit")
+@click.argument("profile", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def fit_cmd(profile: str, as_json: bool) -> None:
+    """Memory estimate per server: weights, KV cache, compute, total vs VRAM/RAM, and a verdict."""
+    p = _load_plan(profile, ignore_fit=True)
+    if as_json:
+        click.echo(json.dumps([{"server": s.name, **s.estimate} for s in p.servers], indent=2))
+        return
+    from .explain import explain_fit
+
+    click.echo(explain_fit(p), nl=False)
+    if any(s.estimate.get("verdict") == "does not fit" for s in p.servers):
+        sys.exit(1)
+
+
 @main.command()
 @click.argument("profile", type=click.Path(dir_okay=False))
 @click.option("--target", "-t", type=click.Choice(["command", "docker", "compose", "k8s"]), default="command",
               show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write to FILE instead of stdout.")
 @click.option("--json", "as_json", is_flag=True, help="command target: argv lists as JSON.")
-def render(profile: str, target: str, output: str | None, as_json: bool) -> None:
+@IGNORE_FIT
+def render(profile: str, target: str, output: str | None, as_json: bool, ignore_fit: bool) -> None:
     """Render launch commands, docker run lines, a compose file or k8s manifests."""
     from .render import render as do_render
 
-    text = do_render(_load_plan(profile), target, as_json)
+    text = do_render(_load_plan(profile, ignore_fit), target, as_json)
     if output:
         tmp = Path(output + ".tmp")
         tmp.write_text(text, encoding="utf-8")
@@ -152,7 +174,9 @@ def _print_up(results: list[Any], as_json: bool) -> None:
 @click.option("--foreground", is_flag=True, help="Stay attached; stop the servers on Ctrl-C.")
 @click.option("--atomic", is_flag=True, help="If any server fails, stop the ones this run started.")
 @click.option("--json", "as_json", is_flag=True)
-def up(profile: str, servers: tuple[str, ...], foreground: bool, atomic: bool, as_json: bool) -> None:
+@IGNORE_FIT
+def up(profile: str, servers: tuple[str, ...], foreground: bool, atomic: bool, as_json: bool,
+       ignore_fit: bool) -> None:
     """Start every server and wait until each passes all health stages."""
     from . import plancache
 
@@ -164,9 +188,9 @@ def up(profile: str, servers: tuple[str, ...], foreground: bool, atomic: bool, a
         from .profile import load
 
         loaded = load(profile)
-        plan_ = build_plan(loaded)
+        plan_ = build_plan(loaded, enforce_fit=not ignore_fit)
         if deployer.fetch_models(plan_):  # the model's own header may change the plan
-            plan_ = build_plan(loaded)
+            plan_ = build_plan(loaded, enforce_fit=not ignore_fit)
         plancache.store(profile, environ, plan_, auto_detected=loaded.profile.hardware.gpu == "auto")
     results = deployer.up(plan_, list(servers) or None, atomic=atomic)
     _print_up(results, as_json)

@@ -4,6 +4,36 @@ from __future__ import annotations
 
 from .plan import Plan, ServerPlan
 
+GIB = 2**30
+
+
+def fit_summary(e: dict[str, object]) -> str:
+    def gib(key: str) -> str:
+        value = e.get(key) or 0
+        assert isinstance(value, int | float)
+        return f"{value / GIB:.2f} GiB"
+
+    avail = f" of {gib('available_bytes')} {e['device']}" if e.get("available_bytes") else ""
+    host = f"; {gib('host_bytes')} in system RAM ({e['offload']})" if e.get("host_bytes") else ""
+    return (f"{e['verdict']}: {gib('total_bytes')}{avail} = weights {gib('weights_bytes')} + KV "
+            f"{gib('kv_cache_bytes')} + compute {gib('compute_bytes')} + overhead {gib('overhead_bytes')}{host} "
+            f"[{e['source']}]")
+
+
+def explain_fit(plan: Plan) -> str:
+    lines = []
+    for s in plan.servers:
+        e = s.estimate
+        lines.append(f"{s.name} ({s.engine_display} {s.engine_version}): {fit_summary(e)}")
+        for note in e.get("notes", []) or []:
+            lines.append(f"  note: {note}")
+        changes = e.get("changes") or []
+        if changes:
+            lines.append("  to make it fit, cheapest first:")
+            for c in changes:
+                lines.append(f"    {c['change']}: saves {c['saves_bytes'] / GIB:.2f} GiB")
+    return "\n".join(lines) + "\n"
+
 
 def _flag_text(value: str | None, name: str) -> str:
     if not name:
@@ -19,6 +49,8 @@ def explain_server(s: ServerPlan) -> list[str]:
     ]
     if s.executable:
         lines.append(f"  executable: {s.executable}")
+    if s.estimate:
+        lines.append(f"  memory: {fit_summary(s.estimate)}")
     if s.health:
         lines.append(f"  health: {s.health.ready_path} within {s.health.timeout_s}s ({s.health.timeout_reason})")
     lines.append("  flags:")

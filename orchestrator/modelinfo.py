@@ -33,7 +33,10 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _NEEDED = ("general.architecture", "general.name", "general.file_type", "general.size_label",
            ".block_count", ".context_length", ".embedding_length", ".attention.head_count",
            ".attention.head_count_kv", ".attention.key_length", ".attention.value_length",
-           ".expert_count", ".expert_used_count", ".nextn_predict_layers", ".attention.sliding_window")
+           ".expert_count", ".expert_used_count", ".nextn_predict_layers", ".attention.sliding_window",
+           ".feed_forward_length", ".attention.kv_lora_rank", ".rope.dimension_count", ".vocab_size",
+           ".attention.sliding_window_pattern")
+FACTS_FORMAT = 2  # bump when read_gguf_header's output changes (invalidates the facts cache)
 
 
 @dataclass(frozen=True)
@@ -91,22 +94,56 @@ def _skip_or_read(fh: BinaryIO, vtype: int, keep: bool) -> Any:
     raise ValueError(f"unknown GGUF value type {vtype}")
 
 
+def _tensor_bytes(ggml_type: int, n_elements: int) -> int:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+    return n_elements // block * size
+
+
 def read_gguf_header(path: Path) -> dict[str, Any]:
-    """Read the GGUF key/values the planner uses; raise ValueError if not a GGUF file."""
+    """Read the GGUF key/values the planner uses and sum the tensor bytes from the tensor infos
+    (sizes per ggml type from the gguf library); token arrays are skipped, not decoded.
+    Raise ValueError if not a GGUF file."""
     out: dict[str, Any] = {}
     with path.open("rb") as fh:
         if fh.read(4) != b"GGUF":
             raise ValueError(f"{path} is not a GGUF file (bad magic)")
-        version, _n_tensors, n_kv = struct.unpack("<IQQ", fh.read(20))
+        version, n_tensors, n_kv = struct.unpack("<IQQ", fh.read(20))
         if version < 2:
             raise ValueError(f"{path}: GGUF version {version} is too old")
         for _ in range(n_kv):
             key = _read_str(fh).decode("utf-8", "replace")
             (vtype,) = struct.unpack("<I", fh.read(4))
-            keep = key.startswith("general.") or any(key.endswith(s) for s in _NEEDED)
+            if key == "tokenizer.ggml.tokens" and vtype == 9:
+                pos = fh.tell()
+                out["tokenizer.tokens_count"] = struct.unpack("<IQ", fh.read(12))[1]
+                fh.seek(pos)
+            keep = key.startswith("general.") or key.startswith("split.") or any(key.endswith(s) for s in _NEEDED)
             value = _skip_or_read(fh, vtype, keep)
             if keep and value is not None:
                 out[key] = value
+        total = experts = 0
+        expert_layers: set[int] = set()
+        for _ in range(n_tensors):
+            name = _read_str(fh).decode("utf-8", "replace")
+            (n_dims,) = struct.unpack("<I", fh.read(4))
+            dims = struct.unpack("<" + "Q" * n_dims, fh.read(8 * n_dims))
+            ggml_type, _offset = struct.unpack("<IQ", fh.read(12))
+            n = 1
+            for d in dims:
+                n *= d
+            nbytes = _tensor_bytes(ggml_type, n)
+            total += nbytes
+            if "_exps" in name:
+                experts += nbytes
+                parts = name.split(".")
+                if len(parts) > 1 and parts[1].isdigit():
+                    expert_layers.add(int(parts[1]))
+        out["tensors.count"] = n_tensors
+        out["tensors.bytes"] = total
+        out["tensors.expert_bytes"] = experts
+        out["tensors.expert_layers"] = len(expert_layers)
     return out
 
 
@@ -121,7 +158,8 @@ def cached_gguf_header(path: Path) -> dict[str, Any]:
     import hashlib
 
     st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    stamp = f"{FACTS_FORMAT}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    key = hashlib.sha256(stamp.encode()).hexdigest()[:32]
     cache = _facts_cache_dir() / f"{key}.json"
     try:
         return dict(json.loads(cache.read_text()))
@@ -189,19 +227,37 @@ def gather(location: str, quant: str | None = None, is_hf: bool = False) -> Mode
         for key, value in header.items():
             if arch and key.startswith(arch + "."):
                 meta[key[len(arch) + 1:]] = value
+            elif key.startswith(("tensors.", "tokenizer.")):
+                meta[key] = value
     elif fmt == "hf" and (path / "config.json").is_file():
         try:
             cfg = json.loads((path / "config.json").read_text())
         except (OSError, ValueError):
             cfg = {}
         arch = (cfg.get("architectures") or [None])[0]
-        meta = {"block_count": cfg.get("num_hidden_layers"),
-                "context_length": cfg.get("max_position_embeddings"),
-                "head_count": cfg.get("num_attention_heads"),
-                "head_count_kv": cfg.get("num_key_value_heads"),
-                "embedding_length": cfg.get("hidden_size")}
-    if path.is_file():
-        size: int | None = path.stat().st_size
+        text = cfg.get("text_config") or cfg
+        heads = text.get("num_attention_heads")
+        head_dim = text.get("head_dim") or (text.get("hidden_size") // heads if heads else None)
+        meta = {k: v for k, v in {
+            "block_count": text.get("num_hidden_layers"),
+            "context_length": text.get("max_position_embeddings"),
+            "attention.head_count": heads,
+            "attention.head_count_kv": text.get("num_key_value_heads", heads),
+            "attention.key_length": head_dim,
+            "attention.value_length": head_dim,
+            "embedding_length": text.get("hidden_size"),
+            "feed_forward_length": text.get("intermediate_size"),
+            "attention.sliding_window": text.get("sliding_window") if text.get("use_sliding_window", True) else None,
+            "expert_count": text.get("num_experts") or text.get("num_local_experts"),
+            "expert_used_count": text.get("num_experts_per_tok"),
+            "tokenizer.tokens_count": text.get("vocab_size"),
+            "torch_dtype": text.get("torch_dtype") or cfg.get("torch_dtype"),
+        }.items() if v is not None}
+    if meta.get("tensors.bytes"):
+        size: int | None = int(meta["tensors.bytes"])
+        estimate = False
+    elif path.is_file():
+        size = path.stat().st_size
         estimate = False
     elif path.is_dir():
         size = sum(f.stat().st_size for f in path.glob("*.safetensors")) or None

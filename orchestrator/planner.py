@@ -15,7 +15,7 @@ from pathlib import PurePosixPath
 from types import ModuleType
 from typing import Any
 
-from . import catalog
+from . import catalog, fit
 from .catalog import Gpu, UnknownGpu
 from .engines import ik_llama, llama_cpp, sglang, vllm
 from .engines.base import Ctx, Offload, run_rules
@@ -27,7 +27,8 @@ from .runtime.state import default_state_dir
 
 ENGINE_MODULES: dict[str, ModuleType] = {"llama.cpp": llama_cpp, "ik_llama": ik_llama, "vllm": vllm, "sglang": sglang}
 GGUF_ENGINES = ("llama.cpp", "ik_llama")
-RUNTIME_OVERHEAD_GIB = 1.5   # compute buffers + CUDA context + llama.cpp's 1 GiB fit margin
+RUNTIME_OVERHEAD_GIB = 1.5   # CUDA context (~0.5 GiB) + llama.cpp's 1 GiB fit margin, per GPU
+GIB = 2**30
 
 
 @dataclass
@@ -42,6 +43,8 @@ class Facts:
     environ: dict[str, str]
     state_dir: str
     look_up_engines: bool = True        # find installed engine binaries (off for golden files)
+    host_ram_bytes: int | None = None   # this machine's RAM (fit on CPU); None when not detected
+    enforce_fit: bool = True            # a server that cannot fit is an error (--ignore-fit turns it off)
 
 
 # --------------------------------------------------------------------------- fact gathering
@@ -107,7 +110,13 @@ def gather_facts(loaded: LoadedProfile, environ: dict[str, str] | None = None,
                 drafts[server.name] = gather(loc) if not _looks_hf(draft) else gather(draft, is_hf=True)
     if problems:
         raise ProfileError([loaded.source.locate(p) for p in problems])
-    return Facts(gpu, reason, count, models, drafts, environ, state_dir or default_state_dir(environ), detect)
+    ram = None
+    if detect:
+        try:
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            ram = None
+    return Facts(gpu, reason, count, models, drafts, environ, state_dir or default_state_dir(environ), detect, ram)
 
 
 def _looks_hf(ref: str) -> bool:
@@ -150,45 +159,47 @@ def resolve_kv(server: Server, engine: str, gpu: Gpu) -> tuple[str, str]:
     return kv, reasons.get(kv, f"kv_cache {kv} from the profile")
 
 
-def decide_offload(server: Server, engine: str, gpu: Gpu, gpu_count: int,
-                   facts: ModelFacts) -> tuple[Offload, dict[str, Any]]:
+def decide_offload(server: Server, engine: str, gpu: Gpu, gpu_count: int, facts: ModelFacts,
+                   runtime_gib: float = 0.0) -> Offload:
+    """Where GGUF weights go. runtime_gib: KV cache + compute buffers that must sit on the GPU too."""
     if engine not in GGUF_ENGINES:
-        return Offload("all", "engine holds the whole model on the GPU"), {}
+        return Offload("all", "engine holds the whole model on the GPU")
     if gpu.is_cpu:
-        return Offload("cpu", "CPU-only: every layer runs on the CPU"), {}
+        return Offload("cpu", "CPU-only: every layer runs on the CPU")
     vram = gpu.vram_gb * gpu_count
     size = facts.size_gib
     if size is None:
-        return Offload("all", f"all layers on {gpu.name} (model size unknown: no file and no size in its name)"), {}
-    budget = vram - RUNTIME_OVERHEAD_GIB * gpu_count
-    est: dict[str, Any] = {"weights_gib": round(size, 2), "vram_gib": vram, "budget_gib": round(budget, 2)}
-    kind = "estimated from the name" if facts.size_is_estimate else "file size"
+        return Offload("all", f"all layers on {gpu.name} (model size unknown: no file and no size in its name)")
+    budget = vram - RUNTIME_OVERHEAD_GIB * gpu_count - runtime_gib
+    kind = "estimated from the name" if facts.size_is_estimate else "from the file's tensors"
+    extra = f" + KV/compute {runtime_gib:.1f} GiB" if runtime_gib else ""
     if size <= budget:
-        return Offload("all", f"weights {size:.1f} GiB ({kind}) fit in {vram:g} GiB VRAM with room for KV: "
-                              "all layers on the GPU"), est
+        return Offload("all", f"weights {size:.1f} GiB ({kind}){extra} fit in {vram:g} GiB VRAM: all layers on the GPU")
     if server.offload == "none":
-        return Offload("all", f"offload: none in the profile (weights {size:.1f} GiB > {budget:.1f} GiB usable)"), est
+        return Offload("all", f"offload: none in the profile (weights {size:.1f} GiB > {budget:.1f} GiB usable)")
     layers = facts.n_layers
-    if facts.is_moe and facts.params_b and facts.active_params_b:
-        experts = size * (1 - facts.active_params_b / facts.params_b)
+    exact = facts.metadata.get("tensors.expert_bytes")
+    if facts.is_moe and (exact or (facts.params_b and facts.active_params_b)):
+        experts = exact / GIB if exact else size * (1 - (facts.active_params_b or 0) / (facts.params_b or 1))
         dense = size - experts
+        expert_layers = facts.metadata.get("tensors.expert_layers") or layers
         if dense <= budget:
             need = size - budget
-            if layers:
-                n = math.ceil(need / (experts / layers))
-                if n < layers:
-                    return Offload("moe_layers", f"MoE weights {size:.1f} GiB > {budget:.1f} GiB usable VRAM: keep the "
-                                   f"expert tensors of the first {n} of {layers} layers on CPU, everything else on the "
-                                   "GPU", n), est
-            return Offload("moe_all", f"MoE weights {size:.1f} GiB ({kind}) > {budget:.1f} GiB usable VRAM: all expert "
-                           f"tensors (~{experts:.1f} GiB) stay in system RAM, attention and shared weights "
-                           f"(~{dense:.1f} GiB) on the GPU"), est
+            if expert_layers:
+                n = math.ceil(need / (experts / expert_layers))
+                if n < expert_layers:
+                    return Offload("moe_layers", f"MoE weights {size:.1f} GiB{extra} > {vram:g} GiB VRAM: keep the "
+                                   f"expert tensors of the first {n} of {expert_layers} layers on CPU (~{need:.1f} GiB), "
+                                   "everything else on the GPU", n)
+            return Offload("moe_all", f"MoE weights {size:.1f} GiB ({kind}){extra} > {budget + runtime_gib:.1f} GiB "
+                           f"usable VRAM: all expert tensors (~{experts:.1f} GiB) stay in system RAM, attention and "
+                           f"shared weights (~{dense:.1f} GiB) on the GPU")
     if layers:
         n = max(0, int(budget / (size / layers)))
-        return Offload("layers", f"weights {size:.1f} GiB > {budget:.1f} GiB usable VRAM: {n} of {layers} layers on "
-                                 "the GPU, the rest on CPU", n), est
+        return Offload("layers", f"weights {size:.1f} GiB{extra} > {vram:g} GiB VRAM: {n} of {layers} layers on "
+                                 "the GPU, the rest on CPU", n)
     return Offload("all", f"weights {size:.1f} GiB ({kind}) exceed {budget:.1f} GiB usable VRAM and the layer "
-                          "count is unknown: all layers requested on the GPU; the engine may fail to load"), est
+                          "count is unknown: all layers requested on the GPU; the engine may fail to load")
 
 
 def health_timeout(server: Server, engine: str, facts: ModelFacts) -> tuple[int, str]:
@@ -366,6 +377,21 @@ def _api_key(server: Server, engine: str, profile: Profile, state_dir: str) -> A
                   container_path="/run/secrets/api_key")
 
 
+def _fit(server: Server, engine: str, facts: Facts, model: ModelFacts, gpu_count: int, kv: str, offload: Offload,
+         fa_on: bool, flags: list[Any]) -> fit.FitEstimate:
+    if engine in GGUF_ENGINES:
+        if facts.gpu.is_cpu:
+            device = facts.host_ram_bytes
+        else:
+            device = int(facts.gpu.vram_gb * GIB) * max(gpu_count, 1)
+        return fit.estimate_gguf(model, engine, server.context, server.parallel, kv, facts.gpu.is_cpu, device,
+                                 offload.mode, offload.layers, fa_on)
+    fraction = next((float(f.value) for f in flags if f.name in ("--gpu-memory-utilization", "--mem-fraction-static")
+                     and f.value), 0.9)
+    device = None if facts.gpu.is_cpu else int(facts.gpu.vram_gb * GIB) * max(gpu_count, 1)
+    return fit.estimate_hf(model, server.context, server.parallel, kv, device, gpu_count, fraction)
+
+
 def plan_server(profile: Profile, index: int, facts: Facts) -> tuple[ServerPlan | None, list[Problem]]:
     server = profile.servers[index]
     model = facts.models.get(server.name)
@@ -376,7 +402,13 @@ def plan_server(profile: Profile, index: int, facts: Facts) -> tuple[ServerPlan 
     draft = facts.drafts.get(server.name)
     gpu_count = 0 if facts.gpu.is_cpu else (facts.gpu_count if server.gpus == "all" else len(server.gpus))
     kv, kv_reason = resolve_kv(server, engine, facts.gpu)
-    offload, est = decide_offload(server, engine, facts.gpu, max(gpu_count, 1), model)
+    fa_on = not (engine == "ik_llama" and facts.gpu.is_cpu and server.parallel > 1
+                 and model.metadata.get("attention.sliding_window"))
+    runtime_bytes = 0
+    if engine in GGUF_ENGINES and model.metadata.get("block_count"):
+        runtime_bytes = (fit.kv_cache_bytes(model, engine, server.context, server.parallel, kv)
+                         + fit.compute_bytes(model, engine, server.context, server.parallel, fa_on))
+    offload = decide_offload(server, engine, facts.gpu, max(gpu_count, 1), model, runtime_bytes / GIB)
     model_c, draft_c, mounts = _container_paths(server, model, draft)
     if server.model.hf:
         model_arg = server.model.hf if engine != "vllm" else server.model.hf.split(":")[0]
@@ -414,7 +446,7 @@ def plan_server(profile: Profile, index: int, facts: Facts) -> tuple[ServerPlan 
         path, how = locate(engine, facts.gpu.accelerator, caps["process_command"][0], server.binary, arch)
         executable = f"{path} ({how})" if path else how
     shm = "16g" if gpu_count > 1 else ("8g" if engine in ("vllm", "sglang") else None)
-    est.update({"engine": engine})
+    estimate = _fit(server, engine, facts, model, gpu_count, kv, offload, fa_on, flags)
     sp = ServerPlan(
         name=server.name, engine=engine, engine_display=caps["display"], engine_version=caps["verified_version"],
         engine_reason=engine_reason, runtime=server.runtime, accelerator=facts.gpu.accelerator, image=image,
@@ -424,8 +456,15 @@ def plan_server(profile: Profile, index: int, facts: Facts) -> tuple[ServerPlan 
         gpu_ids=list(server.gpus) if isinstance(server.gpus, list) else None, gpu_count=gpu_count,
         command=list(caps["process_command"]), container_command=list(caps["container_command"]),
         flags=flags, env=env, api_key=ctx.api_key, mounts=mounts, health=health, shm_size=shm,
-        warnings=ctx.warnings, notes=ctx.notes, estimate=est,
+        warnings=ctx.warnings, notes=ctx.notes, estimate=estimate.as_dict(),
     )
+    if facts.enforce_fit and estimate.verdict == "does not fit":
+        need = estimate.total_bytes / GIB
+        have = (estimate.available_bytes or 0) / GIB
+        fixes = "; ".join(f"{c.change} (saves {c.saves_bytes / GIB:.1f} GiB)" for c in estimate.changes[:3])
+        return None, [Problem(("servers", index), f"does not fit: needs ~{need:.1f} GiB on the {estimate.device}, "
+                              f"{have:.1f} GiB available", (fixes + "; " if fixes else "")
+                              + "or pass --ignore-fit to plan anyway (orchestrate fit shows the breakdown)")]
     return sp, []
 
 
@@ -448,5 +487,7 @@ def plan(loaded: LoadedProfile, facts: Facts) -> Plan:
 
 
 def build_plan(loaded: LoadedProfile, environ: dict[str, str] | None = None, state_dir: str | None = None,
-               detect: bool = True) -> Plan:
-    return plan(loaded, gather_facts(loaded, environ, state_dir, detect))
+               detect: bool = True, enforce_fit: bool = True) -> Plan:
+    facts = gather_facts(loaded, environ, state_dir, detect)
+    facts.enforce_fit = enforce_fit
+    return plan(loaded, facts)

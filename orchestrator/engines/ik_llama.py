@@ -75,16 +75,8 @@ def mla(ctx: Ctx) -> list[Flag] | None:
     return None
 
 
-def run_time_repack(ctx: Ctx) -> Flag | None:
-    if ctx.on_cpu or ctx.offload.mode in ("moe_all", "moe_layers"):
-        where = "on CPU" if ctx.on_cpu else "for the experts kept on CPU"
-        return Flag("-rtr", None, f"repack weights at load into ik's faster CPU row-interleaved layouts {where} "
-                    "(disables mmap: load is slower, token generation faster)")
-    return None
-
-
 RULES: list[Rule] = [
     model, alias, bind_host, port, api_key_file, mainline.context, mainline.slots, mainline.threads, gpu_layers,
-    mainline.moe_offload, flash_attention, mainline.kv_types, mla, run_time_repack,
+    mainline.moe_offload, flash_attention, mainline.kv_types, mla,
     speculative, prompt_cache, mainline.metrics, user_args,
 ]

@@ -1,0 +1,234 @@
+"""Memory estimate: weights + KV cache + compute buffers, against VRAM (or RAM on CPU).
+
+Pure functions of ModelFacts and the server's settings. The formulas follow what the engine
+versions the plan targets allocate (checked against their own logs in tests/e2e/test_fit_accuracy.py):
+  llama.cpp b11434  KV: non-SWA layers hold n_ctx cells (all slots); sliding-window layers hold
+                    min(n_ctx_seq, pad256(n_swa + n_ubatch)) cells per slot.
+                    compute: n_ubatch x 4 B x (2 n_ff + 4 n_embd + 3 n_head x d_k) + the FA mask
+                    (n_ctx_seq x n_ubatch x 2 B); output buffer n_vocab x 4 B per slot.
+  ik_llama 55d3c05bf KV: every layer holds n_ctx cells (no sliding-window cache);
+                    compute: the full-vocabulary logits of a micro-batch, n_ubatch x (n_vocab + n_embd) x 4 B.
+  vLLM / SGLang     weights + KV pool + activations must fit the memory fraction of each GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .modelinfo import ModelFacts
+
+GIB = 2**30
+MIB = 2**20
+N_UBATCH = 512
+# Bytes per cached K/V element by KV dtype (ggml block sizes: q8_0 34 B / 32, q4_0 18 B / 32, q6_0 26 B / 32).
+KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q6_0": 26 / 32,
+            "q8_KV": 1.0, "fp8": 1.0, "fp8_e4m3": 1.0, "fp8_e5m2": 1.0}
+# Sliding-window layer pattern by architecture, where the GGUF does not carry it:
+# every Nth layer is a global (full-context) layer (llama.cpp src/llama-model.cpp set_swa_pattern).
+SWA_PATTERN = {"gemma3": 6, "gemma2": 2, "cohere2": 4, "gemma3n": 5, "exaone4": 4}
+GPU_RUNTIME_BYTES = int(0.5 * GIB)   # CUDA/ROCm context and driver reservations per GPU
+FIT_MARGIN_BYTES = 1 * GIB           # headroom, as llama.cpp's --fit-target default
+
+
+@dataclass
+class Change:
+    change: str
+    saves_bytes: int
+
+
+@dataclass
+class FitEstimate:
+    weights_bytes: int
+    kv_cache_bytes: int
+    compute_bytes: int
+    overhead_bytes: int
+    total_bytes: int
+    available_bytes: int | None       # VRAM (or RAM on CPU) usable by this server; None when unknown
+    device: str                       # "GPU" | "CPU"
+    verdict: str                      # fits | fits with offload | does not fit | unknown
+    offload: str                      # what was moved where ("" when nothing)
+    host_bytes: int = 0               # weights kept in system RAM (offloaded experts/layers)
+    source: str = "file"              # file | name estimate
+    changes: list[Change] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        def gib(b: float) -> str:
+            return f"{b / GIB:.2f} GiB"
+
+        avail = f" of {gib(self.available_bytes)} {self.device}" if self.available_bytes else ""
+        host = f"; {gib(self.host_bytes)} in system RAM" if self.host_bytes else ""
+        return (f"{self.verdict}: {gib(self.total_bytes)}{avail} (weights {gib(self.weights_bytes)}, "
+                f"KV {gib(self.kv_cache_bytes)}, compute {gib(self.compute_bytes)}, overhead "
+                f"{gib(self.overhead_bytes)}{host}; {self.source})")
+
+
+def _int(meta: dict[str, Any], key: str, default: int = 0) -> int:
+    value = meta.get(key, default)
+    if isinstance(value, list):  # per-layer arrays: use the largest
+        value = max(value) if value else default
+    return int(value or default)
+
+
+def _pad(n: int, to: int = 256) -> int:
+    return (n + to - 1) // to * to
+
+
+def swa_layers(facts: ModelFacts) -> int:
+    """How many layers use a sliding window (0 when the model has none)."""
+    meta = facts.metadata
+    n_layers = _int(meta, "block_count")
+    if not meta.get("attention.sliding_window") or not n_layers:
+        return 0
+    pattern = meta.get("attention.sliding_window_pattern")
+    if isinstance(pattern, list):
+        return sum(1 for p in pattern if p)
+    every = int(pattern) if pattern else SWA_PATTERN.get(facts.arch or "", 0)
+    if not every:
+        return 0
+    return n_layers - n_layers // every
+
+
+def kv_bytes_per_token(facts: ModelFacts, kv: str) -> float:
+    """Bytes of K+V one token occupies in one full-attention layer."""
+    meta = facts.metadata
+    per_elem = KV_BYTES.get(kv, 2.0)
+    if meta.get("attention.kv_lora_rank"):  # MLA: compressed latent + rope part
+        return (_int(meta, "attention.kv_lora_rank") + _int(meta, "rope.dimension_count")) * per_elem
+    n_head = _int(meta, "attention.head_count", 1)
+    n_kv = _int(meta, "attention.head_count_kv", n_head)
+    d_k = _int(meta, "attention.key_length") or _int(meta, "embedding_length") // max(n_head, 1)
+    d_v = _int(meta, "attention.value_length") or d_k
+    return n_kv * (d_k + d_v) * per_elem
+
+
+def kv_cache_bytes(facts: ModelFacts, engine: str, n_ctx_seq: int, n_seq: int, kv: str,
+                   n_ubatch: int = N_UBATCH) -> int:
+    n_layers = _int(facts.metadata, "block_count")
+    per_token = kv_bytes_per_token(facts, kv)
+    n_swa = _int(facts.metadata, "attention.sliding_window")
+    swa = swa_layers(facts) if engine == "llama.cpp" else 0
+    full = n_layers - swa
+    total = full * n_ctx_seq * n_seq * per_token
+    if swa:
+        cells = min(n_ctx_seq, _pad(n_swa + n_ubatch))
+        total += swa * cells * n_seq * per_token
+    return int(total)
+
+
+def compute_bytes(facts: ModelFacts, engine: str, n_ctx_seq: int, n_seq: int, flash_attention: bool = True,
+                  n_ubatch: int = N_UBATCH) -> int:
+    meta = facts.metadata
+    n_embd = _int(meta, "embedding_length")
+    n_ff = _int(meta, "feed_forward_length", 4 * n_embd)
+    n_head = _int(meta, "attention.head_count", 1)
+    d_k = _int(meta, "attention.key_length") or n_embd // max(n_head, 1)
+    n_vocab = _int(meta, "tokenizer.tokens_count", 32000)
+    output = n_vocab * 4 * n_seq
+    if engine == "ik_llama":
+        return n_ubatch * (n_vocab + n_embd) * 4 + output
+    graph = n_ubatch * 4 * (2 * n_ff + 4 * n_embd + 3 * n_head * d_k)
+    if flash_attention:
+        graph += n_ctx_seq * n_ubatch * 2
+    else:
+        graph += n_head * n_ctx_seq * n_ubatch * 4
+    return graph + output
+
+
+def estimate_gguf(facts: ModelFacts, engine: str, context: int, parallel: int, kv: str, on_cpu: bool,
+                  device_bytes: int | None, offload_mode: str, offload_layers: int | None,
+                  flash_attention: bool = True) -> FitEstimate:
+    weights = facts.size_bytes or 0
+    have_shape = bool(facts.metadata.get("block_count"))
+    kv_b = kv_cache_bytes(facts, engine, context, parallel, kv) if have_shape else 0
+    comp = compute_bytes(facts, engine, context, parallel, flash_attention) if have_shape else 0
+    overhead = 0 if on_cpu else GPU_RUNTIME_BYTES
+    host = 0
+    moved = ""
+    experts = int(facts.metadata.get("tensors.expert_bytes") or 0)
+    n_layers = _int(facts.metadata, "block_count")
+    if offload_mode == "moe_all":
+        host = experts or int(weights * (1 - (facts.active_params_b or 0) / (facts.params_b or 1)))
+        moved = "all MoE expert tensors to system RAM"
+    elif offload_mode == "moe_layers" and offload_layers:
+        per_layer = (experts or weights) / max(_int(facts.metadata, "tensors.expert_layers") or n_layers, 1)
+        host = int(per_layer * offload_layers)
+        moved = f"expert tensors of {offload_layers} layers to system RAM"
+    elif offload_mode == "layers" and offload_layers is not None and n_layers:
+        host = int(weights * (n_layers - offload_layers) / n_layers)
+        moved = f"{n_layers - offload_layers} of {n_layers} layers to system RAM"
+    device_total = weights - host + kv_b + comp + overhead
+    source = "name estimate" if facts.size_is_estimate else "file"
+    notes = [] if have_shape else ["layer/head counts unknown (no model file): KV cache and compute not counted"]
+    if device_bytes is None:
+        verdict = "unknown"
+    elif device_total + (0 if on_cpu else FIT_MARGIN_BYTES) <= device_bytes:
+        verdict = "fits with offload" if host else "fits"
+    else:
+        verdict = "does not fit"
+    est = FitEstimate(weights, kv_b, comp, overhead, device_total, device_bytes, "CPU" if on_cpu else "GPU",
+                      verdict, moved, host, source, notes=notes)
+    if verdict == "does not fit":
+        est.changes = suggest(facts, engine, context, parallel, kv, kv_b, weights, experts)
+    return est
+
+
+def suggest(facts: ModelFacts, engine: str, context: int, parallel: int, kv: str, kv_b: int, weights: int,
+            experts: int) -> list[Change]:
+    """Concrete changes ranked by cost (cheapest first), each with the memory it saves."""
+    out: list[Change] = []
+    if kv in ("f16", "bf16"):
+        q8 = kv_cache_bytes(facts, engine, context, parallel, "q8_0")
+        out.append(Change("kv_cache: q8_0 (near-lossless)", kv_b - q8))
+    if context >= 8192:
+        half = kv_cache_bytes(facts, engine, context // 2, parallel, kv)
+        out.append(Change(f"context: {context // 2}", kv_b - half))
+    if parallel > 1:
+        one = kv_cache_bytes(facts, engine, context, 1, kv)
+        out.append(Change("parallel: 1", kv_b - one))
+    if experts:
+        out.append(Change("offload: auto (MoE experts to system RAM)", experts))
+    if facts.quant and facts.quant.upper() not in ("Q3_K_M", "Q2_K", "IQ2_XXS"):
+        out.append(Change("a smaller quant (e.g. Q3_K_M)", int(weights * (1 - 3.91 / 8.5))
+                          if facts.quant.upper() == "Q8_0" else int(weights * 0.2)))
+    return [c for c in out if c.saves_bytes > 0]
+
+
+def estimate_hf(facts: ModelFacts, context: int, parallel: int, kv: str, device_bytes: int | None,
+                gpu_count: int, fraction: float) -> FitEstimate:
+    """vLLM/SGLang: weights + KV for context x parallel + activations within fraction x VRAM."""
+    weights = facts.size_bytes or 0
+    meta = facts.metadata
+    dtype_bytes = 1.0 if kv.startswith("fp8") else 2.0
+    n_layers = _int(meta, "block_count")
+    per_token = kv_bytes_per_token(facts, "f16") / 2 * dtype_bytes if n_layers else 0
+    kv_b = int(n_layers * per_token * context * parallel)
+    activations = int(1.5 * GIB) * max(gpu_count, 1)
+    total = weights + kv_b + activations
+    budget = int(device_bytes * fraction) if device_bytes else None
+    verdict = "unknown" if budget is None else ("fits" if total <= budget else "does not fit")
+    notes = [f"vLLM/SGLang reserve {fraction:.2f} of GPU memory; the KV pool is what remains after weights"]
+    if not n_layers:
+        notes.append("layer/head counts unknown (no config.json): KV cache not counted")
+    est = FitEstimate(weights, kv_b, activations, 0, total, budget, "GPU", verdict, "", 0,
+                      "name estimate" if facts.size_is_estimate else "file", notes=notes)
+    if verdict == "does not fit" and n_layers:
+        est.changes = [c for c in (
+            Change("kv_cache: fp8", kv_b // 2) if not kv.startswith("fp8") else None,
+            Change(f"context: {context // 2}", kv_b // 2) if context >= 8192 else None,
+            Change(f"parallel: {max(1, parallel // 2)}", kv_b // 2) if parallel > 1 else None,
+        ) if c is not None]
+    return est
+
+
+def gib(n: float) -> float:
+    return round(n / GIB, 3)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return math.ceil(a / b) if b else 0
