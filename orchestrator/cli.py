@@ -324,6 +324,37 @@ def engines_list(as_json: bool) -> None:
 
 
 @main.command()
+@click.option("--json", "as_json", is_flag=True)
+def doctor(as_json: bool) -> None:
+    """This machine: CPU, memory, GPUs, Docker, installed engines, and what is missing."""
+    from .hardware import doctor as run_doctor
+
+    report = run_doctor()
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+        return
+    cpu, mem = report.cpu, report.memory
+    click.echo(f"cpu: {cpu['model']} ({cpu['arch']}), {cpu['cores_physical'] or '?'} cores / "
+               f"{cpu['cores_logical']} threads, ISA: {' '.join(cpu['isa']) or '-'}")
+    click.echo(f"memory: {mem['total_bytes'] / 2**30:.1f} GiB total, {mem['available_bytes'] / 2**30:.1f} GiB available")
+    for g in report.gpus:
+        total = f"{g['vram_total_bytes'] / 2**30:.1f} GiB" if g["vram_total_bytes"] else "?"
+        free = f", {g['vram_free_bytes'] / 2**30:.1f} GiB free" if g["vram_free_bytes"] else ""
+        click.echo(f"gpu {g['index']}: {g['name']} [{g['catalog_id'] or 'not in catalog'}] {g['arch'] or ''} "
+                   f"cc {g['compute_capability'] or '-'}, {total}{free}, driver {g['driver'] or '?'} "
+                   f"(via {g['source']})")
+    if not report.gpus:
+        click.echo("gpus: none detected")
+    d = report.docker
+    click.echo(f"docker: cli {'yes' if d['cli'] else 'no'}, daemon {'up ' + str(d['version']) if d['daemon'] else 'down'}"
+               f", nvidia runtime {'yes' if d['nvidia_runtime'] else 'no'}")
+    for e in report.engines:
+        click.echo(f"engine: {e['engine']} {e['version'] or ''} {e['backend'] or ''} {e['path']} ({e['source']})")
+    for p in report.problems:
+        click.echo(f"missing: {p['what']} — blocks {p['blocks']}; fix: {p['fix']}")
+
+
+@main.command()
 def schema() -> None:
     """Print the profile JSON Schema (for editor autocompletion)."""
     from .profile import json_schema
