@@ -8,16 +8,26 @@ GIB = 2**30
 
 
 def fit_summary(e: dict[str, object]) -> str:
-    def gib(key: str) -> str:
+    def num(key: str) -> float:
         value = e.get(key) or 0
         assert isinstance(value, int | float)
+        return float(value)
+
+    def gib(value: float) -> str:
         return f"{value / GIB:.2f} GiB"
 
-    avail = f" of {gib('available_bytes')} {e['device']}" if e.get("available_bytes") else ""
-    host = f"; {gib('host_bytes')} in system RAM ({e['offload']})" if e.get("host_bytes") else ""
-    return (f"{e['verdict']}: {gib('total_bytes')}{avail} = weights {gib('weights_bytes')} + KV "
-            f"{gib('kv_cache_bytes')} + compute {gib('compute_bytes')} + overhead {gib('overhead_bytes')}{host} "
-            f"[{e['source']}]")
+    where = str(e["device"])
+    avail = f" of {gib(num('available_bytes'))}" if e.get("available_bytes") else ""
+    on_device = num("weights_bytes") - num("host_bytes")
+    notes = e.get("notes")
+    shape_known = not any("unknown" in str(n) for n in (notes if isinstance(notes, list) else []))
+    kv = gib(num("kv_cache_bytes")) if shape_known else "? (needs the model file)"
+    compute = gib(num("compute_bytes")) if shape_known else "?"
+    text = (f"{e['verdict']}: {gib(num('total_bytes'))}{avail} on the {where} = weights {gib(on_device)} + KV "
+            f"{kv} + compute {compute} + runtime {gib(num('overhead_bytes'))}")
+    if e.get("host_bytes"):
+        text += f"; {gib(num('host_bytes'))} in system RAM ({e['offload']})"
+    return text + f" [{e['source']}]"
 
 
 def explain_fit(plan: Plan) -> str:
