@@ -18,8 +18,9 @@ def spawn(argv: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Po
     log_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
+        # cwd: ik_llama.cpp writes llama.log into its working directory; keep it beside our log.
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True, close_fds=True)
+                                start_new_session=True, close_fds=True, cwd=log_path.parent)
     finally:
         os.close(fd)
 

@@ -48,7 +48,10 @@ def free_port() -> int:
 
 def parse_check(binary: Path, args: list[str]) -> tuple[str, str]:
     """Run llama-server on args; return ('parsed'|'rejected'|'unclear', output)."""
-    p = subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=60)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as cwd:  # ik_llama.cpp writes llama.log into its working directory
+        p = subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=60, cwd=cwd)
     out = (p.stdout + p.stderr).lower()
     if any(m in out for m in REJECTED):
         return "rejected", out

@@ -27,7 +27,7 @@ SIZE = r"=\s*([0-9.]+) MiB"
 
 def engine_buffers(binary: Path, args: list[str], log: Path) -> dict[str, float]:
     with log.open("w") as fh:
-        proc = subprocess.Popen([str(binary), *args], stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([str(binary), *args], stdout=fh, stderr=subprocess.STDOUT, cwd=log.parent)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
