@@ -255,7 +255,6 @@ def logs(target: str, server: str | None, lines: int, follow: bool) -> None:
 
     deployer = _deployer()
     name = _deployment_name(target)
-    records = deployer.store.load(name)
     paths = sorted(deployer.store.logs.glob(f"{name}-*.log"))
     if server:
         paths = [deployer.store.log_path(name, server)]
@@ -280,7 +279,6 @@ def logs(target: str, server: str | None, lines: int, follow: bool) -> None:
                 time.sleep(0.5)
         except KeyboardInterrupt:
             pass
-    del records
 
 
 @main.group()

@@ -105,30 +105,28 @@ class Prober:
         except OSError as exc:
             return StageResult(PENDING, f"connect: {exc.strerror or exc}")
 
+    def _fetch(self, path: str) -> Response | StageResult:
+        """GET path: the response when it answered 200, else the stage result its answer means."""
+        try:
+            r = self.get(path)
+        except HttpError as exc:
+            return StageResult(PENDING, f"{path}: {exc}")
+        if r.status_code == 200:
+            return r
+        if r.status_code in (401, 403):
+            return StageResult(FAILED, f"{path} {r.status_code}: the API key was refused")
+        return StageResult(PENDING, f"{path} {r.status_code} {r.text[:80].strip()}".rstrip())
+
     def ready(self) -> StageResult:
         assert self.sp.health is not None
-        try:
-            r = self.get(self.sp.health.ready_path)
-        except HttpError as exc:
-            return StageResult(PENDING, f"{self.sp.health.ready_path}: {exc}")
-        if r.status_code == 200:
-            return StageResult(READY)
-        if r.status_code in (503, 502, 500):
-            return StageResult(PENDING, f"{self.sp.health.ready_path} {r.status_code} {r.text[:80].strip()}")
-        if r.status_code in (401, 403):
-            return StageResult(FAILED, f"{self.sp.health.ready_path} {r.status_code}: the API key was refused")
-        return StageResult(PENDING, f"{self.sp.health.ready_path} {r.status_code}")
+        r = self._fetch(self.sp.health.ready_path)
+        return r if isinstance(r, StageResult) else StageResult(READY)
 
     def models(self) -> StageResult:
         assert self.sp.health is not None
-        try:
-            r = self.get(self.sp.health.models_path)
-        except HttpError as exc:
-            return StageResult(PENDING, f"/v1/models: {exc}")
-        if r.status_code in (401, 403):
-            return StageResult(FAILED, f"/v1/models {r.status_code}: the API key was refused")
-        if r.status_code != 200:
-            return StageResult(PENDING, f"/v1/models {r.status_code}")
+        r = self._fetch(self.sp.health.models_path)
+        if isinstance(r, StageResult):
+            return r
         try:
             ids = [m.get("id") for m in r.json().get("data", [])]
         except (ValueError, AttributeError):

@@ -172,14 +172,18 @@ def install_dir(engine: str, backend: str, gpu_arch: str | None = None) -> Path:
     return cache_root() / "engines" / f"{engine}-{version}-{backend}{suffix}"
 
 
-def installed(engine: str, backend: str = "cpu", gpu_arch: str | None = None) -> InstalledEngine | None:
-    manifest = install_dir(engine, backend, gpu_arch) / "manifest.json"
-    if not manifest.exists():
+def _read_manifest(manifest: Path) -> InstalledEngine | None:
+    """An installed build, or None when its manifest or binary is missing or unreadable."""
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, ValueError):
         return None
-    data = json.loads(manifest.read_text())
-    known = {k: data.get(k) for k in InstalledEngine.__dataclass_fields__}
-    inst = InstalledEngine(**known)  # type: ignore[arg-type]
+    inst = InstalledEngine(**{k: data.get(k) for k in InstalledEngine.__dataclass_fields__})  # type: ignore[arg-type]
     return inst if inst.binary().exists() else None
+
+
+def installed(engine: str, backend: str = "cpu", gpu_arch: str | None = None) -> InstalledEngine | None:
+    return _read_manifest(install_dir(engine, backend, gpu_arch) / "manifest.json")
 
 
 def backend_for(accelerator: str) -> str:
@@ -213,9 +217,8 @@ def list_installed() -> list[InstalledEngine]:
     if not root.is_dir():
         return out
     for manifest in sorted(root.glob("*/manifest.json")):
-        data = json.loads(manifest.read_text())
-        inst = InstalledEngine(**{k: data.get(k) for k in InstalledEngine.__dataclass_fields__})  # type: ignore[arg-type]
-        if inst.binary().exists():
+        inst = _read_manifest(manifest)
+        if inst is not None:
             out.append(inst)
     return out
 

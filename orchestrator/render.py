@@ -155,8 +155,8 @@ def command_json(plan: Plan) -> str:
         out.append({
             "server": s.name, "engine": s.engine, "argv": s.argv(),
             "env": {e.name: ({"from_env": e.from_env} if e.from_env else e.value) for e in s.env},
-            "secret_files": _secret_preamble(s) and {"path": s.api_key.process_path if s.api_key else None,
-                                                     "from_env": s.api_key.env_var if s.api_key else None},
+            "secret_files": ({"path": s.api_key.process_path, "from_env": s.api_key.env_var}
+                             if s.api_key and s.api_key.process_path else []),
         })
     return json.dumps(out, indent=2) + "\n"
 
