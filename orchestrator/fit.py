@@ -94,10 +94,18 @@ def swa_layers(facts: ModelFacts) -> int:
     return n_layers - n_layers // every
 
 
+# Hybrid architectures whose GGUF may omit full_attention_interval (llama.cpp's default for them is 4).
+HYBRID_INTERVAL = {"qwen35": 4, "qwen35moe": 4, "qwen3next": 4}
+
+
+def _per_elem(kv: str) -> float:
+    return KV_BYTES.get(kv, 2.0)
+
+
 def kv_bytes_per_token(facts: ModelFacts, kv: str) -> float:
-    """Bytes of K+V one token occupies in one full-attention layer."""
+    """Bytes of K+V one token occupies in one full-attention layer (the model's largest KV head count)."""
     meta = facts.metadata
-    per_elem = KV_BYTES.get(kv, 2.0)
+    per_elem = _per_elem(kv)
     if meta.get("attention.kv_lora_rank"):  # MLA: compressed latent + rope part
         return (_int(meta, "attention.kv_lora_rank") + _int(meta, "rope.dimension_count")) * per_elem
     n_head = _int(meta, "attention.head_count", 1)
@@ -107,18 +115,72 @@ def kv_bytes_per_token(facts: ModelFacts, kv: str) -> float:
     return n_kv * (d_k + d_v) * per_elem
 
 
+def attention_layers(facts: ModelFacts) -> list[int]:
+    """KV heads of each layer that holds a KV cache. Linear-attention, state-space and convolution
+    layers of hybrid models (Qwen3.5/3.6 Gated DeltaNet, LFM2 short convolutions, Mamba) hold none."""
+    meta = facts.metadata
+    n_layers = _int(meta, "block_count")
+    n_head = _int(meta, "attention.head_count", 1)
+    n_kv = meta.get("attention.head_count_kv")
+    if isinstance(n_kv, list):
+        return [int(x) for x in n_kv[:n_layers] if int(x) > 0]
+    kv = int(n_kv or n_head)
+    recurrent = meta.get("attention.recurrent_layers")
+    if isinstance(recurrent, list):
+        return [kv for r in recurrent[:n_layers] if not r]
+    interval = _int(meta, "full_attention_interval") or HYBRID_INTERVAL.get(facts.arch or "", 0)
+    if interval:
+        return [kv for i in range(n_layers) if (i + 1) % interval == 0]
+    return [kv] * n_layers
+
+
+def recurrent_layers(facts: ModelFacts) -> int:
+    meta = facts.metadata
+    if not (meta.get("ssm.state_size") or meta.get("ssm.inner_size") or meta.get("shortconv.l_cache")):
+        return 0
+    return _int(meta, "block_count") - len(attention_layers(facts))
+
+
+def recurrent_state_bytes(facts: ModelFacts, n_seq: int) -> int:
+    """Fixed per-sequence state of the recurrent layers, f32 (llama.cpp llama_hparams::n_embd_r/n_embd_s):
+    short convolution (LFM2): n_embd x (l_cache - 1); Mamba / Gated DeltaNet:
+    (d_conv - 1) x (d_inner + 2 n_group d_state) + d_state x d_inner."""
+    n = recurrent_layers(facts)
+    if not n:
+        return 0
+    meta = facts.metadata
+    if meta.get("shortconv.l_cache"):
+        per_layer = _int(meta, "embedding_length") * (_int(meta, "shortconv.l_cache") - 1)
+    else:
+        d_conv, d_inner = _int(meta, "ssm.conv_kernel"), _int(meta, "ssm.inner_size")
+        d_state, groups = _int(meta, "ssm.state_size"), _int(meta, "ssm.group_count")
+        per_layer = max(d_conv - 1, 0) * (d_inner + 2 * groups * d_state) + d_state * d_inner
+    return n * max(n_seq, 1) * per_layer * 4
+
+
+def kv_bytes_per_token_all(facts: ModelFacts, kv: str) -> float:
+    """Bytes of K+V one token occupies across all layers that hold a KV cache."""
+    meta = facts.metadata
+    layers = attention_layers(facts)
+    if meta.get("attention.kv_lora_rank") or not layers:
+        return len(layers) * kv_bytes_per_token(facts, kv)
+    one_head = kv_bytes_per_token(facts, kv) / max(max(layers), 1)
+    return sum(layers) * one_head
+
+
 def kv_cache_bytes(facts: ModelFacts, engine: str, n_ctx_seq: int, n_seq: int, kv: str,
                    n_ubatch: int = N_UBATCH) -> int:
-    n_layers = _int(facts.metadata, "block_count")
-    per_token = kv_bytes_per_token(facts, kv)
+    """KV cache for n_seq sequences of n_ctx_seq tokens, plus the recurrent state of hybrid models."""
+    layers = attention_layers(facts)
+    per_token = kv_bytes_per_token_all(facts, kv) / len(layers) if layers else 0.0
     n_swa = _int(facts.metadata, "attention.sliding_window")
-    swa = swa_layers(facts) if engine == "llama.cpp" else 0
-    full = n_layers - swa
+    swa = min(swa_layers(facts), len(layers)) if engine == "llama.cpp" else 0
+    full = len(layers) - swa
     total = full * n_ctx_seq * n_seq * per_token
     if swa:
         cells = min(n_ctx_seq, _pad(n_swa + n_ubatch))
         total += swa * cells * n_seq * per_token
-    return int(total)
+    return int(total) + recurrent_state_bytes(facts, n_seq)
 
 
 def compute_bytes(facts: ModelFacts, engine: str, n_ctx_seq: int, n_seq: int, flash_attention: bool = True,
@@ -163,8 +225,9 @@ def estimate_gguf(facts: ModelFacts, engine: str, context: int, parallel: int, k
         host = int(weights * (n_layers - offload_layers) / n_layers)
         moved = f"{n_layers - offload_layers} of {n_layers} layers to system RAM"
     device_total = weights - host + kv_b + comp + overhead
-    source = "name estimate" if facts.size_is_estimate else "file"
-    notes = [] if have_shape else ["layer/head counts unknown (no model file): KV cache and compute not counted"]
+    source = _source(facts)
+    notes = [*facts.notes, *([] if have_shape else
+                             ["layer/head counts unknown (no model file): KV cache and compute not counted"])]
     if device_bytes is None:
         verdict = "unknown"
     elif device_total + (0 if on_cpu else FIT_MARGIN_BYTES) <= device_bytes:
@@ -176,6 +239,12 @@ def estimate_gguf(facts: ModelFacts, engine: str, context: int, parallel: int, k
     if verdict == "does not fit":
         est.changes = suggest(facts, engine, context, parallel, kv, kv_b, weights, experts)
     return est
+
+
+def _source(facts: ModelFacts) -> str:
+    if facts.source == "catalog":
+        return "estimated from catalog"
+    return "name estimate" if facts.size_is_estimate else "file"
 
 
 def suggest(facts: ModelFacts, engine: str, context: int, parallel: int, kv: str, kv_b: int, weights: int,
@@ -199,29 +268,61 @@ def suggest(facts: ModelFacts, engine: str, context: int, parallel: int, kv: str
     return [c for c in out if c.saves_bytes > 0]
 
 
+ACTIVATION_BYTES = int(1.5 * GIB)   # vLLM/SGLang activations, CUDA graphs and allocator slack per GPU
+
+
+def hf_kv_per_sequence(facts: ModelFacts, context: int, kv: str) -> int:
+    """KV (+ recurrent state) one sequence of `context` tokens needs in vLLM/SGLang: f16/bf16 or fp8."""
+    if not _int(facts.metadata, "block_count"):
+        return 0
+    dtype_bytes = 1.0 if kv.startswith("fp8") else 2.0
+    per_token = kv_bytes_per_token_all(facts, "f16") / 2 * dtype_bytes
+    return int(per_token * context) + recurrent_state_bytes(facts, 1)
+
+
+def hf_required_fraction(facts: ModelFacts, context: int, kv: str, device_bytes: int, gpu_count: int) -> float | None:
+    """The smallest memory fraction with which vLLM/SGLang can start: weights + activations + the KV of
+    one full-length sequence (both engines refuse to start when the pool cannot hold max_model_len)."""
+    if not facts.size_bytes or not device_bytes:
+        return None
+    need = facts.size_bytes + ACTIVATION_BYTES * max(gpu_count, 1) + hf_kv_per_sequence(facts, context, kv)
+    return need / device_bytes
+
+
 def estimate_hf(facts: ModelFacts, context: int, parallel: int, kv: str, device_bytes: int | None,
                 gpu_count: int, fraction: float) -> FitEstimate:
-    """vLLM/SGLang: weights + KV for context x parallel + activations within fraction x VRAM."""
+    """vLLM/SGLang take fraction x VRAM up front: weights and activations first, and whatever remains
+    becomes the KV pool. It must hold at least one sequence of `context` tokens; `parallel` sequences
+    of full length need `parallel` times that, and beyond the pool the engine queues requests."""
     weights = facts.size_bytes or 0
-    meta = facts.metadata
-    dtype_bytes = 1.0 if kv.startswith("fp8") else 2.0
-    n_layers = _int(meta, "block_count")
-    per_token = kv_bytes_per_token(facts, "f16") / 2 * dtype_bytes if n_layers else 0
-    kv_b = int(n_layers * per_token * context * parallel)
-    activations = int(1.5 * GIB) * max(gpu_count, 1)
-    total = weights + kv_b + activations
+    one_seq = hf_kv_per_sequence(facts, context, kv)
+    known = bool(_int(facts.metadata, "block_count"))
+    activations = ACTIVATION_BYTES * max(gpu_count, 1)
     budget = int(device_bytes * fraction) if device_bytes else None
-    verdict = "unknown" if budget is None else ("fits" if total <= budget else "does not fit")
-    notes = [f"vLLM/SGLang reserve {fraction:.2f} of GPU memory; the KV pool is what remains after weights"]
-    if not n_layers:
-        notes.append("layer/head counts unknown (no config.json): KV cache not counted")
-    est = FitEstimate(weights, kv_b, activations, 0, total, budget, "GPU", verdict, "", 0,
-                      "name estimate" if facts.size_is_estimate else "file", notes=notes)
-    if verdict == "does not fit" and n_layers:
+    notes = [*facts.notes, f"vLLM/SGLang take {fraction:.2f} of GPU memory up front; the KV pool is what remains "
+                           "after weights and activations"]
+    if not known:
+        notes.append("layer/head counts unknown (no config.json and not in the catalog): KV per sequence not counted")
+    if budget is None:
+        kv_b, verdict = one_seq * parallel, "unknown"
+    else:
+        pool = budget - weights - activations
+        kv_b = max(pool, 0)
+        verdict = "fits" if pool > 0 and pool >= one_seq else "does not fit"
+        if verdict == "fits" and one_seq:
+            seqs = pool // one_seq
+            notes.append(f"KV pool {pool / GIB:.2f} GiB holds {seqs} sequence(s) of {context} tokens"
+                         + (f" at once; with parallel {parallel} the engine queues the rest when all are long"
+                            if seqs < parallel else ""))
+    total = weights + kv_b + activations
+    est = FitEstimate(weights, kv_b, activations, 0, total, budget, "GPU", verdict, "", 0, _source(facts),
+                      notes=notes)
+    if verdict == "does not fit" and known:
         est.changes = [c for c in (
-            Change("kv_cache: fp8", kv_b // 2) if not kv.startswith("fp8") else None,
-            Change(f"context: {context // 2}", kv_b // 2) if context >= 8192 else None,
-            Change(f"parallel: {max(1, parallel // 2)}", kv_b // 2) if parallel > 1 else None,
+            Change("kv_cache: fp8", one_seq // 2) if not kv.startswith("fp8") else None,
+            Change(f"context: {context // 2}", one_seq // 2) if context >= 8192 else None,
+            Change("a quantized checkpoint (AWQ/GPTQ 4-bit: about 1/4 of bf16 weights)", weights * 3 // 4)
+            if (facts.quant or "BF16").upper() in ("BF16", "F16", "FP16") else None,
         ) if c is not None]
     return est
 

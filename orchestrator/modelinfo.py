@@ -1,8 +1,9 @@
 """ModelFacts: what the planner needs to know about a model, gathered once before planning.
 
-From a local GGUF file we read only the header key/values (token arrays are
-skipped, not decoded). Without the file (profiles are written on a laptop and
-served elsewhere) facts are inferred from the name and marked as estimates.
+From a local GGUF file (all parts of a split GGUF) we read only the header key/values and the
+tensor table (token arrays are skipped, not decoded). Without the file (profiles are written on a
+laptop and served elsewhere) facts come from the model catalog (catalog/models.yaml) when it knows
+the model, else from the name, and are marked as estimates.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ _NEEDED = ("general.architecture", "general.name", "general.file_type", "general
            ".attention.head_count_kv", ".attention.key_length", ".attention.value_length",
            ".expert_count", ".expert_used_count", ".nextn_predict_layers", ".attention.sliding_window",
            ".feed_forward_length", ".attention.kv_lora_rank", ".rope.dimension_count", ".vocab_size",
-           ".attention.sliding_window_pattern")
-FACTS_FORMAT = 2  # bump when read_gguf_header's output changes (invalidates the facts cache)
+           ".attention.sliding_window_pattern", ".full_attention_interval", ".attention.recurrent_layers",
+           ".ssm.conv_kernel", ".ssm.inner_size", ".ssm.state_size", ".ssm.group_count", ".shortconv.l_cache",
+           ".expert_feed_forward_length", ".leading_dense_block_count")
+FACTS_FORMAT = 3  # bump when read_gguf_header's output changes (invalidates the facts cache)
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,8 @@ class ModelFacts:
     trained_context: int | None = None
     has_mtp: bool | None = None   # nextn/MTP layers present (None: unknown)
     metadata: dict[str, Any] = field(default_factory=dict)
+    source: str = "file"          # file | catalog | name: where the shape and size came from
+    notes: tuple[str, ...] = ()   # what the facts rest on, when not the file itself
 
     @property
     def is_moe(self) -> bool:
@@ -202,6 +207,99 @@ def _estimate_bytes(params_b: float | None, quant: str | None) -> int | None:
     return int(params_b * 1e9 * bits / 8)
 
 
+# HF layer_types entries whose layers hold no KV cache (recurrent or convolution state instead).
+_STATE_LAYERS = {"linear_attention", "conv", "mamba", "mamba2", "recurrent", "short_conv"}
+
+
+def _hf_hybrid(text: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """Hybrid (linear-attention / convolution) layer facts from an HF config, in GGUF key names."""
+    out: dict[str, Any] = {}
+    kinds = text.get("layer_types")
+    n_kv = meta.get("attention.head_count_kv")
+    if isinstance(kinds, list) and isinstance(n_kv, int) and any(k in _STATE_LAYERS for k in kinds):
+        out["attention.head_count_kv"] = [0 if k in _STATE_LAYERS else n_kv for k in kinds]
+    if text.get("linear_num_value_heads") and text.get("linear_value_head_dim"):
+        out["ssm.inner_size"] = int(text["linear_num_value_heads"]) * int(text["linear_value_head_dim"])
+        out["ssm.state_size"] = int(text.get("linear_key_head_dim") or text["linear_value_head_dim"])
+        out["ssm.group_count"] = int(text.get("linear_num_key_heads") or 1)
+        out["ssm.conv_kernel"] = int(text.get("linear_conv_kernel_dim") or 4)
+    return out
+
+
+def _index_total(path: Path) -> int | None:
+    """Total weight bytes from model.safetensors.index.json when the shards are not (all) here."""
+    try:
+        index = json.loads((path / "model.safetensors.index.json").read_text())
+        return int(index["metadata"]["total_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+_SPLIT_RE = re.compile(r"^(?P<prefix>.+)-(?P<part>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
+
+
+def split_parts(path: Path) -> list[Path]:
+    """All parts of a split GGUF (model-00001-of-00003.gguf ...), or [path] for a single file."""
+    m = _SPLIT_RE.match(path.name)
+    if not m:
+        return [path]
+    count = int(m.group("count"))
+    return [path.with_name(f"{m.group('prefix')}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+
+
+def read_gguf(path: Path) -> tuple[dict[str, Any], list[str]]:
+    """The header of a GGUF file, with the tensor totals of every part when it is split; and notes."""
+    parts = split_parts(path)
+    first = parts[0]
+    header = cached_gguf_header(first if first.is_file() else path)
+    if len(parts) == 1:
+        return header, []
+    missing = [p.name for p in parts if not p.is_file()]
+    totals = {"tensors.count": 0, "tensors.bytes": 0, "tensors.expert_bytes": 0}
+    layers = 0
+    for part in parts:
+        if part.is_file():
+            h = cached_gguf_header(part)
+            for key in totals:
+                totals[key] += int(h.get(key) or 0)
+            layers = max(layers, int(h.get("tensors.expert_layers") or 0))
+    header = {**header, **totals, "tensors.expert_layers": layers, "split.parts": len(parts)}
+    notes = [f"split GGUF: {len(parts)} parts" + (f"; missing {', '.join(missing)} (their tensors are not counted)"
+                                                 if missing else "")]
+    return header, notes
+
+
+def _from_catalog(name: str, fmt: str, location: str, quant: str | None, lookup: str = "") -> ModelFacts | None:
+    from .catalog import find_model
+
+    entry = find_model(lookup or name)
+    if entry is None:
+        return None
+    meta: dict[str, Any] = dict(entry.metadata)
+    meta.setdefault("context_length", None)
+    published = entry.files.get((quant or "").upper()) if fmt == "gguf" else None
+    if published:
+        size = published
+        how = f"published {quant} file size"
+    else:
+        bits = BITS_PER_WEIGHT.get((quant or "").upper(), 16.0)
+        size = int(entry.params_b * 1e9 * bits / 8)
+        how = f"{entry.params_b:g}B parameters x {bits:g} bits ({quant or 'bf16'})"
+    if meta.get("expert_count") and meta.get("expert_feed_forward_length") and meta.get("embedding_length"):
+        layers = int(meta["block_count"]) - int(meta.get("leading_dense_block_count") or 0)
+        expert_params = 3 * int(meta["embedding_length"]) * int(meta["expert_feed_forward_length"]) \
+            * int(meta["expert_count"]) * layers
+        meta["tensors.expert_bytes"] = int(size * min(expert_params / (entry.params_b * 1e9), 1.0))
+        meta["tensors.expert_layers"] = layers
+    notes = [f"estimated from catalog: {entry.name} ({how}); source: {entry.source}",
+             *(f"assumed: {a}" for a in entry.assumed)]
+    return ModelFacts(
+        name=name, format=fmt, location=location, exists=False, quant=quant, params_b=entry.params_b,
+        active_params_b=entry.active_params_b or entry.params_b, size_bytes=size, size_is_estimate=True,
+        arch=entry.arch, n_layers=int(meta["block_count"]), trained_context=meta.get("context_length"),
+        has_mtp=None, metadata={k: v for k, v in meta.items() if v is not None}, source="catalog", notes=tuple(notes))
+
+
 def gather(location: str, quant: str | None = None, is_hf: bool = False) -> ModelFacts:
     """Collect facts for a model path (expanded) or hf reference. Never raises for a missing file."""
     if is_hf:
@@ -209,18 +307,27 @@ def gather(location: str, quant: str | None = None, is_hf: bool = False) -> Mode
         label = sel or repo.split("/")[-1]
         fmt = "gguf" if (sel.lower().endswith(".gguf") or "gguf" in repo.lower()) else "hf"
         q = quant or infer_quant(label) or infer_quant(repo)
+        known = _from_catalog(label, fmt, location, q, lookup=f"{repo} {label}")
+        if known:
+            return known
         total, active = infer_params(repo)
-        return ModelFacts(label, fmt, location, False, q, total, active, _estimate_bytes(active and total, q), True)
+        return ModelFacts(label, fmt, location, False, q, total, active, _estimate_bytes(active and total, q), True,
+                          source="name")
     path = Path(location)
     stem = path.name
     fmt = "hf" if (path.is_dir() or not stem.lower().endswith(".gguf")) else "gguf"
     q = quant or infer_quant(stem)
+    if not path.exists():
+        known = _from_catalog(stem, fmt, str(path), q)
+        if known:
+            return known
     total, active = infer_params(stem)
     meta: dict[str, Any] = {}
+    notes: list[str] = []
     arch = None
     if fmt == "gguf" and path.is_file():
         try:
-            header = cached_gguf_header(path)
+            header, notes = read_gguf(path)
         except (ValueError, OSError, struct.error):
             header = {}
         arch = header.get("general.architecture")
@@ -252,7 +359,10 @@ def gather(location: str, quant: str | None = None, is_hf: bool = False) -> Mode
             "expert_used_count": text.get("num_experts_per_tok"),
             "tokenizer.tokens_count": text.get("vocab_size"),
             "torch_dtype": text.get("torch_dtype") or cfg.get("torch_dtype"),
+            "full_attention_interval": text.get("full_attention_interval"),
+            "shortconv.l_cache": text.get("conv_L_cache"),
         }.items() if v is not None}
+        meta.update(_hf_hybrid(text, meta))
     if meta.get("tensors.bytes"):
         size: int | None = int(meta["tensors.bytes"])
         estimate = False
@@ -260,7 +370,7 @@ def gather(location: str, quant: str | None = None, is_hf: bool = False) -> Mode
         size = path.stat().st_size
         estimate = False
     elif path.is_dir():
-        size = sum(f.stat().st_size for f in path.glob("*.safetensors")) or None
+        size = sum(f.stat().st_size for f in path.glob("*.safetensors")) or _index_total(path)
         estimate = size is None
     else:
         size, estimate = _estimate_bytes(total, q), True
@@ -270,4 +380,5 @@ def gather(location: str, quant: str | None = None, is_hf: bool = False) -> Mode
         params_b=total, active_params_b=active, size_bytes=size, size_is_estimate=estimate,
         arch=arch, n_layers=meta.get("block_count"), trained_context=meta.get("context_length"),
         has_mtp=(bool(nextn) if arch else None), metadata=meta,
+        source="file" if path.exists() else "name", notes=tuple(notes),
     )

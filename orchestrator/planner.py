@@ -171,7 +171,8 @@ def decide_offload(server: Server, engine: str, gpu: Gpu, gpu_count: int, facts:
     if size is None:
         return Offload("all", f"all layers on {gpu.name} (model size unknown: no file and no size in its name)")
     budget = vram - RUNTIME_OVERHEAD_GIB * gpu_count - runtime_gib
-    kind = "estimated from the name" if facts.size_is_estimate else "from the file's tensors"
+    kind = ("estimated from catalog" if facts.source == "catalog" else
+            "estimated from the name" if facts.size_is_estimate else "from the file's tensors")
     extra = f" + KV/compute {runtime_gib:.1f} GiB" if runtime_gib else ""
     if size <= budget:
         return Offload("all", f"weights {size:.1f} GiB ({kind}){extra} fit in {vram:g} GiB VRAM: all layers on the GPU")
@@ -314,7 +315,7 @@ def check_server(ctx: Ctx) -> None:
         if method == "mtp" and ctx.facts.has_mtp is False:
             ctx.error(("speculative", "method"), f"{ctx.facts.name} has no MTP (nextn) layers",
                       "use method draft with a small draft model, or ngram")
-        if method == "mtp" and ctx.facts.has_mtp is None and ctx.facts.arch is None:
+        if method == "mtp" and ctx.facts.has_mtp is None and not ctx.facts.exists:
             ctx.notes.append("MTP needs the model's NextN layers; the model file is not here to check")
         if ctx.offload.mode in ("moe_all", "moe_layers", "layers"):
             ctx.warnings.append("speculative decoding while weights sit on the CPU: every drafted token also runs "

@@ -137,3 +137,41 @@ def engines() -> dict[str, dict[str, Any]]:
 
 def engine(name: str) -> dict[str, Any]:
     return engines()[name]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model the catalog knows (models.yaml): used when the model file is not on this machine."""
+
+    name: str
+    match: tuple[str, ...]
+    arch: str
+    params_b: float
+    active_params_b: float | None
+    metadata: dict[str, Any]
+    files: dict[str, int]
+    assumed: tuple[str, ...]
+    source: str
+
+
+@lru_cache(maxsize=1)
+def models() -> list[ModelEntry]:
+    out = []
+    for e in _load_yaml("models.yaml")["models"]:
+        out.append(ModelEntry(
+            name=e["name"], match=tuple(m.lower() for m in e["match"]), arch=e["arch"], params_b=float(e["params_b"]),
+            active_params_b=float(e["active_params_b"]) if e.get("active_params_b") else None,
+            metadata=dict(e.get("metadata") or {}), files={str(k).upper().removeprefix("UD-"): int(v) for k, v in (e.get("files") or {}).items()},
+            assumed=tuple(e.get("assumed") or ()), source=e["source"]))
+    return out
+
+
+def find_model(name: str) -> ModelEntry | None:
+    """The catalog entry whose longest match fragment occurs in name (case-insensitive), or None."""
+    key = name.lower().replace("_", "-")
+    best: tuple[int, ModelEntry] | None = None
+    for entry in models():
+        for frag in entry.match:
+            if frag in key and (best is None or len(frag) > best[0]):
+                best = (len(frag), entry)
+    return best[1] if best else None

@@ -123,3 +123,28 @@ def bind_host(ctx: Ctx) -> Flag:
 
 def port(ctx: Ctx) -> Flag:
     return Flag("--port", str(ctx.server.port), "from the profile" if ctx.server.port else "default")
+
+
+def memory_fraction(ctx: Ctx, flag: str, default: float, default_why: str) -> Flag | None:
+    """vLLM --gpu-memory-utilization / SGLang --mem-fraction-static, from the memory estimate: the
+    engine's default share, split between vLLM/SGLang servers that share the GPUs, and raised (up to
+    0.95) when weights + activations + one full-length sequence of KV would not fit in the default."""
+    import math
+
+    from ..fit import GIB, hf_required_fraction
+
+    if ctx.on_cpu:
+        return None
+    sharing = [s for s in ctx.profile.servers if s.engine in ("vllm", "sglang") and s is not ctx.server]
+    if sharing:
+        frac = round(default / (len(sharing) + 1), 2)
+        return Flag(flag, f"{frac:.2f}", f"{len(sharing) + 1} vLLM/SGLang servers share the GPUs: each gets "
+                                         f"{frac:.2f} of their memory")
+    device = int(ctx.gpu.vram_gb * GIB) * max(ctx.gpu_count, 1)
+    need = hf_required_fraction(ctx.facts, ctx.server.context, ctx.kv_cache, device, ctx.gpu_count)
+    if need is not None and default < need + 0.01 <= 0.95:
+        frac = math.ceil((need + 0.01) * 100) / 100
+        return Flag(flag, f"{frac:.2f}", f"weights, activations and the KV of one {ctx.server.context}-token "
+                                         f"sequence need {need:.0%} of {device / GIB:.0f} GiB: raised from the "
+                                         f"default {default:.2f}")
+    return Flag(flag, f"{default:.2f}", default_why)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..plan import Flag
+from . import base
 from .base import Ctx, Rule, api_key_file, bind_host, port, user_args
 
 KV_DTYPES = {"f16": "auto", "bf16": "bf16", "fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
@@ -31,13 +32,9 @@ def tensor_parallel(ctx: Ctx) -> Flag | None:
 
 
 def memory_fraction(ctx: Ctx) -> Flag | None:
-    if ctx.on_cpu:
-        return None
-    sharing = [s for s in ctx.profile.servers if s.engine in ("vllm", "sglang") and s is not ctx.server]
-    frac = 0.85 if not sharing else round(0.85 / (len(sharing) + 1), 2)
-    why = ("weights + KV pool take 85% of GPU memory; the rest holds activations and CUDA graphs"
-           if not sharing else f"{len(sharing) + 1} vLLM/SGLang servers share the GPUs: each gets {frac:.2f}")
-    return Flag("--mem-fraction-static", f"{frac:.2f}", why)
+    return base.memory_fraction(ctx, "--mem-fraction-static", 0.85,
+                                "weights + KV pool take 85% of GPU memory; the rest holds activations and CUDA "
+                                "graphs")
 
 
 def attention_backend(ctx: Ctx) -> Flag | None:

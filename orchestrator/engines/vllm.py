@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from ..plan import Flag
+from . import base
 from .base import Ctx, Rule, api_key_env, bind_host, port, user_args
 
 KV_DTYPES = {"f16": "auto", "bf16": "bfloat16", "fp8": "fp8", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
@@ -34,14 +35,9 @@ def tensor_parallel(ctx: Ctx) -> Flag | None:
 
 
 def memory_fraction(ctx: Ctx) -> Flag | None:
-    if ctx.on_cpu:
-        return None
-    sharing = [s for s in ctx.profile.servers if s.engine in ("vllm", "sglang") and s is not ctx.server]
-    frac = 0.90 if not sharing else round(0.90 / (len(sharing) + 1), 2)
-    why = ("weights + KV pool may use 90% of each GPU's memory, leaving room for the CUDA context and "
-           "graphs" if not sharing else f"{len(sharing) + 1} vLLM/SGLang servers share the GPUs: each gets "
-           f"{frac:.2f} of their memory")
-    return Flag("--gpu-memory-utilization", f"{frac:.2f}", why)
+    return base.memory_fraction(ctx, "--gpu-memory-utilization", 0.90,
+                                "weights + KV pool may use 90% of each GPU's memory, leaving room for the CUDA "
+                                "context and graphs")
 
 
 def dtype(ctx: Ctx) -> Flag | None:

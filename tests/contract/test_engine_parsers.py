@@ -115,7 +115,7 @@ def test_every_engine_profile_is_covered(tmp_path: Path) -> None:
         for s in plan.servers:
             for f in s.flags:
                 seen.add(f"{s.engine}{f.name}")
-    for needed in ("llama.cpp--spec-type", "llama.cpp-cmoe", "llama.cpp-ctk", "ik_llama-ctk",
+    for needed in ("llama.cpp--spec-type", "llama.cpp-ncmoe", "llama.cpp-ctk", "ik_llama-ctk",
                    "ik_llama--api-key-file", "llama.cpp-ngl"):
         assert needed in seen, needed
 
@@ -137,6 +137,7 @@ MATRIX = {
         ("cuda-bf16", "rtx-4090", DENSE, {"kv_cache": "bf16"}),
         ("pascal", "tesla-p40", DENSE, {"kv_cache": "q8_0"}),
         ("moe-cpu-experts-mtp", "rtx-4060", MOE, {"speculative": {"method": "mtp", "tokens": 2}}),
+        ("moe-all-experts-cpu", "rtx-4060", "/m/Acme-Moe-35B-A3B-Q4_K_M.gguf", {"context": 8192}),
         ("draft", "rtx-3090", DENSE, {"speculative": {"method": "draft", "draft_model": "/m/Qwen3-0.6B-Q8_0.gguf"}}),
         ("eagle3", "rtx-3090", DENSE, {"speculative": {"method": "eagle3", "draft_model": "/m/eagle3.gguf"}}),
         ("ngram", "rtx-3090", DENSE, {"speculative": {"method": "ngram"}}),

@@ -14,7 +14,8 @@ def test_plan_json_has_reasons(orchestrate) -> None:
     server = data["servers"][0]
     assert server["engine"] == "llama.cpp" and server["engine_version"] == "b11434"
     flags = {f["name"]: f for f in server["flags"]}
-    assert flags["-cmoe"]["reason"] and flags["-fa"]["value"] == "on"
+    moe = flags.get("-ncmoe") or flags["-cmoe"]
+    assert moe["reason"] and flags["-fa"]["value"] == "on"
     assert any("speculative decoding while weights sit on the CPU" in w for w in server["warnings"])
     assert server["argv"][0] == "llama-server"
 

@@ -108,8 +108,10 @@ def test_verdicts_and_offload_from_real_tensor_sizes(tmp_path: Path) -> None:
 
 
 def test_name_estimate_offloads_moe_experts_on_a_small_gpu(tmp_path: Path) -> None:
-    profile = _profile(tmp_path, "rtx-4060", Path("/m/Qwen3.6-35B-A3B-UD-Q4_K_XL.gguf"), context=8192)
+    # not in the model catalog: facts come from the name alone
+    profile = _profile(tmp_path, "rtx-4060", Path("/m/Acme-Moe-35B-A3B-Q4_K_M.gguf"), context=8192)
     sp = build_plan(load(profile), detect=False).servers[0]
+    assert sp.estimate["source"] == "name estimate"
     assert sp.estimate["verdict"] == "fits with offload" and sp.estimate["host_bytes"] > 15 * 2**30
     assert any(f.name == "-cmoe" for f in sp.flags)
 
