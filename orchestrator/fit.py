@@ -228,6 +228,9 @@ def estimate_gguf(facts: ModelFacts, engine: str, context: int, parallel: int, k
     source = _source(facts)
     notes = [*facts.notes, *([] if have_shape else
                              ["layer/head counts unknown (no model file): KV cache and compute not counted"])]
+    if not on_cpu and have_shape:
+        notes.append("compute buffers follow the formulas measured on CPU builds; GPU backends may need more "
+                     "(0.3-1.5 GiB published for <= 32k context), which the 1 GiB fit margin absorbs")
     if device_bytes is None:
         verdict = "unknown"
     elif device_total + (0 if on_cpu else FIT_MARGIN_BYTES) <= device_bytes:
