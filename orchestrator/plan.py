@@ -103,6 +103,7 @@ class ServerPlan:
     notes: list[str] = field(default_factory=list)
     estimate: dict[str, Any] = field(default_factory=dict)
     executable: str = ""               # what up will run and how it was found ("" when not looked up)
+    engine_version_source: str = ""    # how engine_version was determined
 
     def args(self, container: bool = False) -> list[str]:
         out: list[str] = []

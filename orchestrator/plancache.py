@@ -59,6 +59,9 @@ def _inputs(plan: Plan) -> dict[str, Any]:
     for s in plan.servers:
         if not s.model_is_hf:
             files[s.model_location] = _stat(s.model_location)
+        binary = s.executable.split(" (", 1)[0]
+        if binary.startswith("/"):  # the plan targets this build's version and --help: re-plan if it changes
+            files[binary] = _stat(binary)
     return files
 
 

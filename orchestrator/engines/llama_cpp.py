@@ -5,6 +5,7 @@ ik_llama.cpp shares most of these (see ik_llama.py); the rules that differ say s
 
 from __future__ import annotations
 
+from ..engineversion import explain_missing, supports
 from ..plan import Flag
 from .base import Ctx, Rule, api_key_env, bind_host, port, user_args
 
@@ -91,9 +92,17 @@ def speculative(ctx: Ctx) -> list[Flag] | None:
     spec_type = ctx.caps["spec_types"][sp.method]
     n = str(sp.tokens)
     out: list[Flag] = []
+    typed = ctx.version is None or supports(ctx.caps, ctx.version, "--spec-type", spec_type) is not False
+    if not typed and sp.method != "draft":
+        assert ctx.version is not None
+        ctx.error(("speculative", "method"), explain_missing(ctx.caps, ctx.version, "--spec-type", spec_type),
+                  f"install a newer build (orchestrate engines install {ctx.engine}) or use method draft or ngram")
+        return None
     if ctx.draft_arg:
-        out.append(Flag("-md", ctx.draft_arg, f"{sp.method} draft model from the profile",
-                        container_value=ctx.draft_container))
+        why = f"{sp.method} draft model from the profile"
+        if not typed:
+            why += f"; this build ({ctx.version.version if ctx.version else ''}) drafts with it without --spec-type"
+        out.append(Flag("-md", ctx.draft_arg, why, container_value=ctx.draft_container))
         if ctx.offload.mode != "cpu":
             out.append(Flag("-ngld", "all", "keep the draft model on the GPU: it runs every step"))
     why = {
@@ -102,10 +111,21 @@ def speculative(ctx: Ctx) -> list[Flag] | None:
         "mtp": "the model's own multi-token-prediction (NextN) layers draft tokens",
         "ngram": "drafts from n-grams already in the context (no extra model); pays off on repetitive text",
     }[sp.method]
-    out.append(Flag("--spec-type", spec_type, why))
+    if typed:
+        out.append(Flag("--spec-type", spec_type, why))
     if sp.method != "ngram":
         out.append(Flag("--spec-draft-n-max", n, f"up to {n} draft tokens per step (profile speculative.tokens)"))
     return out
+
+
+def fit_off(ctx: Ctx) -> Flag | None:
+    """--fit (on by default in every build from b9093) re-decides -ngl, -c and tensor placement when
+    they are left at their defaults. The plan sets them from its own estimate, so pin it off: the same
+    profile then places the same layers on builds with and without --fit, and with future defaults."""
+    if ctx.on_cpu or (ctx.version is not None and supports(ctx.caps, ctx.version, "--fit") is False):
+        return None
+    return Flag("--fit", "off", "the plan places layers and experts from its own memory estimate (see memory); "
+                "--fit defaults to on in newer builds, so it is pinned off to keep that placement on every build")
 
 
 def prompt_cache(ctx: Ctx) -> Flag | None:
@@ -120,6 +140,6 @@ def metrics(ctx: Ctx) -> Flag:
 
 
 RULES: list[Rule] = [
-    model, alias, bind_host, port, api_key_env, context, slots, threads, gpu_layers, moe_offload,
+    model, alias, bind_host, port, api_key_env, context, slots, threads, gpu_layers, moe_offload, fit_off,
     flash_attention, kv_types, speculative, prompt_cache, metrics, user_args,
 ]

@@ -3,4 +3,4 @@
 # deployment: p40-qwen3; one server per line, start each in its own terminal or under a supervisor.
 
 # qwen: llama.cpp b11434
-llama-server -m /models/Qwen3-32B-Q4_K_M.gguf -a qwen3-32b --host 127.0.0.1 --port 8080 -c 16384 -np 1 -ngl all -fa on -ctk q8_0 -ctv q8_0 --cache-reuse 256 --metrics
+llama-server -m /models/Qwen3-32B-Q4_K_M.gguf -a qwen3-32b --host 127.0.0.1 --port 8080 -c 16384 -np 1 -ngl all --fit off -fa on -ctk q8_0 -ctv q8_0 --cache-reuse 256 --metrics
