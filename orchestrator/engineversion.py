@@ -54,8 +54,9 @@ def help_options(text: str) -> frozenset[str]:
     out: set[str] = set()
     for line in text.splitlines():
         stripped = line.lstrip()
-        if not stripped.startswith("-"):
-            continue
+        if not stripped.startswith("-") or len(line) - len(stripped) >= 20:
+            continue  # descriptions continue on deeply indented lines
+        stripped = re.sub(r",\s+", ", ", stripped)  # "-fa,   --flash-attn": one option list
         head, _, desc = (re.split(r"(\s{2,})", stripped, maxsplit=1) + ["", ""])[:3]
         if "has been removed" in desc:
             continue  # listed only to say so: llama.cpp rejects these
@@ -104,6 +105,50 @@ def probe(engine: str, binary: str) -> EngineVersion | None:
                          str(binary))
 
 
+_REJECTED = ("invalid argument", "unknown argument", "error while handling argument", "has been removed",
+             "error: unknown", "unrecognized", "unknown speculative decoding type")
+_PARSED = ("failed to load model", "error loading model", "failed to open", "no such file")
+
+
+def parser_accepts(binary: str, flag: str, value: str | None) -> bool | None:
+    """Ask the build's own argument parser: run it with this one option and a model file that does
+    not exist. 'failed to load model' means every argument parsed; an unknown-argument error means
+    it did not. Cached per binary. For options its --help does not list (CPU builds of ik_llama.cpp
+    hide the GPU offload options their parser still takes)."""
+    import socket
+    import tempfile
+
+    path = Path(binary)
+    try:
+        st = path.resolve().stat()
+    except OSError:
+        return None
+    stamp = f"{PROBE_FORMAT}|parse|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{flag}|{value}"
+    cache = _cache_dir() / (hashlib.sha256(stamp.encode()).hexdigest()[:32] + ".json")
+    try:
+        return bool(json.loads(cache.read_text())["accepted"])
+    except (OSError, ValueError, KeyError):
+        pass
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = [str(path), "-m", os.path.join(tmp, "absent.gguf"), "--port", port, flag, *([value] if value else [])]
+        try:
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=tmp)
+        except (OSError, subprocess.SubprocessError):
+            return None
+    out = (p.stdout + p.stderr).lower()
+    verdict = False if any(m in out for m in _REJECTED) else (True if any(m in out for m in _PARSED) else None)
+    if verdict is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps({"accepted": verdict}))
+        except OSError:
+            pass
+    return verdict
+
+
 def order_key(engine: str, version: str, caps: dict[str, Any]) -> tuple[int, ...] | None:
     """A comparable key: llama.cpp build number; ik_llama.cpp commit date (known commits or a
     YYYY-MM-DD version); vLLM/SGLang release numbers. None when the version cannot be placed."""
@@ -139,7 +184,7 @@ def supports(caps: dict[str, Any], target: EngineVersion, flag: str, value: str 
     entry = history(caps, flag, value)
     if target.flags is not None:
         if flag not in target.flags:
-            return False
+            return bool(target.binary and parser_accepts(target.binary, flag, value))
         if entry is None or not entry.get("value"):
             return True
         if entry.get("help_lists_values"):

@@ -506,12 +506,16 @@ def check_flags_known(ctx: Ctx, flags: list[Any]) -> None:
     if target is None:
         return
     verified = str(caps["verified_version"])
-    for f in flags:
-        if not f.name or not f.name.startswith("-"):
-            continue
-        if engineversion.supports(caps, target, f.name) is False:
+    options = [(f.name, f.value) for f in flags if f.name.startswith("-")]
+    extra = list(ctx.server.extra_args)
+    for i, arg in enumerate(extra):  # extra_args too: a typo there fails the same way at start-up
+        if arg.startswith("-") and not arg.lstrip("-").replace(".", "").isdigit():
+            nxt = extra[i + 1] if i + 1 < len(extra) and not extra[i + 1].startswith("-") else None
+            options.append((arg, nxt))
+    for name, value in options:
+        if engineversion.supports(caps, target, name, value) is False:
             ctx.error(("engine_version",) if ctx.server.engine_version else ("engine",),
-                      engineversion.explain_missing(caps, target, f.name),
+                      engineversion.explain_missing(caps, target, name, value),
                       f"install {caps['display']} {verified} (orchestrate engines install {ctx.engine}), pin "
                       "engine_version, or drop the setting that needs it")
     if target.version != verified:

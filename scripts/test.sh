@@ -9,6 +9,8 @@ EXTRAS="[test]" . "$(dirname "$0")/setup.sh"
 
 python -m orchestrator engines install llama.cpp
 python -m orchestrator engines install ik_llama
+# An older llama.cpp whose syntax differs (no draft-mtp/draft-eagle3 spec types): the version contract tests.
+python -m orchestrator engines install llama.cpp --version b9093
 
 ruff check orchestrator tests benchmarks
 mypy
