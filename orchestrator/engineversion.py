@@ -132,8 +132,8 @@ def parser_accepts(binary: str, flag: str, value: str | None) -> bool | None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
-    out = ""
-    for _ in range(3):  # some builds now and then exit without a word when the model is missing
+    verdict: bool | None = None
+    for _ in range(8):  # some builds now and then exit before their asynchronous log is flushed: ask again
         with tempfile.TemporaryDirectory() as tmp:
             argv = [str(path), "-m", os.path.join(tmp, "absent.gguf"), "--port", port, flag, *([value] if value else [])]
             try:
@@ -141,9 +141,9 @@ def parser_accepts(binary: str, flag: str, value: str | None) -> bool | None:
             except (OSError, subprocess.SubprocessError):
                 return None
         out = (p.stdout + p.stderr).lower()
-        if out.strip():
+        verdict = False if any(m in out for m in _REJECTED) else (True if any(m in out for m in _PARSED) else None)
+        if verdict is not None:
             break
-    verdict = False if any(m in out for m in _REJECTED) else (True if any(m in out for m in _PARSED) else None)
     if verdict is not None:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)

@@ -50,18 +50,16 @@ def parse_check(binary: Path, args: list[str]) -> tuple[str, str]:
     """Run llama-server on args; return ('parsed'|'rejected'|'unclear', output)."""
     import tempfile
 
-    out = ""
-    for _ in range(3):  # b9093 now and then exits 1 without a word when the model is missing: run again
+    verdict, out = "unclear", ""
+    for _ in range(8):  # b9093 now and then exits 1 before its (asynchronous) log is flushed: run it again
         with tempfile.TemporaryDirectory() as cwd:  # ik_llama.cpp writes llama.log into its working directory
             p = subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=60, cwd=cwd)
         out = (p.stdout + p.stderr).lower()
-        if out.strip():
-            break
-    if any(m in out for m in REJECTED):
-        return "rejected", out
-    if any(m in out for m in PARSED):
-        return "parsed", out
-    return "unclear", out
+        if any(m in out for m in REJECTED):
+            return "rejected", out
+        if any(m in out for m in PARSED):
+            return "parsed", out
+    return verdict, out
 
 
 def rendered_args(profile: Path, tmp_path: Path, engine_filter: str) -> list[tuple[str, list[str]]]:
