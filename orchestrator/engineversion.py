@@ -85,12 +85,14 @@ def probe(engine: str, binary: str) -> EngineVersion | None:
     except (OSError, ValueError):
         pass
     if data is None:
-        try:
-            ver = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=30)
-            hlp = subprocess.run([str(path), "--help"], capture_output=True, text=True, timeout=30)
+        try:  # a llama-server answers both at once; anything slower is not one to trust
+            ver = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=10)
+            hlp = subprocess.run([str(path), "--help"], capture_output=True, text=True, timeout=10)
+            data = {"version": parse_version(engine, ver.stdout + ver.stderr), "help": hlp.stdout + hlp.stderr}
+        except subprocess.TimeoutExpired:
+            data = {"version": None, "help": ""}  # remembered: do not wait again for this binary
         except (OSError, subprocess.SubprocessError):
             return None
-        data = {"version": parse_version(engine, ver.stdout + ver.stderr), "help": hlp.stdout + hlp.stderr}
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(f".{os.getpid()}.tmp")

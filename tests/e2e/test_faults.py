@@ -46,13 +46,23 @@ def failed(result: subprocess.CompletedProcess[str]) -> dict[str, object]:
 
 @pytest.mark.engines
 def test_argument_rejected_by_engine(env, gemma: Path, built_engines: None) -> None:
-    profile = env.profile("badarg", model={"path": str(gemma)}, extra_args=["--no-such-flag-xyz"])
+    # An option the build knows with a value it refuses: the --help check before start lets it
+    # through, the engine rejects it at start-up (an unknown option never gets that far).
+    profile = env.profile("badarg", model={"path": str(gemma)}, extra_args=["-fa", "sometimes"])
     t0 = time.monotonic()
     r = failed(env.run("up", str(profile), "--json"))
     assert r["cause"] == "bad_flag" and "exited with code" in r["detail"]
     assert time.monotonic() - t0 < 20
-    assert any("no-such-flag-xyz" in line for line in r["log_tail"])
-    assert env.records("badarg") == {} and no_process_with("--no-such-flag-xyz")
+    assert any("sometimes" in line for line in r["log_tail"])
+    assert env.records("badarg") == {} and no_process_with("sometimes")
+
+
+@pytest.mark.engines
+def test_unknown_option_stops_up_before_anything_starts(env, gemma: Path, built_engines: None) -> None:
+    profile = env.profile("unknownopt", model={"path": str(gemma)}, extra_args=["--no-such-flag-xyz"])
+    r = env.run("up", str(profile))
+    assert r.returncode != 0 and "does not take --no-such-flag-xyz" in r.stderr
+    assert env.records("unknownopt") == {} and no_process_with("--no-such-flag-xyz")
 
 
 def test_missing_model_file(env) -> None:
