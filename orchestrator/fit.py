@@ -200,8 +200,9 @@ def suggest(facts: ModelFacts, engine: str, context: int, parallel: int, kv: str
 
 
 def estimate_hf(facts: ModelFacts, context: int, parallel: int, kv: str, device_bytes: int | None,
-                gpu_count: int, fraction: float) -> FitEstimate:
-    """vLLM/SGLang: weights + KV for context x parallel + activations within fraction x VRAM."""
+                gpu_count: int, fraction: float, on_cpu: bool = False) -> FitEstimate:
+    """vLLM/SGLang: weights + KV for context x parallel + activations within fraction x VRAM (on CPU: RAM,
+    where vLLM's KV cache is sized for context x parallel instead of a memory fraction)."""
     weights = facts.size_bytes or 0
     meta = facts.metadata
     dtype_bytes = 1.0 if kv.startswith("fp8") else 2.0
@@ -210,12 +211,13 @@ def estimate_hf(facts: ModelFacts, context: int, parallel: int, kv: str, device_
     kv_b = int(n_layers * per_token * context * parallel)
     activations = int(1.5 * GIB) * max(gpu_count, 1)
     total = weights + kv_b + activations
-    budget = int(device_bytes * fraction) if device_bytes else None
+    budget = (device_bytes if on_cpu else int(device_bytes * fraction)) if device_bytes else None
     verdict = "unknown" if budget is None else ("fits" if total <= budget else "does not fit")
-    notes = [f"vLLM/SGLang reserve {fraction:.2f} of GPU memory; the KV pool is what remains after weights"]
+    notes = ([] if on_cpu else
+             [f"vLLM/SGLang reserve {fraction:.2f} of GPU memory; the KV pool is what remains after weights"])
     if not n_layers:
         notes.append("layer/head counts unknown (no config.json): KV cache not counted")
-    est = FitEstimate(weights, kv_b, activations, 0, total, budget, "GPU", verdict, "", 0,
+    est = FitEstimate(weights, kv_b, activations, 0, total, budget, "CPU" if on_cpu else "GPU", verdict, "", 0,
                       "name estimate" if facts.size_is_estimate else "file", notes=notes)
     if verdict == "does not fit" and n_layers:
         est.changes = [c for c in (
