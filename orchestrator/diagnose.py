@@ -8,7 +8,7 @@ from dataclasses import dataclass
 # (class, pattern, hint) — first match wins, so the most specific patterns come first.
 PATTERNS: list[tuple[str, str, str]] = [
     ("bad_flag", r"invalid argument|unknown argument|unrecognized arguments|error while handling argument|"
-                 r"has been removed|failed to parse arguments",
+                 r"has been removed|failed to parse arguments|error: ambiguous option|error: argument --",
      "the engine rejected an argument: check extra_args and that the installed engine is the version the plan "
      "targets (orchestrate plan names it; orchestrate engines list shows what is installed)"),
     ("gpu_oom", r"cudamalloc failed: out of memory|cuda out of memory|unable to allocate cuda\d* buffer|"

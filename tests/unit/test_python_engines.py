@@ -148,7 +148,11 @@ def test_settings_stage_knows_vllm_and_sglang_context(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("line,cause", [
-    ("api_server.py: error: unrecognized arguments: --device cpu", "bad_flag"),
+    ("api_server.py: error: unrecognized arguments: --devices cpu", "bad_flag"),
+    # vLLM 0.32.0 on --device (removed): argparse prefix matching finds two longer flags
+    ("api_server.py: error: ambiguous option: --device could match --device-ids, --device-memory-utilization",
+     "bad_flag"),
+    ("api_server.py: error: argument --kv-cache-dtype: invalid choice: 'q8_0'", "bad_flag"),
     ("ModuleNotFoundError: No module named 'vllm'", "engine_missing"),
     ("ValueError: Available memory on node 0 (1.2/23 GiB) on kv cache allocation is less than requested memory "
      "for kv (64 GiB).", "kv_cache_oom"),
