@@ -30,16 +30,18 @@ import yaml
 
 from orchestrator import catalog
 from orchestrator.catalog import Gpu
+from orchestrator.deploy import Deployer
 from orchestrator.errors import ProfileError
 from orchestrator.planner import gather_facts, plan
 from orchestrator.profile import Server, expand_path, load, load_text
+from orchestrator.runtime.state import StateStore
 
 pytestmark = pytest.mark.engine_env
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 PROFILES = sorted([*ROOT.glob("profiles/*.yaml"), *ROOT.glob("examples/*.yaml")])
-API_KEY = "sk-contract-7Hq2"
+API_KEY = "sk-contract: #7Hq2 'x'"     # YAML-special characters: the config file must quote them
 MIB = 2**20
 
 FEATURES: dict[str, dict[str, Any]] = {
@@ -101,15 +103,6 @@ class Case:
     refused: str | None = None       # the planner refused the profile (expected for some features)
 
 
-def _swap_config(argv: list[str], config: Path) -> list[str]:
-    """SGLang reads its key from the --config file the runtime writes; write one for the parser."""
-    if "--config" not in argv:
-        return argv
-    out = list(argv)
-    out[out.index("--config") + 1] = str(config)
-    return out
-
-
 def _plan_cases(label: str, engine: str, source: Path | str, tmp: Path, environ: dict[str, str]) -> list[Case]:
     """source: a profile file, or profile YAML text."""
     loaded = load(source) if isinstance(source, Path) else load_text(source, f"{label}.yaml")
@@ -128,10 +121,8 @@ def _plan_cases(label: str, engine: str, source: Path | str, tmp: Path, environ:
             continue
         name = label if len(p.servers) == 1 else f"{label}/{sp.name}"
         argv = sp.args()
-        if engine == "sglang" and sp.api_key:
-            cfg = tmp / f"{len(out)}-{sp.name}.yaml"
-            cfg.write_text(f"api-key: {API_KEY}\n")
-            argv = _swap_config(argv, cfg)
+        if sp.api_key:   # SGLang reads the key from the --config file: written here by the runtime's own code
+            Deployer(StateStore(tmp / "state")).write_secret_files(sp, API_KEY)
         out.append(Case(name, engine, gpu, server, sp.gpu_count, sharing, argv,
                         {e.name: (e.from_env or e.value) for e in sp.env}))
     return out
