@@ -91,7 +91,8 @@ def test_vllm_up_chat_stream_status_down(env, vllm_env, tiny_llama: Path) -> Non
         if path.is_file():
             assert secret not in path.read_text(errors="replace"), path
 
-    down = env.run("down", str(profile))
+    # vLLM needs ~2-3 s to shut its engine core and workers down cleanly: give it the default grace.
+    down = env.run("down", str(profile), env={"ORCHESTRATOR_STOP_GRACE": "10"})
     assert down.returncode == 0 and "stopped" in down.stdout, down.stdout + down.stderr
     left = [p for p in tree if not gone(p)]
     assert not left, f"still running after down: {[(p.pid, p.name()) for p in left]}"
