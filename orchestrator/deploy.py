@@ -120,11 +120,15 @@ class Deployer:
                                 Diagnosis("model_corrupt", "the file is not a GGUF model: download it again", None))
 
     def resolve_binary(self, sp: ServerPlan) -> str:
-        found, how = provision.locate(sp.engine, sp.accelerator, sp.command[0], sp.binary)
-        if found is not None:
-            if not os.access(found, os.X_OK):
-                raise ServerFailure("preflight", f"{found} ({how}) is not an executable file")
-            return found
+        found = provision.locate(sp.engine, sp.accelerator, sp.command[0], sp.binary)
+        if found.path is not None and not found.usable:
+            raise ServerFailure("preflight", f"cannot run {sp.engine_display}: {found.how}",
+                                Diagnosis("engine_missing", "point binary: at the Python of a venv that has "
+                                          f"{sp.engine_display} {sp.engine_version}", None))
+        if found.path is not None:
+            if not os.access(found.path, os.X_OK):
+                raise ServerFailure("preflight", f"{found.path} ({found.how}) is not an executable file")
+            return found.path
         if sp.engine in provision.SOURCES and provision.backend_for(sp.accelerator) == "cpu":
             self.progress(sp.name, "engine", f"building {sp.engine_display} {sp.engine_version} for CPU "
                           "(first time only, several minutes)")
@@ -133,9 +137,11 @@ class Deployer:
             except provision.ProvisionError as exc:
                 raise ServerFailure("preflight", str(exc)) from None
             return str(inst.binary())
-        raise ServerFailure("preflight", f"no {sp.engine_display} executable: {how}",
-                            Diagnosis("engine_missing", how if "install" in how else
-                                      f"install {sp.engine_display} or set binary: in the profile", None))
+        fix = found.how.removeprefix("not installed: ")
+        if "install" not in fix:
+            fix = f"install {sp.engine_display} {sp.engine_version} or set binary: in the profile"
+        raise ServerFailure("preflight", f"{sp.engine_display} {sp.engine_version} is not installed",
+                            Diagnosis("engine_missing", fix, None))
 
     def api_key(self, sp: ServerPlan) -> str | None:
         if sp.api_key is None:
@@ -218,7 +224,7 @@ class Deployer:
                                  Diagnosis("port_in_use", f"stop {owner} or change port: in the profile", None)),
                                  None, log_path, url)
         self.write_secret_files(sp, key)
-        argv = [binary, *sp.args()]
+        argv = [binary, *sp.command[1:], *sp.args()]   # command[0] is what resolve_binary located
         self.progress(sp.name, "start", " ".join(argv[:1]))
         proc = process.spawn(argv, log_path, self.process_env(sp))
         ctime = process.create_time(proc.pid) or time.time()

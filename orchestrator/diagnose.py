@@ -8,7 +8,7 @@ from dataclasses import dataclass
 # (class, pattern, hint) — first match wins, so the most specific patterns come first.
 PATTERNS: list[tuple[str, str, str]] = [
     ("bad_flag", r"invalid argument|unknown argument|unrecognized arguments|error while handling argument|"
-                 r"has been removed|failed to parse arguments",
+                 r"has been removed|failed to parse arguments|error: ambiguous option|error: argument --",
      "the engine rejected an argument: check extra_args and that the installed engine is the version the plan "
      "targets (orchestrate plan names it; orchestrate engines list shows what is installed)"),
     ("gpu_oom", r"cudamalloc failed: out of memory|cuda out of memory|unable to allocate cuda\d* buffer|"
@@ -17,10 +17,14 @@ PATTERNS: list[tuple[str, str, str]] = [
      "offload: auto"),
     ("host_oom", r"std::bad_alloc|cannot allocate memory|killed process|failed to mmap|mmap failed",
      "not enough system memory: lower context/parallel, close other programs, or use a smaller quant"),
-    ("kv_cache_oom", r"no available memory for the cache blocks|insufficient.*kv cache",
+    ("kv_cache_oom", r"no available memory for the cache blocks|insufficient.*kv cache|"
+                     r"less than requested memory for kv|larger than the available kv cache memory",
      "the KV cache does not fit: lower context or parallel, or raise the memory fraction"),
     ("port_in_use", r"address already in use|couldn't bind http server socket|eaddrinuse|failed to bind",
      "another process holds the port: stop it or change port: in the profile"),
+    ("engine_missing", r"no module named '?(vllm|sglang)\b",
+     "the Python that runs the engine cannot import it: orchestrate engines install vllm (CPU), or point "
+     "binary: at the Python of a venv that has the engine"),
     ("model_corrupt", r"tensor .* data is not within the file bounds|failed to read magic|invalid magic|"
                       r"not a gguf file|corrupted|unexpectedly reached end of file|gguf_init_from_file",
      "the model file is truncated or not a GGUF file: download it again and compare its size/checksum"),

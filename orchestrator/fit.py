@@ -293,19 +293,33 @@ def hf_required_fraction(facts: ModelFacts, context: int, kv: str, device_bytes:
 
 
 def estimate_hf(facts: ModelFacts, context: int, parallel: int, kv: str, device_bytes: int | None,
-                gpu_count: int, fraction: float) -> FitEstimate:
-    """vLLM/SGLang take fraction x VRAM up front: weights and activations first, and whatever remains
-    becomes the KV pool. It must hold at least one sequence of `context` tokens; `parallel` sequences
-    of full length need `parallel` times that, and beyond the pool the engine queues requests."""
+                gpu_count: int, fraction: float, on_cpu: bool = False) -> FitEstimate:
+    """vLLM/SGLang on GPUs take fraction x VRAM up front: weights and activations first, and whatever
+    remains becomes the KV pool. It must hold at least one sequence of `context` tokens; `parallel`
+    sequences of full length need `parallel` times that, and beyond the pool the engine queues
+    requests. On CPU (RAM) vLLM's KV cache is sized for context x parallel instead."""
     weights = facts.size_bytes or 0
     one_seq = hf_kv_per_sequence(facts, context, kv)
     known = bool(_int(facts.metadata, "block_count"))
     activations = ACTIVATION_BYTES * max(gpu_count, 1)
-    budget = int(device_bytes * fraction) if device_bytes else None
-    notes = [*facts.notes, f"vLLM/SGLang take {fraction:.2f} of GPU memory up front; the KV pool is what remains "
-                           "after weights and activations"]
+    notes = list(facts.notes)
     if not known:
         notes.append("layer/head counts unknown (no config.json and not in the catalog): KV per sequence not counted")
+    if on_cpu:
+        kv_b = one_seq * parallel
+        total = weights + kv_b + activations
+        verdict = "unknown" if device_bytes is None else ("fits" if total <= device_bytes else "does not fit")
+        est = FitEstimate(weights, kv_b, activations, 0, total, device_bytes, "CPU", verdict, "", 0,
+                          _source(facts), notes=notes)
+        if verdict == "does not fit" and known:
+            est.changes = [c for c in (
+                Change(f"context: {context // 2}", kv_b // 2) if context >= 8192 else None,
+                Change(f"parallel: {max(1, parallel // 2)}", kv_b // 2) if parallel > 1 else None,
+            ) if c is not None]
+        return est
+    budget = int(device_bytes * fraction) if device_bytes else None
+    notes.append(f"vLLM/SGLang take {fraction:.2f} of GPU memory up front; the KV pool is what remains after "
+                 "weights and activations")
     if budget is None:
         kv_b, verdict = one_seq * parallel, "unknown"
     else:

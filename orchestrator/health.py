@@ -3,7 +3,8 @@ the wait at once, so a crash is reported in well under a second instead of after
 
 Stages: 1 process alive, 2 port accepting, 3 engine readiness endpoint, 4 /v1/models lists the
 served name, 5 a real 1-token completion (time to first token), 6 effective settings match the
-plan (llama.cpp/ik_llama /props: per-slot context and slot count).
+plan (llama.cpp/ik_llama /props: per-slot context and slot count; vLLM/SGLang /v1/models:
+max_model_len).
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ class Prober:
     def settings(self) -> StageResult:
         assert self.sp.health is not None
         if not self.sp.health.props_path:
-            return StageResult(READY, "no settings endpoint for this engine")
+            return self._models_settings()
         try:
             r = self.get(self.sp.health.props_path)
             props = r.json() if r.status_code == 200 else None
@@ -175,14 +176,41 @@ class Prober:
         return StageResult(READY, ", ".join(f"{k}={got[k]}" for k in want if got.get(k) is not None))
 
 
+    def _models_settings(self) -> StageResult:
+        """vLLM and SGLang list each model's max_model_len in /v1/models: it must be the planned context."""
+        assert self.sp.health is not None
+        want = planned_settings(self.sp).get("max_model_len")
+        if want is None:
+            return StageResult(READY, "no settings endpoint for this engine")
+        r = self._fetch(self.sp.health.models_path)
+        if isinstance(r, StageResult):
+            return StageResult(READY, f"settings unavailable ({r.detail}); skipped")
+        entry: dict[str, Any] = {}
+        try:
+            entry = next((m for m in r.json().get("data", []) if m.get("id") == self.sp.served_name), {})
+        except (ValueError, AttributeError):
+            pass
+        got = entry.get("max_model_len")
+        if got is None:
+            return StageResult(READY, "max_model_len not reported; skipped")
+        if got != want:
+            return StageResult(FAILED, f"effective settings differ from the plan: max_model_len is {got}, "
+                                       f"plan says {want}")
+        return StageResult(READY, f"max_model_len={got}")
+
+
 def planned_settings(sp: ServerPlan) -> dict[str, int]:
-    """Per-slot context and slot count the plan asked llama-server for."""
+    """Settings the plan asked for that the server reports back: llama-server's per-slot context and
+    slot count (/props), vLLM's and SGLang's max_model_len (/v1/models)."""
     values = {f.name: f.value for f in sp.flags}
     out: dict[str, int] = {}
     if values.get("-c") and values.get("-np"):
         slots = int(values["-np"] or 1)
         out["n_ctx"] = int(values["-c"] or 0) // slots
         out["total_slots"] = slots
+    context = values.get("--max-model-len") or values.get("--context-length")
+    if context and context.isdigit():
+        out["max_model_len"] = int(context)
     return out
 
 

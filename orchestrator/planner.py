@@ -30,6 +30,8 @@ ENGINE_MODULES: dict[str, ModuleType] = {"llama.cpp": llama_cpp, "ik_llama": ik_
 GGUF_ENGINES = ("llama.cpp", "ik_llama")
 RUNTIME_OVERHEAD_GIB = 1.5   # CUDA context (~0.5 GiB) + llama.cpp's 1 GiB fit margin, per GPU
 GIB = 2**30
+# vLLM / SGLang refuse a context beyond the model's max_position_embeddings unless this env var is 1.
+LONG_CONTEXT_ENV = {"vllm": "VLLM_ALLOW_LONG_MAX_MODEL_LEN", "sglang": "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"}
 
 
 @dataclass
@@ -132,12 +134,14 @@ def resolve_version(server: Server, engine: str, gpu: Gpu, look_up: bool = True)
     --version (process runtime), else the catalog's verified version."""
     caps = catalog.engine(engine)
     probed = None
-    if look_up and server.runtime == "process" and engine in GGUF_ENGINES:
+    if look_up and server.runtime == "process":
         from .provision import locate
 
-        path, _how = locate(engine, gpu.accelerator, caps["process_command"][0], server.binary)
-        if path:
-            probed = engineversion.probe(engine, path)
+        found = locate(engine, gpu.accelerator, caps["process_command"][0], server.binary)
+        if found.path and found.usable and engine in GGUF_ENGINES:
+            probed = engineversion.probe(engine, found.path)
+        elif found.path and found.usable and found.version:
+            probed = EngineVersion(engine, found.version, f"the {caps['display']} package {found.path} imports")
     if server.engine_version:
         if probed and probed.version == server.engine_version:
             return replace(probed, source=f"engine_version in the profile; {probed.source}")
@@ -232,7 +236,7 @@ def decide_offload(server: Server, engine: str, gpu: Gpu, gpu_count: int, facts:
                           "count is unknown: all layers requested on the GPU; the engine may fail to load")
 
 
-def health_timeout(server: Server, engine: str, facts: ModelFacts) -> tuple[int, str]:
+def health_timeout(server: Server, engine: str, facts: ModelFacts, on_cpu: bool = False) -> tuple[int, str]:
     if server.health.timeout != "auto":
         return int(server.health.timeout), "health.timeout from the profile"
     size = facts.size_gib or 8.0
@@ -240,7 +244,8 @@ def health_timeout(server: Server, engine: str, facts: ModelFacts) -> tuple[int,
         t = int(60 + 10 * size)
         return t, f"auto: 60 s + 10 s/GiB for {size:.1f} GiB of weights (load from disk and warm-up)"
     t = int(300 + 20 * size)
-    return t, f"auto: 300 s + 20 s/GiB for {size:.1f} GiB (weights, torch.compile and CUDA graph capture)"
+    work = "torch.compile and warm-up" if on_cpu else "torch.compile and CUDA graph capture"
+    return t, f"auto: 300 s + 20 s/GiB for {size:.1f} GiB (weights, {work})"
 
 
 def choose_image(server: Server, engine: str, gpu: Gpu, caps: dict[str, object]) -> tuple[str | None, str]:
@@ -319,6 +324,17 @@ def check_server(ctx: Ctx) -> None:
         want = "a .gguf file" if fmt == "hf" else "an HF-format directory (config.json + safetensors)"
         ctx.error(("model", "path" if s.model.path else "hf"), f"{disp} cannot load a {fmt.upper()} model",
                   f"give {want}, or choose an engine that reads {fmt.upper()}")
+    trained = ctx.facts.trained_context
+    if engine in LONG_CONTEXT_ENV and trained and s.context > trained:
+        allow = LONG_CONTEXT_ENV[engine]
+        if s.env.get(allow) == "1":
+            ctx.warnings.append(f"context {s.context} is beyond the model's trained {trained} tokens ({allow}=1): "
+                                "output past that depends on the model's RoPE scaling")
+        else:
+            ctx.error(("context",), f"context {s.context} is longer than the model's trained context ({trained} "
+                      f"tokens, config.json); {disp} refuses to start with it",
+                      f"use context: {trained} or less, or set env: {{{allow}: '1'}} if the model's RoPE scaling "
+                      "covers more")
     kv = ctx.kv_cache
     if kv not in ("f16",) and kv not in caps["kv_types"]:
         alt = "q8_0 (half of f16)" if engine in GGUF_ENGINES else "fp8 (half of bf16) or auto"
@@ -418,8 +434,9 @@ def _fit(server: Server, engine: str, facts: Facts, model: ModelFacts, gpu_count
                                  offload.mode, offload.layers, fa_on)
     fraction = next((float(f.value) for f in flags if f.name in ("--gpu-memory-utilization", "--mem-fraction-static")
                      and f.value), 0.9)
-    device = None if facts.gpu.is_cpu else int(facts.gpu.vram_gb * GIB) * max(gpu_count, 1)
-    return fit.estimate_hf(model, server.context, server.parallel, kv, device, gpu_count, fraction)
+    device = facts.host_ram_bytes if facts.gpu.is_cpu else int(facts.gpu.vram_gb * GIB) * max(gpu_count, 1)
+    return fit.estimate_hf(model, server.context, server.parallel, kv, device, gpu_count, fraction,
+                           on_cpu=facts.gpu.is_cpu)
 
 
 def plan_server(profile: Profile, index: int, facts: Facts) -> tuple[ServerPlan | None, list[Problem]]:
@@ -465,7 +482,7 @@ def plan_server(profile: Profile, index: int, facts: Facts) -> tuple[ServerPlan 
                           process_only=True))
     env += [EnvVar(k, v, "env from the profile") for k, v in sorted(server.env.items())]
     image, image_reason = choose_image(server, engine, facts.gpu, caps)
-    timeout, timeout_reason = health_timeout(server, engine, model)
+    timeout, timeout_reason = health_timeout(server, engine, model, facts.gpu.is_cpu)
     health = HealthSpec(caps["health_path"], caps["models_path"], caps.get("props_path"), caps.get("metrics_path"),
                         timeout, server.health.interval, timeout_reason)
     executable = ""
@@ -473,8 +490,14 @@ def plan_server(profile: Profile, index: int, facts: Facts) -> tuple[ServerPlan 
         from .provision import locate
 
         arch = facts.gpu.compute_capability.replace(".", "") if facts.gpu.compute_capability else facts.gpu.gfx_target
-        path, how = locate(engine, facts.gpu.accelerator, caps["process_command"][0], server.binary, arch)
-        executable = f"{path} ({how})" if path else how
+        found = locate(engine, facts.gpu.accelerator, caps["process_command"][0], server.binary, arch)
+        executable = found.describe()
+        if not found.usable:
+            ctx.warnings.append(f"`up` cannot start this server: {found.how}")
+        elif engine not in GGUF_ENGINES and found.version and found.version != caps["verified_version"]:
+            ctx.warnings.append(f"installed {caps['display']} is {found.version} ({found.path}); the flags are "
+                                f"verified against {caps['verified_version']}: check them with `orchestrate plan`, "
+                                f"or install {caps['verified_version']}")
     shm = "16g" if gpu_count > 1 else ("8g" if engine in ("vllm", "sglang") else None)
     estimate = _fit(server, engine, facts, model, gpu_count, kv, offload, fa_on, flags)
     sp = ServerPlan(

@@ -88,9 +88,12 @@ class Server(Strict):
     env: dict[str, str] = Field(default_factory=dict)
     extra_args: list[str] = Field(default_factory=list)
     health: Health = Health()
-    threads: int | None = Field(None, ge=1, le=1024, description="CPU threads (llama.cpp/ik_llama)")
-    binary: str | None = Field(None, description="Engine executable for the process runtime; default: the "
-                                                 "installed build for this backend, then PATH")
+    threads: int | None = Field(None, ge=1, le=1024, description="CPU threads (llama.cpp/ik_llama; vLLM on CPU: "
+                                                                 "OpenMP threads bound to cores 0..threads-1)")
+    binary: str | None = Field(None, description="Engine executable for the process runtime; for vLLM/SGLang the "
+                                                 "Python interpreter of the environment that has the engine. "
+                                                 "Default: the installed build or env for this backend, then PATH "
+                                                 "(vLLM/SGLang: orchestrate's own Python)")
 
     @field_validator("env")
     @classmethod

@@ -208,25 +208,65 @@ def backend_for(accelerator: str) -> str:
     return {"cuda": "cuda", "rocm": "rocm"}.get(accelerator, "cpu")
 
 
+@dataclass(frozen=True)
+class Located:
+    """The executable a server will run (for Python engines: the interpreter), and how it was found."""
+
+    path: str | None
+    how: str
+    version: str | None = None       # engine version, where known
+    usable: bool = True              # False: found, but it cannot run this engine (see how)
+
+    def describe(self) -> str:
+        return f"{self.path} ({self.how})" if self.path else self.how
+
+
 def locate(engine: str, accelerator: str, command: str, binary: str | None = None,
-           gpu_arch: str | None = None) -> tuple[str | None, str]:
-    """Which executable a server will run, without building anything: (path or None, how it was found)."""
+           gpu_arch: str | None = None) -> Located:
+    """Which executable a server will run, without building or installing anything."""
+    from . import catalog
+
+    module = catalog.engine(engine).get("python_module")
+    if module:
+        return _locate_python(engine, str(module), accelerator, binary)
     if binary:
-        return str(Path(binary).expanduser()), "binary: from the profile"
+        return Located(str(Path(binary).expanduser()), "binary: from the profile")
     if engine in SOURCES:
         backend = backend_for(accelerator)
         inst = installed(engine, backend)
         if inst is not None:
-            return str(inst.binary()), f"installed build {inst.engine} {inst.version} ({inst.backend})"
+            return Located(str(inst.binary()), f"installed build {inst.engine} {inst.version} ({inst.backend})",
+                           inst.version)
     found = shutil.which(command)
     if found:
-        return found, f"{command} on PATH (its version is not checked against the plan's)"
+        return Located(found, f"{command} on PATH (its version is not checked against the plan's)")
     if engine in SOURCES and backend_for(accelerator) == "cpu":
-        return None, f"not installed: up builds {engine} {SOURCES[engine]['version']} for CPU first"
+        return Located(None, f"not installed: up builds {engine} {SOURCES[engine]['version']} for CPU first")
     if engine in SOURCES:
-        return None, (f"not installed: orchestrate engines install {engine} --backend "
-                      f"{backend_for(accelerator)} --gpu-arch {gpu_arch or '<arch>'}")
-    return None, f"{command} not found on PATH"
+        return Located(None, f"not installed: orchestrate engines install {engine} --backend "
+                             f"{backend_for(accelerator)} --gpu-arch {gpu_arch or '<arch>'}")
+    return Located(None, f"{command} not found on PATH")
+
+
+def _locate_python(engine: str, module: str, accelerator: str, binary: str | None) -> Located:
+    """vLLM / SGLang: the Python interpreter that can import the engine, and the engine's version."""
+    from . import pyenvs
+
+    if binary:
+        path = str(Path(binary).expanduser())
+        found = pyenvs.probe(path, module)
+        if found.error or not found.found:
+            why = found.error or f"it cannot import {module}"
+            return Located(path, f"binary: from the profile, but {why}; binary: must name the Python "
+                                 f"interpreter of an environment with {module} installed", usable=False)
+        return Located(path, f"binary: from the profile ({found.distribution} {found.version})", found.version)
+    env = pyenvs.serving_env(engine, accelerator)
+    if env is not None:
+        return Located(env.python, f"installed env {env.distribution} {env.version}", env.version)
+    own = pyenvs.probe_self(module)
+    if own.found:
+        return Located(sys.executable, f"orchestrate's own Python ({own.distribution} {own.version})", own.version)
+    return Located(None, f"not installed: {pyenvs.install_hint(engine, accelerator)}")
 
 
 def list_installed() -> list[InstalledEngine]:

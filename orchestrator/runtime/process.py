@@ -65,35 +65,83 @@ def _reap(pid: int) -> None:
         pass
 
 
+def escaped_descendants(rec: ServerRecord) -> list[psutil.Process]:
+    """Descendants of the leader that left its process group (setsid/setpgid): a group signal misses them.
+    Only findable while the leader lives, so stop() collects them before signalling."""
+    if identity(rec) != "alive":
+        return []
+    try:
+        children = psutil.Process(rec.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    out = []
+    for child in children:
+        try:
+            if os.getpgid(child.pid) != rec.pgid and child.create_time() >= rec.create_time - 0.05:
+                out.append(child)
+        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+            continue
+    return out
+
+
+def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    out = []
+    for proc in procs:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc)
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
+def _signal(rec: ServerRecord, extra: list[psutil.Process], sig: signal.Signals) -> bool:
+    """Signal the group and the escaped descendants; False when nothing was there to signal."""
+    sent = False
+    try:
+        os.killpg(rec.pgid, sig)
+        sent = True
+    except ProcessLookupError:
+        pass
+    for proc in _alive(extra):
+        try:
+            proc.send_signal(sig)   # psutil checks the pid still belongs to the process it saw
+            sent = True
+        except psutil.NoSuchProcess:
+            continue
+    return sent
+
+
 def stop(rec: ServerRecord, grace: float = 10.0) -> str:
-    """SIGTERM the group, wait, SIGKILL; 'stopped' | 'forced' | 'not running' | 'stale'."""
+    """SIGTERM the group (and descendants that left it), wait, SIGKILL; 'stopped' | 'forced' | 'not running' |
+    'stale'."""
     state = identity(rec)
     if state == "stale":
         members = group_members(rec.pgid, rec.create_time) if rec.pgid != rec.pid else []
         if not members:
             return "stale"
+    extra = escaped_descendants(rec)
     members = group_members(rec.pgid, rec.create_time)
-    if not members:
+    if not members and not _alive(extra):
         _reap(rec.pid)
         return "not running"
-    try:
-        os.killpg(rec.pgid, signal.SIGTERM)
-    except ProcessLookupError:
+
+    def done() -> bool:
+        _reap(rec.pid)
+        return not group_members(rec.pgid, rec.create_time) and not _alive(extra)
+
+    if not _signal(rec, extra, signal.SIGTERM):
         return "not running"
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        _reap(rec.pid)
-        if not group_members(rec.pgid, rec.create_time):
+        if done():
             return "stopped"
         time.sleep(0.05)
-    try:
-        os.killpg(rec.pgid, signal.SIGKILL)
-    except ProcessLookupError:
+    if not _signal(rec, extra, signal.SIGKILL):
         return "stopped"
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        _reap(rec.pid)
-        if not group_members(rec.pgid, rec.create_time):
+        if done():
             return "forced"
         time.sleep(0.05)
     raise RuntimeError(f"process group {rec.pgid} survived SIGKILL")

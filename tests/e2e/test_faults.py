@@ -139,6 +139,19 @@ def test_sigterm_ignored_is_killed_after_grace(env) -> None:
     assert all(gone(pid) for pid in members)
 
 
+def test_down_stops_a_child_that_left_the_process_group(env) -> None:
+    """Engines spawn helpers (vLLM: engine core, workers); one that calls setsid escapes a group signal."""
+    profile = env.fake("detached", env={"FAKE_SPAWN_DETACHED": "1"})
+    assert env.run("up", str(profile)).returncode == 0
+    rec = env.records("detached")["s"]
+    children = psutil.Process(rec.pid).children(recursive=True)
+    escaped = [c for c in children if _pgid(c.pid) != rec.pgid]
+    assert escaped, "the fake should have a child outside its group"
+    down = env.run("down", "detached")
+    assert down.returncode == 0 and "stopped" in down.stdout
+    assert all(gone(c.pid) for c in children)
+
+
 def _pgid(pid: int) -> int | None:
     try:
         return os.getpgid(pid)

@@ -74,4 +74,6 @@ def test_engines_list_shows_builds(env) -> None:
     r = env.run("engines", "list", "--json")
     assert r.returncode == 0
     for row in json.loads(r.stdout):
-        assert row["engine"] in ("llama.cpp", "ik_llama") and row["version"]
+        assert row["engine"] in ("llama.cpp", "ik_llama", "vllm", "sglang") and row["version"]
+        if row["engine"] in ("vllm", "sglang"):   # Python engine environments
+            assert row["python"].endswith("/bin/python") and row["purpose"] in ("serve", "parser")

