@@ -211,6 +211,25 @@ def _served(s: Server) -> str:
     return s.model.served_name or Path(_model_path(s)).name
 
 
+def intended_fraction(c: Case, default: float) -> float:
+    """The engine's default share, split between servers on the same GPUs, or raised (to at most 0.95)
+    when weights + activations + one full-length sequence of KV need more (orchestrator.fit)."""
+    import math as _math
+
+    from orchestrator import fit
+    from orchestrator.modelinfo import gather
+
+    if c.gpu_servers > 1:
+        return round(default / c.gpu_servers, 2)
+    s = c.server
+    facts = gather(s.model.hf, is_hf=True) if s.model.hf else gather(_model_path(s))
+    device = int(c.gpu.vram_gb * fit.GIB) * max(c.gpu_count, 1)
+    need = fit.hf_required_fraction(facts, s.context, s.kv_cache, device, c.gpu_count)
+    if need is not None and default < need + 0.01 <= 0.95:
+        return _math.ceil((need + 0.01) * 100) / 100
+    return default
+
+
 def vllm_expected(c: Case, defaults: dict[str, Any]) -> dict[str, Any]:
     s, gpu = c.server, c.gpu
     exp: dict[str, Any] = {
@@ -221,7 +240,7 @@ def vllm_expected(c: Case, defaults: dict[str, Any]) -> dict[str, Any]:
         "attention_backend": "TRITON_ATTN" if gpu.vendor == "nvidia" and gpu.cc and gpu.cc < (8, 0) else None,
         "dtype": "float16" if not gpu.is_cpu and not gpu.bf16 else "auto",
         "gpu_memory_utilization": (defaults["gpu_memory_utilization"] if gpu.is_cpu
-                                   else round(0.90 / c.gpu_servers, 2)),
+                                   else intended_fraction(c, 0.90)),
     }
     if not gpu.is_cpu:
         exp["kv_cache_memory_bytes"] = None
@@ -303,7 +322,7 @@ def sglang_expected(c: Case, defaults: dict[str, Any]) -> dict[str, Any]:
     exp: dict[str, Any] = {
         "model_path": _model_path(s), "served_model_name": _served(s), "host": s.host, "port": s.port,
         "context_length": s.context, "max_running_requests": s.parallel, "tp_size": max(c.gpu_count, 1),
-        "mem_fraction_static": defaults["mem_fraction_static"] if gpu.is_cpu else round(0.85 / c.gpu_servers, 2),
+        "mem_fraction_static": defaults["mem_fraction_static"] if gpu.is_cpu else intended_fraction(c, 0.85),
         "attention_backend": "fa3" if gpu.cc and gpu.cc[0] == 9 else None,
         "kv_cache_dtype": SGLANG_KV[s.kv_cache], "disable_radix_cache": not s.prefix_cache,
         "enable_metrics": True, "api_key": API_KEY if s.api_key_env else None,
