@@ -291,14 +291,34 @@ def build(
     log: Callable[[str], None] = print,
     version: str | None = None,
 ) -> InstalledEngine:
-    """Build `engine` (at `version`, default the catalog's) for `backend` unless already installed."""
-    spec = source_spec(engine, version)
+    """Build `engine` (at `version`, default the catalog's) for `backend` unless already installed.
+    One build per install dir at a time: a second process waits for the first and uses its result."""
+    import fcntl
+
     have = installed(engine, backend, gpu_arch, version)
     if have is not None:
         return have
-    archive = source or fetch_source(engine, log, version)
     dest = install_dir(engine, backend, gpu_arch, version)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(dest.parent / f".{dest.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"another process is building {dest.name}: waiting for it")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        have = installed(engine, backend, gpu_arch, version)
+        if have is not None:
+            return have
+        return _build_locked(engine, backend, gpu_arch, source, portable, jobs, log, version, dest)
+    finally:
+        os.close(fd)
+
+
+def _build_locked(engine: str, backend: str, gpu_arch: str | None, source: Path | None, portable: bool,
+                  jobs: int | None, log: Callable[[str], None], version: str | None, dest: Path) -> InstalledEngine:
+    spec = source_spec(engine, version)
+    archive = source or fetch_source(engine, log, version)
     # A fixed build prefix keeps ccache hits across rebuilds.
     work = cache_root() / "build" / dest.name
     shutil.rmtree(work, ignore_errors=True)
