@@ -87,7 +87,7 @@ def dockerfile(inst: provision.InstalledEngine) -> str:
         f'LABEL org.opencontainers.image.title="{inst.engine} llama-server" '
         f'org.opencontainers.image.version="{inst.version}" orchestrator.backend="{inst.backend}" '
         f'orchestrator.source-sha256="{inst.source_sha256}"',
-        "ENV LLAMA_ARG_HOST=0.0.0.0 PATH=/bin:/app",
+        "ENV PATH=/bin:/app",
         f"USER {USER}",
         "WORKDIR /tmp",
         "EXPOSE 8080",

@@ -174,7 +174,7 @@ def _probe_cmd(s: ServerPlan, tool: str) -> list[str]:
     if tool == "curl":
         return ["CMD", "curl", "-fsS", "-o", "/dev/null", url]
     if tool == "wget":   # busybox wget in images built by `orchestrate engines image`
-        return ["CMD", "wget", "-q", "-T", "5", "-O", "/dev/null", url]
+        return ["CMD", "wget", "-q", "-O", "/dev/null", url]   # no -T: Debian's static busybox 1.35 segfaults with it; the healthcheck timeout bounds it
     code = f"import urllib.request; urllib.request.urlopen({url!r}, timeout=5)"
     return ["CMD", "python3", "-c", code]
 

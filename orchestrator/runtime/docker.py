@@ -9,6 +9,7 @@ an OrchestratorError: one line, with the fix.
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 import time
 from typing import Any
@@ -35,13 +36,19 @@ def client(timeout: int = 60) -> Any:
         from docker.errors import DockerException
     except ImportError:  # pragma: no cover - docker is a dependency
         raise OrchestratorError("the docker Python package is missing", "pip install docker") from None
+    where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
     try:
         c = docker.from_env(timeout=timeout)
         c.ping()
-    except DockerException as exc:
-        raise OrchestratorError(f"cannot reach the Docker daemon: {_first_line(exc)}", DAEMON_FIX) from None
-    except OSError as exc:
-        raise OrchestratorError(f"cannot reach the Docker daemon: {exc}", DAEMON_FIX) from None
+    except (DockerException, OSError) as exc:
+        text = str(exc)
+        why = ("no daemon socket there" if "FileNotFoundError" in text or "No such file" in text else
+               "connection refused" if "Connection refused" in text or "ConnectionRefused" in text else
+               "permission denied" if "Permission denied" in text or "PermissionError" in text else
+               _first_line(exc)[:160])
+        fix = ("add your user to the docker group (sudo usermod -aG docker $USER) and log in again"
+               if why == "permission denied" else DAEMON_FIX)
+        raise OrchestratorError(f"cannot reach the Docker daemon at {where}: {why}", fix) from None
     return c
 
 
@@ -101,7 +108,7 @@ def create_kwargs(name: str, sp: ServerPlan, env: dict[str, str], lbls: dict[str
         "command": [*cmd[1:], *sp.args(container=True)],
         "ports": {f"{sp.port}/tcp": (sp.host, sp.port)},
         "mounts": [Mount(m.container_path, m.host_path, type="bind", read_only=m.read_only) for m in sp.mounts],
-        "environment": env, "stop_signal": "SIGTERM", "stop_timeout": int(stop_grace),
+        "environment": env, "stop_signal": "SIGTERM",
         "restart_policy": {"Name": "no"},   # while starting; set to unless-stopped once healthy
         "log_config": {"Type": "json-file", "Config": {"max-size": "50m", "max-file": "2"}},
     }
