@@ -210,3 +210,30 @@ def _free_port() -> int:
     from tests.e2e.conftest import free_port
 
     return free_port()
+
+
+def test_missing_image_is_one_line_with_the_fix(env, gemma: Path, docker_client) -> None:
+    name = f"{PREFIX}noimage"
+    profile = env.profile(name, engine="llama.cpp", runtime="docker", image="localhost/orchestrator/nothing:here",
+                          model={"path": str(gemma)})
+    up = env.run("up", str(profile))
+    assert up.returncode == 1
+    lines = up.stderr.strip().splitlines()
+    assert len(lines) == 1, up.stderr
+    assert "image localhost/orchestrator/nothing:here is not on this machine" in lines[0]
+    assert "orchestrate engines image" in lines[0]
+    assert ours(docker_client, name) == []
+
+
+def test_orchestrate_compose_up_down(env, gemma: Path, images, docker_client, tmp_path: Path) -> None:
+    name = f"{PREFIX}cmdcompose"
+    profile = docker_profile(env, name, "llama.cpp", images, gemma)
+    up = env.run("compose", "up", str(profile), "--dir", str(tmp_path / "c"))
+    assert up.returncode == 0, up.stdout + up.stderr
+    [ct] = ours(docker_client, name)
+    assert ct.attrs["State"]["Health"]["Status"] == "healthy"
+    port = yaml.safe_load(profile.read_text())["servers"][0]["port"]
+    assert chat(port).status_code == 200
+    down = env.run("compose", "down", str(profile), "--dir", str(tmp_path / "c"))
+    assert down.returncode == 0, down.stderr
+    assert ours(docker_client, name) == []
