@@ -235,6 +235,11 @@ class Deployer:
         h = plan_hash(sp, binary)
         existing = self.store.load(plan.name).get(sp.name)
         restarted = False
+        if existing is not None and existing.runtime == "docker":
+            self.progress(sp.name, "restart", "runtime changed to process: removing the container")
+            restarted = self._stop_container(plan.name, sp.name, existing) == "stopped"
+            self.store.update(plan.name, None, sp.name)
+            existing = None
         if existing is not None:
             state = process.identity(existing)
             if state == "alive" and existing.plan_hash == h:
@@ -290,7 +295,8 @@ class Deployer:
         """A connected Docker client; None when not required and no daemon answers."""
         if self._docker_client is None:
             try:
-                self._docker_client = docker_rt.client()
+                # Optional looks (status, down of process servers) must not hang on a remote DOCKER_HOST.
+                self._docker_client = docker_rt.client(timeout=60 if required else 10)
             except OrchestratorError:
                 if required:
                     raise
