@@ -237,3 +237,17 @@ def test_orchestrate_compose_up_down(env, gemma: Path, images, docker_client, tm
     down = env.run("compose", "down", str(profile), "--dir", str(tmp_path / "c"))
     assert down.returncode == 0, down.stderr
     assert ours(docker_client, name) == []
+
+
+def test_gpu_server_without_nvidia_runtime_is_one_line(env, gemma: Path, images, docker_client) -> None:
+    """This daemon has no NVIDIA runtime: a CUDA server must stop before anything is created."""
+    if "nvidia" in (docker_client.info().get("Runtimes") or {}):
+        pytest.skip("this daemon has the NVIDIA runtime")
+    name = f"{PREFIX}nogpu"
+    profile = docker_profile(env, name, "llama.cpp", images, gemma)
+    profile.write_text(profile.read_text().replace("gpu: cpu", "gpu: rtx-3090"))
+    up = env.run("up", str(profile), "--ignore-fit")
+    assert up.returncode == 1
+    lines = up.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no NVIDIA container runtime" in lines[0] and "nvidia-ctk" in lines[0], up.stderr
+    assert ours(docker_client, name) == []
