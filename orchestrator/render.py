@@ -244,8 +244,11 @@ def compose_data(plan: Plan) -> dict[str, Any]:
         svc["init"] = True
         svc["restart"] = "unless-stopped"
         svc["stop_grace_period"] = f"{STOP_GRACE_S}s"
+        # The labels the docker runtime sets too: `orchestrate status` shows these containers.
         svc["labels"] = {"orchestrator.profile": plan.name, "orchestrator.server": s.name,
-                         "orchestrator.engine": f"{s.engine} {s.engine_version}"}
+                         "orchestrator.engine": f"{s.engine} {s.engine_version}", "orchestrator.host": s.host,
+                         "orchestrator.port": str(s.port), "orchestrator.health-path": s.health.ready_path,
+                         "orchestrator.served-name": _dollar(s.served_name)}
         services[s.name] = svc
     doc: dict[str, Any] = {"name": plan.name, "services": services}
     if secrets:

@@ -234,6 +234,8 @@ def test_orchestrate_compose_up_down(env, gemma: Path, images, docker_client, tm
     assert ct.attrs["State"]["Health"]["Status"] == "healthy"
     port = yaml.safe_load(profile.read_text())["servers"][0]["port"]
     assert chat(port).status_code == 200
+    st = [r for r in json.loads(env.run("status", "--json").stdout) if r["deployment"] == name]
+    assert [r["server"] for r in st] == ["s"] and st[0]["state"].startswith("healthy")   # found by its labels
     down = env.run("compose", "down", str(profile), "--dir", str(tmp_path / "c"))
     assert down.returncode == 0, down.stderr
     assert ours(docker_client, name) == []
