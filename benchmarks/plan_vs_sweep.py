@@ -130,10 +130,15 @@ def bench_flags(engine: str) -> dict[str, str]:
     wanted = {"-t": "-t", "--threads": "-t", "-b": "-b", "--batch-size": "-b", "-ub": "-ub", "--ubatch-size": "-ub",
               "-fa": "-fa", "--flash-attn": "-fa", "-ctk": "-ctk", "--cache-type-k": "-ctk", "-ctv": "-ctv",
               "--cache-type-v": "-ctv"}
-    out = {wanted[f.name]: f.value for f in sp.flags if f.name in wanted and f.value is not None}
-    if "-fa" in out:
-        out["-fa"] = {"on": "1", "off": "0", "auto": "1"}.get(out["-fa"], out["-fa"])
-    return out
+    return {wanted[f.name]: f.value for f in sp.flags if f.name in wanted and f.value is not None}
+
+
+def fa_syntax(binary: Path) -> dict[str, str]:
+    """llama-bench -fa takes on|off|auto in llama.cpp, 0|1 in ik_llama.cpp."""
+    text = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=30).stdout
+    if "on|off" in text:
+        return {"on": "on", "off": "off", "auto": "auto"}
+    return {"on": "1", "off": "0", "auto": "1"}
 
 
 def sweep_configs() -> list[dict[str, str]]:
@@ -144,20 +149,20 @@ def sweep_configs() -> list[dict[str, str]]:
     for t, (b, ub), fa, kv in itertools.product(threads, batches, ("0", "1"), ("f16", "q8_0")):
         if kv != "f16" and fa == "0":
             continue  # a quantized V cache needs FlashAttention
-        out.append({"-t": str(t), "-b": b, "-ub": ub, "-fa": fa, "-ctk": kv, "-ctv": kv})
+        out.append({"-t": str(t), "-b": b, "-ub": ub, "-fa": "on" if fa == "1" else "off", "-ctk": kv, "-ctv": kv})
     return out
 
 
 def full_config(flags: dict[str, str], default_threads: int) -> dict[str, str]:
     """llama-bench's own defaults filled in, so equal configurations compare equal."""
-    base = {"-t": str(default_threads), "-b": "2048", "-ub": "512", "-fa": "0", "-ctk": "f16", "-ctv": "f16"}
+    base = {"-t": str(default_threads), "-b": "2048", "-ub": "512", "-fa": "off", "-ctk": "f16", "-ctv": "f16"}
     return {**base, **flags}
 
 
-def run_llama_bench(binary: Path, model: Path, cfg: dict[str, str]) -> tuple[float, float]:
+def run_llama_bench(binary: Path, model: Path, cfg: dict[str, str], fa: dict[str, str]) -> tuple[float, float]:
     argv = [str(binary), "-m", str(model), "-p", str(PROMPT), "-n", str(GEN), "-r", "1", "-o", "json"]
     for k, v in cfg.items():
-        argv += [k, v]
+        argv += [k, fa[v] if k == "-fa" else v]
     p = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=tempfile.gettempdir())
     if p.returncode != 0:
         raise RuntimeError(f"llama-bench {' '.join(argv[1:])} failed: {p.stderr[-400:]}")
@@ -169,6 +174,7 @@ def run_llama_bench(binary: Path, model: Path, cfg: dict[str, str]) -> tuple[flo
 
 def part_b(model: Path, engine: str, rounds: int) -> dict[str, Any]:
     binary = provision.build(engine, "cpu").binary("llama-bench")
+    fa = fa_syntax(binary)
     threads = max(1, (os.cpu_count() or 2))
     planned = full_config(bench_flags(engine), threads)
     configs = [full_config(c, threads) for c in sweep_configs()]
@@ -183,7 +189,7 @@ def part_b(model: Path, engine: str, rounds: int) -> dict[str, Any]:
         rng.shuffle(order)
         for n, i in enumerate(order):
             print(f"  (b) {engine} round {r + 1}/{rounds}: config {n + 1}/{len(order)}", file=sys.stderr)
-            a, b = run_llama_bench(binary, model, configs[i])
+            a, b = run_llama_bench(binary, model, configs[i], fa)
             pp[key[i]].append(a)
             tg[key[i]].append(b)
     med_pp = {k: statistics.median(v) for k, v in pp.items()}

@@ -249,7 +249,6 @@ def stream_completion(t: Target, prompt: list[int] | str, max_tokens: int, timeo
             timings = msg.get("timings")
             if isinstance(timings, dict):
                 s.server = {k: float(v) for k, v in timings.items() if isinstance(v, int | float)}
-        end = time.perf_counter()
     except (OSError, http.client.HTTPException, ValueError) as exc:
         s.error = f"{type(exc).__name__}: {exc}"
         return s
@@ -265,7 +264,6 @@ def stream_completion(t: Target, prompt: list[int] | str, max_tokens: int, timeo
     if s.cached_tokens is None and "cache_n" in s.server:
         s.cached_tokens = int(s.server["cache_n"])
     s.ttft_s, s.total_s = first - t0, last - t0
-    del end
     s.ok = True
     return s
 
