@@ -177,7 +177,7 @@ def run_ppl(argv: list[str], cwd: str, timeout: float = 3600.0) -> PplRun:
                   perplexity=float(got["perplexity"] or 0.0), perplexity_error=_opt(got.get("perplexity_error")),
                   perplexity_base=_opt(got.get("perplexity_base")), kld_mean=_opt(got.get("kld_mean")),
                   kld_p99=_opt(got.get("kld_p99")), kld_max=_opt(got.get("kld_max")),
-                  top1_agreement=_opt(got.get("top1_agreement")), seconds=round(time.monotonic() - t0, 1),
+                  top1_agreement=_round(got.get("top1_agreement")), seconds=round(time.monotonic() - t0, 1),
                   argv=argv)
 
 
@@ -315,3 +315,7 @@ def retrieval_lengths(context: int) -> list[int]:
 
 def as_dicts(cells: list[RetrievalCell]) -> list[dict[str, Any]]:
     return [asdict(c) for c in cells]
+
+
+def _round(x: float | int | None) -> float | None:
+    return None if x is None else round(float(x), 7)
