@@ -577,6 +577,8 @@ def bytes_per_token(model_location: str, kv_cache: str, depth: int) -> tuple[int
     facts = gather(model_location)
     meta = facts.metadata
     total = int(meta.get("tensors.bytes") or 0)
+    if not total and facts.exists and facts.size_bytes and not facts.size_is_estimate:
+        total = facts.size_bytes          # safetensors checkpoint: the sum of its shards
     if not total:
         return None
     read = total
@@ -590,6 +592,9 @@ def bytes_per_token(model_location: str, kv_cache: str, depth: int) -> tuple[int
     if experts and n_exp and used:
         read -= experts - experts * used // n_exp
         parts.append(f"MoE: {used} of {n_exp} experts per token")
+    elif not experts and facts.is_moe and facts.params_b and facts.active_params_b:
+        read = int(read * facts.active_params_b / facts.params_b)
+        parts.append(f"MoE: {facts.active_params_b:g}B of {facts.params_b:g}B parameters active")
     kv = kv_cache_bytes(facts, "llama.cpp", depth, 1, kv_cache, n_ubatch=0)  # sliding-window layers: the window
     parts.append(f"KV of {depth} tokens {kv / 2**20:.1f} MiB ({kv_cache})")
     return read + kv, f"weights {read / 2**20:.0f} MiB + " + "; ".join(parts)

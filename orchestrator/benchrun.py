@@ -36,7 +36,7 @@ def target_for(plan: Plan, sp: ServerPlan, deployer: Deployer) -> bench.Target:
     kv = next((f.value for f in sp.flags if f.name in ("-ctk", "--cache-type-k", "--kv-cache-dtype") and f.value),
               "f16")
     return bench.Target(sp.name, rec.host, rec.port, sp.served_name, sp.engine, key, rec.pid,
-                        sp.model_location if sp.model_format == "gguf" else "",
+                        "" if sp.model_is_hf else sp.model_location,
                         "f16" if kv in ("auto", "bf16") else kv, bandwidth, sp.gpu_ids)
 
 

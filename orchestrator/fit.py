@@ -169,12 +169,13 @@ def kv_bytes_per_token_all(facts: ModelFacts, kv: str) -> float:
 
 
 def kv_cache_bytes(facts: ModelFacts, engine: str, n_ctx_seq: int, n_seq: int, kv: str,
-                   n_ubatch: int = N_UBATCH) -> int:
-    """KV cache for n_seq sequences of n_ctx_seq tokens, plus the recurrent state of hybrid models."""
+                   n_ubatch: int = N_UBATCH, swa_full: bool = False) -> int:
+    """KV cache for n_seq sequences of n_ctx_seq tokens, plus the recurrent state of hybrid models.
+    llama.cpp keeps only the window of sliding-window layers unless --swa-full (ik_llama keeps all)."""
     layers = attention_layers(facts)
     per_token = kv_bytes_per_token_all(facts, kv) / len(layers) if layers else 0.0
     n_swa = _int(facts.metadata, "attention.sliding_window")
-    swa = min(swa_layers(facts), len(layers)) if engine == "llama.cpp" else 0
+    swa = min(swa_layers(facts), len(layers)) if engine == "llama.cpp" and not swa_full else 0
     full = len(layers) - swa
     total = full * n_ctx_seq * n_seq * per_token
     if swa:
@@ -204,10 +205,10 @@ def compute_bytes(facts: ModelFacts, engine: str, n_ctx_seq: int, n_seq: int, fl
 
 def estimate_gguf(facts: ModelFacts, engine: str, context: int, parallel: int, kv: str, on_cpu: bool,
                   device_bytes: int | None, offload_mode: str, offload_layers: int | None,
-                  flash_attention: bool = True) -> FitEstimate:
+                  flash_attention: bool = True, swa_full: bool = False) -> FitEstimate:
     weights = facts.size_bytes or 0
     have_shape = bool(facts.metadata.get("block_count"))
-    kv_b = kv_cache_bytes(facts, engine, context, parallel, kv) if have_shape else 0
+    kv_b = kv_cache_bytes(facts, engine, context, parallel, kv, swa_full=swa_full) if have_shape else 0
     comp = compute_bytes(facts, engine, context, parallel, flash_attention) if have_shape else 0
     overhead = 0 if on_cpu else GPU_RUNTIME_BYTES
     host = 0

