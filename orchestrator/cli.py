@@ -112,12 +112,17 @@ def plan(profile: str, as_json: bool, ignore_fit: bool) -> None:
 
 
 def _quality_notes(p: Any) -> dict[str, str]:
-    """Saved `orchestrate eval` results that measured exactly these settings."""
-    from .bench import results_file
-    from .evalrun import quality_notes
+    """Saved `orchestrate eval` results that measured exactly these settings. Nothing heavy is
+    imported unless a results file exists (plan stays fast)."""
     from .runtime.state import default_state_dir
 
-    return quality_notes(p, results_file(default_state_dir(dict(os.environ))))
+    state = default_state_dir(dict(os.environ))
+    if not (Path(state) / "bench").is_dir():
+        return {}
+    from .bench import results_file
+    from .evalrun import quality_notes
+
+    return quality_notes(p, results_file(state))
 
 
 @main.command("fit")
