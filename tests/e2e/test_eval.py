@@ -1,6 +1,6 @@
 """orchestrate eval with real llama.cpp and ik_llama.cpp builds on the Gemma 3 270M GGUF.
 
-Small on purpose (512-token chunks, one chunk per measurement, one pass key per cell): the
+Small on purpose (one 512-token chunk, 255 scored tokens, per measurement, one pass key per cell): the
 figures in docs/quality.md come from the full-size runs described there."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def test_perplexity_is_stable_and_the_baseline_matches_itself(engine: str, env, 
                                                               built_engines: None) -> None:
     profile = env.profile(f"ppl-{_slug(engine)}", engine=engine, context=CTX,
                           model={"path": str(gemma), "served_name": "gemma"})
-    args = ["eval", str(profile), "--no-retrieval", "--baseline-kv", "f16", "--tokens", "256", "--json"]
+    args = ["eval", str(profile), "--no-retrieval", "--baseline-kv", "f16", "--tokens", "255", "--json"]
     first = env.run(*args)
     assert first.returncode == 0, first.stderr
     second = env.run(*args, "--save")
@@ -59,7 +59,7 @@ def test_matrix_orders_kv_types_and_measures_every_cell(engine: str, env, gemma:
     profile = env.profile(f"mx-{_slug(engine)}", engine=engine, context=CTX,
                           model={"path": str(gemma), "served_name": "gemma"})
     png = tmp_path / "matrix.png"
-    r = env.run("eval", str(profile), "--matrix", "--tokens", "256", "--trials", "1", "--json", "--plot", str(png))
+    r = env.run("eval", str(profile), "--matrix", "--tokens", "255", "--trials", "1", "--json", "--plot", str(png))
     assert r.returncode == 0, r.stderr
     rows = {x["kv_cache"]: x for x in json.loads(r.stdout)}
     assert sorted(rows) == ["f16", "q4_0", "q8_0"]
