@@ -143,21 +143,29 @@ def fit_cmd(profile: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("profile", type=click.Path(dir_okay=False))
-@click.option("--target", "-t", type=click.Choice(["command", "docker", "compose", "k8s"]), default="command",
+@click.option("--target", "-t", type=click.Choice(["command", "docker", "compose", "k8s", "llama-swap"]),
+              default="command",
               show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write to FILE instead of stdout.")
 @click.option("--json", "as_json", is_flag=True, help="command target: argv lists as JSON.")
 @IGNORE_FIT
 def render(profile: str, target: str, output: str | None, as_json: bool, ignore_fit: bool) -> None:
     """Render launch commands, docker run lines, a compose file or k8s manifests."""
+    from .render import env_example
     from .render import render as do_render
 
-    text = do_render(_load_plan(profile, ignore_fit), target, as_json)
+    plan_ = _load_plan(profile, ignore_fit)
+    text = do_render(plan_, target, as_json)
     if output:
         tmp = Path(output + ".tmp")
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(output)
         click.echo(f"wrote {output}", err=True)
+        example = env_example(plan_) if target == "compose" else None
+        if example:
+            path = Path(output).parent / ".env.example"
+            path.write_text(example, encoding="utf-8")
+            click.echo(f"wrote {path}: copy it to .env and fill in the secrets", err=True)
     else:
         click.echo(text, nl=False)
 
@@ -271,7 +279,8 @@ def status(target: str | None, as_json: bool) -> None:
         return
     for r in rows:
         up_ = f" up {r['uptime_s']:.0f}s" if r["uptime_s"] is not None else ""
-        click.echo(f"{r['deployment']}/{r['server']}: {r['state']} — {r['engine']} pid {r['pid']} "
+        where = f"container {r['container']}" if r.get("container") else f"pid {r['pid']}"
+        click.echo(f"{r['deployment']}/{r['server']}: {r['state']} — {r['engine']} {where} "
                    f"{r['address']} model {r['model']}{up_}")
 
 
@@ -288,6 +297,7 @@ def logs(target: str, server: str | None, lines: int, follow: bool) -> None:
 
     deployer = _deployer()
     name = _deployment_name(target)
+    deployer.refresh_logs(name)   # containers: copy their log into the state dir first
     paths = sorted(deployer.store.logs.glob(f"{name}-*.log"))
     if server:
         paths = [deployer.store.log_path(name, server)]
@@ -302,6 +312,7 @@ def logs(target: str, server: str | None, lines: int, follow: bool) -> None:
         offsets = {p: p.stat().st_size for p in paths}
         try:
             while True:
+                deployer.refresh_logs(name)
                 for p in paths:
                     with p.open("rb") as fh:
                         fh.seek(offsets[p])
@@ -713,6 +724,19 @@ def engines_install(engine: str, backend: str, gpu_arch: str | None, source: str
     click.echo(f"{inst.engine} {inst.version} ({inst.backend}) → {inst.binary()}  (build log: {inst.build_log})")
 
 
+@engines.command("image")
+@click.argument("engine", type=click.Choice(["llama.cpp", "ik_llama"]))
+@click.option("--backend", type=click.Choice(["cpu", "cuda", "rocm", "vulkan"]), default="cpu", show_default=True)
+@click.option("--gpu-arch", help="The --gpu-arch the engine was installed with.")
+@click.option("--tag", help="Image name:tag (default: localhost/orchestrator/ENGINE:VERSION-BACKEND).")
+def engines_image(engine: str, backend: str, gpu_arch: str | None, tag: str | None) -> None:
+    """Build a container image from an installed engine build; prints its tag on the last line."""
+    from .images import build_image
+
+    tag = build_image(engine, backend, gpu_arch, tag, log=lambda m: click.echo(f"  {m}", err=True))
+    click.echo(tag)
+
+
 @engines.command("check")
 @click.argument("profile", type=click.Path(dir_okay=False), required=False)
 @click.option("--json", "as_json", is_flag=True)
@@ -775,6 +799,33 @@ def engines_list(as_json: bool) -> None:
     for e in envs:
         kind = e.accelerator if e.purpose == "serve" else e.purpose
         click.echo(f"{e.engine:10} {e.version:10} {kind:9} {e.python}  ({e.distribution})")
+
+
+@main.group()
+def compose() -> None:
+    """Run a profile's rendered compose file with Docker Compose v2 (docker compose up --wait / down)."""
+
+
+@compose.command("up")
+@click.argument("profile", type=click.Path(dir_okay=False))
+@click.option("--dir", "directory", type=click.Path(file_okay=False), help="Where compose.yaml is written "
+              "(default: the state dir's compose/<deployment>).")
+@IGNORE_FIT
+def compose_up(profile: str, directory: str | None, ignore_fit: bool) -> None:
+    """Render compose.yaml and run `docker compose up -d --wait` on it."""
+    from .composerun import up as compose_up_
+
+    sys.exit(compose_up_(_load_plan(profile, ignore_fit), directory, dict(os.environ)))
+
+
+@compose.command("down")
+@click.argument("profile", type=click.Path(dir_okay=False))
+@click.option("--dir", "directory", type=click.Path(file_okay=False))
+def compose_down(profile: str, directory: str | None) -> None:
+    """`docker compose down` for the profile's compose project."""
+    from .composerun import down as compose_down_
+
+    sys.exit(compose_down_(_deployment_name(profile), directory, dict(os.environ)))
 
 
 @main.command()

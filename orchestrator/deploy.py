@@ -1,5 +1,5 @@
-"""up / down / status / logs for the process runtime. No printing here: callers get results
-and progress callbacks; cli.py decides how to show them."""
+"""up / down / status / logs for the process and docker runtimes. No printing here: callers get
+results and progress callbacks; cli.py decides how to show them."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from .diagnose import Diagnosis, classify
 from .errors import OrchestratorError
 from .health import Prober, StageResult, quick_probe, wait_healthy
 from .plan import Plan, ServerPlan
+from .runtime import docker as docker_rt
 from .runtime import process
 from .runtime.state import ServerRecord, StateStore
 
@@ -55,10 +56,34 @@ class ServerFailure(Exception):
         self.diagnosis = diagnosis
 
 
-def plan_hash(sp: ServerPlan, binary: str) -> str:
-    data = {"argv": sp.argv(), "binary": binary,
-            "env": [(e.name, e.value, e.from_env) for e in sp.env]}
+def plan_hash(sp: ServerPlan, binary: str, container: bool = False) -> str:
+    data: dict[str, Any] = {"argv": sp.argv(container), "binary": binary,
+                            "env": [(e.name, e.value, e.from_env) for e in sp.env]}
+    if container:
+        data["container"] = [sp.host, sp.port, sp.shm_size, sp.gpu_ids, sp.gpu_count,
+                              [(m.host_path, m.container_path, m.read_only) for m in sp.mounts]]
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def container_name_of(deployment: str, server: str) -> str:
+    return f"{deployment}-{server}"
+
+
+def dependency_order(servers: list[ServerPlan]) -> list[ServerPlan]:
+    """Servers with their depends_on first (the planner has rejected cycles); otherwise profile order."""
+    names = {s.name for s in servers}
+    done: list[ServerPlan] = []
+    pending = list(servers)
+    while pending:
+        for s in pending:
+            if all(d in {x.name for x in done} or d not in names for d in s.depends_on):
+                done.append(s)
+                pending.remove(s)
+                break
+        else:   # a cycle the planner let through: keep profile order
+            done.extend(pending)
+            break
+    return done
 
 
 def tail(path: str | Path, n: int = 20) -> list[str]:
@@ -79,6 +104,7 @@ class Deployer:
         self.store = store
         self.environ = dict(os.environ if environ is None else environ)
         self.progress = progress or (lambda server, event, detail: None)
+        self._docker_client: Any = None
 
     # ------------------------------------------------------------------ preflight
 
@@ -177,15 +203,17 @@ class Deployer:
         if unknown:
             raise OrchestratorError(f"no server named {', '.join(sorted(unknown))} in {plan.name}",
                                     f"servers: {', '.join(sp.name for sp in plan.servers)}")
-        for sp in selected:
-            if sp.runtime != "process":
-                raise OrchestratorError(f"server {sp.name}: runtime {sp.runtime} is not supported by up yet",
-                                        "use runtime: process, or render --target docker|compose")
         results: list[UpResult] = []
         self.store.ensure()
         with self.store.lock(plan.name):
-            for sp in selected:
-                results.append(self._up_one(plan, sp))
+            for sp in dependency_order(selected):
+                failed_dep = next((r.server for r in results if not r.ok and r.server in sp.depends_on), None)
+                if failed_dep:
+                    results.append(UpResult(sp.name, "failed", f"not started: {failed_dep} (a dependency) failed",
+                                            "preflight", "dependency_failed", f"fix {failed_dep} first"))
+                    continue
+                up_one = self._up_docker if sp.runtime == "docker" else self._up_one
+                results.append(up_one(plan, sp))
             if atomic and not all(r.ok for r in results):
                 for r in results:
                     if r.ok:
@@ -207,6 +235,11 @@ class Deployer:
         h = plan_hash(sp, binary)
         existing = self.store.load(plan.name).get(sp.name)
         restarted = False
+        if existing is not None and existing.runtime == "docker":
+            self.progress(sp.name, "restart", "runtime changed to process: removing the container")
+            restarted = self._stop_container(plan.name, sp.name, existing) == "stopped"
+            self.store.update(plan.name, None, sp.name)
+            existing = None
         if existing is not None:
             state = process.identity(existing)
             if state == "alive" and existing.plan_hash == h:
@@ -256,6 +289,224 @@ class Deployer:
                         ttft_s=report.ttft_s, elapsed_s=time.monotonic() - t0, url=url, log=str(log_path),
                         stages=report.passed)
 
+    # ------------------------------------------------------------------ docker runtime
+
+    def _docker(self, required: bool = True) -> Any:
+        """A connected Docker client; None when not required and no daemon answers."""
+        if self._docker_client is None:
+            try:
+                # Optional looks (status, down of process servers) must not hang on a remote DOCKER_HOST.
+                self._docker_client = docker_rt.client(timeout=60 if required else 10)
+            except OrchestratorError:
+                if required:
+                    raise
+                return None
+        return self._docker_client
+
+    def container_env(self, sp: ServerPlan, key: str | None) -> dict[str, str]:
+        """The container's environment: literal values from the plan, secrets read from the user's env now."""
+        env: dict[str, str] = {}
+        for e in sp.env:
+            if e.process_only:
+                continue
+            env[e.name] = (self.environ.get(e.from_env, "") if e.from_env else (e.value or ""))
+        return env
+
+    def _up_docker(self, plan: Plan, sp: ServerPlan) -> UpResult:
+        url = f"http://{sp.host}:{sp.port}/v1"
+        log_path = self.store.log_path(plan.name, sp.name)
+        t0 = time.monotonic()
+        try:
+            if not sp.image:
+                raise ServerFailure("preflight", f"no container image: {sp.image_reason}",
+                                    Diagnosis("image_missing", "set image: in the profile (orchestrate engines image "
+                                              f"{sp.engine} builds one from an installed engine)", None))
+            self.ensure_model(sp)
+            self.check_model_file(sp)
+            key = self.api_key(sp)
+            try:
+                c = self._docker()
+                docker_rt.require_gpu_runtime(c, sp)
+                docker_rt.ensure_image(c, sp.image)
+            except OrchestratorError as exc:
+                raise ServerFailure("preflight", str(exc).split(" — ")[0], Diagnosis("docker", exc.hint, None)) from None
+        except ServerFailure as exc:
+            return self._failure(sp, exc, None, log_path, url)
+        image_id = str(c.images.get(sp.image).id)
+        h = plan_hash(sp, f"{sp.image}@{image_id}", container=True)
+        name = container_name_of(plan.name, sp.name)
+        restarted = False
+        existing = self.store.load(plan.name).get(sp.name)
+        if existing is not None and existing.runtime != "docker":
+            if process.identity(existing) == "alive":
+                self.progress(sp.name, "restart", "runtime changed to docker: stopping the process")
+                process.stop(existing, STOP_GRACE_S)
+                restarted = True
+            self.store.update(plan.name, None, sp.name)
+        # Reconcile: the recorded container and any labelled one left by a lost state file.
+        for ct in docker_rt.find(c, plan.name, sp.name):
+            status, _ = docker_rt.state(ct)
+            if status == "running" and ct.labels.get(docker_rt.L_HASH) == h:
+                rec = self._container_record(plan, sp, ct, h, key, log_path)
+                if existing is None or existing.container != ct.id:
+                    self.progress(sp.name, "adopt", f"container {ct.name} was running without a state record")
+                self.store.update(plan.name, rec)
+                health = quick_probe(sp.host, sp.port, rec.health_path, key)
+                return UpResult(sp.name, "already running", f"container {ct.short_id}, {health}", url=url,
+                                log=str(log_path))
+            why = "plan changed" if status == "running" else f"left {status}"
+            self.progress(sp.name, "restart" if status == "running" else "cleanup",
+                          f"{why}: removing container {ct.name}")
+            restarted = restarted or status == "running"
+            docker_rt.remove(ct, STOP_GRACE_S)
+        if existing is not None and existing.runtime == "docker":
+            self.store.update(plan.name, None, sp.name)
+        owner = process.port_owner(sp.host, sp.port)
+        if owner:
+            return self._failure(sp, ServerFailure("preflight", f"port {sp.port} on {sp.host} is taken by {owner}",
+                                 Diagnosis("port_in_use", f"stop {owner} or change port: in the profile", None)),
+                                 None, log_path, url)
+        from docker.errors import APIError
+
+        lbls = docker_rt.labels(plan.name, sp, h, os.path.abspath(plan.profile_file))
+        kwargs = docker_rt.create_kwargs(name, sp, self.container_env(sp, key), lbls, STOP_GRACE_S)
+        self.progress(sp.name, "start", f"container {name} from {sp.image}")
+        ct = None
+        try:
+            ct = c.containers.create(**kwargs)
+            if sp.api_key and sp.api_key.container_path and key is not None:
+                uid, gid = docker_rt.image_user(c, sp.image)
+                content = key + "\n" if sp.api_key.mechanism == "file" else "api-key: " + json.dumps(key) + "\n"
+                ct.put_archive("/", docker_rt.secret_archive(sp.api_key.container_path, content, uid, gid))
+            ct.start()
+        except APIError as exc:
+            if ct is not None:
+                docker_rt.remove(ct, 0)
+            detail, fix = docker_rt.start_error(exc, sp)
+            return self._failure(sp, ServerFailure("preflight", detail, Diagnosis("docker", fix, None)), None,
+                                 log_path, url)
+        rec = self._container_record(plan, sp, ct, h, key, log_path)
+        self.store.update(plan.name, rec)
+        assert sp.health is not None
+        prober = Prober(sp, key)
+
+        def on_stage(stage: str, result: StageResult) -> None:
+            self.progress(sp.name, stage, result.detail)
+
+        report = wait_healthy(sp, prober, docker_rt.exit_poller(ct), sp.health.timeout_s, on_stage)
+        self._save_container_log(plan.name, sp.name, ct)
+        if not report.ok:
+            outcome = docker_rt.remove(ct, STOP_GRACE_S)
+            self.store.update(plan.name, None, sp.name)
+            detail = report.detail.replace("process exited", "container exited")
+            detail += " (container stopped and removed)" if outcome == "stopped" else " (container removed)"
+            failed = self._failure(sp, ServerFailure(report.stage, detail), report.exit_code, log_path, url,
+                                   elapsed=time.monotonic() - t0)
+            failed.stages = report.passed
+            return failed
+        ct.update(restart_policy={"Name": "unless-stopped"})
+        rec.status, rec.ttft_s = "running", report.ttft_s
+        self.store.update(plan.name, rec)
+        return UpResult(sp.name, "restarted" if restarted else "started", f"container {ct.short_id}",
+                        ttft_s=report.ttft_s, elapsed_s=time.monotonic() - t0, url=url, log=str(log_path),
+                        stages=report.passed)
+
+    def _container_record(self, plan: Plan, sp: ServerPlan, ct: Any, h: str, key: str | None,
+                          log_path: Path) -> ServerRecord:
+        ct.reload()
+        pid = int((ct.attrs.get("State") or {}).get("Pid") or 0)
+        return ServerRecord(profile=plan.name, server=sp.name, engine=sp.engine, pid=pid, pgid=0, create_time=0.0,
+                            plan_hash=h, host=sp.host, port=sp.port, log=str(log_path), binary=str(sp.image),
+                            argv=sp.argv(container=True), served_name=sp.served_name,
+                            health_path=sp.health.ready_path if sp.health else "/health",
+                            profile_file=os.path.abspath(plan.profile_file),
+                            api_key_env=sp.api_key.env_var if sp.api_key else None, runtime="docker",
+                            container=str(ct.id))
+
+    def _save_container_log(self, deployment: str, server: str, ct: Any) -> None:
+        """Copy the container's log into the state dir's log file (it goes when the container is removed)."""
+        text = docker_rt.logs(ct)
+        if not text:
+            return
+        path = self.store.log_path(deployment, server)
+        self.store.ensure()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+
+    def refresh_logs(self, deployment: str) -> None:
+        """Bring the log files of this deployment's containers up to date (for `logs`)."""
+        c = self._docker(required=False)
+        if c is None:
+            return
+        for ct in docker_rt.find(c, deployment):
+            self._save_container_log(deployment, ct.labels.get(docker_rt.L_SERVER, "?"), ct)
+
+    def _stop_container(self, deployment: str, server: str, rec: ServerRecord) -> str:
+        from docker.errors import NotFound
+
+        c = self._docker()
+        try:
+            ct = c.containers.get(rec.container or container_name_of(deployment, server))
+        except NotFound:
+            return "not running"
+        self._save_container_log(deployment, server, ct)
+        return docker_rt.remove(ct, STOP_GRACE_S)
+
+    def _container_row(self, dep: str, server: str, ct: Any, rec: ServerRecord | None) -> dict[str, Any]:
+        status, code = docker_rt.state(ct)
+        lb = ct.labels
+        host, port = lb.get(docker_rt.L_HOST, "127.0.0.1"), int(lb.get(docker_rt.L_PORT, "0") or 0)
+        if status == "running":
+            key = self.environ.get(lb.get(docker_rt.L_KEYENV) or "") or None
+            health = quick_probe(host, port, lb.get(docker_rt.L_HEALTH, "/health"), key)
+            if rec is not None and rec.status == "starting" and health == "healthy":
+                health = "healthy (up was interrupted)"
+        else:
+            health = f"{status} (exit code {code})" if code is not None else status
+        if rec is None:
+            health += " — no state record (orchestrate up adopts it, down removes it)"
+        started = (ct.attrs.get("State") or {}).get("StartedAt", "")
+        uptime = None
+        if status == "running" and started:
+            from datetime import datetime
+
+            try:
+                uptime = round(time.time() - datetime.fromisoformat(started[:26].rstrip("Z") + "+00:00").timestamp(), 1)
+            except ValueError:
+                uptime = None
+        return {"deployment": dep, "server": server, "engine": lb.get(docker_rt.L_ENGINE, "?").split(" ")[0],
+                "pid": None, "container": ct.short_id, "address": f"{host}:{port}",
+                "model": lb.get(docker_rt.L_MODEL, "?"), "state": health, "uptime_s": uptime,
+                "log": str(self.store.log_path(dep, server))}
+
+    def _docker_status(self, dep: str, name: str, rec: ServerRecord, c: Any) -> dict[str, Any]:
+        from docker.errors import NotFound
+
+        row = {"deployment": dep, "server": name, "engine": rec.engine, "pid": None,
+               "container": (rec.container or "")[:12], "address": f"{rec.host}:{rec.port}",
+               "model": rec.served_name, "uptime_s": None, "log": rec.log}
+        if c is None:
+            return {**row, "state": "unknown (the Docker daemon does not answer)"}
+        try:
+            ct = c.containers.get(rec.container or container_name_of(dep, name))
+        except NotFound:
+            return {**row, "state": "gone (container removed outside orchestrate)"}
+        return self._container_row(dep, name, ct, rec)
+
+    def _alive(self, rec: ServerRecord) -> bool:
+        if rec.runtime != "docker":
+            return process.identity(rec) == "alive"
+        c = self._docker(required=False)
+        if c is None:
+            return False
+        from docker.errors import NotFound
+
+        try:
+            return docker_rt.state(c.containers.get(rec.container))[0] == "running"
+        except NotFound:
+            return False
+
     def _failure(self, sp: ServerPlan, exc: ServerFailure, exit_code: int | None, log_path: Path, url: str,
                  elapsed: float | None = None) -> UpResult:
         lines = tail(log_path, 200) if log_path.exists() and exc.stage != "preflight" else []
@@ -272,7 +523,10 @@ class Deployer:
         rec = self.store.load(deployment).get(server)
         if rec is None:
             return "not running"
-        outcome = process.stop(rec, STOP_GRACE_S)
+        if rec.runtime == "docker":
+            outcome = self._stop_container(deployment, server, rec)
+        else:
+            outcome = process.stop(rec, STOP_GRACE_S)
         self.store.update(deployment, None, server)
         return outcome
 
@@ -284,12 +538,35 @@ class Deployer:
                 if only and name not in only:
                     continue
                 out.append((name, self._stop_recorded(deployment, name)))
+            # Containers whose state record was lost still carry our labels: stop them too.
+            c = self._docker(required=False)
+            if c is not None:
+                for ct in docker_rt.find(c, deployment):
+                    server = ct.labels.get(docker_rt.L_SERVER, "?")
+                    if (only and server not in only) or server in records:
+                        continue
+                    self._save_container_log(deployment, server, ct)
+                    out.append((server, docker_rt.remove(ct, STOP_GRACE_S) + " (container without a state record)"))
         return out
 
     def status(self, deployments: list[str] | None = None) -> list[dict[str, Any]]:
         rows = []
-        for dep in deployments or self.store.deployments():
-            for name, rec in sorted(self.store.load(dep).items()):
+        c = self._docker(required=False)
+        orphans: dict[str, list[Any]] = {}
+        if c is not None:
+            for ct in docker_rt.find(c):
+                orphans.setdefault(ct.labels.get(docker_rt.L_PROFILE, "?"), []).append(ct)
+        names = deployments or sorted(set(self.store.deployments()) | set(orphans))
+        for dep in names:
+            records = self.store.load(dep)
+            for ct in orphans.get(dep, []):
+                server = ct.labels.get(docker_rt.L_SERVER, "?")
+                if server not in records or records[server].container != ct.id:
+                    rows.append(self._container_row(dep, server, ct, None))
+            for name, rec in sorted(records.items()):
+                if rec.runtime == "docker":
+                    rows.append(self._docker_status(dep, name, rec, c))
+                    continue
                 state = process.identity(rec)
                 if state == "alive":
                     key = self.environ.get(rec.api_key_env or "") or None
@@ -316,7 +593,7 @@ class Deployer:
         try:
             while not stop:
                 records = self.store.load(deployment)
-                if not records or any(process.identity(r) != "alive" for r in records.values()):
+                if not records or not all(self._alive(r) for r in records.values()):
                     return
                 time.sleep(0.5)
         finally:

@@ -104,6 +104,8 @@ class ServerPlan:
     estimate: dict[str, Any] = field(default_factory=dict)
     executable: str = ""               # what up will run and how it was found ("" when not looked up)
     engine_version_source: str = ""    # how engine_version was determined
+    depends_on: list[str] = field(default_factory=list)  # servers that must be healthy before this one starts
+    probe_tool: str = "curl"           # what a container healthcheck runs inside the image (curl | wget | python3)
 
     def args(self, container: bool = False) -> list[str]:
         out: list[str] = []

@@ -248,16 +248,48 @@ def health_timeout(server: Server, engine: str, facts: ModelFacts, on_cpu: bool 
     return t, f"auto: 300 s + 20 s/GiB for {size:.1f} GiB (weights, {work})"
 
 
+LOCAL_IMAGE_PREFIX = "localhost/orchestrator/"   # images built by `orchestrate engines image`
+
+
 def choose_image(server: Server, engine: str, gpu: Gpu, caps: dict[str, object]) -> tuple[str | None, str]:
+    """The profile's image, else the official image whose accelerator and GPU architectures cover this
+    machine (catalog `images`, with `min_cc`/`max_cc` where an image covers only some architectures)."""
     if server.image:
         return server.image, "image set in the profile"
     images = caps["images"]
     assert isinstance(images, dict)
     acc = gpu.accelerator
-    image = images.get(acc)
-    if image is None:
-        return None, f"{caps['display']} publishes no {acc} container image"
-    return image, f"official {caps['display']} image for {acc}"
+    disp = caps["display"]
+    build = f"orchestrate engines image {engine} --backend {acc}" if engine in ("llama.cpp", "ik_llama") else ""
+    offer = f" ({build} builds one from an installed engine)" if build else ""
+    candidates = [(key, spec) for key, spec in images.items()
+                  if spec and (key == acc or (isinstance(spec, dict) and spec.get("accelerator") == acc))]
+    if not candidates:
+        return None, f"{disp} publishes no {acc} container image{offer}"
+    for _key, spec in candidates:
+        ref = spec if isinstance(spec, str) else spec["ref"]
+        if isinstance(spec, dict) and gpu.cc:
+            lo = catalog.parse_cc(str(spec.get("min_cc", "0.0")))
+            hi = catalog.parse_cc(str(spec.get("max_cc", "99.9")))
+            if not lo <= gpu.cc <= hi:
+                continue
+            return ref, f"official {disp} image for {acc} (built for {_span(spec)}; this GPU is {gpu.sm})"
+        return ref, f"official {disp} image for {acc}"
+    cover = ", ".join(f"{spec['ref']} ({_span(spec)})" for _, spec in candidates if isinstance(spec, dict))
+    return None, f"no official {disp} image covers {gpu.describe()} (official: {cover}){offer}"
+
+
+def _span(spec: dict[str, object]) -> str:
+    lo = str(spec.get("min_cc", "?")).replace(".", "")
+    hi = str(spec["max_cc"]).replace(".", "") if spec.get("max_cc") else "newest"
+    return f"sm{lo}–{hi}"
+
+
+def choose_probe_tool(image: str | None, caps: dict[str, object]) -> str:
+    """What a container healthcheck can run inside the image: images we build carry busybox wget."""
+    if image and image.startswith(LOCAL_IMAGE_PREFIX):
+        return "wget"
+    return str(caps["probe_tool"])
 
 
 def _is_loopback(host: str) -> bool:
@@ -294,7 +326,33 @@ def check_profile(profile: Profile, gpu: Gpu, gpu_count: int) -> list[Problem]:
             elif max(s.gpus) >= gpu_count:
                 problems.append(Problem(("servers", i, "gpus"), f"GPU index {max(s.gpus)} but hardware.count is {gpu_count}",
                                         f"use indices 0..{gpu_count - 1} or raise hardware.count"))
+    names = {s.name for s in profile.servers}
+    for i, s in enumerate(profile.servers):
+        for d in s.depends_on:
+            if d not in names or d == s.name:
+                problems.append(Problem(("servers", i, "depends_on"), f"depends_on names {d!r}, "
+                                        + ("the server itself" if d == s.name else "which is not a server of this profile"),
+                                        f"use one of: {', '.join(sorted(names - {s.name})) or '(no other server)'}"))
+    if _has_cycle({s.name: [d for d in s.depends_on if d in names] for s in profile.servers}):
+        problems.append(Problem(("servers",), "depends_on forms a cycle", "remove one depends_on entry of the loop"))
     return problems
+
+
+def _has_cycle(graph: dict[str, list[str]]) -> bool:
+    state: dict[str, int] = {}
+
+    def visit(n: str) -> bool:
+        if state.get(n) == 1:
+            return True
+        if state.get(n) == 2:
+            return False
+        state[n] = 1
+        if any(visit(d) for d in graph.get(n, [])):
+            return True
+        state[n] = 2
+        return False
+
+    return any(visit(n) for n in graph)
 
 
 def check_server(ctx: Ctx) -> None:
@@ -538,6 +596,7 @@ def plan_server(profile: Profile, index: int, facts: Facts) -> tuple[ServerPlan 
         command=list(caps["process_command"]), container_command=list(caps["container_command"]),
         flags=flags, env=env, api_key=ctx.api_key, mounts=mounts, health=health, shm_size=shm,
         warnings=ctx.warnings, notes=ctx.notes, estimate=estimate.as_dict(),
+        depends_on=list(server.depends_on), probe_tool=choose_probe_tool(image, caps),
     )
     if facts.enforce_fit and estimate.verdict == "does not fit":
         need = estimate.total_bytes / GIB

@@ -88,6 +88,8 @@ class Server(Strict):
     env: dict[str, str] = Field(default_factory=dict)
     extra_args: list[str] = Field(default_factory=list)
     health: Health = Health()
+    depends_on: list[str] = Field(default_factory=list, description="Servers of this profile that must be healthy "
+                                                                    "before this one starts (up, compose depends_on)")
     threads: int | None = Field(None, ge=1, le=1024, description="CPU threads (llama.cpp/ik_llama; vLLM on CPU: "
                                                                  "OpenMP threads bound to cores 0..threads-1)")
     binary: str | None = Field(None, description="Engine executable for the process runtime; for vLLM/SGLang the "

@@ -48,6 +48,8 @@ class ServerRecord:
     started_at: float = field(default_factory=time.time)
     ttft_s: float | None = None
     detail: str = ""
+    runtime: str = "process"    # process | docker
+    container: str | None = None  # docker: the container id
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ServerRecord:

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden"
 PROFILES = sorted([*ROOT.glob("profiles/*.yaml"), *ROOT.glob("examples/*.yaml")])
 OUTPUTS = {"plan.txt": None, "command.sh": ("command", False), "command.json": ("command", True),
-           "docker.sh": ("docker", False), "compose.yaml": ("compose", False), "k8s.yaml": ("k8s", False)}
+           "docker.sh": ("docker", False), "compose.yaml": ("compose", False), "k8s.yaml": ("k8s", False),
+           "llama-swap.yaml": ("llama-swap", False)}
 
 
 def produce(profile: Path) -> dict[str, str]:

@@ -1,0 +1,168 @@
+"""Container images from installed engine builds (`orchestrate engines image`).
+
+For machines that cannot pull from a registry, and for accelerators or GPU architectures the official
+images do not cover. The image is `FROM scratch`: the statically linked llama-server that
+`orchestrate engines install` built, the shared libraries `ldd` lists for it (driver libraries
+excepted: the NVIDIA container runtime mounts those), the dynamic loader, and a static busybox for
+the `wget` the compose healthcheck runs. It runs as nobody (65534), from /tmp, with the same
+entrypoint as the official images (/app/llama-server).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import subprocess
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from . import provision
+from .errors import OrchestratorError
+
+PREFIX = "localhost/orchestrator/"    # planner.LOCAL_IMAGE_PREFIX: compose probes such images with wget
+USER = "65534:65534"
+# Supplied by the host's driver through the container runtime, never copied into an image.
+DRIVER_LIBS = re.compile(r"^(libcuda\.so|libnvidia-|libnvcuvid)")
+
+
+def default_tag(inst: provision.InstalledEngine) -> str:
+    arch = f"-{inst.gpu_arch}" if inst.gpu_arch else ""
+    return f"{PREFIX}{inst.engine}:{inst.version}-{inst.backend}{arch}".lower()
+
+
+def shared_libraries(binary: Path) -> list[Path]:
+    """The shared objects the dynamic loader resolves for `binary` (ldd), driver libraries excepted."""
+    p = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, timeout=60, check=False)
+    if p.returncode != 0 and "not a dynamic executable" in (p.stdout + p.stderr):
+        return []
+    if p.returncode != 0:
+        raise OrchestratorError(f"ldd {binary} failed: {(p.stderr or p.stdout).strip()[:200]}",
+                                "install libc-bin (ldd), or rebuild the engine")
+    libs: list[Path] = []
+    for line in p.stdout.splitlines():
+        line = line.strip()
+        if "not found" in line:
+            raise OrchestratorError(f"{binary} needs a library this machine lacks: {line}",
+                                    "install it, or rebuild the engine: orchestrate engines install")
+        m = re.match(r"(\S+) => (/\S+) \(", line) or re.match(r"(/\S+) \(", line)
+        if not m:
+            continue
+        path = Path(m.group(2) if m.lastindex == 2 else m.group(1))
+        if DRIVER_LIBS.match(path.name):
+            continue
+        libs.append(path)
+    return libs
+
+
+def static_busybox() -> Path:
+    found = shutil.which("busybox")
+    if found:
+        p = subprocess.run(["ldd", found], capture_output=True, text=True, timeout=30, check=False)
+        if "not a dynamic executable" in p.stdout + p.stderr or "statically linked" in p.stdout:
+            return Path(found)
+    raise OrchestratorError("a static busybox is needed for the image's healthcheck (wget) and was not found",
+                            "sudo apt-get install busybox-static")
+
+
+def _add_file(tf: tarfile.TarFile, src: Path, arcname: str, mode: int = 0o755) -> None:
+    data = src.read_bytes()            # follows symlinks: the soname path holds the real file
+    info = tarfile.TarInfo(arcname)
+    info.size, info.mode, info.mtime = len(data), mode, int(time.time())
+    tf.addfile(info, io.BytesIO(data))
+
+
+def _add_dir(tf: tarfile.TarFile, arcname: str, mode: int = 0o755) -> None:
+    info = tarfile.TarInfo(arcname)
+    info.type, info.mode, info.mtime = tarfile.DIRTYPE, mode, int(time.time())
+    tf.addfile(info)
+
+
+def dockerfile(inst: provision.InstalledEngine) -> str:
+    lines = [
+        "FROM scratch",
+        "COPY rootfs/ /",
+        f'LABEL org.opencontainers.image.title="{inst.engine} llama-server" '
+        f'org.opencontainers.image.version="{inst.version}" orchestrator.backend="{inst.backend}" '
+        f'orchestrator.source-sha256="{inst.source_sha256}"',
+        "ENV PATH=/bin:/app",
+        f"USER {USER}",
+        "WORKDIR /tmp",
+        "EXPOSE 8080",
+        'ENTRYPOINT ["/app/llama-server"]',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def build_context(inst: provision.InstalledEngine) -> bytes:
+    """The docker build context as a tar: Dockerfile + rootfs/."""
+    binary = inst.binary()
+    libs = shared_libraries(binary)
+    busybox = static_busybox()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        df = dockerfile(inst).encode()
+        info = tarfile.TarInfo("Dockerfile")
+        info.size, info.mtime = len(df), int(time.time())
+        tf.addfile(info, io.BytesIO(df))
+        dirs = {"rootfs", "rootfs/app", "rootfs/bin", "rootfs/models", "rootfs/run", "rootfs/etc"}
+        for lib in libs:
+            parent = Path("rootfs") / lib.parent.relative_to("/")
+            for p in [parent, *parent.parents]:
+                if str(p) not in (".", ""):
+                    dirs.add(str(p))
+        for d in sorted(dirs):
+            _add_dir(tf, d)
+        _add_dir(tf, "rootfs/tmp", 0o1777)
+        _add_file(tf, binary, "rootfs/app/llama-server")
+        for lib in libs:
+            _add_file(tf, lib, "rootfs" + str(lib), 0o755)
+        _add_file(tf, busybox, "rootfs/bin/busybox")
+        for applet in ("wget", "sh"):
+            link = tarfile.TarInfo(f"rootfs/bin/{applet}")
+            link.type, link.linkname, link.mtime = tarfile.SYMTYPE, "busybox", int(time.time())
+            tf.addfile(link)
+        passwd = b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/sh\n"
+        group = b"root:x:0:\nnogroup:x:65534:\n"
+        for name, data in (("rootfs/etc/passwd", passwd), ("rootfs/etc/group", group)):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def build_image(engine: str, backend: str = "cpu", gpu_arch: str | None = None, tag: str | None = None,
+                log: Callable[[str], None] = print) -> str:
+    """Build the image and return its tag."""
+    from docker.errors import APIError, BuildError
+
+    from .runtime import docker as docker_rt
+
+    inst = provision.installed(engine, backend, gpu_arch)
+    if inst is None:
+        arch = f" --gpu-arch {gpu_arch}" if gpu_arch else ""
+        raise OrchestratorError(f"{engine} is not installed for {backend}{arch}",
+                                f"orchestrate engines install {engine} --backend {backend}{arch} (add --portable "
+                                "for an image that runs on any x86-64 CPU)")
+    tag = tag or default_tag(inst)
+    if "-DGGML_NATIVE=ON" in _read(inst.build_log):
+        log("note: this build targets this machine's CPU (GGML_NATIVE=ON): the image runs on CPUs with the same "
+            "instruction set; for any x86-64 CPU reinstall with orchestrate engines install --portable")
+    c = docker_rt.client(timeout=600)
+    context = build_context(inst)
+    log(f"building {tag} from {inst.binary()} ({len(context) / 2**20:.0f} MiB context)")
+    try:
+        c.images.build(fileobj=io.BytesIO(context), custom_context=True, tag=tag, rm=True, forcerm=True)
+    except (BuildError, APIError) as exc:
+        raise OrchestratorError(f"docker build of {tag} failed: {str(exc).splitlines()[0][:200]}",
+                                "check the daemon's disk space and the message") from None
+    return tag
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text(errors="replace")[:20000]
+    except OSError:
+        return ""

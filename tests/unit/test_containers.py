@@ -1,0 +1,182 @@
+"""Container decisions without a daemon: image choice per GPU architecture, depends_on, the docker
+runtime's container spec, compose healthchecks and .env.example, k8s probe timings against the
+profile's health settings (schema-validated), llama-swap config; and the daemon-down error."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.errors import ProfileError
+from orchestrator.planner import build_plan
+from orchestrator.profile import load_text
+from orchestrator.render import render
+from tests.unit.test_consumers import _k8s_validate
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def plan_of(doc: dict, environ: dict[str, str] | None = None):
+    return build_plan(load_text(yaml.safe_dump(doc), "t.yaml"), environ=environ or {"HOME": "/home/u"},
+                      state_dir="/var/lib/orchestrator", detect=False, enforce_fit=False)
+
+
+def server(**kw) -> dict:
+    return {"name": "s", "model": {"path": "/models/m-Q4_K_M.gguf"}, **kw}
+
+
+@pytest.mark.parametrize("gpu,engine,expect", [
+    ("rtx-3090", "ik_llama", "ghcr.io/ikawrakow/ik-llama-cpp:cu12-server"),
+    ("rtx-4090", "ik_llama", "ghcr.io/ikawrakow/ik-llama-cpp:cu12-server"),
+    ("tesla-p40", "ik_llama", None),           # Pascal: not in the official sm75-89 builds
+    ("h100-sxm", "ik_llama", None),            # Hopper: neither
+    ("tesla-p40", "llama.cpp", "ghcr.io/ggml-org/llama.cpp:server-cuda"),
+    ("cpu", "ik_llama", "ghcr.io/ikawrakow/ik-llama-cpp:cpu-server"),
+    ("a100-80gb", "vllm", "vllm/vllm-openai:v0.32.0"),
+])
+def test_official_image_by_architecture(gpu: str, engine: str, expect: str | None) -> None:
+    sp = plan_of({"name": "p", "hardware": {"gpu": gpu}, "servers": [server(engine=engine)]}).servers[0]
+    assert sp.image == expect, sp.image_reason
+    if expect is None:
+        assert "no official" in sp.image_reason and f"orchestrate engines image {engine}" in sp.image_reason
+
+
+def test_no_fitting_image_is_a_one_line_render_error() -> None:
+    plan = plan_of({"name": "p", "hardware": {"gpu": "tesla-p40"}, "servers": [server(engine="ik_llama")]})
+    with pytest.raises(Exception) as exc:
+        render(plan, "compose")
+    msg = str(exc.value)
+    assert "\n" not in msg and "engines image ik_llama" in msg and "set image:" in msg
+
+
+def test_locally_built_images_are_probed_with_wget() -> None:
+    plan = plan_of({"name": "p", "hardware": {"gpu": "cpu"},
+                    "servers": [server(image="localhost/orchestrator/llama.cpp:b11434-cpu")]})
+    hc = yaml.safe_load(render(plan, "compose"))["services"]["s"]["healthcheck"]
+    assert hc["test"][:2] == ["CMD", "wget"]
+
+
+@pytest.mark.parametrize("deps,message", [
+    ({"a": ["zz"], "b": []}, "not a server of this profile"),
+    ({"a": ["a"], "b": []}, "the server itself"),
+    ({"a": ["b"], "b": ["a"]}, "cycle"),
+])
+def test_depends_on_is_checked(deps: dict, message: str) -> None:
+    doc = {"name": "p", "hardware": {"gpu": "cpu"}, "servers": [
+        server(name=n, port=8080 + i, depends_on=d) for i, (n, d) in enumerate(deps.items())]}
+    with pytest.raises(ProfileError) as exc:
+        plan_of(doc)
+    assert message in str(exc.value)
+
+
+def test_compose_health_depends_on_and_env_example(orchestrate, tmp_path: Path) -> None:
+    doc = {"name": "p", "hardware": {"gpu": "cpu"}, "servers": [
+        server(name="a", port=8081, health={"timeout": 321, "interval": 7}, api_key_env="A_KEY"),
+        server(name="b", port=8082, depends_on=["a"]),
+    ]}
+    profile = tmp_path / "p.yaml"
+    profile.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "out" / "compose.yaml"
+    out.parent.mkdir()
+    code, _, err = orchestrate("render", str(profile), "-t", "compose", "-o", str(out))
+    assert code == 0, err
+    services = yaml.safe_load(out.read_text())["services"]
+    hc = services["a"]["healthcheck"]
+    assert (hc["interval"], hc["start_period"]) == ("7s", "321s")
+    assert services["b"]["depends_on"] == {"a": {"condition": "service_healthy"}}
+    assert services["a"]["init"] is True and services["a"]["ports"] == ["127.0.0.1:8081:8081"]
+    example = (out.parent / ".env.example").read_text()
+    assert "A_KEY=\n" in example and "A_KEY=" + "x" not in example
+
+
+@pytest.mark.parametrize("timeout,interval", [(90, 5), (1234, 10), (7, 3)])
+def test_k8s_probes_follow_the_profile_health_settings(timeout: int, interval: int, tmp_path: Path) -> None:
+    plan = plan_of({"name": "p", "hardware": {"gpu": "rtx-3090"},
+                    "servers": [server(health={"timeout": timeout, "interval": interval}, api_key_env="K")]})
+    text = render(plan, "k8s")
+    path = tmp_path / "k8s.yaml"
+    path.write_text(text)
+    p = _k8s_validate(path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    [deploy] = [d for d in yaml.safe_load_all(text) if d["kind"] == "Deployment"]
+    c = deploy["spec"]["template"]["spec"]["containers"][0]
+    startup, ready, live = c["startupProbe"], c["readinessProbe"], c["livenessProbe"]
+    assert startup["periodSeconds"] == interval == ready["periodSeconds"]
+    assert startup["failureThreshold"] == math.ceil(timeout / interval)   # the loading budget, no less
+    assert startup["failureThreshold"] * startup["periodSeconds"] >= timeout
+    assert startup["httpGet"]["path"] == ready["httpGet"]["path"] == live["httpGet"]["path"] == "/health"
+    assert c["resources"]["limits"] == {"nvidia.com/gpu": 1}
+    assert c["env"] == [{"name": "LLAMA_API_KEY", "valueFrom": {"secretKeyRef": {"name": "p-s-api-key",
+                                                                                 "key": "api-key"}}}]
+
+
+def test_llama_swap_config(tmp_path: Path) -> None:
+    plan = plan_of({"name": "p", "hardware": {"gpu": "rtx-3090"}, "servers": [
+        server(name="a", engine="ik_llama", host="0.0.0.0", api_key_env="A_KEY", model={
+            "path": "/models/a-Q4_K_M.gguf", "served_name": "alpha"}),
+        server(name="b", port=8090, gpus=[0]),
+    ]}, environ={"HOME": "/home/u", "A_KEY": "sk-never-rendered"})
+    text = render(plan, "llama-swap")
+    assert "sk-never-rendered" not in text
+    doc = yaml.safe_load(text)
+    assert doc["apiKeys"] == ["${env.A_KEY}"]
+    alpha, b = doc["models"]["alpha"], doc["models"]["m-Q4_K_M"]
+    assert alpha["proxy"] == "http://127.0.0.1:8080" and b["proxy"] == "http://127.0.0.1:8090"
+    assert "--host 127.0.0.1" in alpha["cmd"] and "--api-key-file" not in alpha["cmd"]  # behind llama-swap only
+    assert alpha["checkEndpoint"] == "/health" and alpha["ttl"] > 0 and alpha["aliases"] == ["a"]
+    assert b["env"] == ["CUDA_VISIBLE_DEVICES=0"]
+    assert doc["healthCheckTimeout"] >= max(s.health.timeout_s for s in plan.servers)
+
+
+def test_container_spec_from_the_plan() -> None:
+    from docker.types import DeviceRequest
+
+    from orchestrator.runtime import docker as docker_rt
+
+    plan = plan_of({"name": "p", "hardware": {"gpu": "rtx-3090", "count": 2},
+                    "servers": [server(gpus=[1], port=9001)]})
+    sp = plan.servers[0]
+    kw = docker_rt.create_kwargs("p-s", sp, {"X": "1"}, docker_rt.labels("p", sp, "h", "/p.yaml"), 5)
+    assert kw["ports"] == {"9001/tcp": ("127.0.0.1", 9001)} and kw["init"] is True
+    assert [(m["Source"], m["Target"], m["ReadOnly"]) for m in kw["mounts"]] == [("/models", "/models", True)]
+    assert kw["device_requests"] == [DeviceRequest(driver="nvidia", device_ids=["1"], capabilities=[["gpu"]])]
+    assert kw["labels"]["orchestrator.profile"] == "p" and kw["labels"]["orchestrator.server"] == "s"
+    assert kw["entrypoint"] == ["/app/llama-server"] and "--host" in kw["command"]
+    assert kw["command"][kw["command"].index("--host") + 1] == "0.0.0.0"
+    assert "CUDA_VISIBLE_DEVICES" not in kw["environment"]     # containers select devices instead
+
+
+def test_secret_archive_is_owned_by_the_image_user_and_0400() -> None:
+    import io
+    import tarfile
+
+    from orchestrator.runtime.docker import secret_archive
+
+    data = secret_archive("/run/secrets/api_key", "k\n", 65534, 65534)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        member = tf.getmember("run/secrets/api_key")
+        assert (member.uid, member.gid, member.mode) == (65534, 65534, 0o400)
+        assert tf.extractfile(member).read() == b"k\n"
+
+
+def test_daemon_unreachable_is_one_line_with_the_fix(tmp_path: Path) -> None:
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF" + b"\0" * 64)
+    profile = tmp_path / "p.yaml"
+    profile.write_text(yaml.safe_dump({"name": "p", "hardware": {"gpu": "cpu"}, "servers": [
+        server(runtime="docker", image="localhost/orchestrator/llama.cpp:b11434-cpu", port=18999,
+               model={"path": str(model)})]}))
+    env = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no-daemon.sock", "ORCHESTRATOR_STATE_DIR": str(tmp_path)}
+    p = subprocess.run([sys.executable, "-m", "orchestrator", "up", str(profile), "--ignore-fit"], capture_output=True,
+                       text=True, env=env, cwd=ROOT, timeout=120)
+    assert p.returncode == 1
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    assert "cannot reach the Docker daemon" in lines[0] and "no-daemon.sock" in lines[0] and "fix:" in lines[0]
+    assert "Traceback" not in p.stderr
