@@ -20,10 +20,10 @@ import os
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import OrchestratorError
 from .health import HttpError, http, probe_host
@@ -133,10 +133,11 @@ class Prompts:
         self.tokens: list[int] = []
         self.method = ""
 
-    def _tokenize(self, text: str) -> list[int] | None:
+    def _tokenize(self, text: str, add_special: bool = False) -> list[int] | None:
         t = self.target
-        for path, body in (("/tokenize", {"content": text, "add_special": False}),
-                           ("/tokenize", {"model": t.served_name, "prompt": text, "add_special_tokens": False})):
+        for path, body in (("/tokenize", {"content": text, "add_special": add_special}),
+                           ("/tokenize", {"model": t.served_name, "prompt": text,
+                                          "add_special_tokens": add_special})):
             try:
                 data = t.post(path, body, timeout=60)
             except (HttpError, ValueError):
@@ -166,6 +167,14 @@ class Prompts:
                                  "tokenizer endpoint")
             self.tokens.extend(toks)
 
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        """`text` in the server's own tokens (with its BOS token when add_special)."""
+        toks = self._tokenize(text, add_special)
+        if toks is None:
+            raise BenchError(f"server {self.target.name}: no /tokenize endpoint answered",
+                             "this needs llama.cpp, ik_llama.cpp or vLLM's tokenizer endpoint")
+        return toks
+
     def take(self, n: int) -> list[int]:
         self._refill(n)
         out, self.tokens = self.tokens[:n], self.tokens[n:]
@@ -185,6 +194,7 @@ class Sample:
     itl_s: list[float] = field(default_factory=list)
     server: dict[str, float] = field(default_factory=dict)    # engine's own timings, where it sends them
     cached_tokens: int | None = None
+    text: str = ""                          # the generated text
 
     @property
     def decode_tps(self) -> float | None:
@@ -232,6 +242,8 @@ def stream_completion(t: Target, prompt: list[int] | str, max_tokens: int, timeo
                 s.error = str(msg["error"])[:200]
                 return s
             choices = msg.get("choices") or []
+            if choices:
+                s.text += choices[0].get("text") or ""
             if choices and (choices[0].get("text") or choices[0].get("finish_reason") is None):
                 if first is None:
                     first = now
@@ -529,7 +541,7 @@ def bench_target(t: Target, prompt_tokens: int, gen_tokens: int, concurrency: li
             all_samples.extend((c, s) for s in samples)
             tokens_out += sum(s.completion_tokens for s in samples if s.ok)
     res = ServerResult(t.name, t.engine, t.served_name, t.url, prompt_tokens, gen_tokens, prompts.method, levels)
-    res.samples = [{**{k: v for k, v in asdict(s).items() if k != "itl_s"}, "concurrency": c,
+    res.samples = [{**{k: v for k, v in asdict(s).items() if k not in ("itl_s", "text")}, "concurrency": c,
                     "decode_tps": s.decode_tps, "prefill_tps": s.prefill_tps} for c, s in all_samples]
     res.rss_peak_bytes = sampler.rss_peak or None
     res.gpu_memory_peak_bytes = sampler.gpu_mem_peak or None
@@ -692,14 +704,19 @@ def results_file(state_dir: str) -> Path:
     return Path(state_dir) / "bench" / "results.jsonl"
 
 
-def save(path: Path, profile: str, results: list[ServerResult]) -> dict[str, Any]:
-    """Append one run; return the previous saved run of the same profile and server(s), if any."""
+class Saveable(Protocol):
+    def as_dict(self) -> dict[str, Any]: ...
+
+
+def save(path: Path, profile: str, results: Sequence[Saveable], kind: str = "bench") -> dict[str, Any]:
+    """Append one run; return the previous saved run of the same kind and profile, if any. `kind`
+    tells bench runs from quality evaluations (orchestrate eval), which share the file."""
     import platform
 
-    previous = last_saved(path, profile)
+    previous = last_saved(path, profile, kind)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "profile": profile, "host": platform.node(),
-             "servers": [r.as_dict() for r in results]}
+    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "kind": kind, "profile": profile,
+             "host": platform.node(), "servers": [r.as_dict() for r in results]}
     torn = False
     if path.exists() and path.stat().st_size:
         with path.open("rb") as fh:
@@ -710,12 +727,17 @@ def save(path: Path, profile: str, results: list[ServerResult]) -> dict[str, Any
     return previous
 
 
-def last_saved(path: Path, profile: str) -> dict[str, Any]:
+def last_saved(path: Path, profile: str, kind: str = "bench") -> dict[str, Any]:
     found: dict[str, Any] = {}
     for entry in _entries(path):
-        if entry.get("profile") == profile:
+        if entry.get("profile") == profile and entry.get("kind", "bench") == kind:
             found = entry
     return found
+
+
+def saved(path: Path, kind: str) -> list[dict[str, Any]]:
+    """Every saved run of one kind, oldest first."""
+    return [e for e in _entries(path) if e.get("kind", "bench") == kind]
 
 
 def _entries(path: Path) -> Iterator[dict[str, Any]]:

@@ -96,12 +96,33 @@ def validate(profiles: tuple[str, ...], as_json: bool, ignore_fit: bool) -> None
 def plan(profile: str, as_json: bool, ignore_fit: bool) -> None:
     """Show per server the engine, image, port and every flag with its reason."""
     p = _load_plan(profile, ignore_fit)
+    notes = _quality_notes(p)
     if as_json:
-        click.echo(json.dumps(p.to_dict(), indent=2))
+        data = p.to_dict()
+        for server in data["servers"]:
+            if server["name"] in notes:
+                server["quality"] = notes[server["name"]]
+        click.echo(json.dumps(data, indent=2))
         return
     from .explain import explain
 
     click.echo(explain(p), nl=False)
+    for name, note in notes.items():
+        click.echo(f"quality of server {name} (orchestrate eval --save): {note}")
+
+
+def _quality_notes(p: Any) -> dict[str, str]:
+    """Saved `orchestrate eval` results that measured exactly these settings. Nothing heavy is
+    imported unless a results file exists (plan stays fast)."""
+    from .runtime.state import default_state_dir
+
+    state = default_state_dir(dict(os.environ))
+    if not (Path(state) / "bench").is_dir():
+        return {}
+    from .bench import results_file
+    from .evalrun import quality_notes
+
+    return quality_notes(p, results_file(state))
 
 
 @main.command("fit")
@@ -315,7 +336,7 @@ def _concurrency(ctx: click.Context, param: click.Parameter, value: str) -> list
 
 
 @contextlib.contextmanager
-def _progress(quiet: bool) -> Iterator[Callable[[str], None]]:
+def _progress(quiet: bool, label: str = "bench") -> Iterator[Callable[[str], None]]:
     """A spinner with the current step on a terminal; plain lines on stderr otherwise."""
     from rich.console import Console
 
@@ -323,10 +344,10 @@ def _progress(quiet: bool) -> Iterator[Callable[[str], None]]:
     if quiet:
         yield lambda msg: None
     elif console.is_terminal:
-        with console.status("bench: starting") as st:
-            yield lambda msg: st.update(f"bench: {msg}")
+        with console.status(f"{label}: starting") as st:
+            yield lambda msg: st.update(f"{label}: {msg}")
     else:
-        yield lambda msg: click.echo(f"  bench: {msg}", err=True)
+        yield lambda msg: click.echo(f"  {label}: {msg}", err=True)
 
 
 @main.command()
@@ -402,6 +423,174 @@ def bench(profiles: tuple[str, ...], servers: tuple[str, ...], prompt_tokens: in
         click.echo(f"plot: {plot_file}", err=True)
     if any(lv.errors for r in results for lv in r.levels):
         sys.exit(1)
+
+
+def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        out = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give comma-separated token counts, e.g. 2048,8192") from None
+    if not out or any(n < 256 for n in out):
+        raise click.BadParameter(f"{value!r}: each must be 256 tokens or more, e.g. 2048,8192")
+    return sorted(set(out))
+
+
+def _depths(ctx: click.Context, param: click.Parameter, value: str) -> list[float]:
+    try:
+        out = [float(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give comma-separated percentages, e.g. 10,50,90") from None
+    if not out or any(not 0 <= d <= 100 for d in out):
+        raise click.BadParameter(f"{value!r}: each depth is a percentage from 0 to 100, e.g. 10,50,90")
+    return [d / 100 for d in out]
+
+
+@main.command("eval")
+@click.argument("profile", type=click.Path(dir_okay=False))
+@click.option("--server", "servers", multiple=True, help="Only this server (repeatable).")
+@click.option("--baseline", "baseline_file", type=click.Path(dir_okay=False),
+              help="KL divergence against this profile's server (e.g. a higher quant of the same model).")
+@click.option("--baseline-kv", help="KL divergence against the same server with this KV cache type (e.g. f16).")
+@click.option("--matrix", is_flag=True, help="Sweep KV cache type × context: perplexity, KLD vs f16, retrieval, "
+              "decode tok/s and KV memory per cell (starts its own servers).")
+@click.option("--kv", "kv_extra", help="--matrix: KV types besides f16,q8_0,q4_0 (comma-separated; those the "
+              "engine lists, experimental ones labelled).")
+@click.option("--contexts", callback=_int_list, help="--matrix: context lengths (default 2048,8192,32768 up to "
+              "the profile's context).")
+@click.option("--ppl-context", type=click.IntRange(min=256), help="Perplexity chunk size in tokens (default: the "
+              "server's context).")
+@click.option("--tokens", type=click.IntRange(min=128), default=2048, show_default=True,
+              help="Tokens scored per perplexity measurement (rounded up to whole chunks; at least one chunk).")
+@click.option("--lengths", callback=_int_list, help="Retrieval prompt lengths in tokens (default: 2k/8k/32k "
+              "up to the server's context, and the context itself).")
+@click.option("--depths", default="10,50,90", show_default=True, callback=_depths,
+              help="Where the pass key sits in the prompt, percent.")
+@click.option("--trials", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Pass keys per (length, depth).")
+@click.option("--no-retrieval", is_flag=True, help="Skip the retrieval test (no running server needed).")
+@click.option("--no-perplexity", is_flag=True, help="Skip perplexity and KL divergence.")
+@click.option("--up", "start_first", is_flag=True, help="Start the servers first and stop the ones it started after.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False), help="--matrix: the trade-off as PNG "
+              "(needs matplotlib: pip install 'orchestrator[plot]').")
+@click.option("--save", is_flag=True, help="Append the results to the results file (orchestrate plan then shows "
+              "them for a profile they match).")
+@click.option("--results", "results_path", type=click.Path(dir_okay=False),
+              help="Results file for --save (default: STATE_DIR/bench/results.jsonl, shared with bench).")
+@IGNORE_FIT
+def eval_cmd(profile: str, servers: tuple[str, ...], baseline_file: str | None, baseline_kv: str | None,
+             matrix: bool, kv_extra: str | None, contexts: list[int] | None, ppl_context: int | None, tokens: int,
+             lengths: list[int] | None, depths: list[float], trials: int, no_retrieval: bool, no_perplexity: bool,
+             start_first: bool, as_json: bool, plot_file: str | None, save: bool, results_path: str | None,
+             ignore_fit: bool) -> None:
+    """What the deployment's quant, KV-cache precision and context cost: perplexity on a fixed text,
+    KL divergence and top-1 agreement against a baseline, pass-key retrieval through the server."""
+    from . import bench as b
+    from . import benchrun, evalrun
+    from .profile import load
+
+    if baseline_file and baseline_kv:
+        raise click.UsageError("give --baseline FILE or --baseline-kv TYPE, not both")
+    if matrix and (baseline_file or baseline_kv):
+        raise click.UsageError("--matrix measures KLD against f16 KV at each context; leave out --baseline*")
+    if plot_file and not matrix:
+        raise click.UsageError("--plot draws the --matrix table; add --matrix")
+    if no_retrieval and no_perplexity:
+        raise click.UsageError("--no-retrieval with --no-perplexity leaves nothing to measure")
+    if (kv_extra or contexts) and not matrix:
+        raise click.UsageError("--kv and --contexts choose the --matrix cells; add --matrix")
+    kv = [*evalrun.MATRIX_KV, *[k.strip() for k in (kv_extra or "").split(",") if k.strip()]]
+    opts = evalrun.Options(baseline_file=baseline_file, baseline_kv=baseline_kv, ppl_context=ppl_context,
+                           tokens=tokens, perplexity=not no_perplexity, retrieval=not no_retrieval, lengths=lengths,
+                           depths=depths, trials=trials, kv=list(dict.fromkeys(kv)), contexts=contexts)
+    deployer = _deployer(as_json=True)
+    loaded = load(profile)
+    only = list(servers) or None
+    plan_ = _plan_for_up(profile, deployer, ignore_fit) if start_first or matrix else _load_plan(profile, ignore_fit)
+    started = benchrun.start(deployer, plan_, only) if start_first and opts.retrieval and not matrix else None
+    try:
+        with _progress(False, "eval") as say:
+            if matrix:
+                results = evalrun.eval_matrix(plan_, loaded, deployer, only, opts, say, ignore_fit)
+            else:
+                results = evalrun.eval_plan(plan_, loaded, deployer, only, opts, say, ignore_fit)
+    finally:
+        if started:
+            started.stop()
+    if save:
+        b.save(Path(results_path) if results_path else b.results_file(str(deployer.store.root)), plan_.name,
+               results, kind="eval")
+    if plot_file:
+        evalrun.plot(results, plot_file)
+    if as_json:
+        click.echo(json.dumps([r.as_dict() for r in results], indent=2))
+    elif matrix:
+        _print_matrix(results)
+    else:
+        _print_eval(results)
+    if plot_file:
+        click.echo(f"plot: {plot_file}", err=True)
+
+
+def _print_eval(results: list[Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for r in results:
+        console.print(f"{r.server}: {r.engine} {r.engine_version}, {r.model}, {r.kv_cache} KV cache, context "
+                      f"{r.context}", highlight=False)
+        if r.perplexity is not None:
+            console.print(f"  perplexity {r.perplexity:.4f} ± {_fmt(r.perplexity_error, 4)} on {r.eval_text}: "
+                          f"{r.tokens} tokens scored in {r.chunks} chunk(s) of {r.ppl_context}", highlight=False)
+        if r.kld_mean is not None:
+            console.print(f"  vs baseline ({r.baseline}): perplexity {r.perplexity_base:.4f}; KL divergence mean "
+                          f"{r.kld_mean:.6f}, p99 {r.kld_p99:.6f}; top-1 agreement {r.top1_agreement:.2%}",
+                          highlight=False)
+        if r.retrieval:
+            table = Table(title="pass-key retrieval (accuracy)", title_justify="left")
+            lengths = sorted({c["context_tokens"] for c in r.retrieval})
+            depths = sorted({c["depth"] for c in r.retrieval})
+            table.add_column("tokens", justify="right")
+            for d in depths:
+                table.add_column(f"depth {d:.0%}", justify="right")
+            table.add_column("decode tok/s", justify="right")
+            cells = {(c["context_tokens"], c["depth"]): c for c in r.retrieval}
+            for n in lengths:
+                rates = [cells[(n, d)]["decode_tps"] for d in depths if cells.get((n, d), {}).get("decode_tps")]
+                table.add_row(str(n), *[f"{cells[(n, d)]['accuracy']:.0%}" if (n, d) in cells else "-"
+                                        for d in depths], _fmt(max(rates) if rates else None))
+            console.print(table)
+        for n in r.notes:
+            console.print(f"  note: {n}", highlight=False)
+
+
+def _print_matrix(results: list[Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    groups: dict[tuple[str, str], list[Any]] = {}
+    for r in results:
+        groups.setdefault((f"{r.server}: {r.engine} {r.engine_version}", r.model), []).append(r)
+    for (server, model), rows in groups.items():
+        table = Table(title=f"{server}, {model} — KV cache × context", title_justify="left")
+        for col in ("KV", "context", "KV memory", "perplexity", "KLD vs f16", "KLD p99", "top-1 vs f16",
+                    "retrieval", "decode tok/s"):
+            table.add_column(col, justify="right" if col != "KV" else "left")
+        for r in rows:
+            acc = [c["accuracy"] for c in r.retrieval]
+            table.add_row(r.kv_cache + (" (experimental)" if r.experimental else ""), str(r.context),
+                          f"{r.kv_cache_bytes / 2**20:,.1f} MiB" if r.kv_cache_bytes is not None else "-",
+                          _fmt(r.perplexity, 4), _fmt(r.kld_mean, 6), _fmt(r.kld_p99, 5),
+                          f"{r.top1_agreement:.2%}" if r.top1_agreement is not None else "-",
+                          f"{sum(acc) / len(acc):.0%}" if acc else "-", _fmt(r.decode_tps))
+        console.print(table)
+        for r in rows:
+            for n in r.notes:
+                console.print(f"note ({r.kv_cache}, {r.context}): {n}", highlight=False)
 
 
 def _fmt(x: float | None, nd: int = 1) -> str:

@@ -434,7 +434,7 @@ def check_server(ctx: Ctx) -> None:
             ctx.warnings.append("trust_remote_code: the model's own Python code will run inside the server")
     if s.kv_cache == "q4_0":
         ctx.warnings.append("q4_0 KV cache: measurable quality loss at long context; prefer q8_0 unless memory-bound "
-                            "(measure with orchestrate quality)")
+                            "(measure it: orchestrate eval --baseline-kv f16)")
     if not ctx.facts.exists and ctx.facts.location and not s.model.hf:
         ctx.warnings.append(f"model file {ctx.facts.location} is not on this machine (fine for plan/render; "
                             "`up` needs it)")

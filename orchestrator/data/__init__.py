@@ -1,0 +1,1 @@
+"""Data files shipped with orchestrator (the evaluation text of `orchestrate eval`)."""
