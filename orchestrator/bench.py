@@ -275,6 +275,8 @@ def stream_completion(t: Target, prompt: list[int] | str, max_tokens: int, timeo
         s.prompt_tokens = len(prompt) if isinstance(prompt, list) else 0
     if s.cached_tokens is None and "cache_n" in s.server:
         s.cached_tokens = int(s.server["cache_n"])
+    elif s.cached_tokens is None and "prompt_n" in s.server and s.prompt_tokens:
+        s.cached_tokens = max(0, s.prompt_tokens - int(s.server["prompt_n"]))   # ik_llama: no cache_n
     s.ttft_s, s.total_s = first - t0, last - t0
     s.ok = True
     return s
@@ -432,6 +434,8 @@ class PrefixResult:
     ttft_speedup: float
     cached_tokens: int | None              # tokens the engine says it took from its cache
     counter: str                           # where cached_tokens came from
+    cold_processed: int | None = None      # prompt tokens the engine evaluated (its timings), cold and warm
+    warm_processed: int | None = None
 
 
 @dataclass
@@ -510,10 +514,15 @@ def run_prefix(t: Target, prompts: Prompts, prefix_tokens: int, suffix_tokens: i
     if not (cold.ok and warm.ok):
         raise BenchError(f"server {t.name}: prefix-cache run failed: {cold.error or warm.error}")
     counter = ("engine timings (cache_n)" if "cache_n" in warm.server else
+               "engine timings (prompt tokens - evaluated prompt_n)" if "prompt_n" in warm.server else
                "usage.prompt_tokens_details.cached_tokens" if warm.cached_tokens is not None else
                "not reported by this engine")
+    def evaluated(s: Sample) -> int | None:
+        return int(s.server["prompt_n"]) if "prompt_n" in s.server else None
+
     return PrefixResult(prefix_tokens, round(cold.ttft_s * 1000, 1), round(warm.ttft_s * 1000, 1),
-                        round(cold.ttft_s / warm.ttft_s, 2) if warm.ttft_s > 0 else 0.0, warm.cached_tokens, counter)
+                        round(cold.ttft_s / warm.ttft_s, 2) if warm.ttft_s > 0 else 0.0, warm.cached_tokens, counter,
+                        evaluated(cold), evaluated(warm))
 
 
 def warm_up(t: Target, prompts: Prompts) -> None:

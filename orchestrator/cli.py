@@ -538,7 +538,7 @@ def _print_eval(results: list[Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)   # piped: no wrapped headers
     for r in results:
         console.print(f"{r.server}: {r.engine} {r.engine_version}, {r.model}, {r.kv_cache} KV cache, context "
                       f"{r.context}", highlight=False)
@@ -601,7 +601,7 @@ def _print_bench(results: list[Any], previous: dict[str, Any] | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)   # piped: no wrapped headers
     for r in results:
         table = Table(title=f"{r.server}: {r.engine} {r.model} — {r.prompt_tokens} prompt + {r.gen_tokens} "
                             "generated tokens per request", title_justify="left")
@@ -622,6 +622,8 @@ def _print_bench(results: list[Any], previous: dict[str, Any] | None) -> None:
             p = r.prefix
             cached = f", engine reused {p.cached_tokens} tokens ({p.counter})" if p.cached_tokens is not None else \
                 f" ({p.counter})"
+            if p.warm_processed is not None:
+                cached += f" and evaluated {p.warm_processed} instead of {p.cold_processed}"
             lines.append(f"prefix cache: {p.prefix_tokens}-token shared prefix, TTFT {p.cold_ttft_ms:.0f} → "
                          f"{p.warm_ttft_ms:.0f} ms ({p.ttft_speedup:.1f}× faster){cached}")
         mem = []
@@ -663,7 +665,7 @@ def _print_compare(profiles: tuple[str, ...], runs: int, mode: str, rows: list[d
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)
     console.print(f"A = {profiles[0]}, B = {profiles[1]}; {runs} interleaved round(s); {mode}", highlight=False)
     for row in rows:
         table = Table(title=f"server {row['server']}: B/A (median of rounds, [min–max])", title_justify="left")

@@ -64,6 +64,11 @@ def speculative(ctx: Ctx) -> list[Flag] | None:
 def prompt_cache(ctx: Ctx) -> Flag | None:
     if not ctx.server.prefix_cache:
         return Flag("-cram", "0", "prefix_cache: false in the profile: no host-memory prompt cache")
+    if ctx.facts.metadata.get("attention.sliding_window"):
+        ctx.notes.append("prefix cache: on sliding-window models this ik_llama.cpp build re-processes a prompt that "
+                         "diverges from a cached one inside it (\"forcing full prompt re-processing\"; measured by "
+                         "orchestrate bench, --ctx-checkpoints did not help) and has no --swa-full; llama.cpp with "
+                         "--swa-full reuses such prefixes")
     return None
 
 

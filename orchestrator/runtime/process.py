@@ -147,8 +147,7 @@ def stop(rec: ServerRecord, grace: float = 10.0) -> str:
     raise RuntimeError(f"process group {rec.pgid} survived SIGKILL")
 
 
-def port_owner(host: str, port: int) -> str | None:
-    """Who listens on the port: 'pid 123 (name)' or 'another process'; None when the port is free."""
+def _bindable(host: str, port: int) -> bool:
     import socket
 
     bind_host = "0.0.0.0" if host in ("0.0.0.0", "::") else host  # noqa: S104 - probing only
@@ -156,9 +155,32 @@ def port_owner(host: str, port: int) -> str | None:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((bind_host, port))
-            return None
+            return True
         except OSError:
-            pass
+            return False
+
+
+def _only_time_wait(port: int) -> bool:
+    try:
+        states = {c.status for c in psutil.net_connections(kind="inet") if c.laddr and c.laddr.port == port}
+    except psutil.AccessDenied:
+        return False
+    return states == {psutil.CONN_TIME_WAIT}
+
+
+def port_owner(host: str, port: int, drain_s: float = 65.0) -> str | None:
+    """Who listens on the port: 'pid 123 (name)' or 'another process'; None when the port is free.
+    Connections of a server that just stopped linger in TIME_WAIT for up to a minute, and a server
+    whose listener lacks SO_REUSEADDR cannot bind until they are gone: wait for that drain."""
+    if _bindable(host, port):
+        return None
+    deadline = time.monotonic() + drain_s
+    while _only_time_wait(port) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        if _bindable(host, port):
+            return None
+    if _only_time_wait(port):
+        return f"connections of a stopped server still in TIME_WAIT after {drain_s:.0f} s"
     try:
         for conn in psutil.net_connections(kind="inet"):
             if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:

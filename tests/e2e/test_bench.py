@@ -57,8 +57,15 @@ def test_bench_agrees_with_engine_timings(engine: str, env, gemma: Path, built_e
     # The shared-prefix run: the engine reports the reused tokens, and the second request skips prefill.
     p = res["prefix"]
     assert p["counter"].startswith("engine timings")
-    assert p["cached_tokens"] >= p["prefix_tokens"] - 1
-    assert p["warm_ttft_ms"] * 1.5 < p["cold_ttft_ms"]
+    assert p["cold_processed"] >= p["prefix_tokens"]
+    if engine == "llama.cpp":   # --swa-full (planned for this sliding-window model) keeps the prefix reusable
+        assert p["cached_tokens"] >= p["prefix_tokens"] - 1
+        assert p["warm_processed"] <= 33   # only the 32-token suffix
+        assert p["warm_ttft_ms"] < p["cold_ttft_ms"]
+    else:                       # this ik build re-processes it, and the plan says so
+        assert p["cached_tokens"] == p["cold_processed"] - p["warm_processed"]
+        plan = env.run("plan", str(profile))
+        assert "re-processes a prompt that diverges" in plan.stdout
     assert res["rss_peak_bytes"] > 200 * 2**20
     rf = res["roofline"]
     assert rf["bandwidth_source"].startswith("measured") and 0 < rf["achieved_share"] < 1.0
