@@ -11,16 +11,21 @@ from . import bench, catalog
 from .deploy import Deployer
 from .errors import OrchestratorError
 from .plan import Plan, ServerPlan
-from .runtime import process
 
 Say = Callable[[str], None]
 
 
 def target_for(plan: Plan, sp: ServerPlan, deployer: Deployer) -> bench.Target:
     rec = deployer.store.load(plan.name).get(sp.name)
-    if rec is None or process.identity(rec) != "alive":
+    if rec is None or not deployer._alive(rec):
         raise bench.BenchError(f"server {sp.name} of {plan.name} is not running",
                                f"start it with orchestrate up {plan.profile_file}, or pass --up")
+    pid: int | None = rec.pid
+    if rec.runtime == "docker":   # the container's processes are host processes: sample their RSS by pid
+        try:
+            pid = int(deployer._docker().containers.get(rec.container).attrs["State"]["Pid"]) or None
+        except Exception:  # the daemon went away between the check and here: memory is then not sampled
+            pid = None
     key = None
     if sp.api_key is not None:
         key = deployer.environ.get(sp.api_key.env_var)
@@ -35,7 +40,7 @@ def target_for(plan: Plan, sp: ServerPlan, deployer: Deployer) -> bench.Target:
             bandwidth = gpu.bandwidth_gbs * max(sp.gpu_count, 1)
     kv = next((f.value for f in sp.flags if f.name in ("-ctk", "--cache-type-k", "--kv-cache-dtype") and f.value),
               "f16")
-    return bench.Target(sp.name, rec.host, rec.port, sp.served_name, sp.engine, key, rec.pid,
+    return bench.Target(sp.name, rec.host, rec.port, sp.served_name, sp.engine, key, pid,
                         "" if sp.model_is_hf else sp.model_location,
                         "f16" if kv in ("auto", "bf16") else kv, bandwidth, sp.gpu_ids)
 
