@@ -14,6 +14,7 @@ No printing here: callers get results and a progress callback.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -607,49 +608,32 @@ def bytes_per_token(model_location: str, kv_cache: str, depth: int) -> tuple[int
     return read + kv, f"weights {read / 2**20:.0f} MiB + " + "; ".join(parts)
 
 
-def memory_bandwidth_gbs(seconds: float = 0.6) -> float:
-    """This machine's memory bandwidth: all cores copying 64 MiB buffers (read + write counted),
-    measured once and cached."""
-    import hashlib
-    import platform
-
+@functools.lru_cache(maxsize=1)
+def memory_bandwidth_gbs(seconds: float = 1.0) -> float:
+    """This machine's memory read bandwidth, measured now (a decode step streams the weights, so
+    reads are what count): up to 16 threads each summing a 128 MiB float32 array, best of 3."""
     import numpy as np
     import psutil
 
-    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    ident = hashlib.sha256(f"{platform.node()}|{platform.processor()}|{cores}".encode()).hexdigest()[:12]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "orchestrator" / \
-        f"membw-{ident}.json"
-    try:
-        return float(json.loads(cache.read_text())["gbs"])
-    except (OSError, ValueError, KeyError):
-        pass
-    n = 64 * 2**20 // 8
-    bufs = [(np.ones(n), np.empty(n)) for _ in range(cores)]
-    moved = [0] * cores
-
-    def copy(i: int, until: float) -> None:
-        src, dst = bufs[i]
-        while time.perf_counter() < until:
-            np.copyto(dst, src)   # releases the GIL: the cores copy in parallel
-            moved[i] += 2 * src.nbytes
-
+    threads = min(psutil.cpu_count(logical=False) or os.cpu_count() or 1, 16)
+    arrays = [np.ones(32 * 2**20, dtype=np.float32) for _ in range(threads)]
     best = 0.0
     for _ in range(3):
-        moved = [0] * cores
+        done = [0] * threads
+        until = time.perf_counter() + seconds / 3
+
+        def read(i: int, until: float = until, done: list[int] = done) -> None:
+            while time.perf_counter() < until:
+                arrays[i].sum()   # releases the GIL: the threads read in parallel
+                done[i] += arrays[i].nbytes
+
         t0 = time.perf_counter()
-        until = t0 + seconds / 3
-        threads = [threading.Thread(target=copy, args=(i, until)) for i in range(cores)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        best = max(best, sum(moved) / (time.perf_counter() - t0) / 1e9)
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"gbs": best, "cores": cores}))
-    except OSError:
-        pass
+        workers = [threading.Thread(target=read, args=(i,)) for i in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = max(best, sum(done) / (time.perf_counter() - t0) / 1e9)
     return best
 
 
@@ -663,7 +647,7 @@ def roofline(t: Target, depth: int, decode_tps: float | None) -> Roofline | None
     if t.bandwidth_gbs:
         bw, src = t.bandwidth_gbs, "GPU catalog"
     else:
-        bw, src = memory_bandwidth_gbs(), "measured on this machine (parallel memcpy)"
+        bw, src = memory_bandwidth_gbs(), "measured on this machine now (parallel reads)"
     roof = bw * 1e9 / nbytes
     share = round(decode_tps / roof, 3) if decode_tps else None
     return Roofline(nbytes, round(bw, 1), src, round(roof, 1), share, detail)

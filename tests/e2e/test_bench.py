@@ -68,7 +68,9 @@ def test_bench_agrees_with_engine_timings(engine: str, env, gemma: Path, built_e
         assert "re-processes a prompt that diverges" in plan.stdout
     assert res["rss_peak_bytes"] > 200 * 2**20
     rf = res["roofline"]
-    assert rf["bandwidth_source"].startswith("measured") and 0 < rf["achieved_share"] < 1.0
+    # The roofline is an estimate (bandwidth measured by parallel reads a moment apart from decode on a
+    # shared machine): decode sits near it, never far above.
+    assert rf["bandwidth_source"].startswith("measured") and 0.1 < rf["achieved_share"] < 1.3
     assert env.records(profile.stem) == {}, "--up stops what it started"
 
 
