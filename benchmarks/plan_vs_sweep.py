@@ -212,7 +212,12 @@ def part_b(model: Path, engine: str, rounds: int) -> dict[str, Any]:
     pk = json.dumps(planned, sort_keys=True)
     best_pp = max(med_pp, key=lambda k: med_pp[k])
     best_tg = max(med_tg, key=lambda k: med_tg[k])
+    same = [k for k in key if json.loads(k)["-ctk"] == planned["-ctk"]]   # the profile's KV dtype: same quality
+    same_pp = max(same, key=lambda k: med_pp[k])
+    same_tg = max(same, key=lambda k: med_tg[k])
     return {"planned": planned, "planned_pp": med_pp[pk], "planned_tg": med_tg[pk],
+            "best_pp_same_kv": {"config": json.loads(same_pp), "tps": med_pp[same_pp]},
+            "best_tg_same_kv": {"config": json.loads(same_tg), "tps": med_tg[same_tg]},
             "best_pp": {"config": json.loads(best_pp), "tps": med_pp[best_pp]},
             "best_tg": {"config": json.loads(best_tg), "tps": med_tg[best_tg]},
             "pp_ratio": med_pp[pk] / med_pp[best_pp], "tg_ratio": med_tg[pk] / med_tg[best_tg],
@@ -275,6 +280,9 @@ def main() -> int:
                       f"{b['best_pp']['config']} → {b['pp_ratio']:.3f}")
                 print(f"  decode:  planned {b['planned_tg']:.2f} t/s, best {b['best_tg']['tps']:.2f} "
                       f"{b['best_tg']['config']} → {b['tg_ratio']:.3f}")
+                print(f"  same KV dtype as the profile ({b['planned']['-ctk']}): prefill "
+                      f"{b['planned_pp'] / b['best_pp_same_kv']['tps']:.3f}, decode "
+                      f"{b['planned_tg'] / b['best_tg_same_kv']['tps']:.3f} of the best")
                 ok &= b["pp_ratio"] >= 0.95 and b["tg_ratio"] >= 0.95
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -185,7 +185,7 @@ def kv_cache_bytes(facts: ModelFacts, engine: str, n_ctx_seq: int, n_seq: int, k
 
 
 def compute_bytes(facts: ModelFacts, engine: str, n_ctx_seq: int, n_seq: int, flash_attention: bool = True,
-                  n_ubatch: int = N_UBATCH) -> int:
+                  n_ubatch: int = N_UBATCH, swa_full: bool = False) -> int:
     meta = facts.metadata
     n_embd = _int(meta, "embedding_length")
     n_ff = _int(meta, "feed_forward_length", 4 * n_embd)
@@ -198,6 +198,8 @@ def compute_bytes(facts: ModelFacts, engine: str, n_ctx_seq: int, n_seq: int, fl
     graph = n_ubatch * 4 * (2 * n_ff + 4 * n_embd + 3 * n_head * d_k)
     if flash_attention:
         graph += n_ctx_seq * n_ubatch * 2
+        if swa_full and swa_layers(facts):
+            graph += n_ctx_seq * n_ubatch * 2   # the sliding-window layers' mask now spans the whole cache too
     else:
         graph += n_head * n_ctx_seq * n_ubatch * 4
     return graph + output
@@ -209,7 +211,7 @@ def estimate_gguf(facts: ModelFacts, engine: str, context: int, parallel: int, k
     weights = facts.size_bytes or 0
     have_shape = bool(facts.metadata.get("block_count"))
     kv_b = kv_cache_bytes(facts, engine, context, parallel, kv, swa_full=swa_full) if have_shape else 0
-    comp = compute_bytes(facts, engine, context, parallel, flash_attention) if have_shape else 0
+    comp = compute_bytes(facts, engine, context, parallel, flash_attention, swa_full=swa_full) if have_shape else 0
     overhead = 0 if on_cpu else GPU_RUNTIME_BYTES
     host = 0
     moved = ""

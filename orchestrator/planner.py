@@ -536,7 +536,7 @@ def plan_server(profile: Profile, index: int, facts: Facts) -> tuple[ServerPlan 
         if engine not in GGUF_ENGINES or not model.metadata.get("block_count"):
             return 0.0
         return (fit.kv_cache_bytes(model, engine, server.context, server.parallel, kv, swa_full=swa_full)
-                + fit.compute_bytes(model, engine, server.context, server.parallel, fa_on)) / GIB
+                + fit.compute_bytes(model, engine, server.context, server.parallel, fa_on, swa_full=swa_full)) / GIB
 
     offload = decide_offload(server, engine, facts.gpu, max(gpu_count, 1), model, runtime_gib(False))
     swa_full = decide_swa_full(server, engine, facts, model, gpu_count, kv, fa_on, offload, runtime_gib(True),
