@@ -57,6 +57,7 @@ class Mount:
     host_path: str
     container_path: str
     read_only: bool = True
+    k8s_claim: str | None = None       # Kubernetes: a PersistentVolumeClaim instead of a hostPath
 
 
 @dataclass(frozen=True)

