@@ -325,14 +325,20 @@ def logs(target: str, server: str | None, lines: int, follow: bool) -> None:
             pass
 
 
-def _concurrency(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+def _ints(value: str, minimum: int, what: str, each: str, example: str) -> list[int]:
+    """A comma-separated option as sorted distinct whole numbers, each at least `minimum`."""
     try:
-        levels = [int(x) for x in value.split(",") if x.strip()]
+        out = [int(x) for x in value.split(",") if x.strip()]
     except ValueError:
-        raise click.BadParameter(f"{value!r}: give comma-separated whole numbers, e.g. 1,2,4,8") from None
-    if not levels or any(c < 1 for c in levels):
-        raise click.BadParameter(f"{value!r}: each level must be 1 or more, e.g. 1,2,4,8")
-    return sorted(set(levels))
+        raise click.BadParameter(f"{value!r}: give comma-separated {what}, e.g. {example}") from None
+    if not out or any(n < minimum for n in out):
+        raise click.BadParameter(f"{value!r}: {each} must be {minimum}{' tokens' if minimum > 1 else ''} or more, "
+                                 f"e.g. {example}")
+    return sorted(set(out))
+
+
+def _concurrency(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+    return _ints(value, 1, "whole numbers", "each level", "1,2,4,8")
 
 
 @contextlib.contextmanager
@@ -426,15 +432,7 @@ def bench(profiles: tuple[str, ...], servers: tuple[str, ...], prompt_tokens: in
 
 
 def _int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
-    if value is None:
-        return None
-    try:
-        out = [int(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: give comma-separated token counts, e.g. 2048,8192") from None
-    if not out or any(n < 256 for n in out):
-        raise click.BadParameter(f"{value!r}: each must be 256 tokens or more, e.g. 2048,8192")
-    return sorted(set(out))
+    return None if value is None else _ints(value, 256, "token counts", "each", "2048,8192")
 
 
 def _depths(ctx: click.Context, param: click.Parameter, value: str) -> list[float]:

@@ -189,11 +189,14 @@ class Deployer:
             fh.write(content)
         os.chmod(path, 0o600)
 
+    def plan_env(self, sp: ServerPlan, container: bool = False) -> dict[str, str]:
+        """The plan's variables: literal values, secrets read from the user's environment now;
+        in a container without the process-only ones (devices are selected there instead)."""
+        return {e.name: self.environ.get(e.from_env, "") if e.from_env else (e.value or "")
+                for e in sp.env if not (container and e.process_only)}
+
     def process_env(self, sp: ServerPlan) -> dict[str, str]:
-        env = dict(self.environ)
-        for e in sp.env:
-            env[e.name] = self.environ.get(e.from_env, "") if e.from_env else (e.value or "")
-        return env
+        return {**self.environ, **self.plan_env(sp)}
 
     # ------------------------------------------------------------------ up
 
@@ -304,13 +307,7 @@ class Deployer:
         return self._docker_client
 
     def container_env(self, sp: ServerPlan, key: str | None) -> dict[str, str]:
-        """The container's environment: literal values from the plan, secrets read from the user's env now."""
-        env: dict[str, str] = {}
-        for e in sp.env:
-            if e.process_only:
-                continue
-            env[e.name] = (self.environ.get(e.from_env, "") if e.from_env else (e.value or ""))
-        return env
+        return self.plan_env(sp, container=True)
 
     def _up_docker(self, plan: Plan, sp: ServerPlan) -> UpResult:
         url = f"http://{sp.host}:{sp.port}/v1"
