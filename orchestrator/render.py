@@ -418,17 +418,11 @@ def render(plan: Plan, target: str, as_json: bool = False) -> str:
     if target in ("command", "docker"):
         return render_shell(plan, target)
     header = "# " + HEADER.format(file=plan.profile_file) + "\n"
-    if target == "llama-swap":
-        data = llama_swap_data(plan)
+    if target in ("llama-swap", "compose"):
+        data = llama_swap_data(plan) if target == "llama-swap" else compose_data(plan)
         text = header + _dump(data)
         if yaml.safe_load(text) != data:
-            raise OrchestratorError("llama-swap output did not round-trip", "report this as a bug")
-        return text
-    if target == "compose":
-        data = compose_data(plan)
-        text = header + _dump(data)
-        if yaml.safe_load(text) != data:
-            raise OrchestratorError("compose output did not round-trip", "report this as a bug")
+            raise OrchestratorError(f"{target} output did not round-trip", "report this as a bug")
         return text
     docs = k8s_docs(plan)
     if any(not s.shm_size for s in plan.servers if s.gpu_count > 1):
