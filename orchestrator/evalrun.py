@@ -135,10 +135,19 @@ def _facts(sp: ServerPlan) -> ModelFacts:
 
 
 def check_memory(sp: ServerPlan, context: int, with_base: bool, what: str) -> None:
-    """A clear error before a perplexity run that cannot fit in this machine's free memory."""
+    """A clear error before a perplexity run that cannot fit in this machine's free memory, or that
+    the engine's tool cannot run at this context."""
     import psutil
 
     facts = _facts(sp)
+    limit = quality.kld_context_limit(sp.engine, facts.metadata) if with_base else None
+    if limit is not None and context > limit:
+        n_vocab = int(facts.metadata.get("tokenizer.tokens_count") or 0)
+        raise QualityError(f"{what}: {sp.engine_display}'s {quality.PPL_TOOL} cannot compute KL divergence at "
+                           f"context {context} with a {n_vocab}-token vocabulary (its buffers overflow a 32-bit "
+                           f"index above context {limit})",
+                           f"measure at --ppl-context {limit // 256 * 256} or less, or use llama.cpp's "
+                           f"{quality.PPL_TOOL} for this model")
     kv = fit.kv_cache_bytes(facts, sp.engine, context, 1, kv_of(sp)) if facts.metadata.get("block_count") else 0
     need = quality.ppl_memory_bytes(facts.metadata, facts.size_bytes or 0, kv, context, with_base)
     have = psutil.virtual_memory().available
@@ -334,6 +343,16 @@ def _eval_name(name: str) -> str:
 
 def _matrix_ppl(cells: dict[str, Plan], results: dict[str, EvalResult], ctx: int, opts: Options, say: Say) -> None:
     base_sp = cells["f16"].servers[0]
+    limit = quality.kld_context_limit(base_sp.engine, _facts(base_sp).metadata)
+    if limit is not None and ctx > limit:
+        short = limit // 256 * 256
+        note = (f"perplexity and KL divergence measured in chunks of {short} tokens, not {ctx}: "
+                f"{base_sp.engine_display}'s {quality.PPL_TOOL} overflows a 32-bit index above {limit} with "
+                "this vocabulary")
+        for res in results.values():
+            res.notes.append(note)
+        say(f"context {ctx}: {note}")
+        ctx = short
     chunks = quality.chunks_for(ctx, opts.tokens)
     try:
         check_memory(base_sp, ctx, True, f"the f16 baseline at context {ctx}")

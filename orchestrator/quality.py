@@ -198,6 +198,17 @@ def ppl_memory_bytes(meta: dict[str, Any], weights_bytes: int, kv_bytes: int, co
     return weights_bytes + kv_bytes + out_buf + logits + base + 256 * 2**20
 
 
+def kld_context_limit(engine: str, meta: dict[str, Any]) -> int | None:
+    """Largest context ik_llama's llama-perplexity can write or read a KL-divergence base at.
+
+    Its KLD paths size buffers as `n_ctx * nv` and `n_ctx * n_vocab` in 32-bit int, which overflow
+    at 2^31 (a 262,144-token vocabulary at 8192 context). llama.cpp computes these in size_t."""
+    if engine != "ik_llama":
+        return None
+    n_vocab = int(meta.get("tokenizer.tokens_count") or 32000)
+    return (2**31 - 1) // (2 * ((n_vocab + 1) // 2) + 4)
+
+
 def base_file_bytes(meta: dict[str, Any], context: int, chunks: int) -> int:
     n_vocab = int(meta.get("tokenizer.tokens_count") or 32000)
     return chunks * (context * 4 + scored_per_chunk(context) * (2 * ((n_vocab + 1) // 2) + 4) * 2)

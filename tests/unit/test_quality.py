@@ -144,6 +144,15 @@ def test_perplexity_memory_counts_the_vocabulary_logits() -> None:
     assert quality.base_file_bytes(meta, 2048, 1) == pytest.approx(1023 * 262148 * 2 + 2048 * 4)
 
 
+def test_ik_kld_context_limit_matches_its_32_bit_buffers() -> None:
+    meta = {"tokenizer.tokens_count": 262144}
+    limit = quality.kld_context_limit("ik_llama", meta)
+    assert limit == 8191, "8192 x 262148 = 2^31 + 32768 overflows ik's int n_ctx * nv"
+    assert limit * (262144 + 4) < 2**31 <= (limit + 1) * (262144 + 4)
+    assert quality.kld_context_limit("ik_llama", {"tokenizer.tokens_count": 32000}) == 67100
+    assert quality.kld_context_limit("llama.cpp", meta) is None, "llama.cpp sizes these in size_t"
+
+
 # ------------------------------------------------------------------ saved results and plan
 
 def test_saved_eval_results_are_kept_apart_from_bench(tmp_path: Path) -> None:
