@@ -20,6 +20,7 @@ from .diagnose import Diagnosis, classify
 from .errors import OrchestratorError
 from .health import Prober, StageResult, quick_probe, wait_healthy
 from .plan import Plan, ServerPlan
+from .render import require_single_node
 from .runtime import docker as docker_rt
 from .runtime import process
 from .runtime.state import ServerRecord, StateStore
@@ -206,6 +207,7 @@ class Deployer:
         if unknown:
             raise OrchestratorError(f"no server named {', '.join(sorted(unknown))} in {plan.name}",
                                     f"servers: {', '.join(sp.name for sp in plan.servers)}")
+        require_single_node(selected, "up")
         results: list[UpResult] = []
         self.store.ensure()
         with self.store.lock(plan.name):

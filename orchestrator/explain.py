@@ -55,7 +55,9 @@ def explain_server(s: ServerPlan) -> list[str]:
     lines = [
         f"server {s.name}: {s.engine_display} {s.engine_version} ({s.engine_reason})",
         *([f"  version: {s.engine_version} from {s.engine_version_source}"] if s.engine_version_source else []),
-        f"  runtime: {s.runtime}; listens on {s.host}:{s.port}; serves model as {s.served_name!r}",
+        (f"  runtime: {s.runtime}; listens on {s.host}:{s.port}; serves model as {s.served_name!r}" if s.nodes == 1
+         else f"  spans {s.nodes} nodes × {s.gpu_count} GPUs: a LeaderWorkerSet group (render --target k8s); the "
+              f"leader listens on port {s.port} and serves model as {s.served_name!r}"),
         f"  image: {s.image or '-'} ({s.image_reason})",
     ]
     if s.executable:
@@ -69,7 +71,7 @@ def explain_server(s: ServerPlan) -> list[str]:
     width = min(width, 48)
     for f in s.flags:
         text = _flag_text(f.value, f.name)
-        tag = "" if f.source == "rule" else f" [{f.source}]"
+        tag = ("" if f.source == "rule" else f" [{f.source}]") + ("" if f.role == "all" else f" [{f.role} pods]")
         pad = text.ljust(width) if len(text) <= width else text + "\n" + " " * (width + 4)
         lines.append(f"    {pad} — {f.reason}{tag}")
     if s.env:

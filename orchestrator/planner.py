@@ -243,8 +243,12 @@ def health_timeout(server: Server, engine: str, facts: ModelFacts, on_cpu: bool 
     if engine in GGUF_ENGINES:
         t = int(60 + 10 * size)
         return t, f"auto: 60 s + 10 s/GiB for {size:.1f} GiB of weights (load from disk and warm-up)"
-    t = int(300 + 20 * size)
     work = "torch.compile and warm-up" if on_cpu else "torch.compile and CUDA graph capture"
+    if server.nodes > 1:   # every node loads its own share of the weights at the same time
+        share = size / server.nodes
+        return int(300 + 20 * share), (f"auto: 300 s + 20 s/GiB for {share:.1f} GiB, each node's share of "
+                                       f"{size:.1f} GiB (weights, {work})")
+    t = int(300 + 20 * size)
     return t, f"auto: 300 s + 20 s/GiB for {size:.1f} GiB (weights, {work})"
 
 
@@ -355,6 +359,18 @@ def _has_cycle(graph: dict[str, list[str]]) -> bool:
     return any(visit(n) for n in graph)
 
 
+def check_nodes(ctx: Ctx) -> None:
+    n = ctx.server.nodes
+    if n == 1:
+        return
+    if ctx.engine not in ("vllm", "sglang"):
+        ctx.error(("nodes",), f"{ctx.caps['display']} serves from one machine; nodes: {n} needs vLLM or SGLang",
+                  "set engine: vllm or engine: sglang with an HF-format model, or remove nodes:")
+    elif ctx.gpu.is_cpu:
+        ctx.error(("nodes",), f"nodes: {n} spans GPU machines; hardware.gpu is cpu",
+                  "set hardware.gpu to the GPU of each node, or remove nodes:")
+
+
 def check_server(ctx: Ctx) -> None:
     s, caps, gpu, engine = ctx.server, ctx.caps, ctx.gpu, ctx.engine
     disp = caps["display"]
@@ -377,6 +393,7 @@ def check_server(ctx: Ctx) -> None:
             else:
                 ctx.error(("engine",), f"{disp} needs compute capability ≥ {caps['min_compute_capability']}; "
                           f"{gpu.describe()}", "use llama.cpp (engine: llama.cpp) with a GGUF model on this GPU")
+    check_nodes(ctx)
     fmt = ctx.facts.format
     if fmt not in caps["formats"]:
         want = "a .gguf file" if fmt == "hf" else "an HF-format directory (config.json + safetensors)"
@@ -584,8 +601,11 @@ def plan_server(profile: Profile, index: int, facts: Facts) -> tuple[ServerPlan 
             ctx.warnings.append(f"installed {caps['display']} is {found.version} ({found.path}); the flags are "
                                 f"verified against {caps['verified_version']}: check them with `orchestrate plan`, "
                                 f"or install {caps['verified_version']}")
-    shm = "16g" if gpu_count > 1 else ("8g" if engine in ("vllm", "sglang") else None)
-    estimate = _fit(server, engine, facts, model, gpu_count, kv, offload, fa_on, flags, bool(swa_full))
+    shm = "16g" if gpu_count > 1 or server.nodes > 1 else ("8g" if engine in ("vllm", "sglang") else None)
+    estimate = _fit(server, engine, facts, model, gpu_count * server.nodes, kv, offload, fa_on, flags,
+                    bool(swa_full))
+    if server.nodes > 1:
+        estimate.device = f"{gpu_count * server.nodes} GPUs of {server.nodes} nodes"
     sp = ServerPlan(
         name=server.name, engine=engine, engine_display=caps["display"], engine_version=version.version,
         engine_version_source=version.source,
@@ -594,6 +614,7 @@ def plan_server(profile: Profile, index: int, facts: Facts) -> tuple[ServerPlan 
         model_location=model.location, model_format=model.format, model_is_hf=bool(server.model.hf),
         model_pypi=server.model.pypi, binary=server.binary, executable=executable,
         gpu_ids=list(server.gpus) if isinstance(server.gpus, list) else None, gpu_count=gpu_count,
+        nodes=server.nodes,
         command=list(caps["process_command"]), container_command=list(caps["container_command"]),
         flags=flags, env=env, api_key=ctx.api_key, mounts=mounts, health=health, shm_size=shm,
         warnings=ctx.warnings, notes=ctx.notes, estimate=estimate.as_dict(),

@@ -76,6 +76,9 @@ class Server(Strict):
     engine: Engine = "auto"
     engine_version: str | None = None
     gpus: Literal["all"] | list[int] = "all"
+    nodes: int = Field(1, ge=1, le=64, description="Machines this server spans, each like `hardware` "
+                                                   "(vLLM/SGLang across nodes; rendered by --target k8s as "
+                                                   "a LeaderWorkerSet)")
     model: Model
     context: int = Field(4096, ge=128, le=10_485_760, description="Tokens per sequence")
     kv_cache: KvCache = "auto"

@@ -55,6 +55,15 @@ class Ctx:
     problems: list[Problem] = field(default_factory=list)
 
     @property
+    def nodes(self) -> int:
+        return self.server.nodes
+
+    @property
+    def total_gpus(self) -> int:
+        """GPUs the server uses over all its nodes."""
+        return self.gpu_count * self.server.nodes
+
+    @property
     def on_cpu(self) -> bool:
         return self.gpu.is_cpu
 
@@ -72,6 +81,11 @@ class Ctx:
     def error(self, field_path: tuple[str | int, ...], message: str, hint: str) -> None:
         self.problems.append(Problem(self.path(*field_path), message, hint))
 
+
+# A LeaderWorkerSet sets these in every pod of a group; the kubelet expands $(VAR) in args.
+LWS_LEADER_ADDRESS = "$(LWS_LEADER_ADDRESS)"
+LWS_WORKER_INDEX = "$(LWS_WORKER_INDEX)"
+NODE_RANK_WHY = "this pod's index in its LeaderWorkerSet group (0 = the leader, which serves the API)"
 
 Out = Flag | EnvVar
 Rule = Callable[[Ctx], "Out | list[Out] | list[Flag] | None"]
@@ -143,8 +157,8 @@ def memory_fraction(ctx: Ctx, flag: str, default: float, default_why: str) -> Fl
         frac = round(default / (len(sharing) + 1), 2)
         return Flag(flag, f"{frac:.2f}", f"{len(sharing) + 1} vLLM/SGLang servers share the GPUs: each gets "
                                          f"{frac:.2f} of their memory")
-    device = int(ctx.gpu.vram_gb * GIB) * max(ctx.gpu_count, 1)
-    need = hf_required_fraction(ctx.facts, ctx.server.context, ctx.kv_cache, device, ctx.gpu_count)
+    device = int(ctx.gpu.vram_gb * GIB) * max(ctx.total_gpus, 1)
+    need = hf_required_fraction(ctx.facts, ctx.server.context, ctx.kv_cache, device, ctx.total_gpus)
     if need is not None and default < need + 0.01 <= 0.95:
         frac = math.ceil((need + 0.01) * 100) / 100
         return Flag(flag, f"{frac:.2f}", f"weights, activations and the KV of one {ctx.server.context}-token "

@@ -25,10 +25,21 @@ def max_running(ctx: Ctx) -> Flag:
     return Flag("--max-running-requests", str(ctx.server.parallel), "concurrent sequence(s) (profile parallel)")
 
 
-def tensor_parallel(ctx: Ctx) -> Flag | None:
-    if ctx.gpu_count > 1:
-        return Flag("--tp-size", str(ctx.gpu_count), f"shard the model over the {ctx.gpu_count} GPUs this server uses")
-    return None
+SGLANG_DIST_PORT = 20000   # rendezvous port on the leader (SGLang's multi-node examples)
+
+
+def tensor_parallel(ctx: Ctx) -> list[Flag]:
+    total = ctx.total_gpus
+    if ctx.nodes == 1:
+        return [Flag("--tp-size", str(total), f"shard the model over the {total} GPUs this server uses")] \
+            if total > 1 else []
+    n = str(ctx.nodes)
+    return [Flag("--tp-size", str(total), f"shard the model over all {total} GPUs: {ctx.gpu_count} on each of "
+                                          f"{n} nodes"),
+            Flag("--nnodes", n, f"the {n} nodes of the LeaderWorkerSet group run one SGLang instance"),
+            Flag("--node-rank", base.LWS_WORKER_INDEX, base.NODE_RANK_WHY),
+            Flag("--dist-init-addr", f"{base.LWS_LEADER_ADDRESS}:{SGLANG_DIST_PORT}",
+                 "torch.distributed rendezvous at the leader pod")]
 
 
 def memory_fraction(ctx: Ctx) -> Flag | None:

@@ -40,11 +40,23 @@ def max_num_seqs(ctx: Ctx) -> Flag:
     return Flag("--max-num-seqs", str(ctx.server.parallel), "concurrent sequence(s) (profile parallel)")
 
 
-def tensor_parallel(ctx: Ctx) -> Flag | None:
+def tensor_parallel(ctx: Ctx) -> list[Flag]:
+    out = []
     if ctx.gpu_count > 1:
-        return Flag("--tensor-parallel-size", str(ctx.gpu_count),
-                    f"shard the model over the {ctx.gpu_count} GPUs this server uses")
-    return None
+        where = "of each node" if ctx.nodes > 1 else "this server uses"
+        out.append(Flag("--tensor-parallel-size", str(ctx.gpu_count),
+                        f"shard the model over the {ctx.gpu_count} GPUs {where}"))
+    if ctx.nodes > 1:
+        # vLLM's multiprocessing backend across nodes (no Ray): the leader serves, workers run --headless.
+        n = str(ctx.nodes)
+        out += [Flag("--pipeline-parallel-size", n, f"one pipeline stage per node ({n}): tensor parallel stays on "
+                                                    "a node's own interconnect, only activations cross nodes"),
+                Flag("--nnodes", n, f"the {n} nodes of the LeaderWorkerSet group run one vLLM instance"),
+                Flag("--node-rank", base.LWS_WORKER_INDEX, base.NODE_RANK_WHY),
+                Flag("--master-addr", base.LWS_LEADER_ADDRESS, "torch.distributed rendezvous at the leader pod"),
+                Flag("--headless", None, "worker pods run the model's shards without an API server",
+                     role="worker")]
+    return out
 
 
 def memory_fraction(ctx: Ctx) -> Flag | None:

@@ -20,7 +20,7 @@ FIELDS = ("model_path", "served_model_name", "host", "port", "context_length", "
           "mem_fraction_static", "attention_backend", "kv_cache_dtype", "disable_radix_cache",
           "speculative_algorithm", "speculative_draft_model_path", "speculative_num_steps",
           "speculative_eagle_topk", "speculative_num_draft_tokens", "enable_metrics", "api_key",
-          "trust_remote_code", "device")
+          "trust_remote_code", "device", "nnodes", "node_rank", "dist_init_addr")
 
 
 def main(cases_path: str, out_path: str) -> None:

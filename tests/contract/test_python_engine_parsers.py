@@ -56,6 +56,7 @@ FEATURES: dict[str, dict[str, Any]] = {
     "draft": {"speculative": {"method": "draft", "draft_model": "/m/Qwen3-0.6B", "tokens": 5}},
     "no-prefix-cache": {"prefix_cache": False},
     "tensor-parallel": {"gpus": [0, 1]},
+    "multi-node": {"nodes": 2},                  # x 2 GPUs per node: LeaderWorkerSet leader and worker pods
     "two-servers": {},
     "key-remote-code": {"api_key_env": "CONTRACT_KEY", "host": "0.0.0.0",
                         "model": {"trust_remote_code": True}},
@@ -76,7 +77,7 @@ def runs_on(engine: str, gpu: Gpu) -> bool:
 
 
 def features_for(engine: str, gpu: Gpu) -> list[str]:
-    out = [f for f in FEATURES if not (gpu.is_cpu and f == "tensor-parallel")]
+    out = [f for f in FEATURES if not (gpu.is_cpu and f in ("tensor-parallel", "multi-node"))]
     if engine != "vllm" or not gpu.is_cpu:
         out.remove("threads")
     return out
@@ -101,6 +102,18 @@ class Case:
     env: dict[str, Any] = field(default_factory=dict)
     engine_config: bool = False
     refused: str | None = None       # the planner refused the profile (expected for some features)
+    rank: int = 0                    # multi-node: the pod's index in its LeaderWorkerSet group
+
+
+LEADER_ADDRESS = "lws-leader.ns.svc"
+
+
+def pod_args(sp: Any, rank: int) -> list[str]:
+    """The args of pod `rank` of a multi-node server, with the LeaderWorkerSet's $(VAR)s expanded as
+    the kubelet does."""
+    args = sp.args(role="leader" if rank == 0 else "worker")
+    return [a.replace("$(LWS_WORKER_INDEX)", str(rank)).replace("$(LWS_LEADER_ADDRESS)", LEADER_ADDRESS)
+            for a in args]
 
 
 def _plan_cases(label: str, engine: str, source: Path | str, tmp: Path, environ: dict[str, str]) -> list[Case]:
@@ -120,11 +133,12 @@ def _plan_cases(label: str, engine: str, source: Path | str, tmp: Path, environ:
         if sp.engine != engine:
             continue
         name = label if len(p.servers) == 1 else f"{label}/{sp.name}"
-        argv = sp.args()
         if sp.api_key:   # SGLang reads the key from the --config file: written here by the runtime's own code
             Deployer(StateStore(tmp / "state")).write_secret_files(sp, API_KEY)
-        out.append(Case(name, engine, gpu, server, sp.gpu_count, sharing, argv,
-                        {e.name: (e.from_env or e.value) for e in sp.env}))
+        env = {e.name: (e.from_env or e.value) for e in sp.env}
+        for rank in range(server.nodes):   # every pod of a multi-node server: leader and workers
+            out.append(Case(name if rank == 0 else f"{name}@rank{rank}", engine, gpu, server, sp.gpu_count,
+                            sharing, pod_args(sp, rank), env, rank=rank))
     return out
 
 
@@ -137,7 +151,7 @@ def matrix_profile(engine: str, gpu: Gpu, feature: str, model: str) -> str:
     servers = [server]
     if feature == "two-servers":
         servers.append({**server, "name": "t", "port": 8001, "model": {**model_spec, "served_name": "m2"}})
-    count = 2 if feature == "tensor-parallel" else 1
+    count = 2 if feature in ("tensor-parallel", "multi-node") else 1
     return yaml.safe_dump({"name": "matrix", "hardware": {"gpu": gpu.id, "count": count}, "servers": servers})
 
 
@@ -223,8 +237,9 @@ def intended_fraction(c: Case, default: float) -> float:
         return round(default / c.gpu_servers, 2)
     s = c.server
     facts = gather(s.model.hf, is_hf=True) if s.model.hf else gather(_model_path(s))
-    device = int(c.gpu.vram_gb * fit.GIB) * max(c.gpu_count, 1)
-    need = fit.hf_required_fraction(facts, s.context, s.kv_cache, device, c.gpu_count)
+    gpus = max(c.gpu_count, 1) * s.nodes
+    device = int(c.gpu.vram_gb * fit.GIB) * gpus
+    need = fit.hf_required_fraction(facts, s.context, s.kv_cache, device, gpus)
     if need is not None and default < need + 0.01 <= 0.95:
         return _math.ceil((need + 0.01) * 100) / 100
     return default
@@ -244,6 +259,10 @@ def vllm_expected(c: Case, defaults: dict[str, Any]) -> dict[str, Any]:
     }
     if not gpu.is_cpu:
         exp["kv_cache_memory_bytes"] = None
+    # Across nodes: tensor parallel inside a node, one pipeline stage per node, multiprocessing
+    # backend with the leader's address; workers run headless.
+    exp |= {"pipeline_parallel_size": s.nodes, "nnodes": s.nodes, "node_rank": c.rank,
+            "master_addr": LEADER_ADDRESS if s.nodes > 1 else "127.0.0.1", "headless": c.rank > 0}
     return exp
 
 
@@ -321,7 +340,9 @@ def sglang_expected(c: Case, defaults: dict[str, Any]) -> dict[str, Any]:
     s, gpu = c.server, c.gpu
     exp: dict[str, Any] = {
         "model_path": _model_path(s), "served_model_name": _served(s), "host": s.host, "port": s.port,
-        "context_length": s.context, "max_running_requests": s.parallel, "tp_size": max(c.gpu_count, 1),
+        "context_length": s.context, "max_running_requests": s.parallel, "tp_size": max(c.gpu_count, 1) * s.nodes,
+        "nnodes": s.nodes, "node_rank": c.rank,
+        "dist_init_addr": f"{LEADER_ADDRESS}:20000" if s.nodes > 1 else None,
         "mem_fraction_static": defaults["mem_fraction_static"] if gpu.is_cpu else intended_fraction(c, 0.85),
         "attention_backend": "fa3" if gpu.cc and gpu.cc[0] == 9 else None,
         "kv_cache_dtype": SGLANG_KV[s.kv_cache], "disable_radix_cache": not s.prefix_cache,
@@ -390,7 +411,7 @@ def _check_all(cases: dict[str, Case], out: dict[str, Any], tiny: Path | None = 
 
 def _matrix(cases: dict[str, Case], engine: str, gpu_id: str) -> dict[str, Case]:
     mine = {n: c for n, c in cases.items() if c.gpu.id == gpu_id and not n.startswith("profile:")}
-    features = {n.split(":")[1].split("/")[0] for n in mine}
+    features = {n.split(":")[1].split("/")[0].split("@")[0] for n in mine}
     assert features == set(features_for(engine, catalog.find_gpu(gpu_id))), features
     return mine
 

@@ -42,8 +42,9 @@ def literal_values(tp: object) -> list[str]:
 
 ARGS = ("model", "served_model_name", "max_model_len", "max_num_seqs", "tensor_parallel_size",
         "gpu_memory_utilization", "kv_cache_dtype", "enable_prefix_caching", "speculative_config",
-        "attention_backend", "dtype", "trust_remote_code", "kv_cache_memory_bytes", "enforce_eager")
-NAMESPACE = ("host", "port", "api_key", "model_tag")
+        "attention_backend", "dtype", "trust_remote_code", "kv_cache_memory_bytes", "enforce_eager",
+        "pipeline_parallel_size", "nnodes", "node_rank", "master_addr")
+NAMESPACE = ("host", "port", "api_key", "model_tag", "headless")
 
 
 def engine_config(engine_args: object) -> dict[str, object]:

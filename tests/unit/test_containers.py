@@ -199,3 +199,105 @@ def test_k8s_model_from_a_persistent_volume_claim(tmp_path: Path) -> None:
     [mount] = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "model-0"]
     assert mount["mountPath"] == "/models" and mount["readOnly"] is True
     assert "hostPath" not in text
+
+
+# ------------------------------------------------------------------ vLLM / SGLang across nodes
+
+def _multi_node(engine: str, **kw) -> dict:
+    return {"name": "big", "hardware": {"gpu": "h100-sxm", "count": 8},
+            "servers": [{"name": "m", "engine": engine, "nodes": 2, "port": 8000,
+                         "model": {"path": "/models/Llama-3.1-405B-Instruct-FP8", "k8s_claim": "llm-models"},
+                         **kw}]}
+
+
+def _pods(text: str) -> tuple[dict, dict, dict]:
+    docs = list(yaml.safe_load_all(text))
+    [lws] = [d for d in docs if d["kind"] == "LeaderWorkerSet"]
+    [svc] = [d for d in docs if d["kind"] == "Service"]
+    assert not [d for d in docs if d["kind"] == "Deployment"]
+    return lws, svc, lws["spec"]["leaderWorkerTemplate"]
+
+
+def _args_after(args: list[str], flag: str) -> str:
+    return args[args.index(flag) + 1]
+
+
+@pytest.mark.parametrize("timeout,interval", [(600, 5), (1800, 20)])
+def test_vllm_multi_node_is_a_leader_worker_set(timeout: int, interval: int, tmp_path: Path) -> None:
+    """vLLM's multiprocessing backend across nodes: tensor parallel inside a node, one pipeline stage
+    per node; the leader serves and is probed like a single-node server, the worker runs headless."""
+    plan = plan_of(_multi_node("vllm", health={"timeout": timeout, "interval": interval}))
+    text = render(plan, "k8s")
+    path = tmp_path / "k8s.yaml"
+    path.write_text(text)
+    p = _k8s_validate(path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lws, svc, lwt = _pods(text)
+    assert lws["spec"]["replicas"] == 1
+    assert lwt["size"] == 2 and lwt["restartPolicy"] == "RecreateGroupOnPodRestart"
+    assert svc["spec"]["selector"] == {"leaderworkerset.sigs.k8s.io/name": "big-m", "role": "leader"}
+    assert lwt["leaderTemplate"]["metadata"]["labels"]["role"] == "leader"
+    leader = lwt["leaderTemplate"]["spec"]["containers"][0]
+    worker = lwt["workerTemplate"]["spec"]["containers"][0]
+    for c in (leader, worker):
+        args = c["args"]
+        assert _args_after(args, "--tensor-parallel-size") == "8" and _args_after(args, "--pipeline-parallel-size") == "2"
+        assert _args_after(args, "--nnodes") == "2"
+        assert _args_after(args, "--node-rank") == "$(LWS_WORKER_INDEX)"
+        assert _args_after(args, "--master-addr") == "$(LWS_LEADER_ADDRESS)"
+        assert c["resources"] == {"limits": {"nvidia.com/gpu": 8}}
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+    assert "--headless" in worker["args"] and "--headless" not in leader["args"]
+    assert leader["startupProbe"]["periodSeconds"] == interval
+    assert leader["startupProbe"]["failureThreshold"] == math.ceil(timeout / interval)
+    assert leader["ports"][0]["containerPort"] == 8000
+    assert not {"startupProbe", "readinessProbe", "livenessProbe", "ports"} & set(worker), \
+        "a headless worker serves no HTTP"
+    vols = lwt["workerTemplate"]["spec"]["volumes"]
+    assert {"name": "model-0", "persistentVolumeClaim": {"claimName": "llm-models", "readOnly": True}} in vols
+
+
+def test_sglang_multi_node_uses_its_own_launcher_flags() -> None:
+    plan = plan_of(_multi_node("sglang", api_key_env="K", host="0.0.0.0"))
+    _, _, lwt = _pods(render(plan, "k8s"))
+    for tmpl in (lwt["leaderTemplate"], lwt["workerTemplate"]):
+        [c] = tmpl["spec"]["containers"]
+        args = c["args"]
+        assert _args_after(args, "--tp-size") == "16", "SGLang shards over every GPU of the group"
+        assert _args_after(args, "--nnodes") == "2" and _args_after(args, "--node-rank") == "$(LWS_WORKER_INDEX)"
+        assert _args_after(args, "--dist-init-addr") == "$(LWS_LEADER_ADDRESS):20000"
+        # every rank reads the same key config, from the same Secret
+        assert any(v["name"] == "api-key" for v in tmpl["spec"]["volumes"])
+
+
+@pytest.mark.parametrize("target", ["command", "docker", "compose", "llama-swap"])
+def test_multi_node_renders_for_k8s_only(target: str) -> None:
+    plan = plan_of(_multi_node("vllm"))
+    with pytest.raises(Exception) as exc:
+        render(plan, target)
+    msg = str(exc.value)
+    assert "spans 2 nodes" in msg and "--target k8s" in msg and "\n" not in msg
+
+
+def test_up_refuses_a_multi_node_server_before_starting_anything(tmp_path: Path) -> None:
+    from orchestrator.deploy import Deployer
+    from orchestrator.runtime.state import StateStore
+
+    plan = plan_of(_multi_node("vllm"))
+    store = StateStore(tmp_path / "state")
+    with pytest.raises(Exception, match="spans 2 nodes"):
+        Deployer(store).up(plan)
+    assert not (tmp_path / "state").exists(), "nothing half-started, nothing written"
+
+
+@pytest.mark.parametrize("doc,message", [
+    ({"name": "p", "hardware": {"gpu": "h100-sxm"}, "servers": [server(engine="llama.cpp", nodes=2)]},
+     "llama.cpp serves from one machine"),
+    ({"name": "p", "hardware": {"gpu": "cpu"},
+      "servers": [{"name": "s", "engine": "vllm", "nodes": 2, "model": {"path": "/models/Qwen3-32B"}}]},
+     "spans GPU machines"),
+])
+def test_multi_node_needs_vllm_or_sglang_on_gpus(doc: dict, message: str) -> None:
+    with pytest.raises(ProfileError) as exc:
+        plan_of(doc)
+    assert message in str(exc.value) and "nodes" in str(exc.value)

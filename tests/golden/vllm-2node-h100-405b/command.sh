@@ -1,0 +1,1 @@
+error: server llama spans 2 nodes (nodes: 2): --target command runs servers on this machine only — render it for a cluster with `orchestrate render PROFILE --target k8s` (a LeaderWorkerSet), or set nodes: 1
