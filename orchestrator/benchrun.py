@@ -17,15 +17,10 @@ Say = Callable[[str], None]
 
 def target_for(plan: Plan, sp: ServerPlan, deployer: Deployer) -> bench.Target:
     rec = deployer.store.load(plan.name).get(sp.name)
-    if rec is None or not deployer._alive(rec):
+    if rec is None or not deployer.alive(rec):
         raise bench.BenchError(f"server {sp.name} of {plan.name} is not running",
                                f"start it with orchestrate up {plan.profile_file}, or pass --up")
-    pid: int | None = rec.pid
-    if rec.runtime == "docker":   # the container's processes are host processes: sample their RSS by pid
-        try:
-            pid = int(deployer._docker().containers.get(rec.container).attrs["State"]["Pid"]) or None
-        except Exception:  # the daemon went away between the check and here: memory is then not sampled
-            pid = None
+    pid = deployer.host_pid(rec)   # a container's processes are host processes: RSS is sampled by pid
     key = None
     if sp.api_key is not None:
         key = deployer.environ.get(sp.api_key.env_var)

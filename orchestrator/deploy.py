@@ -493,7 +493,17 @@ class Deployer:
             return {**row, "state": "gone (container removed outside orchestrate)"}
         return self._container_row(dep, name, ct, rec)
 
-    def _alive(self, rec: ServerRecord) -> bool:
+    def host_pid(self, rec: ServerRecord) -> int | None:
+        """The server's main process as a host pid: the process itself, or a container's init (its
+        processes are host processes too); None when the daemon cannot say."""
+        if rec.runtime != "docker":
+            return rec.pid
+        try:
+            return int(self._docker().containers.get(rec.container).attrs["State"]["Pid"]) or None
+        except Exception:  # the daemon went away, or the container with it
+            return None
+
+    def alive(self, rec: ServerRecord) -> bool:
         if rec.runtime != "docker":
             return process.identity(rec) == "alive"
         c = self._docker(required=False)
@@ -592,7 +602,7 @@ class Deployer:
         try:
             while not stop:
                 records = self.store.load(deployment)
-                if not records or not all(self._alive(r) for r in records.values()):
+                if not records or not all(self.alive(r) for r in records.values()):
                     return
                 time.sleep(0.5)
         finally:
