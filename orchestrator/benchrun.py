@@ -63,7 +63,14 @@ class Started:
 
 def start(deployer: Deployer, plan: Plan, only: list[str] | None) -> Started:
     names = [sp.name for sp in select(plan, only)]
-    results = deployer.up(plan, names)
+    records = deployer.store.load(plan.name)
+    running = {n for n in names if n in records and deployer.alive(records[n])}
+    try:
+        results = deployer.up(plan, names)
+    except BaseException:   # interrupted (Ctrl-C, SIGTERM) while starting: stop what this run started
+        now = deployer.store.load(plan.name)
+        Started(deployer, plan, [n for n in names if n in now and n not in running]).stop()
+        raise
     started = Started(deployer, plan, [r.server for r in results if r.outcome in ("started", "restarted")])
     failed = [r for r in results if not r.ok]
     if failed:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -57,6 +58,13 @@ class _Group(click.Group):
 @click.version_option(package_name="orchestrator")
 def main(verbose: bool) -> None:
     """Declarative deployments for local LLM servers (llama.cpp, ik_llama.cpp, vLLM, SGLang)."""
+    # SIGTERM unwinds like Ctrl-C: servers that bench/eval started for their run (--up, --matrix) are
+    # stopped by their finally blocks instead of being left running.
+    signal.signal(signal.SIGTERM, _terminated)
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 @main.command()

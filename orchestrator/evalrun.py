@@ -115,8 +115,8 @@ def ppl_tool(sp: ServerPlan) -> str:
     from . import provision
 
     if sp.engine not in quality.GGUF_ENGINES:
-        raise QualityError(f"server {sp.name}: {sp.engine_display} has no {quality.PPL_TOOL}, and perplexity "
-                           "through its prompt_logprobs is not implemented yet",
+        raise QualityError(f"server {sp.name}: {sp.engine_display} has no {quality.PPL_TOOL}, and its server "
+                           "returns no prompt log-probabilities through /v1/completions (vLLM's do)",
                            "pass --no-perplexity to measure retrieval only")
     found = provision.locate(sp.engine, sp.accelerator, sp.command[0], sp.binary)
     if found.path is None:
@@ -240,7 +240,9 @@ def _result(sp: ServerPlan) -> EvalResult:
     facts = _facts(sp)
     kv = kv_of(sp)
     ctx = context_of(sp)
-    kv_bytes = fit.kv_cache_bytes(facts, sp.engine, ctx, 1, kv) if facts.metadata.get("block_count") else None
+    swa_full = any(f.name == "--swa-full" for f in sp.flags)   # what the server allocates, not the window
+    kv_bytes = (fit.kv_cache_bytes(facts, sp.engine, ctx, 1, kv, swa_full=swa_full)
+                if facts.metadata.get("block_count") else None)
     return EvalResult(sp.name, sp.engine, sp.engine_version, sp.served_name, sp.model_location, kv, ctx,
                       quality.EVAL_TEXT_NAME, kv_cache_bytes=kv_bytes, experimental=kv not in STANDARD_KV)
 
@@ -267,15 +269,28 @@ def _fill_retrieval(res: EvalResult, got: quality.Retrieval) -> None:
 def eval_plan(plan: Plan, loaded: LoadedProfile, deployer: Deployer, only: list[str] | None, opts: Options,
               say: Say, ignore_fit: bool = False) -> list[EvalResult]:
     servers = benchrun.select(plan, only)
+    through_server = [sp for sp in servers if opts.perplexity and sp.engine in quality.PROMPT_LOGPROB_ENGINES]
+    for sp in through_server:
+        if opts.baseline_kv or opts.baseline_file:
+            raise QualityError(f"server {sp.name}: KL divergence needs each token's whole distribution, which "
+                               f"only llama-perplexity writes; {sp.engine_display} returns the prompt tokens' own "
+                               "log-probabilities", "leave out --baseline* to measure perplexity, and compare it "
+                               "with the baseline profile's own eval")
     targets = {}
-    if opts.retrieval:   # before minutes of perplexity: is the server there?
-        targets = {sp.name: benchrun.target_for(plan, sp, deployer) for sp in servers}
+    if opts.retrieval or through_server:   # before minutes of perplexity: is the server there?
+        targets = {sp.name: benchrun.target_for(plan, sp, deployer)
+                   for sp in (servers if opts.retrieval else through_server)}
     results = []
     for sp in servers:
         res = _result(sp)
         res.settings = {"kv_cache": res.kv_cache, "context": res.context, "tokens_budget": opts.tokens,
                         "eval_text_sha256": quality.EVAL_TEXT_SHA256}
-        if opts.perplexity:
+        if sp in through_server:
+            # the chunk and the one generated token must fit the server's max_model_len
+            ctx = min(opts.ppl_context or res.context, res.context - 1)
+            _fill_ppl(res, quality.server_ppl(targets[sp.name], ctx, quality.chunks_for(ctx, opts.tokens), say),
+                      None, None)
+        elif opts.perplexity:
             ctx = opts.ppl_context or res.context
             base_sp, label = (baseline_plan(opts, loaded, sp, ignore_fit)
                               if opts.baseline_kv or opts.baseline_file else (None, None))

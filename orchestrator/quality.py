@@ -218,6 +218,87 @@ def scratch_dir(prefix: str = "orchestrate-eval-") -> tempfile.TemporaryDirector
     return tempfile.TemporaryDirectory(prefix=prefix)
 
 
+# --------------------------------------------------------------------------- perplexity through the server
+
+# Engines whose OpenAI completions endpoint returns the log-probability of every prompt token
+# (vLLM: `prompt_logprobs`, vllm/entrypoints/openai/completion/protocol.py).
+PROMPT_LOGPROB_ENGINES = ("vllm",)
+
+
+def server_chunks(tokenize: Callable[[str, bool], list[int]], context: int, chunks: int) -> list[list[int]]:
+    """The evaluation text as `chunks` consecutive chunks of `context` tokens in the server's own
+    tokenizer, each starting with its BOS token where the model has one, as llama-perplexity builds them."""
+    text = eval_text()
+    need = context * chunks
+    size = min(len(text), need * 6)
+    while True:
+        ids = tokenize(text[:size], False)
+        if len(ids) > need or size >= len(text):
+            break
+        size = min(len(text), size * 2)
+    if len(ids) < need:
+        raise QualityError(f"the evaluation text has {len(ids)} tokens in this tokenizer, fewer than {chunks} "
+                           f"chunk(s) of {context}", "score fewer tokens (--tokens) or a shorter --ppl-context")
+    # The model's BOS: what the tokenizer puts before a text when asked for its special tokens.
+    plain, special = tokenize("The", False), tokenize("The", True)
+    bos = special[:1] if len(special) == len(plain) + 1 and special[1:] == plain else []
+    out = []
+    for i in range(chunks):
+        chunk = ids[i * context:(i + 1) * context]
+        out.append(bos + chunk[1:] if bos else chunk)
+    return out
+
+
+def score_prompt_logprobs(chunk: list[int], entries: list[Any]) -> list[float]:
+    """Log-probabilities of the scored half of one chunk (positions context/2+1 .. context-1, as
+    llama-perplexity scores), read from vLLM's per-prompt-token dicts {token_id: {logprob, ...}}."""
+    if len(entries) != len(chunk):
+        raise QualityError(f"the server returned {len(entries)} prompt log-probabilities for {len(chunk)} tokens",
+                           "report this with the engine's version")
+    out = []
+    for pos in range(len(chunk) // 2 + 1, len(chunk)):
+        entry = entries[pos] or {}
+        got = entry.get(str(chunk[pos]))
+        if not isinstance(got, dict) or not isinstance(got.get("logprob"), int | float):
+            raise QualityError(f"no log-probability for prompt token {pos} ({chunk[pos]}) in the server's answer",
+                               "report this with the engine's version")
+        out.append(float(got["logprob"]))
+    return out
+
+
+def server_ppl(target: Any, context: int, chunks: int, say: Callable[[str], None]) -> PplRun:
+    """Perplexity through the running server: each chunk sent as token ids to /v1/completions with
+    prompt_logprobs, one token generated. Same chunks, same scored positions as llama-perplexity."""
+    from . import bench
+    from .health import HttpError
+
+    t0 = time.monotonic()
+    prompts = bench.Prompts(target)
+    data = server_chunks(prompts.tokenize, context, chunks)
+    logprobs: list[float] = []
+    for i, chunk in enumerate(data):
+        say(f"{target.name}: perplexity chunk {i + 1}/{chunks} ({context} tokens, prompt log-probabilities)")
+        body = {"model": target.served_name, "prompt": chunk, "max_tokens": 1, "temperature": 0,
+                "prompt_logprobs": 0}
+        try:
+            answer = target.post("/v1/completions", body, timeout=3600)
+        except HttpError as exc:
+            raise QualityError(f"server {target.name}: a {context}-token prompt_logprobs request failed: {exc}",
+                               "the chunk must fit the server's context (--ppl-context), see orchestrate logs") \
+                from None
+        entries = ((answer.get("choices") or [{}])[0] or {}).get("prompt_logprobs")
+        if not isinstance(entries, list):
+            raise QualityError(f"server {target.name}: /v1/completions returned no prompt_logprobs",
+                               "this needs an engine that returns prompt log-probabilities (vLLM)")
+        logprobs += score_prompt_logprobs(chunk, entries)
+    nll = -sum(logprobs) / len(logprobs)
+    # llama-perplexity's error estimate: the standard error of the mean NLL, carried through exp().
+    sd = statistics.pstdev(logprobs) if len(logprobs) > 1 else 0.0
+    err = math.exp(nll) * sd / math.sqrt(max(len(logprobs) - 1, 1))
+    return PplRun(context, chunks, len(logprobs), math.exp(nll), err, seconds=time.monotonic() - t0,
+                  argv=[f"POST {target.url}/completions prompt_logprobs=0 ({chunks} chunk(s) of {context} tokens)"])
+
+
 # --------------------------------------------------------------------------- retrieval
 
 INTRO = ("There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "

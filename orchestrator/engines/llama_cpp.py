@@ -79,9 +79,19 @@ def flash_attention(ctx: Ctx) -> Flag:
                 + (need or ", so let the engine decide"))
 
 
+# Measured (docs/quality.md, Gemma 3 270M, 2-core CPU): llama.cpp b11434 processed a 32k prompt
+# 2.4x (q8_0) and 4.4x (q4_0) slower than with an f16 cache; ik_llama.cpp's q4_0 cache ran at 205 tok/s.
+CPU_QUANT_KV_PREFILL = {"q8_0": 2.4, "q4_0": 4.4}
+
+
 def kv_types(ctx: Ctx) -> list[Flag] | None:
     if ctx.kv_cache in ("f16",):
         return None
+    slower = CPU_QUANT_KV_PREFILL.get(ctx.kv_cache)
+    if ctx.engine == "llama.cpp" and ctx.on_cpu and slower and ctx.server.context > 8192:
+        ctx.notes.append(f"{ctx.kv_cache} KV on CPU: llama.cpp's attention dequantizes the cache for every "
+                         f"token; a 32k prompt took {slower}x as long as with f16 (measured, docs/quality.md). "
+                         "Keep f16 when it fits, or use ik_llama.cpp, whose CPU kernels do not pay this")
     return [Flag("-ctk", ctx.kv_cache, ctx.kv_reason), Flag("-ctv", ctx.kv_cache, ctx.kv_reason)]
 
 

@@ -132,3 +132,41 @@ def test_bench_bad_input(env, gemma: Path) -> None:
     assert r.returncode == 2 and "exactly two profiles" in r.stderr
     r = env.run("bench", str(profile), "--server", "nope")
     assert r.returncode == 1 and "no server named nope" in r.stderr
+
+
+@pytest.mark.parametrize("when", ["starting", "measuring"])
+def test_sigterm_stops_the_servers_bench_up_started(when: str, env, gemma: Path, built_engines: None) -> None:
+    """SIGTERM (a CI timeout, systemd, kill) unwinds like Ctrl-C: bench --up stops the server it
+    started, whether the signal lands while the server is starting or while it is measured."""
+    import signal
+    import time
+
+    import psutil
+    import requests
+
+    profile = env.profile(f"bench-term-{when}", model={"path": str(gemma), "served_name": "gemma"},
+                          health={"timeout": 120, "interval": 1})
+    p = env.popen("bench", str(profile), "--up", "--prompt-tokens", "256", "--gen-tokens", "64",
+                  "--concurrency", "1", "--runs", "50", "--no-prefix")
+    pid = None
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and p.poll() is None and pid is None:
+        recs = env.records(profile.stem)   # written as soon as the server is spawned, before health
+        pid = recs["s"].pid if recs else None
+        time.sleep(0.05)
+    if when == "measuring":   # healthy, through up's remaining stages, into 50 requests of 64 tokens
+        port = yaml.safe_load(profile.read_text())["servers"][0]["port"]
+        while time.monotonic() < deadline and p.poll() is None:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        time.sleep(6)
+    assert pid is not None and p.poll() is None, "the server never started"
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, err
+    assert env.records(profile.stem) == {}, "the server bench started is stopped and forgotten"
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

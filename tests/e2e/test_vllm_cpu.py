@@ -7,6 +7,8 @@ with the log tail."""
 from __future__ import annotations
 
 import json
+import math
+import subprocess
 import time
 from pathlib import Path
 
@@ -14,7 +16,11 @@ import psutil
 import pytest
 import requests
 
+from orchestrator import quality
+from orchestrator.bench import Prompts, Target
+
 pytestmark = pytest.mark.engine_env
+HERE = Path(__file__).resolve().parent
 
 STAGES = ["process", "port", "ready", "models", "completion", "settings"]
 
@@ -95,6 +101,32 @@ def test_vllm_up_chat_stream_status_down(env, vllm_env, tiny_llama: Path) -> Non
     assert all(s["prompt_tokens"] == 64 and s["completion_tokens"] == 16 for s in res["samples"])
     assert res["prefix"]["warm_ttft_ms"] > 0 and res["roofline"]["bytes_per_token"] > 0
     assert secret not in b.stdout + b.stderr
+
+    # orchestrate eval on vLLM: perplexity through the server's prompt_logprobs, stable across runs and
+    # equal to an independent forward pass of the same model over the same chunks (transformers).
+    runs = []
+    for _ in range(2):
+        e = env.run("eval", str(profile), "--no-retrieval", "--ppl-context", "256", "--tokens", "400", "--json",
+                    env={"E2E_VLLM_KEY": secret}, timeout=600)
+        assert e.returncode == 0, e.stdout + e.stderr
+        runs.append(json.loads(e.stdout)[0])
+    r0 = runs[0]
+    assert r0["chunks"] == 4 and r0["tokens"] == 4 * 127 and r0["ppl_context"] == 256
+    assert math.isfinite(r0["perplexity"]) and r0["perplexity"] > 1
+    assert f"{runs[1]['perplexity']:.4g}" == f"{r0['perplexity']:.4g}", [r["perplexity"] for r in runs]
+    target = Target("s", "127.0.0.1", rec.port, "tiny", "vllm", api_key=secret)
+    chunks = quality.server_chunks(Prompts(target).tokenize, 256, 4)
+    chunks_file = env.state / "chunks.json"
+    chunks_file.write_text(json.dumps(chunks))
+    ref = subprocess.run([vllm_env.python, str(HERE / "hf_perplexity.py"), str(tiny_llama), str(chunks_file)],
+                         capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    reference = json.loads(ref.stdout.strip().splitlines()[-1])
+    assert reference["tokens"] == r0["tokens"]
+    assert r0["perplexity"] == pytest.approx(reference["perplexity"], rel=0.02), (r0["perplexity"], reference)
+    print(f"vLLM prompt_logprobs perplexity {r0['perplexity']:.4f} over {r0['tokens']} tokens; "
+          f"transformers reference {reference['perplexity']:.4f}")
+    assert secret not in e.stdout + e.stderr
 
     st = env.run("status", "vllm-cpu", "--json", env={"E2E_VLLM_KEY": secret})
     assert json.loads(st.stdout)[0]["state"] == "healthy"

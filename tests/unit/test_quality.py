@@ -213,22 +213,94 @@ def test_eval_needs_a_running_server_for_retrieval(profile: Path, tmp_path: Path
     assert "server s of q is not running" in r.stderr and "--up" in r.stderr
 
 
-def test_eval_engine_without_perplexity_tool(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine,extra,message", [
+    # vLLM: perplexity through the running server's prompt_logprobs, so the server must be up
+    ("vllm", [], "server s of v is not running"),
+    ("vllm", ["--baseline-kv", "fp8"], "KL divergence needs each token's whole distribution"),
+    ("sglang", [], "SGLang has no llama-perplexity, and its server returns no prompt log-probabilities"),
+])
+def test_eval_perplexity_on_engines_without_llama_perplexity(engine: str, extra: list[str], message: str,
+                                                            tmp_path: Path) -> None:
     model = tmp_path / "hf"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 256,
                                                    "num_hidden_layers": 2, "num_attention_heads": 4,
                                                    "vocab_size": 512, "max_position_embeddings": 2048}))
-    doc = {"name": "v", "hardware": {"gpu": "cpu"},
-           "servers": [{"name": "s", "engine": "vllm", "context": 1024, "port": 18998,
+    doc = {"name": "v", "hardware": {"gpu": "cpu" if engine == "vllm" else "h100-sxm"},
+           "servers": [{"name": "s", "engine": engine, "context": 1024, "port": 18998,
                         "model": {"path": str(model)}}]}
     path = tmp_path / "v.yaml"
     path.write_text(yaml.safe_dump(doc))
-    r = _cli("eval", str(path), "--no-retrieval", "--ignore-fit", state=tmp_path / "state")
+    r = _cli("eval", str(path), "--no-retrieval", "--ignore-fit", *extra, state=tmp_path / "state")
     assert r.returncode == 1
-    assert "vLLM has no llama-perplexity" in r.stderr and "--no-perplexity" in r.stderr
+    assert message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_prompt_logprobs_are_scored_like_llama_perplexity() -> None:
+    """Chunks start with BOS, positions context/2+1 .. context-1 are scored (as llama-perplexity does),
+    each read from the entry of the token actually at that position."""
+    text_ids = list(range(100, 140))
+    calls: list[tuple[str, bool]] = []
+
+    def tokenize(text: str, special: bool) -> list[int]:
+        calls.append((text[:10], special))
+        ids = [5] if text == "The" else text_ids
+        return [1, *ids] if special else ids
+
+    chunks = quality.server_chunks(tokenize, 8, 3)
+    assert chunks == [[1, *range(101, 108)], [1, *range(109, 116)], [1, *range(117, 124)]]
+    chunk = chunks[0]
+    entries = [None] + [{str(t): {"logprob": -float(i), "rank": 1}, "999": {"logprob": -0.1}}
+                        for i, t in enumerate(chunk[1:], start=1)]
+    assert quality.score_prompt_logprobs(chunk, entries) == [-5.0, -6.0, -7.0]
+    assert len(quality.score_prompt_logprobs(chunk, entries)) == quality.scored_per_chunk(8)
+    with pytest.raises(quality.QualityError, match="no log-probability for prompt token 6"):
+        quality.score_prompt_logprobs(chunk, entries[:6] + [{"5": {"logprob": -1.0}}] + entries[7:])
+    with pytest.raises(quality.QualityError, match="fewer than 3 chunk"):
+        quality.server_chunks(lambda t, s: [1, 2, 3], 8, 3)
+    # a tokenizer that adds no BOS: chunks are the text's own tokens
+    assert quality.server_chunks(lambda t, s: [5] if t == "The" else text_ids, 8, 1) == [text_ids[:8]]
 
 
 def test_shipped_text_decompresses_from_the_package() -> None:
     raw = resources.files("orchestrator.data").joinpath(quality.EVAL_TEXT_FILE).read_bytes()
     assert hashlib.sha256(lzma.decompress(raw)).hexdigest() == quality.EVAL_TEXT_SHA256
+
+
+@pytest.mark.parametrize("engine,kv,context,noted", [
+    ("llama.cpp", "q4_0", 32768, True), ("llama.cpp", "q8_0", 16384, True),
+    ("llama.cpp", "q8_0", 4096, False),      # short prompts: the cost is small
+    ("llama.cpp", "f16", 32768, False), ("ik_llama", "q4_0", 32768, False),
+])
+def test_plan_notes_the_measured_prefill_cost_of_quantized_kv_on_cpu(engine: str, kv: str, context: int,
+                                                                      noted: bool) -> None:
+    from orchestrator.planner import build_plan
+    from orchestrator.profile import load_text
+
+    doc = {"name": "q", "hardware": {"gpu": "cpu"},
+           "servers": [{"name": "s", "engine": engine, "kv_cache": kv, "context": context,
+                        "model": {"path": "/models/Qwen3-8B-Q4_K_M.gguf"}}]}
+    plan = build_plan(load_text(yaml.safe_dump(doc), "q.yaml"), environ={"HOME": "/h"}, detect=False,
+                      enforce_fit=False)
+    notes = " ".join(plan.servers[0].notes)
+    assert ("took" in notes and "as long as with f16" in notes) is noted, notes
+
+
+def test_eval_kv_memory_is_what_the_planned_server_allocates() -> None:
+    """With --swa-full in the plan (llama.cpp, prefix cache on a sliding-window model) the server keeps
+    every layer's KV; the eval's KV column must count that, not the window."""
+    from orchestrator import fit
+    from orchestrator.modelinfo import gather
+    from orchestrator.planner import build_plan
+    from orchestrator.profile import load_text
+
+    doc = {"name": "g", "hardware": {"gpu": "cpu"},
+           "servers": [{"name": "s", "engine": "llama.cpp", "context": 32768,
+                        "model": {"path": "/models/gemma-3-4b-it-Q4_K_M.gguf"}}]}
+    sp = build_plan(load_text(yaml.safe_dump(doc), "g.yaml"), environ={"HOME": "/h"}, detect=False,
+                    enforce_fit=False).servers[0]
+    assert "--swa-full" in [f.name for f in sp.flags]
+    facts = gather(sp.model_location)
+    full = fit.kv_cache_bytes(facts, "llama.cpp", 32768, 1, "f16", swa_full=True)
+    assert evalrun._result(sp).kv_cache_bytes == full > fit.kv_cache_bytes(facts, "llama.cpp", 32768, 1, "f16")
