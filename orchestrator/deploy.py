@@ -19,8 +19,7 @@ from . import provision
 from .diagnose import Diagnosis, classify
 from .errors import OrchestratorError
 from .health import Prober, StageResult, quick_probe, wait_healthy
-from .plan import Plan, ServerPlan
-from .render import require_single_node
+from .plan import Plan, ServerPlan, require_single_node
 from .runtime import docker as docker_rt
 from .runtime import process
 from .runtime.state import ServerRecord, StateStore

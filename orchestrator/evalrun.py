@@ -146,7 +146,7 @@ def check_memory(sp: ServerPlan, context: int, with_base: bool, what: str) -> No
         raise QualityError(f"{what}: {sp.engine_display}'s {quality.PPL_TOOL} cannot compute KL divergence at "
                            f"context {context} with a {n_vocab}-token vocabulary (its buffers overflow a 32-bit "
                            f"index above context {limit})",
-                           f"measure at --ppl-context {limit // 256 * 256} or less, or use llama.cpp's "
+                           f"measure at --ppl-context {quality.kld_chunk(limit)} or less, or use llama.cpp's "
                            f"{quality.PPL_TOOL} for this model")
     kv = fit.kv_cache_bytes(facts, sp.engine, context, 1, kv_of(sp)) if facts.metadata.get("block_count") else 0
     need = quality.ppl_memory_bytes(facts.metadata, facts.size_bytes or 0, kv, context, with_base)
@@ -270,6 +270,7 @@ def eval_plan(plan: Plan, loaded: LoadedProfile, deployer: Deployer, only: list[
               say: Say, ignore_fit: bool = False) -> list[EvalResult]:
     servers = benchrun.select(plan, only)
     through_server = [sp for sp in servers if opts.perplexity and sp.engine in quality.PROMPT_LOGPROB_ENGINES]
+    by_server = {sp.name for sp in through_server}
     for sp in through_server:
         if opts.baseline_kv or opts.baseline_file:
             raise QualityError(f"server {sp.name}: KL divergence needs each token's whole distribution, which "
@@ -285,7 +286,7 @@ def eval_plan(plan: Plan, loaded: LoadedProfile, deployer: Deployer, only: list[
         res = _result(sp)
         res.settings = {"kv_cache": res.kv_cache, "context": res.context, "tokens_budget": opts.tokens,
                         "eval_text_sha256": quality.EVAL_TEXT_SHA256}
-        if sp in through_server:
+        if sp.name in by_server:
             # the chunk and the one generated token must fit the server's max_model_len
             ctx = min(opts.ppl_context or res.context, res.context - 1)
             _fill_ppl(res, quality.server_ppl(targets[sp.name], ctx, quality.chunks_for(ctx, opts.tokens), say),
@@ -360,7 +361,7 @@ def _matrix_ppl(cells: dict[str, Plan], results: dict[str, EvalResult], ctx: int
     base_sp = cells["f16"].servers[0]
     limit = quality.kld_context_limit(base_sp.engine, _facts(base_sp).metadata)
     if limit is not None and ctx > limit:
-        short = limit // 256 * 256
+        short = quality.kld_chunk(limit)
         note = (f"perplexity and KL divergence measured in chunks of {short} tokens, not {ctx}: "
                 f"{base_sp.engine_display}'s {quality.PPL_TOOL} overflows a 32-bit index above {limit} with "
                 "this vocabulary")

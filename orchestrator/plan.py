@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from .errors import OrchestratorError
+
 Source = Literal["rule", "user", "default"]
 Role = Literal["all", "leader", "worker"]
 
@@ -144,6 +146,17 @@ class Plan:
             if s.name == name:
                 return s
         raise KeyError(name)
+
+
+def require_single_node(servers: list[ServerPlan], doing: str) -> None:
+    """Multi-node servers need a cluster that starts one pod per node: only the k8s target has one."""
+    multi = [s for s in servers if s.nodes > 1]
+    if multi:
+        s = multi[0]
+        raise OrchestratorError(f"server {s.name} spans {s.nodes} nodes (nodes: {s.nodes}): {doing} runs servers "
+                                "on this machine only",
+                                "render it for a cluster with `orchestrate render PROFILE --target k8s` (a "
+                                "LeaderWorkerSet), or set nodes: 1")
 
 
 def _build(cls: Any, data: dict[str, Any]) -> Any:

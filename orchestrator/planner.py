@@ -602,10 +602,10 @@ def plan_server(profile: Profile, index: int, facts: Facts) -> tuple[ServerPlan 
                                 f"verified against {caps['verified_version']}: check them with `orchestrate plan`, "
                                 f"or install {caps['verified_version']}")
     shm = "16g" if gpu_count > 1 or server.nodes > 1 else ("8g" if engine in ("vllm", "sglang") else None)
-    estimate = _fit(server, engine, facts, model, gpu_count * server.nodes, kv, offload, fa_on, flags,
-                    bool(swa_full))
+    total_gpus = gpu_count * server.nodes
+    estimate = _fit(server, engine, facts, model, total_gpus, kv, offload, fa_on, flags, bool(swa_full))
     if server.nodes > 1:
-        estimate.device = f"{gpu_count * server.nodes} GPUs of {server.nodes} nodes"
+        estimate.device = f"{total_gpus} GPUs of {server.nodes} nodes"
     sp = ServerPlan(
         name=server.name, engine=engine, engine_display=caps["display"], engine_version=version.version,
         engine_version_source=version.source,

@@ -209,6 +209,11 @@ def kld_context_limit(engine: str, meta: dict[str, Any]) -> int | None:
     return (2**31 - 1) // (2 * ((n_vocab + 1) // 2) + 4)
 
 
+def kld_chunk(limit: int) -> int:
+    """The chunk size used under a KL-divergence context limit: a whole multiple of 256 tokens."""
+    return limit // 256 * 256
+
+
 def base_file_bytes(meta: dict[str, Any], context: int, chunks: int) -> int:
     n_vocab = int(meta.get("tokenizer.tokens_count") or 32000)
     return chunks * (context * 4 + scored_per_chunk(context) * (2 * ((n_vocab + 1) // 2) + 4) * 2)

@@ -27,6 +27,16 @@ def plan_of(doc: dict, environ: dict[str, str] | None = None):
                       state_dir="/var/lib/orchestrator", detect=False, enforce_fit=False)
 
 
+def valid_k8s(plan, tmp_path: Path) -> str:
+    """The k8s target of `plan`, after it passed the schema check."""
+    text = render(plan, "k8s")
+    path = tmp_path / "k8s.yaml"
+    path.write_text(text)
+    p = _k8s_validate(path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return text
+
+
 def server(**kw) -> dict:
     return {"name": "s", "model": {"path": "/models/m-Q4_K_M.gguf"}, **kw}
 
@@ -99,11 +109,7 @@ def test_compose_health_depends_on_and_env_example(orchestrate, tmp_path: Path) 
 def test_k8s_probes_follow_the_profile_health_settings(timeout: int, interval: int, tmp_path: Path) -> None:
     plan = plan_of({"name": "p", "hardware": {"gpu": "rtx-3090"},
                     "servers": [server(health={"timeout": timeout, "interval": interval}, api_key_env="K")]})
-    text = render(plan, "k8s")
-    path = tmp_path / "k8s.yaml"
-    path.write_text(text)
-    p = _k8s_validate(path)
-    assert p.returncode == 0, p.stdout + p.stderr
+    text = valid_k8s(plan, tmp_path)
     [deploy] = [d for d in yaml.safe_load_all(text) if d["kind"] == "Deployment"]
     c = deploy["spec"]["template"]["spec"]["containers"][0]
     startup, ready, live = c["startupProbe"], c["readinessProbe"], c["livenessProbe"]
@@ -187,11 +193,7 @@ def test_k8s_model_from_a_persistent_volume_claim(tmp_path: Path) -> None:
     of another folder keeps its hostPath; the manifest still passes the schema."""
     plan = plan_of({"name": "p", "hardware": {"gpu": "rtx-3090"},
                     "servers": [server(model={"path": "/models/m-Q4_K_M.gguf", "k8s_claim": "llm-models"})]})
-    text = render(plan, "k8s")
-    path = tmp_path / "k8s.yaml"
-    path.write_text(text)
-    p = _k8s_validate(path)
-    assert p.returncode == 0, p.stdout + p.stderr
+    text = valid_k8s(plan, tmp_path)
     [deploy] = [d for d in yaml.safe_load_all(text) if d["kind"] == "Deployment"]
     spec = deploy["spec"]["template"]["spec"]
     [vol] = [v for v in spec["volumes"] if v["name"] == "model-0"]
@@ -227,11 +229,7 @@ def test_vllm_multi_node_is_a_leader_worker_set(timeout: int, interval: int, tmp
     """vLLM's multiprocessing backend across nodes: tensor parallel inside a node, one pipeline stage
     per node; the leader serves and is probed like a single-node server, the worker runs headless."""
     plan = plan_of(_multi_node("vllm", health={"timeout": timeout, "interval": interval}))
-    text = render(plan, "k8s")
-    path = tmp_path / "k8s.yaml"
-    path.write_text(text)
-    p = _k8s_validate(path)
-    assert p.returncode == 0, p.stdout + p.stderr
+    text = valid_k8s(plan, tmp_path)
     lws, svc, lwt = _pods(text)
     assert lws["spec"]["replicas"] == 1
     assert lwt["size"] == 2 and lwt["restartPolicy"] == "RecreateGroupOnPodRestart"
