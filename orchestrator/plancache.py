@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .plan import Plan, plan_from_dict
+from orchestrator.plan.model import Plan, plan_from_dict
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _PACKAGE = Path(__file__).resolve().parent

@@ -41,7 +41,7 @@ def orchestrate():
 def require_pyenv(key: str):
     """An installed engine environment (orchestrator.pyenvs), or skip — except under CI, where a missing
     environment fails the test: scripts/test.sh installs them, so CI never skips these silently."""
-    from orchestrator import pyenvs
+    from orchestrator.provision import pyenvs
 
     env = pyenvs.installed(key)
     if env is None:
@@ -67,7 +67,7 @@ def sglang_parser_env():
 def tiny_llama(vllm_env) -> Path:
     """A random-weight Llama-style HF model (2.7 MB) made by tests/e2e/make_tiny_llama.py with the vLLM env's
     Python. Kept at a path named after the generator's hash, so vLLM's compile cache for it stays valid."""
-    from orchestrator.provision import cache_root
+    from orchestrator.provision.builds import cache_root
 
     digest = hashlib.sha256(MAKE_TINY_LLAMA.read_bytes()).hexdigest()[:12]
     out = cache_root() / "test-models" / f"tiny-llama-{digest}"

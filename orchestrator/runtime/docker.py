@@ -14,8 +14,8 @@ import tarfile
 import time
 from typing import Any
 
-from ..errors import OrchestratorError
-from ..plan import ServerPlan
+from orchestrator.errors import OrchestratorError
+from orchestrator.plan.model import ServerPlan
 
 LABEL = "orchestrator"
 L_PROFILE, L_SERVER, L_HASH = f"{LABEL}.profile", f"{LABEL}.server", f"{LABEL}.plan-hash"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 
-from .state import ServerRecord
+from orchestrator.runtime.state import ServerRecord
 
 
 def spawn(argv: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import provision
-from orchestrator.planner import build_plan
+from orchestrator.plan.planner import build_plan
 from orchestrator.profile import load
+from orchestrator.provision import builds as provision
 
 ROOT = Path(__file__).resolve().parents[2]
 PROFILES = sorted([*ROOT.glob("profiles/*.yaml"), *ROOT.glob("examples/*.yaml")])
@@ -164,8 +164,8 @@ MATRIX_CASES = [(e, *c) for e, cases in MATRIX.items() for c in cases]
 def test_rule_matrix_parses(engine: str, case: str, gpu: str, model: str, server: dict[str, object],
                             engines: dict[str, Path], tmp_path: Path) -> None:
     """Every rule path (KV types, speculative methods, MoE offload, key file) in each engine's syntax."""
-    from orchestrator.modelinfo import ModelFacts
-    from orchestrator.planner import gather_facts, plan
+    from orchestrator.facts.model import ModelFacts
+    from orchestrator.plan.planner import gather_facts, plan
     from orchestrator.profile import load_text
 
     loaded = load_text(_variant(engine, gpu, model, **server), f"{case}.yaml")

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator import provision
-from orchestrator.engineversion import probe
 from orchestrator.errors import ProfileError
-from orchestrator.planner import build_plan
+from orchestrator.facts.engine_probe import probe
+from orchestrator.plan.planner import build_plan
 from orchestrator.profile import load_text
+from orchestrator.provision import builds as provision
 from tests.contract.test_engine_parsers import PROFILES, free_port, parse_check
 
 ROOT = Path(__file__).resolve().parents[2]

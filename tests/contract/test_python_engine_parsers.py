@@ -30,10 +30,10 @@ import yaml
 
 from orchestrator import catalog
 from orchestrator.catalog import Gpu
-from orchestrator.deploy import Deployer
 from orchestrator.errors import ProfileError
-from orchestrator.planner import gather_facts, plan
+from orchestrator.plan.planner import gather_facts, plan
 from orchestrator.profile import Server, expand_path, load, load_text
+from orchestrator.runtime.deployer import Deployer
 from orchestrator.runtime.state import StateStore
 
 pytestmark = pytest.mark.engine_env
@@ -230,8 +230,8 @@ def intended_fraction(c: Case, default: float) -> float:
     when weights + activations + one full-length sequence of KV need more (orchestrator.fit)."""
     import math as _math
 
-    from orchestrator import fit
-    from orchestrator.modelinfo import gather
+    from orchestrator.facts.model import gather
+    from orchestrator.plan import fit
 
     if c.gpu_servers > 1:
         return round(default / c.gpu_servers, 2)

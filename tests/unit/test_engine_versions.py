@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from orchestrator import catalog
-from orchestrator.engineversion import EngineVersion, help_options, order_key, parse_version, supports
 from orchestrator.errors import ProfileError
-from orchestrator.planner import build_plan
+from orchestrator.facts.engine_probe import EngineVersion, help_options, order_key, parse_version, supports
+from orchestrator.plan.planner import build_plan
 from orchestrator.profile import load
 
 LLAMA_HELP = """\

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import yaml
 
-from orchestrator import fit
-from orchestrator.modelinfo import gather
-from orchestrator.planner import build_plan
+from orchestrator.facts.model import gather
+from orchestrator.plan import fit
+from orchestrator.plan.planner import build_plan
 from orchestrator.profile import load
 
 MIB = 2**20

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import yaml
 
-from orchestrator import catalog, fit
-from orchestrator.modelinfo import ModelFacts, gather, split_parts
-from orchestrator.planner import build_plan
+from orchestrator import catalog
+from orchestrator.facts.model import ModelFacts, gather, split_parts
+from orchestrator.plan import fit
+from orchestrator.plan.planner import build_plan
 from orchestrator.profile import load
 
 GIB = 2**30

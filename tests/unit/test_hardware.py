@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from orchestrator import hardware
+from orchestrator.facts import hardware
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "hardware"
 

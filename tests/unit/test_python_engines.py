@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.diagnose import classify
 from orchestrator.errors import ProfileError
-from orchestrator.health import planned_settings
-from orchestrator.planner import build_plan
+from orchestrator.plan.planner import build_plan
 from orchestrator.profile import load_text
+from orchestrator.runtime.diagnose import classify
+from orchestrator.runtime.health import planned_settings
 
 MIB = 2**20
 
@@ -165,7 +165,8 @@ def test_vllm_failures_are_classified(line: str, cause: str) -> None:
 
 def test_an_env_without_its_manifest_is_not_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """pyenvs writes the manifest last: a folder from an interrupted install is never taken for an engine."""
-    from orchestrator import provision, pyenvs
+    from orchestrator.provision import builds as provision
+    from orchestrator.provision import pyenvs
 
     monkeypatch.setenv("ORCHESTRATOR_CACHE", str(tmp_path / "cache"))
     root = pyenvs.env_dir(pyenvs.RECIPES["vllm"])
@@ -188,7 +189,8 @@ def test_an_env_without_its_manifest_is_not_installed(tmp_path: Path, monkeypatc
 
 
 def test_unknown_python_engine_recipe(orchestrate) -> None:
-    from orchestrator import provision, pyenvs
+    from orchestrator.provision import builds as provision
+    from orchestrator.provision import pyenvs
 
     with pytest.raises(provision.ProvisionError, match="unknown Python engine"):
         pyenvs.install("vllm-rocm")

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator import bench, evalrun, quality
+from orchestrator.measure import bench, quality
+from orchestrator.measure import eval_plan as evalrun
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "perplexity"
 ROOT = Path(__file__).resolve().parents[2]
@@ -275,7 +276,7 @@ def test_shipped_text_decompresses_from_the_package() -> None:
 ])
 def test_plan_notes_the_measured_prefill_cost_of_quantized_kv_on_cpu(engine: str, kv: str, context: int,
                                                                       noted: bool) -> None:
-    from orchestrator.planner import build_plan
+    from orchestrator.plan.planner import build_plan
     from orchestrator.profile import load_text
 
     doc = {"name": "q", "hardware": {"gpu": "cpu"},
@@ -290,9 +291,9 @@ def test_plan_notes_the_measured_prefill_cost_of_quantized_kv_on_cpu(engine: str
 def test_eval_kv_memory_is_what_the_planned_server_allocates() -> None:
     """With --swa-full in the plan (llama.cpp, prefix cache on a sliding-window model) the server keeps
     every layer's KV; the eval's KV column must count that, not the window."""
-    from orchestrator import fit
-    from orchestrator.modelinfo import gather
-    from orchestrator.planner import build_plan
+    from orchestrator.facts.model import gather
+    from orchestrator.plan import fit
+    from orchestrator.plan.planner import build_plan
     from orchestrator.profile import load_text
 
     doc = {"name": "g", "hardware": {"gpu": "cpu"},

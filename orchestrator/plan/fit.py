@@ -17,7 +17,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .modelinfo import ModelFacts
+from orchestrator.facts.model import ModelFacts
 
 GIB = 2**30
 MIB = 2**20

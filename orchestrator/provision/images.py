@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import provision
-from .errors import OrchestratorError
+from orchestrator.errors import OrchestratorError
+from orchestrator.provision import builds as provision
 
 PREFIX = "localhost/orchestrator/"    # planner.LOCAL_IMAGE_PREFIX: compose probes such images with wget
 USER = "65534:65534"
@@ -138,7 +138,7 @@ def build_image(engine: str, backend: str = "cpu", gpu_arch: str | None = None, 
     """Build the image and return its tag."""
     from docker.errors import APIError, BuildError
 
-    from .runtime import docker as docker_rt
+    from orchestrator.runtime import docker as docker_rt
 
     inst = provision.installed(engine, backend, gpu_arch)
     if inst is None:

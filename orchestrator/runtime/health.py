@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .plan import ServerPlan
+from orchestrator.plan.model import ServerPlan
 
 STAGES = ("process", "port", "ready", "models", "completion", "settings")
 READY, PENDING, FAILED = "ready", "pending", "failed"

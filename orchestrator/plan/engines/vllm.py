@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 import math
 
-from .. import fit
-from ..plan import EnvVar, Flag
-from . import base
-from .base import Ctx, Rule, api_key_env, bind_host, port, user_args
+from orchestrator.plan import fit
+from orchestrator.plan.engines import base
+from orchestrator.plan.engines.base import Ctx, Rule, api_key_env, bind_host, port, user_args
+from orchestrator.plan.model import EnvVar, Flag
 
 KV_DTYPES = {"f16": "auto", "bf16": "bfloat16", "fp8": "fp8", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
 

@@ -8,9 +8,9 @@ default and `-fmoe` is rejected, the API key comes only from `--api-key-file`.
 
 from __future__ import annotations
 
-from ..plan import Flag
-from . import llama_cpp as mainline
-from .base import Ctx, Rule, api_key_file, bind_host, port, user_args
+from orchestrator.plan.engines import llama_cpp as mainline
+from orchestrator.plan.engines.base import Ctx, Rule, api_key_file, bind_host, port, user_args
+from orchestrator.plan.model import Flag
 
 
 def model(ctx: Ctx) -> Flag:

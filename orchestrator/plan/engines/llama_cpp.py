@@ -5,9 +5,9 @@ ik_llama.cpp shares most of these (see ik_llama.py); the rules that differ say s
 
 from __future__ import annotations
 
-from ..engineversion import explain_missing, supports
-from ..plan import Flag
-from .base import Ctx, Rule, api_key_env, bind_host, port, user_args
+from orchestrator.facts.engine_probe import explain_missing, supports
+from orchestrator.plan.engines.base import Ctx, Rule, api_key_env, bind_host, port, user_args
+from orchestrator.plan.model import Flag
 
 QUANTIZED_KV = {"q8_0", "q4_0", "q6_0", "q8_KV"}
 
@@ -159,7 +159,7 @@ def prompt_cache(ctx: Ctx) -> list[Flag] | None:
 
 
 def fit_recurrent(ctx: Ctx) -> bool:
-    from ..fit import recurrent_layers
+    from orchestrator.plan.fit import recurrent_layers
 
     return recurrent_layers(ctx.facts) > 0
 

@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import provision
-from .diagnose import Diagnosis, classify
-from .errors import OrchestratorError
-from .health import Prober, StageResult, quick_probe, wait_healthy
-from .plan import Plan, ServerPlan, require_single_node
-from .runtime import docker as docker_rt
-from .runtime import process
-from .runtime.state import ServerRecord, StateStore
+from orchestrator.errors import OrchestratorError
+from orchestrator.plan.model import Plan, ServerPlan, require_single_node
+from orchestrator.provision import builds as provision
+from orchestrator.runtime import docker as docker_rt
+from orchestrator.runtime import process
+from orchestrator.runtime.diagnose import Diagnosis, classify
+from orchestrator.runtime.health import Prober, StageResult, quick_probe, wait_healthy
+from orchestrator.runtime.state import ServerRecord, StateStore
 
 Progress = Callable[[str, str, str], None]   # (server, event, detail)
 STOP_GRACE_S = float(os.environ.get("ORCHESTRATOR_STOP_GRACE", "10"))

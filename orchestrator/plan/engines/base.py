@@ -11,12 +11,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..catalog import Gpu
-from ..engineversion import EngineVersion
-from ..errors import Problem
-from ..modelinfo import ModelFacts
-from ..plan import ApiKey, EnvVar, Flag
-from ..profile import Profile, Server
+from orchestrator.catalog import Gpu
+from orchestrator.errors import Problem
+from orchestrator.facts.engine_probe import EngineVersion
+from orchestrator.facts.model import ModelFacts
+from orchestrator.plan.model import ApiKey, EnvVar, Flag
+from orchestrator.profile import Profile, Server
 
 
 @dataclass
@@ -148,7 +148,7 @@ def memory_fraction(ctx: Ctx, flag: str, default: float, default_why: str) -> Fl
     0.95) when weights + activations + one full-length sequence of KV would not fit in the default."""
     import math
 
-    from ..fit import GIB, hf_required_fraction
+    from orchestrator.plan.fit import GIB, hf_required_fraction
 
     if ctx.on_cpu:
         return None

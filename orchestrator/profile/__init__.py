@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import Problem, ProfileError
+from orchestrator.errors import Problem, ProfileError
 
 Engine = Literal["llama.cpp", "ik_llama", "vllm", "sglang", "auto"]
 KvCache = Literal["auto", "f16", "bf16", "q8_0", "q4_0", "fp8", "fp8_e4m3", "fp8_e5m2"]

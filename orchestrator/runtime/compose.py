@@ -7,9 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .errors import OrchestratorError
-from .plan import Plan
-from .runtime.state import default_state_dir
+from orchestrator.errors import OrchestratorError
+from orchestrator.plan.model import Plan
+from orchestrator.runtime.state import default_state_dir
 
 COMPOSE_FIX = ("install Docker Compose v2 (the docker-compose-plugin package, or a docker-compose v2 binary on "
                "PATH), or set ORCHESTRATOR_COMPOSE to its path")
@@ -46,8 +46,8 @@ def project_dir(name: str, directory: str | None, environ: dict[str, str]) -> Pa
 
 
 def up(plan: Plan, directory: str | None, environ: dict[str, str]) -> int:
-    from .render import env_example, render
-    from .runtime import docker as docker_rt
+    from orchestrator.render import env_example, render
+    from orchestrator.runtime import docker as docker_rt
 
     docker_rt.client()      # one-line error when no daemon answers, before anything is written
     folder = project_dir(plan.name, directory, environ)

@@ -15,16 +15,18 @@ from pathlib import PurePosixPath
 from types import ModuleType
 from typing import Any
 
-from . import catalog, engineversion, fit
-from .catalog import Gpu, UnknownGpu
-from .engines import ik_llama, llama_cpp, sglang, vllm
-from .engines.base import Ctx, Offload, run_rules
-from .engineversion import EngineVersion
-from .errors import Problem, ProfileError
-from .modelinfo import ModelFacts, gather
-from .plan import ApiKey, EnvVar, HealthSpec, Mount, Plan, ServerPlan
-from .profile import LoadedProfile, Profile, Server, expand_path
-from .runtime.state import default_state_dir
+from orchestrator import catalog
+from orchestrator.catalog import Gpu, UnknownGpu
+from orchestrator.errors import Problem, ProfileError
+from orchestrator.facts import engine_probe as engineversion
+from orchestrator.facts.engine_probe import EngineVersion
+from orchestrator.facts.model import ModelFacts, gather
+from orchestrator.plan import fit
+from orchestrator.plan.engines import ik_llama, llama_cpp, sglang, vllm
+from orchestrator.plan.engines.base import Ctx, Offload, run_rules
+from orchestrator.plan.model import ApiKey, EnvVar, HealthSpec, Mount, Plan, ServerPlan
+from orchestrator.profile import LoadedProfile, Profile, Server, expand_path
+from orchestrator.runtime.state import default_state_dir
 
 ENGINE_MODULES: dict[str, ModuleType] = {"llama.cpp": llama_cpp, "ik_llama": ik_llama, "vllm": vllm, "sglang": sglang}
 GGUF_ENGINES = ("llama.cpp", "ik_llama")
@@ -56,7 +58,7 @@ class Facts:
 def resolve_gpu(profile: Profile, detect: bool = True) -> tuple[Gpu, str, int, list[Problem]]:
     name = profile.hardware.gpu
     if name == "auto":
-        from .hardware import detect_gpu
+        from orchestrator.facts.hardware import detect_gpu
 
         found = detect_gpu() if detect else None
         if found is None:
@@ -135,7 +137,7 @@ def resolve_version(server: Server, engine: str, gpu: Gpu, look_up: bool = True)
     caps = catalog.engine(engine)
     probed = None
     if look_up and server.runtime == "process":
-        from .provision import locate
+        from orchestrator.provision.builds import locate
 
         found = locate(engine, gpu.accelerator, caps["process_command"][0], server.binary)
         if found.path and found.usable and engine in GGUF_ENGINES:
@@ -590,7 +592,7 @@ def plan_server(profile: Profile, index: int, facts: Facts) -> tuple[ServerPlan 
                         timeout, server.health.interval, timeout_reason)
     executable = ""
     if facts.look_up_engines and server.runtime == "process":
-        from .provision import locate
+        from orchestrator.provision.builds import locate
 
         arch = facts.gpu.compute_capability.replace(".", "") if facts.gpu.compute_capability else facts.gpu.gfx_target
         found = locate(engine, facts.gpu.accelerator, caps["process_command"][0], server.binary, arch)

@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import OrchestratorError
-from .health import HttpError, http, probe_host
+from orchestrator.errors import OrchestratorError
+from orchestrator.runtime.health import HttpError, http, probe_host
 
 Progress = Callable[[str], None]
 
@@ -579,8 +579,8 @@ def bytes_per_token(model_location: str, kv_cache: str, depth: int) -> tuple[int
     """Bytes a batch-1 decode step reads: every weight except the token-embedding table (one row is
     read, unless it doubles as the output matrix), only the active share of MoE experts, and the KV
     cache of `depth` earlier tokens."""
-    from .fit import kv_cache_bytes
-    from .modelinfo import gather
+    from orchestrator.facts.model import gather
+    from orchestrator.plan.fit import kv_cache_bytes
 
     facts = gather(model_location)
     meta = facts.metadata

@@ -7,10 +7,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import bench, catalog
-from .deploy import Deployer
-from .errors import OrchestratorError
-from .plan import Plan, ServerPlan
+from orchestrator import catalog
+from orchestrator.errors import OrchestratorError
+from orchestrator.measure import bench
+from orchestrator.plan.model import Plan, ServerPlan
+from orchestrator.runtime.deployer import Deployer
 
 Say = Callable[[str], None]
 

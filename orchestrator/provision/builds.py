@@ -224,7 +224,7 @@ class Located:
 def locate(engine: str, accelerator: str, command: str, binary: str | None = None,
            gpu_arch: str | None = None) -> Located:
     """Which executable a server will run, without building or installing anything."""
-    from . import catalog
+    from orchestrator import catalog
 
     module = catalog.engine(engine).get("python_module")
     if module:
@@ -250,7 +250,7 @@ def locate(engine: str, accelerator: str, command: str, binary: str | None = Non
 
 def _locate_python(engine: str, module: str, accelerator: str, binary: str | None) -> Located:
     """vLLM / SGLang: the Python interpreter that can import the engine, and the engine's version."""
-    from . import pyenvs
+    from orchestrator.provision import pyenvs
 
     if binary:
         path = str(Path(binary).expanduser())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .plan import Plan, ServerPlan
+from orchestrator.plan.model import Plan, ServerPlan
 
 GIB = 2**30
 

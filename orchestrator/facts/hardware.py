@@ -15,8 +15,8 @@ import xml.etree.ElementTree as ET  # noqa: S405 - parses nvidia-smi's own outpu
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import catalog
-from .catalog import Gpu
+from orchestrator import catalog
+from orchestrator.catalog import Gpu
 
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
              "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
@@ -244,7 +244,8 @@ def detect_docker() -> dict[str, Any]:
 
 
 def detect_engines() -> list[dict[str, Any]]:
-    from . import provision, pyenvs
+    from orchestrator.provision import builds as provision
+    from orchestrator.provision import pyenvs
 
     out: list[dict[str, Any]] = [
         {"engine": e.engine, "version": e.version, "backend": e.backend, "path": str(e.binary()), "source": "installed"}

@@ -31,7 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import OrchestratorError
+from orchestrator.errors import OrchestratorError
 
 Progress = Callable[[str], None]
 GIB = 2**30
@@ -274,8 +274,8 @@ def score_prompt_logprobs(chunk: list[int], entries: list[Any]) -> list[float]:
 def server_ppl(target: Any, context: int, chunks: int, say: Callable[[str], None]) -> PplRun:
     """Perplexity through the running server: each chunk sent as token ids to /v1/completions with
     prompt_logprobs, one token generated. Same chunks, same scored positions as llama-perplexity."""
-    from . import bench
-    from .health import HttpError
+    from orchestrator.measure import bench
+    from orchestrator.runtime.health import HttpError
 
     t0 = time.monotonic()
     prompts = bench.Prompts(target)
@@ -362,7 +362,7 @@ class Retrieval:
 def run_retrieval(target: Any, lengths: list[int], depths: tuple[float, ...] | list[float], trials: int,
                   progress: Progress | None = None) -> Retrieval:
     """Pass-key retrieval through the server's text-completion endpoint, as token ids."""
-    from . import bench
+    from orchestrator.measure import bench
 
     say = progress or (lambda msg: None)
     bench.check_target(target)

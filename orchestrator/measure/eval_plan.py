@@ -10,13 +10,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import benchrun, catalog, fit, quality
-from .deploy import Deployer
-from .errors import OrchestratorError, ProfileError
-from .modelinfo import ModelFacts, gather
-from .plan import Plan, ServerPlan
-from .profile import LoadedProfile, load
-from .quality import GIB, QualityError
+from orchestrator import catalog
+from orchestrator.errors import OrchestratorError, ProfileError
+from orchestrator.facts.model import ModelFacts, gather
+from orchestrator.measure import bench_plan as benchrun
+from orchestrator.measure import quality
+from orchestrator.measure.quality import GIB, QualityError
+from orchestrator.plan import fit
+from orchestrator.plan.model import Plan, ServerPlan
+from orchestrator.profile import LoadedProfile, load
+from orchestrator.runtime.deployer import Deployer
 
 Say = Callable[[str], None]
 MATRIX_KV = ("f16", "q8_0", "q4_0")
@@ -77,7 +80,7 @@ def variant(loaded: LoadedProfile, server: str, *, kv: str | None = None, contex
             port: int | None = None, name: str | None = None, enforce_fit: bool = True) -> Plan:
     """The profile with one server, its KV type / context / port changed and one slot, planned by the
     planner as any profile is: every flag keeps its rule and reason."""
-    from .planner import build_plan
+    from orchestrator.plan.planner import build_plan
 
     prof = loaded.profile
     [srv] = [s for s in prof.servers if s.name == server]
@@ -112,7 +115,7 @@ def context_of(sp: ServerPlan) -> int:
 
 def ppl_tool(sp: ServerPlan) -> str:
     """llama-perplexity from the same build as the server's llama-server."""
-    from . import provision
+    from orchestrator.provision import builds as provision
 
     if sp.engine not in quality.GGUF_ENGINES:
         raise QualityError(f"server {sp.name}: {sp.engine_display} has no {quality.PPL_TOOL}, and its server "
@@ -216,7 +219,7 @@ def baseline_plan(opts: Options, loaded: LoadedProfile, sp: ServerPlan, ignore_f
         plan = variant(loaded, sp.name, kv=opts.baseline_kv, context=context_of(sp), enforce_fit=not ignore_fit)
         return plan.servers[0], f"same server with {opts.baseline_kv} KV cache"
     assert opts.baseline_file
-    from .planner import build_plan
+    from orchestrator.plan.planner import build_plan
 
     try:
         plan = build_plan(load(opts.baseline_file), enforce_fit=not ignore_fit)
@@ -427,7 +430,7 @@ def _matrix_retrieval(cell: Plan, res: EvalResult, deployer: Deployer, opts: Opt
 def quality_notes(plan: Plan, results_path: Path) -> dict[str, str]:
     """For each server of the plan, the latest saved eval (not --matrix) that measured the same engine,
     model, KV type and context: one line to show under `orchestrate plan`."""
-    from . import bench
+    from orchestrator.measure import bench
 
     notes: dict[str, str] = {}
     for entry in bench.saved(results_path, "eval"):

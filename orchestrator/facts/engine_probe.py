@@ -231,10 +231,10 @@ def compare_plans(path: str) -> list[dict[str, Any]]:
     flags that differ, and the problems the targeted build would have (engines check)."""
     from dataclasses import replace
 
-    from . import catalog
-    from .errors import ProfileError
-    from .planner import gather_facts, plan
-    from .profile import load
+    from orchestrator import catalog
+    from orchestrator.errors import ProfileError
+    from orchestrator.plan.planner import gather_facts, plan
+    from orchestrator.profile import load
 
     loaded = load(path)
     facts = gather_facts(loaded)

@@ -280,7 +280,7 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], list[str]]:
 
 
 def _from_catalog(name: str, fmt: str, location: str, quant: str | None, lookup: str = "") -> ModelFacts | None:
-    from .catalog import find_model
+    from orchestrator.catalog import find_model
 
     entry = find_model(lookup or name)
     if entry is None:
