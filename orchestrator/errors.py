@@ -60,3 +60,7 @@ class OrchestratorError(Exception):
     def __str__(self) -> str:
         msg = super().__str__()
         return f"{msg} — {self.hint}" if self.hint else msg
+
+
+class ProvisionError(OrchestratorError):
+    """A build, download or install failed; the message says where the log is."""

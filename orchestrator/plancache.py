@@ -12,17 +12,12 @@ import re
 from pathlib import Path
 from typing import Any
 
+from orchestrator.paths import cache_dir
 from orchestrator.plan.model import Plan, plan_from_dict
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _PACKAGE = Path(__file__).resolve().parent
 MAX_ENTRIES = 256
-
-
-def _cache_dir(environ: dict[str, str]) -> Path:
-    base = environ.get("ORCHESTRATOR_CACHE") or os.path.join(
-        environ.get("XDG_CACHE_HOME") or os.path.join(environ.get("HOME", "~"), ".cache"), "orchestrator")
-    return Path(base) / "plans"
 
 
 def _code_stamp() -> str:
@@ -59,8 +54,8 @@ def _inputs(plan: Plan) -> dict[str, Any]:
     for s in plan.servers:
         if not s.model_is_hf:
             files[s.model_location] = _stat(s.model_location)
-        binary = s.executable.split(" (", 1)[0]
-        if binary.startswith("/"):  # the plan targets this build's version and --help: re-plan if it changes
+        binary = s.executable.path if s.executable else None
+        if binary and binary.startswith("/"):  # the plan targets this build's version and --help: re-plan if it changes
             files[binary] = _stat(binary)
     return files
 
@@ -68,7 +63,7 @@ def _inputs(plan: Plan) -> dict[str, Any]:
 def load(path: str, environ: dict[str, str]) -> Plan | None:
     try:
         text = Path(path).read_text(encoding="utf-8")
-        entry = json.loads((_cache_dir(environ) / f"{_key(path, text, environ)}.json").read_text())
+        entry = json.loads((cache_dir("plans", environ) / f"{_key(path, text, environ)}.json").read_text())
     except (OSError, ValueError):
         return None
     if any(_stat(f) != st for f, st in entry.get("files", {}).items()):
@@ -84,7 +79,7 @@ def store(path: str, environ: dict[str, str], plan: Plan, auto_detected: bool) -
         return
     try:
         text = Path(path).read_text(encoding="utf-8")
-        folder = _cache_dir(environ)
+        folder = cache_dir("plans", environ)
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / f"{_key(path, text, environ)}.json"
         tmp = target.with_suffix(f".{os.getpid()}.tmp")

@@ -41,9 +41,9 @@ def orchestrate():
 def require_pyenv(key: str):
     """An installed engine environment (orchestrator.pyenvs), or skip — except under CI, where a missing
     environment fails the test: scripts/test.sh installs them, so CI never skips these silently."""
-    from orchestrator.provision import pyenvs
+    from orchestrator.facts.installed import installed_env
 
-    env = pyenvs.installed(key)
+    env = installed_env(key)
     if env is None:
         msg = (f"the {key} environment is not installed: python -m orchestrator engines install {key} "
                "(scripts/test.sh does)")
@@ -67,10 +67,10 @@ def sglang_parser_env():
 def tiny_llama(vllm_env) -> Path:
     """A random-weight Llama-style HF model (2.7 MB) made by tests/e2e/make_tiny_llama.py with the vLLM env's
     Python. Kept at a path named after the generator's hash, so vLLM's compile cache for it stays valid."""
-    from orchestrator.provision.builds import cache_root
+    from orchestrator.paths import cache_dir
 
     digest = hashlib.sha256(MAKE_TINY_LLAMA.read_bytes()).hexdigest()[:12]
-    out = cache_root() / "test-models" / f"tiny-llama-{digest}"
+    out = cache_dir() / "test-models" / f"tiny-llama-{digest}"
     if (out / "model.safetensors").is_file():
         return out
     tmp = out.with_name(out.name + ".tmp")

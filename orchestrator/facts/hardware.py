@@ -244,15 +244,14 @@ def detect_docker() -> dict[str, Any]:
 
 
 def detect_engines() -> list[dict[str, Any]]:
-    from orchestrator.provision import builds as provision
-    from orchestrator.provision import pyenvs
+    from orchestrator.facts import installed
 
     out: list[dict[str, Any]] = [
         {"engine": e.engine, "version": e.version, "backend": e.backend, "path": str(e.binary()), "source": "installed"}
-        for e in provision.list_installed()]
+        for e in installed.list_installed()]
     out += [{"engine": e.engine, "version": e.version, "backend": e.accelerator or e.purpose, "path": e.python,
              "source": "installed env" if e.purpose == "serve" else "installed env (argument parser only)"}
-            for e in pyenvs.list_installed()]
+            for e in installed.list_envs()]
     for engine, command in (("llama-server", "llama-server"), ("vllm", "vllm"), ("sglang", "sglang")):
         path = shutil.which(command)
         if path:

@@ -12,9 +12,11 @@ import json
 import os
 import re
 import struct
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from orchestrator.facts.types import ModelFacts
+from orchestrator.paths import cache_dir
 
 # Bits per weight by quant label (llama.cpp's quantize table and published GGUF sizes, rounded).
 BITS_PER_WEIGHT = {
@@ -42,34 +44,6 @@ _NEEDED = ("general.architecture", "general.name", "general.file_type", "general
 FACTS_FORMAT = 4  # bump when read_gguf_header's output changes (invalidates the facts cache)
 
 
-@dataclass(frozen=True)
-class ModelFacts:
-    name: str                     # file or repo stem
-    format: str                   # gguf | hf
-    location: str                 # expanded path, or hf reference
-    exists: bool                  # local file/dir present
-    quant: str | None
-    params_b: float | None        # total parameters (billions)
-    active_params_b: float | None # active parameters per token (MoE), else == params_b
-    size_bytes: int | None        # file size, or estimate from params × bits
-    size_is_estimate: bool
-    arch: str | None = None
-    n_layers: int | None = None
-    trained_context: int | None = None
-    has_mtp: bool | None = None   # nextn/MTP layers present (None: unknown)
-    metadata: dict[str, Any] = field(default_factory=dict)
-    source: str = "file"          # file | catalog | name: where the shape and size came from
-    notes: tuple[str, ...] = ()   # what the facts rest on, when not the file itself
-
-    @property
-    def is_moe(self) -> bool:
-        if self.metadata.get("expert_count"):
-            return True
-        return bool(self.params_b and self.active_params_b and self.active_params_b < self.params_b)
-
-    @property
-    def size_gib(self) -> float | None:
-        return self.size_bytes / 2**30 if self.size_bytes else None
 
 
 def _read_str(fh: BinaryIO) -> bytes:
@@ -159,12 +133,6 @@ def read_gguf_header(path: Path) -> dict[str, Any]:
     return out
 
 
-def _facts_cache_dir() -> Path:
-    base = os.environ.get("ORCHESTRATOR_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "orchestrator")
-    return Path(base) / "modelfacts"
-
-
 def cached_gguf_header(path: Path) -> dict[str, Any]:
     """read_gguf_header, cached by (path, size, mtime): a 262k-token vocabulary takes ~0.4 s to skip."""
     import hashlib
@@ -172,7 +140,7 @@ def cached_gguf_header(path: Path) -> dict[str, Any]:
     st = path.stat()
     stamp = f"{FACTS_FORMAT}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
     key = hashlib.sha256(stamp.encode()).hexdigest()[:32]
-    cache = _facts_cache_dir() / f"{key}.json"
+    cache = cache_dir("modelfacts") / f"{key}.json"
     try:
         return dict(json.loads(cache.read_text()))
     except (OSError, ValueError):

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from orchestrator.errors import OrchestratorError
-from orchestrator.runtime.health import HttpError, http, probe_host
+from orchestrator.plan.model import client_host
+from orchestrator.runtime.health import HttpError, http
 
 Progress = Callable[[str], None]
 
@@ -63,13 +64,13 @@ class Target:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def post(self, path: str, body: Any, timeout: float = 30.0) -> Any:
-        r = http("POST", probe_host(self.host), self.port, path, body, self.headers, timeout)
+        r = http("POST", client_host(self.host), self.port, path, body, self.headers, timeout)
         if r.status_code != 200:
             raise HttpError("error", f"{path} {r.status_code}: {r.text[:200].strip()}")
         return r.json()
 
     def get(self, path: str, timeout: float = 5.0) -> Any:
-        r = http("GET", probe_host(self.host), self.port, path, headers=self.headers, timeout=timeout)
+        r = http("GET", client_host(self.host), self.port, path, headers=self.headers, timeout=timeout)
         if r.status_code != 200:
             raise HttpError("error", f"{path} {r.status_code}: {r.text[:200].strip()}")
         return r.json()
@@ -218,7 +219,7 @@ def stream_completion(t: Target, prompt: list[int] | str, max_tokens: int, timeo
                             "temperature": 0.0, "ignore_eos": True, "stream_options": {"include_usage": True}}
     if cache_prompt is not None:
         body["cache_prompt"] = cache_prompt
-    conn = http.client.HTTPConnection(probe_host(t.host), t.port, timeout=timeout)
+    conn = http.client.HTTPConnection(client_host(t.host), t.port, timeout=timeout)
     s = Sample(ok=False)
     try:
         t0 = time.perf_counter()

@@ -12,7 +12,8 @@ from typing import Any
 
 from orchestrator import catalog
 from orchestrator.errors import OrchestratorError, ProfileError
-from orchestrator.facts.model import ModelFacts, gather
+from orchestrator.facts.model import gather
+from orchestrator.facts.types import ModelFacts
 from orchestrator.measure import bench_plan as benchrun
 from orchestrator.measure import quality
 from orchestrator.measure.quality import GIB, QualityError
@@ -80,7 +81,7 @@ def variant(loaded: LoadedProfile, server: str, *, kv: str | None = None, contex
             port: int | None = None, name: str | None = None, enforce_fit: bool = True) -> Plan:
     """The profile with one server, its KV type / context / port changed and one slot, planned by the
     planner as any profile is: every flag keeps its rule and reason."""
-    from orchestrator.plan.planner import build_plan
+    from orchestrator.pipeline import build_plan
 
     prof = loaded.profile
     [srv] = [s for s in prof.servers if s.name == server]
@@ -103,25 +104,24 @@ def free_port() -> int:
 
 
 def kv_of(sp: ServerPlan) -> str:
-    return next((f.value for f in sp.flags if f.name in ("-ctk", "--kv-cache-dtype") and f.value), "f16")
+    """The planned KV-cache dtype."""
+    return sp.settings.kv_cache if sp.settings else "f16"
 
 
 def context_of(sp: ServerPlan) -> int:
-    """Tokens per sequence: llama-server's -c is split across its -np slots."""
-    c = next((f.value for f in sp.flags if f.name in ("-c", "--max-model-len", "--context-length") and f.value), None)
-    n = next((f.value for f in sp.flags if f.name == "-np" and f.value), "1")
-    return int(c) // max(int(n or 1), 1) if c else 0
+    """Tokens per sequence, as planned."""
+    return sp.settings.context if sp.settings else 0
 
 
 def ppl_tool(sp: ServerPlan) -> str:
     """llama-perplexity from the same build as the server's llama-server."""
-    from orchestrator.provision import builds as provision
+    from orchestrator.facts.installed import locate
 
     if sp.engine not in quality.GGUF_ENGINES:
         raise QualityError(f"server {sp.name}: {sp.engine_display} has no {quality.PPL_TOOL}, and its server "
                            "returns no prompt log-probabilities through /v1/completions (vLLM's do)",
                            "pass --no-perplexity to measure retrieval only")
-    found = provision.locate(sp.engine, sp.accelerator, sp.command[0], sp.binary)
+    found = locate(sp.engine, sp.accelerator, sp.command[0], sp.binary)
     if found.path is None:
         raise QualityError(f"server {sp.name}: {sp.engine_display} is not installed",
                            f"orchestrate engines install {sp.engine}")
@@ -219,7 +219,7 @@ def baseline_plan(opts: Options, loaded: LoadedProfile, sp: ServerPlan, ignore_f
         plan = variant(loaded, sp.name, kv=opts.baseline_kv, context=context_of(sp), enforce_fit=not ignore_fit)
         return plan.servers[0], f"same server with {opts.baseline_kv} KV cache"
     assert opts.baseline_file
-    from orchestrator.plan.planner import build_plan
+    from orchestrator.pipeline import build_plan
 
     try:
         plan = build_plan(load(opts.baseline_file), enforce_fit=not ignore_fit)

@@ -2,46 +2,39 @@
 
 from __future__ import annotations
 
-from orchestrator.plan.model import Plan, ServerPlan
+from orchestrator.plan.model import FitEstimate, Plan, ServerPlan
 
 GIB = 2**30
 
 
-def fit_summary(e: dict[str, object]) -> str:
-    def num(key: str) -> float:
-        value = e.get(key) or 0
-        assert isinstance(value, int | float)
-        return float(value)
-
+def fit_summary(e: FitEstimate) -> str:
     def gib(value: float) -> str:
         return f"{value / GIB:.2f} GiB"
 
-    where = str(e["device"])
-    avail = f" of {gib(num('available_bytes'))}" if e.get("available_bytes") else ""
-    on_device = num("weights_bytes") - num("host_bytes")
-    notes = e.get("notes")
-    shape_known = not any("unknown" in str(n) for n in (notes if isinstance(notes, list) else []))
-    kv = gib(num("kv_cache_bytes")) if shape_known else "? (needs the model file)"
-    compute = gib(num("compute_bytes")) if shape_known else "?"
-    text = (f"{e['verdict']}: {gib(num('total_bytes'))}{avail} on the {where} = weights {gib(on_device)} + KV "
-            f"{kv} + compute {compute} + runtime {gib(num('overhead_bytes'))}")
-    if e.get("host_bytes"):
-        text += f"; {gib(num('host_bytes'))} in system RAM ({e['offload']})"
-    return text + f" [{e['source']}]"
+    avail = f" of {gib(e.available_bytes)}" if e.available_bytes else ""
+    shape_known = not any("unknown" in str(n) for n in e.notes)
+    kv = gib(e.kv_cache_bytes) if shape_known else "? (needs the model file)"
+    compute = gib(e.compute_bytes) if shape_known else "?"
+    text = (f"{e.verdict}: {gib(e.total_bytes)}{avail} on the {e.device} = weights "
+            f"{gib(e.weights_bytes - e.host_bytes)} + KV {kv} + compute {compute} + runtime {gib(e.overhead_bytes)}")
+    if e.host_bytes:
+        text += f"; {gib(e.host_bytes)} in system RAM ({e.offload})"
+    return text + f" [{e.source}]"
 
 
 def explain_fit(plan: Plan) -> str:
     lines = []
     for s in plan.servers:
         e = s.estimate
+        if e is None:
+            continue
         lines.append(f"{s.name} ({s.engine_display} {s.engine_version}): {fit_summary(e)}")
-        for note in e.get("notes", []) or []:
+        for note in e.notes:
             lines.append(f"  note: {note}")
-        changes = e.get("changes") or []
-        if changes:
+        if e.changes:
             lines.append("  to make it fit, cheapest first:")
-            for c in changes:
-                lines.append(f"    {c['change']}: saves {c['saves_bytes'] / GIB:.2f} GiB")
+            for c in e.changes:
+                lines.append(f"    {c.change}: saves {c.saves_bytes / GIB:.2f} GiB")
     return "\n".join(lines) + "\n"
 
 
@@ -61,7 +54,7 @@ def explain_server(s: ServerPlan) -> list[str]:
         f"  image: {s.image or '-'} ({s.image_reason})",
     ]
     if s.executable:
-        lines.append(f"  executable: {s.executable}")
+        lines.append(f"  executable: {s.executable.describe()}")
     if s.estimate:
         lines.append(f"  memory: {fit_summary(s.estimate)}")
     if s.health:
@@ -88,7 +81,7 @@ def explain_server(s: ServerPlan) -> list[str]:
 
 def explain(plan: Plan) -> str:
     hw = plan.hardware
-    gpu = hw["name"] if hw["gpu"] == "cpu" else f"{hw['count']}× {hw['name']} ({hw['vram_gb']:g} GB, {hw['arch']})"
+    gpu = hw.name if hw.gpu == "cpu" else f"{hw.count}× {hw.name} ({hw.vram_gb:g} GB, {hw.arch})"
     lines = [f"deployment {plan.name} on {gpu}"]
     for w in plan.warnings:
         lines.append(f"warning: {w}")

@@ -14,12 +14,11 @@ versions the plan targets allocate (checked against their own logs in tests/e2e/
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from orchestrator.facts.model import ModelFacts
+from orchestrator.facts.types import ModelFacts
+from orchestrator.plan.model import GIB, Change, FitEstimate
 
-GIB = 2**30
 MIB = 2**20
 N_UBATCH = 512
 # Bytes per cached K/V element by KV dtype (ggml block sizes: q8_0 34 B / 32, q4_0 18 B / 32, q6_0 26 B / 32).
@@ -32,40 +31,8 @@ GPU_RUNTIME_BYTES = int(0.5 * GIB)   # CUDA/ROCm context and driver reservations
 FIT_MARGIN_BYTES = 1 * GIB           # headroom, as llama.cpp's --fit-target default
 
 
-@dataclass
-class Change:
-    change: str
-    saves_bytes: int
 
 
-@dataclass
-class FitEstimate:
-    weights_bytes: int
-    kv_cache_bytes: int
-    compute_bytes: int
-    overhead_bytes: int
-    total_bytes: int
-    available_bytes: int | None       # VRAM (or RAM on CPU) usable by this server; None when unknown
-    device: str                       # "GPU" | "CPU"
-    verdict: str                      # fits | fits with offload | does not fit | unknown
-    offload: str                      # what was moved where ("" when nothing)
-    host_bytes: int = 0               # weights kept in system RAM (offloaded experts/layers)
-    source: str = "file"              # file | name estimate
-    changes: list[Change] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def summary(self) -> str:
-        def gib(b: float) -> str:
-            return f"{b / GIB:.2f} GiB"
-
-        avail = f" of {gib(self.available_bytes)} {self.device}" if self.available_bytes else ""
-        host = f"; {gib(self.host_bytes)} in system RAM" if self.host_bytes else ""
-        return (f"{self.verdict}: {gib(self.total_bytes)}{avail} (weights {gib(self.weights_bytes)}, "
-                f"KV {gib(self.kv_cache_bytes)}, compute {gib(self.compute_bytes)}, overhead "
-                f"{gib(self.overhead_bytes)}{host}; {self.source})")
 
 
 def _int(meta: dict[str, Any], key: str, default: int = 0) -> int:

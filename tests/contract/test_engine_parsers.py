@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.plan.planner import build_plan
+from orchestrator.pipeline import build_plan
 from orchestrator.profile import load
 from orchestrator.provision import builds as provision
 
@@ -164,12 +164,13 @@ MATRIX_CASES = [(e, *c) for e, cases in MATRIX.items() for c in cases]
 def test_rule_matrix_parses(engine: str, case: str, gpu: str, model: str, server: dict[str, object],
                             engines: dict[str, Path], tmp_path: Path) -> None:
     """Every rule path (KV types, speculative methods, MoE offload, key file) in each engine's syntax."""
-    from orchestrator.facts.model import ModelFacts
-    from orchestrator.plan.planner import gather_facts, plan
+    from orchestrator.facts.types import ModelFacts
+    from orchestrator.pipeline import gather
+    from orchestrator.plan.planner import plan
     from orchestrator.profile import load_text
 
     loaded = load_text(_variant(engine, gpu, model, **server), f"{case}.yaml")
-    facts = gather_facts(loaded, environ={"HOME": "/h"}, state_dir=str(tmp_path / "state"), detect=False)
+    facts = gather(loaded, environ={"HOME": "/h"}, state_dir=str(tmp_path / "state"), detect=False)
     if case == "mla":  # the planner reads the architecture from the GGUF header; give it the fact
         m = facts.models["v"]
         facts.models["v"] = ModelFacts(**{**m.__dict__, "arch": "deepseek2"})

@@ -19,7 +19,7 @@ import yaml
 
 from orchestrator.errors import ProfileError
 from orchestrator.facts.engine_probe import probe
-from orchestrator.plan.planner import build_plan
+from orchestrator.pipeline import build_plan
 from orchestrator.profile import load_text
 from orchestrator.provision import builds as provision
 from tests.contract.test_engine_parsers import PROFILES, free_port, parse_check

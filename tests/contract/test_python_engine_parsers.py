@@ -31,7 +31,8 @@ import yaml
 from orchestrator import catalog
 from orchestrator.catalog import Gpu
 from orchestrator.errors import ProfileError
-from orchestrator.plan.planner import gather_facts, plan
+from orchestrator.pipeline import gather
+from orchestrator.plan.planner import plan
 from orchestrator.profile import Server, expand_path, load, load_text
 from orchestrator.runtime.deployer import Deployer
 from orchestrator.runtime.state import StateStore
@@ -119,13 +120,12 @@ def pod_args(sp: Any, rank: int) -> list[str]:
 def _plan_cases(label: str, engine: str, source: Path | str, tmp: Path, environ: dict[str, str]) -> list[Case]:
     """source: a profile file, or profile YAML text."""
     loaded = load(source) if isinstance(source, Path) else load_text(source, f"{label}.yaml")
-    facts = gather_facts(loaded, environ=environ, state_dir=str(tmp / "state"), detect=False)
-    facts.enforce_fit = False        # syntax is under test here, not whether an 8B model fits a 6 GB card
+    facts = gather(loaded, environ=environ, state_dir=str(tmp / "state"), detect=False)
     profile = loaded.profile
     gpu = facts.gpu
     sharing = sum(1 for s in profile.servers if s.engine in ("vllm", "sglang"))
-    try:
-        p = plan(loaded, facts)
+    try:   # syntax is under test here, not whether an 8B model fits a 6 GB card
+        p = plan(loaded, facts, enforce_fit=False)
     except ProfileError as exc:
         return [Case(label, engine, gpu, profile.servers[0], 0, sharing, refused=str(exc))]
     out = []

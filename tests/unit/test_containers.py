@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from orchestrator.errors import ProfileError
-from orchestrator.plan.planner import build_plan
+from orchestrator.pipeline import build_plan
 from orchestrator.profile import load_text
 from orchestrator.render import render
 from tests.unit.test_consumers import _k8s_validate

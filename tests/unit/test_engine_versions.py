@@ -10,8 +10,10 @@ import yaml
 
 from orchestrator import catalog
 from orchestrator.errors import ProfileError
-from orchestrator.facts.engine_probe import EngineVersion, help_options, order_key, parse_version, supports
-from orchestrator.plan.planner import build_plan
+from orchestrator.facts.engine_probe import help_options, parse_version
+from orchestrator.facts.types import EngineVersion
+from orchestrator.pipeline import build_plan
+from orchestrator.plan.versions import order_key, supports
 from orchestrator.profile import load
 
 LLAMA_HELP = """\

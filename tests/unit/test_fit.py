@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from orchestrator.facts.model import gather
+from orchestrator.pipeline import build_plan
 from orchestrator.plan import fit
-from orchestrator.plan.planner import build_plan
 from orchestrator.profile import load
 
 MIB = 2**20
@@ -102,17 +102,17 @@ def test_verdicts_and_offload_from_real_tensor_sizes(tmp_path: Path) -> None:
     write_gguf(model, "qwen3moe", layers=2, embd=32, heads=4, kv_heads=2, head_dim=8, ff=16, experts=4)
     plan = build_plan(load(_profile(tmp_path, "rtx-3090", model, context=4096)), detect=False)
     est = plan.servers[0].estimate
-    assert est["verdict"] == "fits" and est["device"] == "GPU"
-    assert est["total_bytes"] == est["weights_bytes"] + est["kv_cache_bytes"] + est["compute_bytes"] + \
-        est["overhead_bytes"]
+    assert est.verdict == "fits" and est.device == "GPU"
+    assert est.total_bytes == est.weights_bytes + est.kv_cache_bytes + est.compute_bytes + \
+        est.overhead_bytes
 
 
 def test_name_estimate_offloads_moe_experts_on_a_small_gpu(tmp_path: Path) -> None:
     # not in the model catalog: facts come from the name alone
     profile = _profile(tmp_path, "rtx-4060", Path("/m/Acme-Moe-35B-A3B-Q4_K_M.gguf"), context=8192)
     sp = build_plan(load(profile), detect=False).servers[0]
-    assert sp.estimate["source"] == "name estimate"
-    assert sp.estimate["verdict"] == "fits with offload" and sp.estimate["host_bytes"] > 15 * 2**30
+    assert sp.estimate.source == "name estimate"
+    assert sp.estimate.verdict == "fits with offload" and sp.estimate.host_bytes > 15 * 2**30
     assert any(f.name == "-cmoe" for f in sp.flags)
 
 
@@ -124,7 +124,7 @@ def test_does_not_fit_is_an_error_unless_ignored(tmp_path: Path) -> None:
         build_plan(load(profile), detect=False)
     assert "does not fit" in str(exc.value) and "--ignore-fit" in str(exc.value)
     sp = build_plan(load(profile), detect=False, enforce_fit=False).servers[0]
-    assert sp.estimate["verdict"] == "does not fit" and sp.estimate["changes"]
+    assert sp.estimate.verdict == "does not fit" and sp.estimate.changes
 
 
 def test_changes_are_ranked_with_savings(tmp_path: Path) -> None:
@@ -151,7 +151,7 @@ def test_prefix_cache_on_sliding_window_model_keeps_swa_whole_when_it_fits(tmp_p
     names = [f.name for f in sp.flags]
     assert "--swa-full" in names and "--cache-reuse" in names
     facts = gather(str(gemma))
-    assert sp.estimate["kv_cache_bytes"] == fit.kv_cache_bytes(facts, "llama.cpp", 4096, 2, "f16", swa_full=True)
+    assert sp.estimate.kv_cache_bytes == fit.kv_cache_bytes(facts, "llama.cpp", 4096, 2, "f16", swa_full=True)
     assert fit.kv_cache_bytes(facts, "llama.cpp", 4096, 2, "f16", swa_full=True) > \
         fit.kv_cache_bytes(facts, "llama.cpp", 4096, 2, "f16")
 
@@ -168,5 +168,5 @@ def test_swa_full_is_left_out_when_it_would_not_fit(tmp_path: Path) -> None:
                     detect=False).servers[0]
     names = [f.name for f in sp.flags]
     assert "--swa-full" not in names and "--cache-reuse" not in names
-    assert sp.estimate["verdict"] == "fits"
+    assert sp.estimate.verdict == "fits"
     assert any("context checkpoints" in n for n in sp.notes)

@@ -12,8 +12,8 @@ import yaml
 
 from orchestrator import catalog
 from orchestrator.facts.model import ModelFacts, gather, split_parts
+from orchestrator.pipeline import build_plan
 from orchestrator.plan import fit
-from orchestrator.plan.planner import build_plan
 from orchestrator.profile import load
 
 GIB = 2**30
@@ -218,8 +218,8 @@ def test_qwen36_35b_q4_k_xl_at_128k_runs_on_12gb_with_experts_offloaded(tmp_path
                  model={"path": "/models/Qwen3.6-35B-A3B-UD-Q4_K_XL.gguf"})
     sp = build_plan(load(p), detect=False).servers[0]
     est = sp.estimate
-    assert est["verdict"] == "fits with offload" and est["source"] == "estimated from catalog"
-    assert est["total_bytes"] + fit.FIT_MARGIN_BYTES <= 12 * GIB
+    assert est.verdict == "fits with offload" and est.source == "estimated from catalog"
+    assert est.total_bytes + fit.FIT_MARGIN_BYTES <= 12 * GIB
     assert any(f.name in ("-cmoe", "-ncmoe") for f in sp.flags)
 
 
@@ -232,8 +232,8 @@ def _hf(tmp_path: Path, gpu: str, engine: str, context: int) -> Path:
 def test_memory_fraction_keeps_the_default_when_it_fits(tmp_path: Path) -> None:
     sp = build_plan(load(_hf(tmp_path, "rtx-3090", "vllm", 32768)), detect=False).servers[0]
     flags = {f.name: f for f in sp.flags}
-    assert flags["--gpu-memory-utilization"].value == "0.90" and sp.estimate["verdict"] == "fits"
-    assert any("holds" in n for n in sp.estimate["notes"])
+    assert flags["--gpu-memory-utilization"].value == "0.90" and sp.estimate.verdict == "fits"
+    assert any("holds" in n for n in sp.estimate.notes)
 
 
 @pytest.mark.parametrize("engine,flag", [("vllm", "--gpu-memory-utilization"), ("sglang", "--mem-fraction-static")])
@@ -242,7 +242,7 @@ def test_memory_fraction_is_raised_from_the_estimate(tmp_path: Path, engine: str
     sp = build_plan(load(_hf(tmp_path, "rtx-3090", engine, 49152)), detect=False).servers[0]
     f = {f.name: f for f in sp.flags}[flag]
     assert f.value == "0.95" and "raised" in f.reason
-    assert sp.estimate["verdict"] == "fits"
+    assert sp.estimate.verdict == "fits"
 
 
 def test_vllm_that_cannot_hold_one_sequence_does_not_fit(tmp_path: Path) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import OrchestratorError
+from orchestrator.pipeline import build_plan
 from orchestrator.plan.explain import explain
-from orchestrator.plan.planner import build_plan
 from orchestrator.profile import load
 from orchestrator.render import render
 

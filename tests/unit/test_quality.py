@@ -276,7 +276,7 @@ def test_shipped_text_decompresses_from_the_package() -> None:
 ])
 def test_plan_notes_the_measured_prefill_cost_of_quantized_kv_on_cpu(engine: str, kv: str, context: int,
                                                                       noted: bool) -> None:
-    from orchestrator.plan.planner import build_plan
+    from orchestrator.pipeline import build_plan
     from orchestrator.profile import load_text
 
     doc = {"name": "q", "hardware": {"gpu": "cpu"},
@@ -292,8 +292,8 @@ def test_eval_kv_memory_is_what_the_planned_server_allocates() -> None:
     """With --swa-full in the plan (llama.cpp, prefix cache on a sliding-window model) the server keeps
     every layer's KV; the eval's KV column must count that, not the window."""
     from orchestrator.facts.model import gather
+    from orchestrator.pipeline import build_plan
     from orchestrator.plan import fit
-    from orchestrator.plan.planner import build_plan
     from orchestrator.profile import load_text
 
     doc = {"name": "g", "hardware": {"gpu": "cpu"},

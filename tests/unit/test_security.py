@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.plan.planner import build_plan
+from orchestrator.pipeline import build_plan
 from orchestrator.profile import load_text
 from orchestrator.render import TARGETS, environment, render
 

@@ -13,9 +13,8 @@ from typing import Any
 
 from orchestrator.catalog import Gpu
 from orchestrator.errors import Problem
-from orchestrator.facts.engine_probe import EngineVersion
-from orchestrator.facts.model import ModelFacts
-from orchestrator.plan.model import ApiKey, EnvVar, Flag
+from orchestrator.facts.types import EngineVersion, ModelFacts
+from orchestrator.plan.model import ApiKey, EnvVar, Flag, Mount
 from orchestrator.profile import Profile, Server
 
 
@@ -50,6 +49,9 @@ class Ctx:
     api_key: ApiKey | None = None
     version: EngineVersion | None = None  # the engine version the plan targets (set by the planner)
     swa_full: str | None = None    # llama.cpp: keep sliding-window layers' KV whole (the reason), or None
+    fa_on: bool = True             # GGUF engines: FlashAttention on (decided by the planner, read by rules)
+    mem_fraction: float | None = None  # vLLM/SGLang: the share of GPU memory, set by the memory_fraction rule
+    mounts: list[Mount] = field(default_factory=list)  # host folders a container needs (model, draft)
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
@@ -148,20 +150,23 @@ def memory_fraction(ctx: Ctx, flag: str, default: float, default_why: str) -> Fl
     0.95) when weights + activations + one full-length sequence of KV would not fit in the default."""
     import math
 
-    from orchestrator.plan.fit import GIB, hf_required_fraction
+    from orchestrator.plan.fit import hf_required_fraction
+    from orchestrator.plan.model import GIB
 
     if ctx.on_cpu:
         return None
     sharing = [s for s in ctx.profile.servers if s.engine in ("vllm", "sglang") and s is not ctx.server]
     if sharing:
         frac = round(default / (len(sharing) + 1), 2)
-        return Flag(flag, f"{frac:.2f}", f"{len(sharing) + 1} vLLM/SGLang servers share the GPUs: each gets "
-                                         f"{frac:.2f} of their memory")
-    device = int(ctx.gpu.vram_gb * GIB) * max(ctx.total_gpus, 1)
-    need = hf_required_fraction(ctx.facts, ctx.server.context, ctx.kv_cache, device, ctx.total_gpus)
-    if need is not None and default < need + 0.01 <= 0.95:
-        frac = math.ceil((need + 0.01) * 100) / 100
-        return Flag(flag, f"{frac:.2f}", f"weights, activations and the KV of one {ctx.server.context}-token "
-                                         f"sequence need {need:.0%} of {device / GIB:.0f} GiB: raised from the "
-                                         f"default {default:.2f}")
-    return Flag(flag, f"{default:.2f}", default_why)
+        why = f"{len(sharing) + 1} vLLM/SGLang servers share the GPUs: each gets {frac:.2f} of their memory"
+    else:
+        device = int(ctx.gpu.vram_gb * GIB) * max(ctx.total_gpus, 1)
+        need = hf_required_fraction(ctx.facts, ctx.server.context, ctx.kv_cache, device, ctx.total_gpus)
+        if need is not None and default < need + 0.01 <= 0.95:
+            frac = math.ceil((need + 0.01) * 100) / 100
+            why = (f"weights, activations and the KV of one {ctx.server.context}-token sequence need {need:.0%} "
+                   f"of {device / GIB:.0f} GiB: raised from the default {default:.2f}")
+        else:
+            frac, why = default, default_why
+    ctx.mem_fraction = float(f"{frac:.2f}")
+    return Flag(flag, f"{frac:.2f}", why)

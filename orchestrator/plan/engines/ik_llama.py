@@ -8,6 +8,7 @@ default and `-fmoe` is rejected, the API key comes only from `--api-key-file`.
 
 from __future__ import annotations
 
+from orchestrator.facts.types import ModelFacts
 from orchestrator.plan.engines import llama_cpp as mainline
 from orchestrator.plan.engines.base import Ctx, Rule, api_key_file, bind_host, port, user_args
 from orchestrator.plan.model import Flag
@@ -21,11 +22,15 @@ def alias(ctx: Ctx) -> Flag:
     return Flag("-a", ctx.served_name, "the name clients use in /v1/models and requests (ik takes one alias)")
 
 
-def swa_multi_slot(ctx: Ctx) -> bool:
+def flash_attention_breaks(on_cpu: bool, parallel: int, model: ModelFacts) -> bool:
     """ik 55d3c05bf's CPU FlashAttention with several slots on a sliding-window model (seen with
     Gemma 3 270M, -np 2): GGML_ASSERT(S > 0) in iqk_fa_templates.h on a chat request, and
-    non-deterministic output before that."""
-    return ctx.on_cpu and ctx.server.parallel > 1 and bool(ctx.facts.metadata.get("attention.sliding_window"))
+    non-deterministic output before that. The planner asks this too (the fit counts FA's buffers)."""
+    return on_cpu and parallel > 1 and bool(model.metadata.get("attention.sliding_window"))
+
+
+def swa_multi_slot(ctx: Ctx) -> bool:
+    return flash_attention_breaks(ctx.on_cpu, ctx.server.parallel, ctx.facts)
 
 
 def flash_attention(ctx: Ctx) -> Flag:

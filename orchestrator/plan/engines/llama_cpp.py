@@ -5,9 +5,9 @@ ik_llama.cpp shares most of these (see ik_llama.py); the rules that differ say s
 
 from __future__ import annotations
 
-from orchestrator.facts.engine_probe import explain_missing, supports
 from orchestrator.plan.engines.base import Ctx, Rule, api_key_env, bind_host, port, user_args
 from orchestrator.plan.model import Flag
+from orchestrator.plan.versions import explain_missing, supports
 
 QUANTIZED_KV = {"q8_0", "q4_0", "q6_0", "q8_KV"}
 
@@ -99,7 +99,7 @@ def speculative(ctx: Ctx) -> list[Flag] | None:
     sp = ctx.server.speculative
     if sp.method == "none":
         return None
-    spec_type = ctx.caps["spec_types"][sp.method]
+    spec_type = ctx.caps["spec_methods"][sp.method]
     n = str(sp.tokens)
     out: list[Flag] = []
     typed = ctx.version is None or supports(ctx.caps, ctx.version, "--spec-type", spec_type) is not False

@@ -74,7 +74,7 @@ def speculative(ctx: Ctx) -> list[Flag] | None:
     sp = ctx.server.speculative
     if sp.method == "none":
         return None
-    algo = ctx.caps["spec_algorithms"][sp.method]
+    algo = ctx.caps["spec_methods"][sp.method]
     out = [Flag("--speculative-algorithm", algo, f"speculative method {sp.method} → SGLang {algo}")]
     if ctx.draft_arg and algo != "NGRAM":   # n-gram drafting has no model (the planner warns)
         out.append(Flag("--speculative-draft-model-path", ctx.draft_arg, "draft / EAGLE head from the profile",

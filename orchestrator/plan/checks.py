@@ -1,0 +1,208 @@
+"""Impossible combinations, found before any flag is written: each a Problem with the field, what
+is wrong and how to fix it. Engine quirks that only one engine has stay with its rules."""
+
+from __future__ import annotations
+
+from orchestrator import catalog
+from orchestrator.catalog import Gpu
+from orchestrator.errors import Problem
+from orchestrator.facts.types import EngineVersion
+from orchestrator.plan import versions
+from orchestrator.plan.decisions import GGUF_ENGINES
+from orchestrator.plan.engines.base import Ctx
+from orchestrator.plan.model import Flag, is_loopback
+from orchestrator.profile import Profile, Server
+
+# vLLM / SGLang refuse a context beyond the model's max_position_embeddings unless this env var is 1.
+LONG_CONTEXT_ENV = {"vllm": "VLLM_ALLOW_LONG_MAX_MODEL_LEN", "sglang": "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"}
+
+
+def check_profile(profile: Profile, gpu: Gpu, gpu_count: int) -> list[Problem]:
+    problems: list[Problem] = []
+    seen_names: dict[str, int] = {}
+    seen_ports: dict[int, int] = {}
+    for i, s in enumerate(profile.servers):
+        if s.name in seen_names:
+            problems.append(Problem(("servers", i, "name"), f"server name {s.name!r} is already used by servers[{seen_names[s.name]}]",
+                                    "give every server its own name"))
+        seen_names.setdefault(s.name, i)
+        if s.port in seen_ports:
+            problems.append(Problem(("servers", i, "port"), f"port {s.port} is already used by servers[{seen_ports[s.port]}]",
+                                    "give every server its own port"))
+        seen_ports.setdefault(s.port, i)
+        if not is_loopback(s.host) and not s.api_key_env:
+            problems.append(Problem(("servers", i, "host"), f"host {s.host} exposes the server beyond this machine without an API key",
+                                    "set api_key_env: NAME_OF_VAR (holding the key), or use host: 127.0.0.1"))
+        if isinstance(s.gpus, list):
+            if gpu.is_cpu:
+                problems.append(Problem(("servers", i, "gpus"), "GPU indices given but hardware.gpu is cpu",
+                                        "remove gpus: or set hardware.gpu to your GPU"))
+            elif max(s.gpus) >= gpu_count:
+                problems.append(Problem(("servers", i, "gpus"), f"GPU index {max(s.gpus)} but hardware.count is {gpu_count}",
+                                        f"use indices 0..{gpu_count - 1} or raise hardware.count"))
+    names = {s.name for s in profile.servers}
+    for i, s in enumerate(profile.servers):
+        for d in s.depends_on:
+            if d not in names or d == s.name:
+                problems.append(Problem(("servers", i, "depends_on"), f"depends_on names {d!r}, "
+                                        + ("the server itself" if d == s.name else "which is not a server of this profile"),
+                                        f"use one of: {', '.join(sorted(names - {s.name})) or '(no other server)'}"))
+    if _has_cycle({s.name: [d for d in s.depends_on if d in names] for s in profile.servers}):
+        problems.append(Problem(("servers",), "depends_on forms a cycle", "remove one depends_on entry of the loop"))
+    return problems
+
+
+def _has_cycle(graph: dict[str, list[str]]) -> bool:
+    state: dict[str, int] = {}
+
+    def visit(n: str) -> bool:
+        if state.get(n) == 1:
+            return True
+        if state.get(n) == 2:
+            return False
+        state[n] = 1
+        if any(visit(d) for d in graph.get(n, [])):
+            return True
+        state[n] = 2
+        return False
+
+    return any(visit(n) for n in graph)
+
+
+def check_nodes(ctx: Ctx) -> None:
+    n = ctx.server.nodes
+    if n == 1:
+        return
+    if ctx.engine not in ("vllm", "sglang"):
+        ctx.error(("nodes",), f"{ctx.caps['display']} serves from one machine; nodes: {n} needs vLLM or SGLang",
+                  "set engine: vllm or engine: sglang with an HF-format model, or remove nodes:")
+    elif ctx.gpu.is_cpu:
+        ctx.error(("nodes",), f"nodes: {n} spans GPU machines; hardware.gpu is cpu",
+                  "set hardware.gpu to the GPU of each node, or remove nodes:")
+
+
+def check_server(ctx: Ctx) -> None:
+    s, caps, gpu, engine = ctx.server, ctx.caps, ctx.gpu, ctx.engine
+    disp = caps["display"]
+    acc = gpu.accelerator
+    if acc not in caps["accelerators"]:
+        ctx.error(("engine",), f"{disp} does not run on {gpu.name} ({acc})",
+                  "pick llama.cpp, which runs on CUDA, ROCm, Vulkan, Metal, SYCL and CPU")
+    if gpu.cc and engine in ("vllm", "sglang", "ik_llama"):
+        minimum = catalog.parse_cc(caps["min_compute_capability"])
+        legacy = caps.get("legacy_compute_capability")
+        if gpu.cc < minimum:
+            if legacy and gpu.cc >= catalog.parse_cc(legacy):
+                ctx.warnings.append(
+                    f"{gpu.describe()}: official {disp} wheels and images since CUDA 12.8 are not built for sm70; "
+                    f"use a {disp} build compiled with CUDA 12.6 or older and TORCH_CUDA_ARCH_LIST including 7.0 "
+                    "(a source build or a community sm70 build). The plan uses fp16, Triton attention and no fp8.")
+            elif engine == "ik_llama":
+                ctx.warnings.append(f"{gpu.describe()}: ik_llama.cpp supports only Turing+ CUDA fully; llama.cpp is "
+                                    "the safer choice here")
+            else:
+                ctx.error(("engine",), f"{disp} needs compute capability ≥ {caps['min_compute_capability']}; "
+                          f"{gpu.describe()}", "use llama.cpp (engine: llama.cpp) with a GGUF model on this GPU")
+    check_nodes(ctx)
+    fmt = ctx.facts.format
+    if fmt not in caps["formats"]:
+        want = "a .gguf file" if fmt == "hf" else "an HF-format directory (config.json + safetensors)"
+        ctx.error(("model", "path" if s.model.path else "hf"), f"{disp} cannot load a {fmt.upper()} model",
+                  f"give {want}, or choose an engine that reads {fmt.upper()}")
+    trained = ctx.facts.trained_context
+    if engine in LONG_CONTEXT_ENV and trained and s.context > trained:
+        allow = LONG_CONTEXT_ENV[engine]
+        if s.env.get(allow) == "1":
+            ctx.warnings.append(f"context {s.context} is beyond the model's trained {trained} tokens ({allow}=1): "
+                                "output past that depends on the model's RoPE scaling")
+        else:
+            ctx.error(("context",), f"context {s.context} is longer than the model's trained context ({trained} "
+                      f"tokens, config.json); {disp} refuses to start with it",
+                      f"use context: {trained} or less, or set env: {{{allow}: '1'}} if the model's RoPE scaling "
+                      "covers more")
+    kv = ctx.kv_cache
+    if kv not in ("f16",) and kv not in caps["kv_types"]:
+        alt = "q8_0 (half of f16)" if engine in GGUF_ENGINES else "fp8 (half of bf16) or auto"
+        ctx.error(("kv_cache",), f"{disp} has no {s.kv_cache} KV cache", f"use {alt}")
+    if engine in ("vllm", "sglang") and kv.startswith("fp8") and not gpu.is_cpu:
+        if not gpu.fp8 and not (engine == "vllm" and gpu.cc and gpu.cc >= (8, 9)):
+            ctx.error(("kv_cache",), f"fp8 KV cache needs an sm89+ GPU with fp8 support; {gpu.describe()}",
+                      "use kv_cache: auto on this GPU")
+    method = s.speculative.method
+    if method != "none":
+        names = caps.get("spec_methods") or {}
+        if method not in names:
+            hint = {"eagle": "use eagle3 with an EAGLE-3 head, or mtp/draft",
+                    "eagle3": "ik_llama's eagle3 is a stub: use llama.cpp, vLLM or SGLang for EAGLE-3"}.get(method, "pick another method")
+            ctx.error(("speculative", "method"), f"{disp} {caps['verified_version']} does not support speculative method {method!r}", hint)
+        needs_model = method in ("draft", "eagle", "eagle3")
+        if needs_model and not s.speculative.draft_model:
+            what = "an EAGLE head" if method.startswith("eagle") else "a draft model"
+            ctx.error(("speculative", "draft_model"), f"speculative method {method} needs {what}",
+                      "set speculative.draft_model to its path or hf reference")
+        if method == "ngram" and s.speculative.draft_model:
+            ctx.warnings.append("speculative.draft_model is ignored by ngram drafting")
+        if method == "mtp" and ctx.facts.has_mtp is False:
+            ctx.error(("speculative", "method"), f"{ctx.facts.name} has no MTP (nextn) layers",
+                      "use method draft with a small draft model, or ngram")
+        if method == "mtp" and ctx.facts.has_mtp is None and not ctx.facts.exists:
+            ctx.notes.append("MTP needs the model's NextN layers; the model file is not here to check")
+        if ctx.offload.mode in ("moe_all", "moe_layers", "layers"):
+            ctx.warnings.append("speculative decoding while weights sit on the CPU: every drafted token also runs "
+                                "the verify pass through CPU-resident experts, so the gain shrinks or turns into a "
+                                "loss; measure with and without (orchestrate bench)")
+        if engine == "ik_llama" and s.parallel > 1:
+            ctx.warnings.append(f"ik_llama.cpp speculative decoding is single-stream: with parallel {s.parallel} "
+                                "newer ik builds refuse to start and this one may drop the draft stage; use parallel: 1")
+    if s.model.trust_remote_code:
+        if engine in GGUF_ENGINES:
+            ctx.warnings.append("trust_remote_code has no effect on GGUF engines")
+        else:
+            ctx.warnings.append("trust_remote_code: the model's own Python code will run inside the server")
+    if s.kv_cache == "q4_0":
+        ctx.warnings.append("q4_0 KV cache: measurable quality loss at long context; prefer q8_0 unless memory-bound "
+                            "(measure it: orchestrate eval --baseline-kv f16)")
+    if not ctx.facts.exists and ctx.facts.location and not s.model.hf:
+        ctx.warnings.append(f"model file {ctx.facts.location} is not on this machine (fine for plan/render; "
+                            "`up` needs it)")
+    if s.runtime == "process" and s.image:
+        ctx.warnings.append("image is used only by the docker runtime and the docker/compose/k8s renderers")
+
+
+def options(flags: list[Flag], extra_args: list[str]) -> list[tuple[str, str | None]]:
+    """(option, value) of every option the server will be started with: the rules' flags and the
+    profile's extra_args (a typo there fails the same way at start-up)."""
+    out = [(f.name, f.value) for f in flags if f.name.startswith("-")]
+    for i, arg in enumerate(extra_args):
+        if arg.startswith("-") and not arg.lstrip("-").replace(".", "").isdigit():
+            nxt = extra_args[i + 1] if i + 1 < len(extra_args) and not extra_args[i + 1].startswith("-") else None
+            out.append((arg, nxt))
+    return out
+
+
+def unknown_option(server: Server, index: int, engine: str, target: EngineVersion, name: str,
+                   value: str | None) -> Problem:
+    """The problem for an option the targeted build does not take: which version has it, the fix."""
+    caps = catalog.engine(engine)
+    return Problem(("servers", index, "engine_version" if server.engine_version else "engine"),
+                   versions.explain_missing(caps, target, name, value),
+                   f"install {caps['display']} {caps['verified_version']} (orchestrate engines install {engine}), "
+                   "pin engine_version, or drop the setting that needs it")
+
+
+def check_flags_known(ctx: Ctx, flags: list[Flag]) -> None:
+    """Every option the plan emits must be one the targeted build takes: its --help when it was
+    probed, else the catalog's version ranges. A miss names the flag, the version and the fix.
+    Options neither can judge are put to the build's own parser before up (pipeline.verify_flags)."""
+    target, caps = ctx.version, ctx.caps
+    if target is None:
+        return
+    verified = str(caps["verified_version"])
+    for name, value in options(flags, list(ctx.server.extra_args)):
+        if versions.supports(caps, target, name, value) is False:
+            ctx.problems.append(unknown_option(ctx.server, ctx.index, ctx.engine, target, name, value))
+    if target.version != verified:
+        checked = ("every flag was checked against its --help" if target.flags is not None else
+                   "its --help was not available here, so only the catalog's version ranges were checked")
+        ctx.notes.append(f"targets {caps['display']} {target.describe()}; the rules were verified against "
+                         f"{verified} and {checked}")

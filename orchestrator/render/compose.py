@@ -1,0 +1,115 @@
+"""The compose target: one service per server, as data (written by render() with yaml.safe_dump)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from orchestrator.plan.model import (
+    L_ENGINE,
+    L_HEALTH,
+    L_HOST,
+    L_MODEL,
+    L_PORT,
+    L_PROFILE,
+    L_SERVER,
+    Plan,
+    ServerPlan,
+    container_name,
+)
+from orchestrator.render.common import STOP_GRACE_S, container_entry, publish, require_image
+
+
+def _dollar(value: str) -> str:
+    """Escape literal $ for compose interpolation."""
+    return value.replace("$", "$$")
+
+
+def _probe_cmd(s: ServerPlan, tool: str) -> list[str]:
+    assert s.health is not None
+    url = f"http://127.0.0.1:{s.port}{s.health.ready_path}"
+    if tool == "curl":
+        return ["CMD", "curl", "-fsS", "-o", "/dev/null", url]
+    if tool == "wget":   # busybox wget in images built by `orchestrate engines image`
+        return ["CMD", "wget", "-q", "-O", "/dev/null", url]   # no -T: Debian's static busybox 1.35 segfaults with it; the healthcheck timeout bounds it
+    code = f"import urllib.request; urllib.request.urlopen({url!r}, timeout=5)"
+    return ["CMD", "python3", "-c", code]
+
+
+def compose_healthcheck(s: ServerPlan) -> dict[str, Any]:
+    """Probe every interval (also during start_period, whose failures do not count) and allow the
+    planned load time: the start period is the health timeout, derived from the model size."""
+    assert s.health is not None
+    return {"test": [_dollar(a) for a in _probe_cmd(s, s.probe_tool)],
+            "interval": f"{s.health.interval_s}s", "timeout": "5s", "retries": 3,
+            "start_period": f"{s.health.timeout_s}s"}
+
+
+def _gpu_keys(s: ServerPlan) -> dict[str, Any]:
+    """The service keys that give it its GPUs: an NVIDIA device request, or device nodes and their groups."""
+    gpu = s.gpu_access()
+    out: dict[str, Any] = {}
+    if gpu.nvidia:
+        dev: dict[str, Any] = {"driver": "nvidia", "capabilities": ["gpu"]}
+        if gpu.device_ids is None:
+            dev["count"] = "all"
+        else:
+            dev["device_ids"] = [str(i) for i in gpu.device_ids]
+        out["deploy"] = {"resources": {"reservations": {"devices": [dev]}}}
+    if gpu.devices:
+        out["devices"] = list(gpu.devices)
+    if gpu.groups:
+        out["group_add"] = list(gpu.groups)
+    return out
+
+
+def _environment(s: ServerPlan) -> dict[str, str]:
+    return {e.name: f"${{{e.from_env}:?set {e.from_env} to the API key}}" if e.from_env else _dollar(e.value or "")
+            for e in s.env if not e.process_only}
+
+
+def _labels(plan: Plan, s: ServerPlan) -> dict[str, str]:
+    """The labels the docker runtime sets too: `orchestrate status` shows these containers."""
+    assert s.health is not None
+    return {L_PROFILE: plan.name, L_SERVER: s.name, L_ENGINE: f"{s.engine} {s.engine_version}", L_HOST: s.host,
+            L_PORT: str(s.port), L_HEALTH: s.health.ready_path, L_MODEL: _dollar(s.served_name)}
+
+
+def _service(plan: Plan, s: ServerPlan, secrets: dict[str, Any]) -> dict[str, Any]:
+    """One server's service; its API key secret (if any) is added to `secrets`."""
+    require_image(s)
+    entry, command = container_entry(s)
+    svc: dict[str, Any] = {"image": s.image, "container_name": container_name(plan.name, s.name)}
+    if entry:
+        svc["entrypoint"] = [_dollar(a) for a in entry]
+    svc["command"] = [_dollar(a) for a in command]
+    svc["ports"] = [publish(s)]
+    env = _environment(s)
+    if env:
+        svc["environment"] = env
+    if s.mounts:
+        svc["volumes"] = [{"type": "bind", "source": m.host_path, "target": m.container_path,
+                           "read_only": m.read_only} for m in s.mounts]
+    if s.api_key and s.api_key.mechanism in ("file", "config"):
+        name = f"{s.name}-api-key"
+        svc["secrets"] = [{"source": name, "target": "api_key"}]
+        secrets[name] = {"environment": s.api_key.env_var}
+    svc.update(_gpu_keys(s))
+    if s.shm_size:
+        svc["shm_size"] = s.shm_size
+    svc["healthcheck"] = compose_healthcheck(s)
+    if s.depends_on:
+        svc["depends_on"] = {d: {"condition": "service_healthy"} for d in s.depends_on}
+    svc["init"] = True
+    svc["restart"] = "unless-stopped"
+    svc["stop_grace_period"] = f"{STOP_GRACE_S}s"
+    svc["labels"] = _labels(plan, s)
+    return svc
+
+
+def compose_data(plan: Plan) -> dict[str, Any]:
+    secrets: dict[str, Any] = {}
+    services = {s.name: _service(plan, s, secrets) for s in plan.servers}
+    doc: dict[str, Any] = {"name": plan.name, "services": services}
+    if secrets:
+        doc["secrets"] = secrets
+    return doc

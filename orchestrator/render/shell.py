@@ -1,0 +1,130 @@
+"""Shell targets: the launch commands (command), docker run lines (docker) and the commands as JSON.
+
+Every argument is quoted here, in Python, with shlex.quote; the one template (templates/shell.sh.j2, the
+installed package orchestrator.templates) only lays the lines out, in a sandboxed Jinja environment that
+fails on an undefined name.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import OrchestratorError
+from orchestrator.plan.model import L_PROFILE, L_SERVER, Plan, ServerPlan, container_name
+from orchestrator.render.common import HEADER, STOP_GRACE_S, publish, require_image
+
+TEMPLATE = "shell.sh.j2"
+
+
+def templates_dir() -> Path:
+    """The installed package orchestrator.templates (the top-level templates/ of the source tree)."""
+    package = Path(__file__).resolve().parents[1]
+    for cand in (package / "templates", package.parent / "templates"):
+        if cand.is_dir():
+            return cand
+    raise OrchestratorError("templates folder not found", "reinstall orchestrator")
+
+
+@lru_cache(maxsize=1)
+def environment() -> Any:
+    from jinja2 import FileSystemLoader, StrictUndefined
+    from jinja2.sandbox import SandboxedEnvironment
+
+    return SandboxedEnvironment(loader=FileSystemLoader(str(templates_dir())), undefined=StrictUndefined,
+                                autoescape=False, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
+
+
+def _secret_preamble(s: ServerPlan) -> list[str]:
+    """Shell lines that write the key file (ik_llama) or config (SGLang) from the user's env var, 0600."""
+    key = s.api_key
+    if key is None or key.process_path is None:
+        return []
+    path = shlex.quote(key.process_path)
+    parent = shlex.quote(str(Path(key.process_path).parent))
+    var = key.env_var
+    need = f': "${{{var}:?set {var} to the API key}}"'
+    if key.mechanism == "file":
+        write = f"(umask 077 && printf '%s\\n' \"${var}\" > {path})"
+    else:
+        write = (f"(umask 077 && printf \"api-key: '%s'\\n\" \"$(printf '%s' \"${var}\" | sed \"s/'/''/g\")\" "
+                 f"> {path})")
+    return [need, f"mkdir -p -m 700 {parent}", write]
+
+
+def _env_assignments(s: ServerPlan) -> list[str]:
+    """VAR=value prefixes of a process launch line; secrets stay references to the user's variables."""
+    return [f'{e.name}="${{{e.from_env}}}"' if e.from_env else f"{e.name}={shlex.quote(e.value or '')}"
+            for e in s.env]
+
+
+def _gpu_docker_args(s: ServerPlan) -> list[str]:
+    gpu = s.gpu_access()
+    out: list[str] = []
+    if gpu.nvidia:
+        out += ["--gpus", "all" if gpu.device_ids is None else f'"device={",".join(map(str, gpu.device_ids))}"']
+    for dev in gpu.devices:
+        out += ["--device", dev]
+    for group in gpu.groups:
+        out += ["--group-add", group]
+    return out
+
+
+def docker_argv(plan: Plan, s: ServerPlan) -> tuple[list[str], list[str]]:
+    """(env-prefix assignments, docker run argv) for one server."""
+    require_image(s)
+    argv = ["docker", "run", "-d", "--name", container_name(plan.name, s.name), "--restart", "unless-stopped",
+            "--init", "--label", f"{L_PROFILE}={plan.name}", "--label", f"{L_SERVER}={s.name}",
+            "-p", publish(s), "--stop-timeout", str(STOP_GRACE_S)]
+    if s.shm_size:
+        argv += ["--shm-size", s.shm_size]
+    argv += _gpu_docker_args(s)
+    for m in s.mounts:
+        argv += ["-v", f"{m.host_path}:{m.container_path}" + (":ro" if m.read_only else "")]
+    prefix: list[str] = []
+    for e in s.env:
+        if e.process_only:
+            continue
+        if e.from_env:
+            prefix.append(f'{e.name}="${{{e.from_env}}}"')
+            argv += ["-e", e.name]
+        else:
+            argv += ["-e", f"{e.name}={e.value}"]
+    if s.api_key and s.api_key.process_path and s.api_key.container_path:
+        argv += ["-v", f"{s.api_key.process_path}:{s.api_key.container_path}:ro"]
+    cmd = s.container_command
+    if cmd:
+        argv += ["--entrypoint", cmd[0]]
+    argv += [str(s.image), *cmd[1:], *s.args(container=True)]
+    return prefix, argv
+
+
+def _server_view(plan: Plan, s: ServerPlan, target: str) -> dict[str, Any]:
+    if target == "command":
+        prefix, argv = _env_assignments(s), s.argv()
+    else:
+        prefix, argv = docker_argv(plan, s)
+    return {"name": s.name, "engine": s.engine_display, "version": s.engine_version,
+            "preamble": _secret_preamble(s), "line": " ".join([*prefix, shlex.join(argv)])}
+
+
+def render_shell(plan: Plan, target: str) -> str:
+    """The command or docker target: a POSIX sh script, one server per line."""
+    servers = [_server_view(plan, s, target) for s in plan.servers]
+    return str(environment().get_template(TEMPLATE).render(
+        target=target, plan=plan, header=HEADER.format(file=plan.profile_file), servers=servers))
+
+
+def command_json(plan: Plan) -> str:
+    out = []
+    for s in plan.servers:
+        out.append({
+            "server": s.name, "engine": s.engine, "argv": s.argv(),
+            "env": {e.name: ({"from_env": e.from_env} if e.from_env else e.value) for e in s.env},
+            "secret_files": ({"path": s.api_key.process_path, "from_env": s.api_key.env_var}
+                             if s.api_key and s.api_key.process_path else []),
+        })
+    return json.dumps(out, indent=2) + "\n"
