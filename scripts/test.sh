@@ -4,8 +4,9 @@
 # Build tools (Debian packages, when missing and run as root), .venv with the project and its
 # test extras, llama.cpp + ik_llama.cpp llama-server builds (cached under ~/.cache/orchestrator;
 # the first build takes ~15 min on 2 cores), the vLLM (CPU) and SGLang-parser venvs under
-# ~/.cache/orchestrator/pyenvs (first time ~4 + ~2 min, instant when cached), then ruff, mypy and
-# pytest. Tests marked engine_env need those venvs; under CI=true they fail instead of skipping.
+# ~/.cache/orchestrator/pyenvs (first time ~4 + ~2 min, instant when cached), then ruff, mypy
+# (package and tests), lint-imports (the import rules in .importlinter) and pytest. Tests marked
+# engine_env need those venvs; under CI=true they fail instead of skipping.
 # A quick local run without them: ORCHESTRATOR_SKIP_ENGINE_ENVS=1 bash scripts/test.sh -m 'not engine_env'.
 set -euo pipefail
 EXTRAS="[test]" . "$(dirname "$0")/setup.sh"
@@ -21,4 +22,5 @@ fi
 
 ruff check orchestrator tests benchmarks
 mypy
+lint-imports
 python -m pytest "$@"

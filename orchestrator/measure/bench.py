@@ -243,26 +243,13 @@ def stream_completion(t: Target, prompt: list[int] | str, max_tokens: int, timeo
             if "error" in msg:
                 s.error = str(msg["error"])[:200]
                 return s
-            choices = msg.get("choices") or []
-            if choices:
-                s.text += choices[0].get("text") or ""
-            if choices and (choices[0].get("text") or choices[0].get("finish_reason") is None):
+            if _read_chunk(s, msg):
                 if first is None:
                     first = now
                 elif last is not None:
                     s.itl_s.append(now - last)
                 last = now
                 chunks += 1
-            usage = msg.get("usage")
-            if usage:
-                s.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-                s.completion_tokens = int(usage.get("completion_tokens") or 0)
-                details = usage.get("prompt_tokens_details") or {}
-                if details.get("cached_tokens") is not None:
-                    s.cached_tokens = int(details["cached_tokens"])
-            timings = msg.get("timings")
-            if isinstance(timings, dict):
-                s.server = {k: float(v) for k, v in timings.items() if isinstance(v, int | float)}
     except (OSError, http.client.HTTPException, ValueError) as exc:
         s.error = f"{type(exc).__name__}: {exc}"
         return s
@@ -271,6 +258,33 @@ def stream_completion(t: Target, prompt: list[int] | str, max_tokens: int, timeo
     if first is None or last is None:
         s.error = "the stream ended without a token"
         return s
+    _complete(s, prompt, chunks)
+    s.ttft_s, s.total_s = first - t0, last - t0
+    s.ok = True
+    return s
+
+
+def _read_chunk(s: Sample, msg: dict[str, Any]) -> bool:
+    """Take one streamed chunk's text, usage and engine timings into the sample; True when it carries a
+    token (the chunk that times the stream)."""
+    choices = msg.get("choices") or []
+    if choices:
+        s.text += choices[0].get("text") or ""
+    usage = msg.get("usage")
+    if usage:
+        s.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        s.completion_tokens = int(usage.get("completion_tokens") or 0)
+        details = usage.get("prompt_tokens_details") or {}
+        if details.get("cached_tokens") is not None:
+            s.cached_tokens = int(details["cached_tokens"])
+    timings = msg.get("timings")
+    if isinstance(timings, dict):
+        s.server = {k: float(v) for k, v in timings.items() if isinstance(v, int | float)}
+    return bool(choices and (choices[0].get("text") or choices[0].get("finish_reason") is None))
+
+
+def _complete(s: Sample, prompt: list[int] | str, chunks: int) -> None:
+    """Counts the response did not report, from what the stream showed."""
     if not s.completion_tokens:
         s.completion_tokens = chunks
     if not s.prompt_tokens:
@@ -279,9 +293,6 @@ def stream_completion(t: Target, prompt: list[int] | str, max_tokens: int, timeo
         s.cached_tokens = int(s.server["cache_n"])
     elif s.cached_tokens is None and "prompt_n" in s.server and s.prompt_tokens:
         s.cached_tokens = max(0, s.prompt_tokens - int(s.server["prompt_n"]))   # ik_llama: no cache_n
-    s.ttft_s, s.total_s = first - t0, last - t0
-    s.ok = True
-    return s
 
 
 # --------------------------------------------------------------------------- resource sampling

@@ -14,8 +14,7 @@ from orchestrator import catalog
 from orchestrator.errors import OrchestratorError, ProfileError
 from orchestrator.facts.model import gather
 from orchestrator.facts.types import ModelFacts
-from orchestrator.measure import bench_plan as benchrun
-from orchestrator.measure import quality
+from orchestrator.measure import bench_plan, quality
 from orchestrator.measure.quality import GIB, QualityError
 from orchestrator.plan import fit
 from orchestrator.plan.model import Plan, ServerPlan
@@ -271,7 +270,7 @@ def _fill_retrieval(res: EvalResult, got: quality.Retrieval) -> None:
 
 def eval_plan(plan: Plan, loaded: LoadedProfile, deployer: Deployer, only: list[str] | None, opts: Options,
               say: Say, ignore_fit: bool = False) -> list[EvalResult]:
-    servers = benchrun.select(plan, only)
+    servers = bench_plan.select(plan, only)
     through_server = [sp for sp in servers if opts.perplexity and sp.engine in quality.PROMPT_LOGPROB_ENGINES]
     by_server = {sp.name for sp in through_server}
     for sp in through_server:
@@ -282,7 +281,7 @@ def eval_plan(plan: Plan, loaded: LoadedProfile, deployer: Deployer, only: list[
                                "with the baseline profile's own eval")
     targets = {}
     if opts.retrieval or through_server:   # before minutes of perplexity: is the server there?
-        targets = {sp.name: benchrun.target_for(plan, sp, deployer)
+        targets = {sp.name: bench_plan.target_for(plan, sp, deployer)
                    for sp in (servers if opts.retrieval else through_server)}
     results = []
     for sp in servers:
@@ -335,7 +334,7 @@ def eval_matrix(plan: Plan, loaded: LoadedProfile, deployer: Deployer, only: lis
     (llama-perplexity), then a server per cell for retrieval and decode speed at that length."""
     out: list[EvalResult] = []
     kvs = list(dict.fromkeys(["f16", *opts.kv]))
-    for sp in benchrun.select(plan, only):
+    for sp in bench_plan.select(plan, only):
         check_kv(sp, kvs)
         if opts.perplexity:
             ppl_tool(sp)
@@ -409,12 +408,12 @@ def _matrix_retrieval(cell: Plan, res: EvalResult, deployer: Deployer, opts: Opt
     sp = cell.servers[0]
     say(f"context {res.context}: starting a {res.kv_cache}-KV server on port {sp.port}")
     try:
-        started = benchrun.start(deployer, cell, None)
+        started = bench_plan.start(deployer, cell, None)
     except OrchestratorError as exc:
         res.notes.append(f"retrieval not measured: {exc}")
         return
     try:
-        target = benchrun.target_for(cell, sp, deployer)
+        target = bench_plan.target_for(cell, sp, deployer)
         lengths = opts.lengths or [res.context - quality.ANSWER_TOKENS - 4]
         got = quality.run_retrieval(target, [n for n in lengths if n + quality.ANSWER_TOKENS <= res.context],
                                     opts.depths, opts.trials, say)

@@ -82,7 +82,14 @@ def check_nodes(ctx: Ctx) -> None:
 
 
 def check_server(ctx: Ctx) -> None:
-    s, caps, gpu, engine = ctx.server, ctx.caps, ctx.gpu, ctx.engine
+    """Every check of one server, in the order the user reads them."""
+    for check in (check_hardware, check_nodes, check_model, check_kv, check_speculative, check_warnings):
+        check(ctx)
+
+
+def check_hardware(ctx: Ctx) -> None:
+    """The engine runs on this accelerator and GPU generation."""
+    caps, gpu, engine = ctx.caps, ctx.gpu, ctx.engine
     disp = caps["display"]
     acc = gpu.accelerator
     if acc not in caps["accelerators"]:
@@ -103,7 +110,12 @@ def check_server(ctx: Ctx) -> None:
             else:
                 ctx.error(("engine",), f"{disp} needs compute capability ≥ {caps['min_compute_capability']}; "
                           f"{gpu.describe()}", "use llama.cpp (engine: llama.cpp) with a GGUF model on this GPU")
-    check_nodes(ctx)
+
+
+def check_model(ctx: Ctx) -> None:
+    """The engine reads this model's format and serves the asked context."""
+    s, caps, engine = ctx.server, ctx.caps, ctx.engine
+    disp = caps["display"]
     fmt = ctx.facts.format
     if fmt not in caps["formats"]:
         want = "a .gguf file" if fmt == "hf" else "an HF-format directory (config.json + safetensors)"
@@ -120,6 +132,11 @@ def check_server(ctx: Ctx) -> None:
                       f"tokens, config.json); {disp} refuses to start with it",
                       f"use context: {trained} or less, or set env: {{{allow}: '1'}} if the model's RoPE scaling "
                       "covers more")
+
+
+def check_kv(ctx: Ctx) -> None:
+    s, caps, gpu, engine = ctx.server, ctx.caps, ctx.gpu, ctx.engine
+    disp = caps["display"]
     kv = ctx.kv_cache
     if kv not in ("f16",) and kv not in caps["kv_types"]:
         alt = "q8_0 (half of f16)" if engine in GGUF_ENGINES else "fp8 (half of bf16) or auto"
@@ -128,32 +145,42 @@ def check_server(ctx: Ctx) -> None:
         if not gpu.fp8 and not (engine == "vllm" and gpu.cc and gpu.cc >= (8, 9)):
             ctx.error(("kv_cache",), f"fp8 KV cache needs an sm89+ GPU with fp8 support; {gpu.describe()}",
                       "use kv_cache: auto on this GPU")
+
+
+def check_speculative(ctx: Ctx) -> None:
+    s, caps, engine = ctx.server, ctx.caps, ctx.engine
     method = s.speculative.method
-    if method != "none":
-        names = caps.get("spec_methods") or {}
-        if method not in names:
-            hint = {"eagle": "use eagle3 with an EAGLE-3 head, or mtp/draft",
-                    "eagle3": "ik_llama's eagle3 is a stub: use llama.cpp, vLLM or SGLang for EAGLE-3"}.get(method, "pick another method")
-            ctx.error(("speculative", "method"), f"{disp} {caps['verified_version']} does not support speculative method {method!r}", hint)
-        needs_model = method in ("draft", "eagle", "eagle3")
-        if needs_model and not s.speculative.draft_model:
-            what = "an EAGLE head" if method.startswith("eagle") else "a draft model"
-            ctx.error(("speculative", "draft_model"), f"speculative method {method} needs {what}",
-                      "set speculative.draft_model to its path or hf reference")
-        if method == "ngram" and s.speculative.draft_model:
-            ctx.warnings.append("speculative.draft_model is ignored by ngram drafting")
-        if method == "mtp" and ctx.facts.has_mtp is False:
-            ctx.error(("speculative", "method"), f"{ctx.facts.name} has no MTP (nextn) layers",
-                      "use method draft with a small draft model, or ngram")
-        if method == "mtp" and ctx.facts.has_mtp is None and not ctx.facts.exists:
-            ctx.notes.append("MTP needs the model's NextN layers; the model file is not here to check")
-        if ctx.offload.mode in ("moe_all", "moe_layers", "layers"):
-            ctx.warnings.append("speculative decoding while weights sit on the CPU: every drafted token also runs "
-                                "the verify pass through CPU-resident experts, so the gain shrinks or turns into a "
-                                "loss; measure with and without (orchestrate bench)")
-        if engine == "ik_llama" and s.parallel > 1:
-            ctx.warnings.append(f"ik_llama.cpp speculative decoding is single-stream: with parallel {s.parallel} "
-                                "newer ik builds refuse to start and this one may drop the draft stage; use parallel: 1")
+    if method == "none":
+        return
+    if method not in (caps.get("spec_methods") or {}):
+        hint = {"eagle": "use eagle3 with an EAGLE-3 head, or mtp/draft",
+                "eagle3": "ik_llama's eagle3 is a stub: use llama.cpp, vLLM or SGLang for EAGLE-3"}.get(
+                    method, "pick another method")
+        ctx.error(("speculative", "method"),
+                  f"{caps['display']} {caps['verified_version']} does not support speculative method {method!r}", hint)
+    if method in ("draft", "eagle", "eagle3") and not s.speculative.draft_model:
+        what = "an EAGLE head" if method.startswith("eagle") else "a draft model"
+        ctx.error(("speculative", "draft_model"), f"speculative method {method} needs {what}",
+                  "set speculative.draft_model to its path or hf reference")
+    if method == "ngram" and s.speculative.draft_model:
+        ctx.warnings.append("speculative.draft_model is ignored by ngram drafting")
+    if method == "mtp" and ctx.facts.has_mtp is False:
+        ctx.error(("speculative", "method"), f"{ctx.facts.name} has no MTP (nextn) layers",
+                  "use method draft with a small draft model, or ngram")
+    if method == "mtp" and ctx.facts.has_mtp is None and not ctx.facts.exists:
+        ctx.notes.append("MTP needs the model's NextN layers; the model file is not here to check")
+    if ctx.offload.mode in ("moe_all", "moe_layers", "layers"):
+        ctx.warnings.append("speculative decoding while weights sit on the CPU: every drafted token also runs "
+                            "the verify pass through CPU-resident experts, so the gain shrinks or turns into a "
+                            "loss; measure with and without (orchestrate bench)")
+    if engine == "ik_llama" and s.parallel > 1:
+        ctx.warnings.append(f"ik_llama.cpp speculative decoding is single-stream: with parallel {s.parallel} "
+                            "newer ik builds refuse to start and this one may drop the draft stage; use parallel: 1")
+
+
+def check_warnings(ctx: Ctx) -> None:
+    """Settings that run, but not as the user may think."""
+    s, engine = ctx.server, ctx.engine
     if s.model.trust_remote_code:
         if engine in GGUF_ENGINES:
             ctx.warnings.append("trust_remote_code has no effect on GGUF engines")

