@@ -1,0 +1,55 @@
+"""What the command modules share: the one way a command fails, the --ignore-fit option, and
+building the plan and the deployer. Kept out of `orchestrator.cli` itself so that the command modules
+never import the package that registers them."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import click
+
+if TYPE_CHECKING:
+    from orchestrator.plan.model import Plan
+    from orchestrator.runtime.deployer import Deployer
+
+IGNORE_FIT = click.option("--ignore-fit", is_flag=True, help="Plan even when the memory estimate says it won't fit.")
+
+
+def fail(problems: list[str], as_json: bool = False, data: Any = None) -> NoReturn:
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    for p in problems:
+        click.echo(p, err=True)
+    sys.exit(1)
+
+
+def load_plan(profile: str, ignore_fit: bool = False) -> Plan:
+    from orchestrator.pipeline import build_plan
+    from orchestrator.profile import load
+
+    return build_plan(load(profile), enforce_fit=not ignore_fit)
+
+
+def make_deployer(as_json: bool = False) -> Deployer:
+    """A deployer on the state dir that reports its progress on stderr (nothing with --json)."""
+    from orchestrator.paths import state_dir as default_state_dir
+    from orchestrator.runtime.deployer import Deployer
+    from orchestrator.runtime.state import StateStore
+
+    def progress(server: str, event: str, detail: str) -> None:
+        if not as_json:
+            click.echo(f"  [{server}] {event}" + (f": {detail}" if detail else ""), err=True)
+
+    return Deployer(StateStore(default_state_dir(dict(os.environ))), progress=progress)
+
+
+def deployment_name(target: str) -> str:
+    """A profile file's deployment name; anything else is taken as the name itself."""
+    if target.endswith((".yaml", ".yml")) or os.path.sep in target:
+        from orchestrator.profile import load
+
+        return load(target).profile.name
+    return target

@@ -1,0 +1,149 @@
+"""Commands that only read: validate, plan, fit, render, schema, gpus. None of them starts anything, and
+none imports docker, gguf, rich or requests (they stay fast)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from orchestrator.cli.common import IGNORE_FIT, load_plan
+from orchestrator.cli.show import print_gpus
+from orchestrator.errors import ProfileError
+
+if TYPE_CHECKING:
+    from orchestrator.plan.model import Plan
+
+
+@click.command()
+@click.argument("profiles", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print problems as JSON.")
+@IGNORE_FIT
+def validate(profiles: tuple[str, ...], as_json: bool, ignore_fit: bool) -> None:
+    """Check profiles: every problem as FILE:LINE: field: what — how to fix."""
+    problems = []
+    warnings: list[str] = []
+    for path in profiles:
+        try:
+            plan_ = load_plan(path, ignore_fit)
+            warnings += [f"{path}: {s.name}: warning: {w}" for s in plan_.servers for w in s.warnings]
+        except ProfileError as exc:
+            problems += exc.problems
+    if as_json:
+        click.echo(json.dumps({"valid": not problems, "problems": [p.as_dict() for p in problems],
+                               "warnings": warnings}, indent=2))
+    else:
+        for w in warnings:
+            click.echo(w, err=True)
+        for p in problems:
+            click.echo(str(p), err=True)
+        if not problems:
+            click.echo(f"{len(profiles)} profile(s) valid")
+    sys.exit(1 if problems else 0)
+
+
+@click.command()
+@click.argument("profile", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="The plan as data.")
+@IGNORE_FIT
+def plan(profile: str, as_json: bool, ignore_fit: bool) -> None:
+    """Show per server the engine, image, port and every flag with its reason."""
+    p = load_plan(profile, ignore_fit)
+    notes = _quality_notes(p)
+    if as_json:
+        data = p.to_dict()
+        for server in data["servers"]:
+            if server["name"] in notes:
+                server["quality"] = notes[server["name"]]
+        click.echo(json.dumps(data, indent=2))
+        return
+    from orchestrator.plan.explain import explain
+
+    click.echo(explain(p), nl=False)
+    for name, note in notes.items():
+        click.echo(f"quality of server {name} (orchestrate eval --save): {note}")
+
+
+def _quality_notes(p: Plan) -> dict[str, str]:
+    """Saved `orchestrate eval` results that measured exactly these settings. Nothing heavy is
+    imported unless a results file exists (plan stays fast)."""
+    from orchestrator.paths import state_dir as default_state_dir
+
+    state = default_state_dir(dict(os.environ))
+    if not (Path(state) / "bench").is_dir():
+        return {}
+    from orchestrator.measure.bench import results_file
+    from orchestrator.measure.eval_plan import quality_notes
+
+    return quality_notes(p, results_file(state))
+
+
+@click.command("fit")
+@click.argument("profile", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def fit_cmd(profile: str, as_json: bool) -> None:
+    """Memory estimate per server: weights, KV cache, compute, total vs VRAM/RAM, and a verdict."""
+    p = load_plan(profile, ignore_fit=True)
+    if as_json:
+        click.echo(json.dumps([{"server": s.name, **(s.estimate.as_dict() if s.estimate else {})}
+                                for s in p.servers], indent=2))
+        return
+    from orchestrator.plan.explain import explain_fit
+
+    click.echo(explain_fit(p), nl=False)
+    if any(s.estimate and s.estimate.verdict == "does not fit" for s in p.servers):
+        sys.exit(1)
+
+
+@click.command()
+@click.argument("profile", type=click.Path(dir_okay=False))
+@click.option("--target", "-t", type=click.Choice(["command", "docker", "compose", "k8s", "llama-swap"]),
+              default="command",
+              show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write to FILE instead of stdout.")
+@click.option("--json", "as_json", is_flag=True, help="command target: argv lists as JSON.")
+@IGNORE_FIT
+def render(profile: str, target: str, output: str | None, as_json: bool, ignore_fit: bool) -> None:
+    """Render launch commands, docker run lines, a compose file or k8s manifests."""
+    from orchestrator.render import env_example
+    from orchestrator.render import render as do_render
+
+    plan_ = load_plan(profile, ignore_fit)
+    text = do_render(plan_, target, as_json)
+    if not output:
+        click.echo(text, nl=False)
+        return
+    tmp = Path(output + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(output)
+    click.echo(f"wrote {output}", err=True)
+    example = env_example(plan_) if target == "compose" else None   # what `compose up` writes beside it too
+    if example:
+        path = Path(output).parent / ".env.example"
+        path.write_text(example, encoding="utf-8")
+        click.echo(f"wrote {path}: copy it to .env and fill in the secrets", err=True)
+
+
+@click.command()
+def schema() -> None:
+    """Print the profile JSON Schema (for editor autocompletion)."""
+    from orchestrator.profile import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=2))
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True)
+def gpus(as_json: bool) -> None:
+    """List the GPU catalog."""
+    from orchestrator import catalog
+
+    rows = list(catalog.gpus().values())
+    if as_json:
+        click.echo(json.dumps([g.__dict__ for g in rows], indent=2))
+        return
+    print_gpus(rows)

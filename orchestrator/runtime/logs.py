@@ -1,0 +1,36 @@
+"""Server logs: which files a deployment's logs are, and following them as they grow (`orchestrate logs`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from orchestrator.runtime.state import StateStore
+
+
+def log_files(store: StateStore, deployment: str, server: str | None = None) -> list[Path]:
+    """The deployment's log files, or one server's; empty unless every one of them exists."""
+    paths = [store.log_path(deployment, server)] if server else sorted(store.logs.glob(f"{deployment}-*.log"))
+    return paths if paths and all(p.exists() for p in paths) else []
+
+
+def follow(paths: list[Path], emit: Callable[[str], None], refresh: Callable[[], None] = lambda: None,
+           interval_s: float = 0.5) -> None:
+    """Hand `emit` the text appended to each file from now on, polling every `interval_s`, until Ctrl-C
+    (which returns normally). `refresh` runs before each poll (containers: copy their log into the
+    state dir first)."""
+    offsets = {p: p.stat().st_size for p in paths}
+    try:
+        while True:
+            refresh()
+            for p in paths:
+                with p.open("rb") as fh:
+                    fh.seek(offsets[p])
+                    chunk = fh.read()
+                offsets[p] += len(chunk)
+                if chunk:
+                    emit(chunk.decode("utf-8", "replace"))
+            time.sleep(interval_s)
+    except KeyboardInterrupt:
+        pass
