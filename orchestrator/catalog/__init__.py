@@ -11,6 +11,9 @@ from typing import Any
 
 import yaml
 
+GGUF_ENGINES = ("llama.cpp", "ik_llama")   # the engines that read GGUF files (formats: [gguf] in engines.yaml)
+LOCAL_IMAGE_PREFIX = "localhost/orchestrator/"   # images built here by `orchestrate engines image` (busybox wget inside)
+
 _VENDOR_WORDS = ("nvidia", "geforce", "tesla", "quadro", "amd", "radeon", "instinct", "intel", "arc", "apple")
 
 

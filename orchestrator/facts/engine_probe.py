@@ -93,9 +93,10 @@ def probe(engine: str, binary: str) -> EngineVersion | None:
                          str(binary))
 
 
-_REJECTED = ("invalid argument", "unknown argument", "error while handling argument", "has been removed",
+# What a llama-server prints when its parser refuses an argument, and when every argument parsed.
+REJECTED = ("invalid argument", "unknown argument", "error while handling argument", "has been removed",
              "error: unknown", "unrecognized", "unknown speculative decoding type")
-_PARSED = ("failed to load model", "error loading model", "failed to open", "no such file")
+PARSED = ("failed to load model", "error loading model", "failed to open", "no such file")
 
 
 def parser_accepts(binary: str, flag: str, value: str | None) -> bool | None:
@@ -129,7 +130,7 @@ def parser_accepts(binary: str, flag: str, value: str | None) -> bool | None:
             except (OSError, subprocess.SubprocessError):
                 return None
         out = (p.stdout + p.stderr).lower()
-        verdict = False if any(m in out for m in _REJECTED) else (True if any(m in out for m in _PARSED) else None)
+        verdict = False if any(m in out for m in REJECTED) else (True if any(m in out for m in PARSED) else None)
         if verdict is not None:
             break
     if verdict is not None:

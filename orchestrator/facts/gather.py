@@ -13,7 +13,7 @@ import os
 from dataclasses import replace
 
 from orchestrator import catalog
-from orchestrator.catalog import Gpu, UnknownGpu
+from orchestrator.catalog import GGUF_ENGINES, Gpu, UnknownGpu
 from orchestrator.errors import Problem, ProfileError
 from orchestrator.facts import engine_probe
 from orchestrator.facts.installed import locate
@@ -21,11 +21,6 @@ from orchestrator.facts.model import gather
 from orchestrator.facts.types import EngineVersion, Facts, Located, ModelFacts
 from orchestrator.paths import state_dir as default_state_dir
 from orchestrator.profile import LoadedProfile, Profile, Server, expand_path
-
-GGUF_ENGINES = ("llama.cpp", "ik_llama")
-
-
-
 
 # --------------------------------------------------------------------------- hardware
 

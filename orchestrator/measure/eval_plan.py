@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import catalog
+from orchestrator.catalog import GGUF_ENGINES
 from orchestrator.errors import OrchestratorError, ProfileError
 from orchestrator.facts.model import gather
 from orchestrator.facts.types import ModelFacts
@@ -116,7 +117,7 @@ def ppl_tool(sp: ServerPlan) -> str:
     """llama-perplexity from the same build as the server's llama-server."""
     from orchestrator.facts.installed import locate
 
-    if sp.engine not in quality.GGUF_ENGINES:
+    if sp.engine not in GGUF_ENGINES:
         raise QualityError(f"server {sp.name}: {sp.engine_display} has no {quality.PPL_TOOL}, and its server "
                            "returns no prompt log-probabilities through /v1/completions (vLLM's do)",
                            "pass --no-perplexity to measure retrieval only")

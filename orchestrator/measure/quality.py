@@ -40,7 +40,6 @@ EVAL_TEXT_FILE = "adventures-of-sherlock-holmes.txt.xz"
 EVAL_TEXT_SHA256 = "d6e5e50e8358ac384f8f4b5b739e2f551b4fbae0f8e5669033f8111514cc803f"
 EVAL_TEXT_NAME = "The Adventures of Sherlock Holmes (A. C. Doyle, 1892; public domain)"
 PPL_TOOL = "llama-perplexity"
-GGUF_ENGINES = ("llama.cpp", "ik_llama")
 # Flags of a llama-server plan that change what the model computes; llama-perplexity takes the same syntax.
 COMPUTE_FLAGS = ("-m", "-t", "-ngl", "-cmoe", "-ncmoe", "--fit", "-fa", "-ctk", "-ctv", "-mla", "-amb")
 MAX_BATCH = 2048

@@ -4,11 +4,10 @@ is wrong and how to fix it. Engine quirks that only one engine has stay with its
 from __future__ import annotations
 
 from orchestrator import catalog
-from orchestrator.catalog import Gpu
+from orchestrator.catalog import GGUF_ENGINES, Gpu
 from orchestrator.errors import Problem
 from orchestrator.facts.types import EngineVersion
 from orchestrator.plan import versions
-from orchestrator.plan.decisions import GGUF_ENGINES
 from orchestrator.plan.engines.base import Ctx
 from orchestrator.plan.model import Flag, is_loopback
 from orchestrator.profile import Profile, Server

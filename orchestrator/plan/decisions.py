@@ -8,17 +8,15 @@ import math
 from pathlib import PurePosixPath
 
 from orchestrator import catalog
-from orchestrator.catalog import Gpu
+from orchestrator.catalog import GGUF_ENGINES, LOCAL_IMAGE_PREFIX, Gpu
 from orchestrator.facts.types import ModelFacts
 from orchestrator.plan import fit
 from orchestrator.plan.engines.base import Offload
 from orchestrator.plan.model import ApiKey, FitEstimate, Mount
 from orchestrator.profile import Profile, Server
 
-GGUF_ENGINES = ("llama.cpp", "ik_llama")
 RUNTIME_OVERHEAD_GIB = 1.5   # CUDA context (~0.5 GiB) + llama.cpp's 1 GiB fit margin, per GPU
 GIB = 2**30
-LOCAL_IMAGE_PREFIX = "localhost/orchestrator/"   # images built by `orchestrate engines image`
 
 
 def looks_hf(ref: str) -> bool:

@@ -11,12 +11,12 @@ from __future__ import annotations
 from types import ModuleType
 
 from orchestrator import catalog
+from orchestrator.catalog import GGUF_ENGINES
 from orchestrator.errors import Problem, ProfileError
 from orchestrator.facts.types import EngineVersion, Facts, ModelFacts
 from orchestrator.plan import fit
 from orchestrator.plan.checks import check_flags_known, check_profile, check_server
 from orchestrator.plan.decisions import (
-    GGUF_ENGINES,
     GIB,
     api_key,
     choose_engine,

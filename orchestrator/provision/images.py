@@ -20,10 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from orchestrator import catalog
 from orchestrator.errors import OrchestratorError
 from orchestrator.facts.installed import InstalledEngine, installed
 
-PREFIX = "localhost/orchestrator/"    # planner.LOCAL_IMAGE_PREFIX: compose probes such images with wget
+PREFIX = catalog.LOCAL_IMAGE_PREFIX   # the planner probes such images with wget
 USER = "65534:65534"
 # Supplied by the host's driver through the container runtime, never copied into an image.
 DRIVER_LIBS = re.compile(r"^(libcuda\.so|libnvidia-|libnvcuvid)")

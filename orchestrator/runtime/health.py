@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from orchestrator.catalog import GGUF_ENGINES  # /props: n_ctx per slot, total_slots
 from orchestrator.plan.model import ServerPlan, client_host
 
 STAGES = ("process", "port", "ready", "models", "completion", "settings")
@@ -194,7 +195,6 @@ class Prober:
         return StageResult(READY, f"max_model_len={got}")
 
 
-GGUF_ENGINES = ("llama.cpp", "ik_llama")      # /props: n_ctx per slot, total_slots
 MODEL_LEN_ENGINES = ("vllm", "sglang")         # /v1/models: max_model_len
 
 

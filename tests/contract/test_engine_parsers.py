@@ -21,15 +21,13 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.facts.engine_probe import PARSED, REJECTED
 from orchestrator.pipeline import build_plan
 from orchestrator.profile import load
 from orchestrator.provision import builds as provision
 
 ROOT = Path(__file__).resolve().parents[2]
 PROFILES = sorted([*ROOT.glob("profiles/*.yaml"), *ROOT.glob("examples/*.yaml")])
-REJECTED = ("invalid argument", "unknown argument", "unknown speculative decoding type", "error while handling argument", "has been removed",
-            "error: unknown", "unrecognized")
-PARSED = ("failed to load model", "error loading model", "failed to open", "no such file")
 
 
 @pytest.fixture(scope="session")
