@@ -61,9 +61,10 @@ def test_estimate_within_ten_percent(engine: str, context: int, kv: str, gemma: 
         "parallel": 1, "port": free_port()}]}))
     sp = build_plan(load(profile), state_dir=str(tmp_path)).servers[0]
     est = sp.estimate
+    assert est is not None
     args = sp.args() + (["-lv", "4"] if engine == "llama.cpp" else [])
     real = engine_buffers(provision.build(engine, "cpu").binary(), args, tmp_path / "engine.log")
     for part, key in (("weights", "weights_bytes"), ("kv", "kv_cache_bytes"), ("compute", "compute_bytes")):
-        ratio = est[key] / real[part]
-        assert 0.9 <= ratio <= 1.1, f"{engine} ctx {context} {kv}: {part} estimated {est[key] / MIB:.2f} MiB, " \
+        ratio = getattr(est, key) / real[part]
+        assert 0.9 <= ratio <= 1.1, f"{engine} ctx {context} {kv}: {part} estimated {getattr(est, key) / MIB:.2f} MiB, " \
                                     f"engine {real[part] / MIB:.2f} MiB"
