@@ -12,11 +12,10 @@ from orchestrator.catalog import GGUF_ENGINES, LOCAL_IMAGE_PREFIX, Gpu
 from orchestrator.facts.types import ModelFacts
 from orchestrator.plan import fit
 from orchestrator.plan.engines.base import Offload
-from orchestrator.plan.model import ApiKey, FitEstimate, Mount
+from orchestrator.plan.model import GIB, ApiKey, FitEstimate, Mount
 from orchestrator.profile import Profile, Server
 
 RUNTIME_OVERHEAD_GIB = 1.5   # CUDA context (~0.5 GiB) + llama.cpp's 1 GiB fit margin, per GPU
-GIB = 2**30
 
 
 def looks_hf(ref: str) -> bool:

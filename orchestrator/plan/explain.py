@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from orchestrator.plan.model import FitEstimate, Plan, ServerPlan
-
-GIB = 2**30
+from orchestrator.plan.model import GIB, FitEstimate, Plan, ServerPlan
 
 
 def fit_summary(e: FitEstimate) -> str:

@@ -17,7 +17,6 @@ from orchestrator.facts.types import EngineVersion, Facts, ModelFacts
 from orchestrator.plan import fit
 from orchestrator.plan.checks import check_flags_known, check_profile, check_server
 from orchestrator.plan.decisions import (
-    GIB,
     api_key,
     choose_engine,
     choose_image,
@@ -32,6 +31,7 @@ from orchestrator.plan.decisions import (
 from orchestrator.plan.engines import ik_llama, llama_cpp, sglang, vllm
 from orchestrator.plan.engines.base import Ctx, run_rules
 from orchestrator.plan.model import (
+    GIB,
     EnvVar,
     Executable,
     FitEstimate,

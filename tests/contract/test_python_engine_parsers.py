@@ -232,13 +232,14 @@ def intended_fraction(c: Case, default: float) -> float:
 
     from orchestrator.facts.model import gather
     from orchestrator.plan import fit
+    from orchestrator.plan.model import GIB
 
     if c.gpu_servers > 1:
         return round(default / c.gpu_servers, 2)
     s = c.server
     facts = gather(s.model.hf, is_hf=True) if s.model.hf else gather(_model_path(s))
     gpus = max(c.gpu_count, 1) * s.nodes
-    device = int(c.gpu.vram_gb * fit.GIB) * gpus
+    device = int(c.gpu.vram_gb * GIB) * gpus
     need = fit.hf_required_fraction(facts, s.context, s.kv_cache, device, gpus)
     if need is not None and default < need + 0.01 <= 0.95:
         return _math.ceil((need + 0.01) * 100) / 100
@@ -355,7 +356,7 @@ def sglang_expected(c: Case, defaults: dict[str, Any]) -> dict[str, Any]:
         return exp
     exp["speculative_algorithm_resolved"] = SGLANG_ALGO[sp.method]
     exp["speculative_draft_model_path"] = (expand_path(sp.draft_model, {"HOME": "/h"})
-                                           if sp.method in ("eagle", "eagle3", "draft") else None)
+                                           if sp.draft_model and sp.method in ("eagle", "eagle3", "draft") else None)
     if sp.method != "ngram":
         exp |= {"speculative_num_steps": sp.tokens, "speculative_eagle_topk": 1,
                 "speculative_num_draft_tokens": sp.tokens + 1}

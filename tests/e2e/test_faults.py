@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -37,7 +38,7 @@ def gone(pid: int) -> bool:
         return True
 
 
-def failed(result: subprocess.CompletedProcess[str]) -> dict[str, object]:
+def failed(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     assert result.returncode == 1, result.stdout + result.stderr
     data = json.loads(result.stdout)
     assert data[0]["outcome"] == "failed"

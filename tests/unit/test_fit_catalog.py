@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from orchestrator import catalog
-from orchestrator.facts.model import ModelFacts, gather, split_parts
+from orchestrator.facts.model import gather, split_parts
+from orchestrator.facts.types import ModelFacts
 from orchestrator.pipeline import build_plan
 from orchestrator.plan import fit
 from orchestrator.profile import load

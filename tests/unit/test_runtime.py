@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.plan.model import HealthSpec, Plan, ServerPlan, Settings
+from orchestrator.plan.model import HardwareSummary, HealthSpec, Plan, ServerPlan, Settings
 from orchestrator.runtime.base import (
     Found,
     Launched,
@@ -34,6 +34,9 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+HARDWARE = HardwareSummary("cpu", "CPU", 0, "test", "x86_64", None, 0.0)
 
 
 def server_plan(**kw: Any) -> ServerPlan:
@@ -176,7 +179,7 @@ def deployer(tmp_path: Path):
 def test_up_status_down_through_the_runtime_interface(deployer: Deployer, tmp_path: Path) -> None:
     rt: FakeRuntime = deployer.runtimes["fake"]  # type: ignore[assignment]
     sp = server_plan()
-    plan = Plan("dep", str(tmp_path / "p.yaml"), {}, [sp])
+    plan = Plan("dep", str(tmp_path / "p.yaml"), HARDWARE, [sp])
     [result] = deployer.up(plan)
     assert result.outcome == "started" and result.detail == f"fake on {sp.port}", result
     assert result.stages == ["process", "port", "ready", "models", "completion", "settings"]
@@ -203,7 +206,7 @@ def test_a_server_of_another_runtime_is_retired_first(deployer: Deployer, tmp_pa
     sleeper = subprocess.Popen(["true"])
     sleeper.wait()
     sp = server_plan()
-    plan = Plan("dep", str(tmp_path / "p.yaml"), {}, [sp])
+    plan = Plan("dep", str(tmp_path / "p.yaml"), HARDWARE, [sp])
     deployer.store.save("dep", {"s": ServerRecord(
         profile="dep", server="s", engine="llama.cpp", pid=sleeper.pid, pgid=sleeper.pid, create_time=1.0,
         plan_hash="old", host=sp.host, port=sp.port, log="/dev/null", binary="llama-server", argv=[],
@@ -216,7 +219,7 @@ def test_a_server_of_another_runtime_is_retired_first(deployer: Deployer, tmp_pa
 def test_settings_that_differ_from_the_plan_fail_and_stop_the_server(deployer: Deployer, tmp_path: Path) -> None:
     rt = FakeRuntime(deployer, n_ctx=512)
     deployer.runtimes["fake"] = rt
-    plan = Plan("dep", str(tmp_path / "p.yaml"), {}, [server_plan()])
+    plan = Plan("dep", str(tmp_path / "p.yaml"), HARDWARE, [server_plan()])
     [result] = deployer.up(plan)
     assert result.outcome == "failed" and result.stage == "settings"
     assert result.detail == ("effective settings differ from the plan: n_ctx is 512, plan says 4096 (fake stopped)")
@@ -229,7 +232,7 @@ def test_a_taken_port_fails_before_the_runtime_starts_anything(deployer: Deploye
     with socket.socket() as s:
         s.bind((sp.host, sp.port))
         s.listen()
-        [result] = deployer.up(Plan("dep", str(tmp_path / "p.yaml"), {}, [sp]))
+        [result] = deployer.up(Plan("dep", str(tmp_path / "p.yaml"), HARDWARE, [sp]))
     assert result.outcome == "failed" and result.stage == "preflight" and result.cause == "port_in_use"
     assert result.detail.startswith(f"port {sp.port} on 127.0.0.1 is taken by pid ")
     assert rt.calls == ["preflight"] and deployer.store.load("dep") == {}

@@ -10,13 +10,12 @@ import math
 from orchestrator.plan import fit
 from orchestrator.plan.engines import base
 from orchestrator.plan.engines.base import Ctx, Rule, api_key_env, bind_host, port, user_args
-from orchestrator.plan.model import EnvVar, Flag
+from orchestrator.plan.model import GIB, EnvVar, Flag
 
 KV_DTYPES = {"f16": "auto", "bf16": "bfloat16", "fp8": "fp8", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
 
 
 MIB = 2**20
-GIB = 2**30
 CPU_BLOCK_TOKENS = 128        # vLLM's CPU backend default KV block size (platforms/cpu.py)
 CPU_KV_STEP = 64 * MIB        # KV cache sizes are rounded up to this
 CPU_KV_UNKNOWN = 4 * GIB      # when the model's layout is unknown (vLLM's old VLLM_CPU_KVCACHE_SPACE default)
