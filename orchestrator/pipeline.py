@@ -113,3 +113,16 @@ def compare_versions(path: str) -> list[dict[str, Any]]:
             "problems": [p for p in here_problems if f"servers[{index}]" in p or "engine" in p],
         })
     return rows
+
+
+def installed_versions() -> list[dict[str, Any]]:
+    """Each installed build's version, asked of the binary, beside the catalog's."""
+    from orchestrator.facts.installed import list_installed
+
+    rows = []
+    for inst in list_installed():
+        v = engine_probe.probe(inst.engine, str(inst.binary()))
+        rows.append({"engine": inst.engine, "backend": inst.backend, "binary": str(inst.binary()),
+                     "version": v.version if v else None,
+                     "catalog": catalog.engine(inst.engine)["verified_version"]})
+    return rows

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -70,37 +69,22 @@ def engines_image(engine: str, backend: str, gpu_arch: str | None, tag: str | No
     click.echo(tag)
 
 
-def _installed_versions() -> list[dict[str, Any]]:
-    """Each installed build's version, asked of the binary, beside the catalog's."""
-    from orchestrator import catalog
-    from orchestrator.facts.engine_probe import probe
-    from orchestrator.facts.installed import list_installed
-
-    rows = []
-    for inst in list_installed():
-        v = probe(inst.engine, str(inst.binary()))
-        rows.append({"engine": inst.engine, "backend": inst.backend, "binary": str(inst.binary()),
-                     "version": v.version if v else None,
-                     "catalog": catalog.engine(inst.engine)["verified_version"]})
-    return rows
-
-
 @engines.command("check")
 @click.argument("profile", type=click.Path(dir_okay=False), required=False)
 @click.option("--json", "as_json", is_flag=True)
 def engines_check(profile: str | None, as_json: bool) -> None:
     """Installed engine versions against the catalog's; with PROFILE, what each server's command
     would be on the installed build and on the catalog's version, and what the installed one lacks."""
-    from orchestrator.pipeline import compare_versions
+    from orchestrator import pipeline
 
     if profile is None:
-        installed = _installed_versions()
+        installed = pipeline.installed_versions()
         if as_json:
             click.echo(json.dumps(installed, indent=2))
         else:
             print_installed_versions(installed)
         return
-    rows = compare_versions(profile)
+    rows = pipeline.compare_versions(profile)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:

@@ -70,7 +70,7 @@ def status(target: str | None, as_json: bool) -> None:
 def logs(target: str, server: str | None, lines: int, follow: bool) -> None:
     """Show a server's log."""
     from orchestrator.runtime import logs as server_logs
-    from orchestrator.runtime.deployer import tail
+    from orchestrator.runtime.logs import tail
 
     deployer = make_deployer()
     name = deployment_name(target)

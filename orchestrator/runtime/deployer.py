@@ -1,5 +1,5 @@
 """up / down / status / logs for the process and docker runtimes. No printing here: callers get
-results and progress callbacks; cli.py decides how to show them."""
+results and progress callbacks; the CLI decides how to show them."""
 
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ from orchestrator.runtime.base import Found, Progress, Runtime, ServerFailure, U
 from orchestrator.runtime.diagnose import Diagnosis, classify
 from orchestrator.runtime.docker import DockerRuntime
 from orchestrator.runtime.health import Prober, StageResult, wait_healthy
+from orchestrator.runtime.logs import tail
 from orchestrator.runtime.process import ProcessRuntime
 from orchestrator.runtime.state import ServerRecord, StateStore
 
 # What callers import from here; the runtime interface itself is runtime/base.py.
-__all__ = ["Deployer", "Progress", "ServerFailure", "UpResult", "dependency_order", "fetch_pypi_model", "plan_hash",
-           "tail"]
+__all__ = ["Deployer", "Progress", "ServerFailure", "UpResult", "dependency_order", "fetch_pypi_model", "plan_hash"]
 
 
 def dependency_order(servers: list[ServerPlan]) -> list[ServerPlan]:
@@ -51,18 +51,6 @@ def port_free(sp: ServerPlan) -> None:
     if owner:
         raise ServerFailure("preflight", f"port {sp.port} on {sp.host} is taken by {owner}",
                             Diagnosis("port_in_use", f"stop {owner} or change port: in the profile", None))
-
-
-def tail(path: str | Path, n: int = 20) -> list[str]:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 64 * 1024))
-            lines = fh.read().decode("utf-8", "replace").splitlines()
-    except OSError:
-        return []
-    return lines[-n:]
 
 
 class Deployer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,3 +35,15 @@ def follow(paths: list[Path], emit: Callable[[str], None], refresh: Callable[[],
             time.sleep(interval_s)
     except KeyboardInterrupt:
         pass
+
+
+def tail(path: str | Path, n: int = 20) -> list[str]:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 64 * 1024))
+            lines = fh.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return []
+    return lines[-n:]
