@@ -9,6 +9,7 @@ import sys
 import click
 
 from orchestrator.cli.common import IGNORE_FIT, deployment_name, fail, load_plan, make_deployer
+from orchestrator.cli.progress import display
 from orchestrator.cli.show import print_status, print_up
 
 
@@ -27,6 +28,7 @@ def up(profile: str, servers: tuple[str, ...], foreground: bool, atomic: bool, a
     deployer = make_deployer(as_json)
     plan_ = plan_for_up(profile, deployer, ignore_fit)
     results = deployer.up(plan_, list(servers) or None, atomic=atomic)
+    display().end()
     print_up(results, as_json)
     ok = all(r.ok for r in results)
     if ok and foreground:
