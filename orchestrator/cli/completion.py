@@ -50,7 +50,7 @@ def _first_argument(ctx: click.Context) -> str | None:
     """The word after the command on the line being completed. click leaves the command's params
     unset while an option still lacks its value (`up p.yaml --server <Tab>`); every shell click
     completes for passes the line in COMP_WORDS."""
-    from click.parser import split_arg_string
+    from click.shell_completion import split_arg_string
 
     words = split_arg_string(os.environ.get("COMP_WORDS", ""))
     name = ctx.command.name
