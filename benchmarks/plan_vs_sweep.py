@@ -189,7 +189,7 @@ def run_llama_bench(binary: Path, model: Path, cfg: dict[str, str], fa: dict[str
 
 
 def part_b(model: Path, engine: str, rounds: int) -> dict[str, Any]:
-    binary = provision.build(engine, "cpu").binary("llama-bench")
+    binary = provision.build(engine, "cpu", tools=("llama-bench",)).binary("llama-bench")
     fa = fa_syntax(binary)
     threads = max(1, (os.cpu_count() or 2))
     planned = full_config(bench_flags(engine), threads)

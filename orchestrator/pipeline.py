@@ -62,10 +62,11 @@ def verify_flags(loaded: LoadedProfile, result: Plan, facts: Facts) -> None:
             continue
         sp = result.server(server.name)
         caps = catalog.engine(sp.engine)
-        for name, value in options(sp.flags, list(server.extra_args)):
-            if versions.supports(caps, target, name, value) is None and name not in target.flags \
-                    and engine_probe.parser_accepts(target.binary, name, value) is False:
-                problems.append(unknown_option(server, index, sp.engine, target, name, value))
+        for option in options(sp.flags, list(server.extra_args)):
+            if versions.supports(caps, target, option.name, option.value) is None \
+                    and option.name not in target.flags \
+                    and engine_probe.parser_accepts(target.binary, option.name, option.value) is False:
+                problems.append(unknown_option(server, index, sp.engine, target, option))
     if problems:
         raise ProfileError([loaded.source.locate(p) for p in problems])
 

@@ -34,16 +34,24 @@ def load_plan(profile: str, ignore_fit: bool = False) -> Plan:
 
 
 def make_deployer(as_json: bool = False) -> Deployer:
-    """A deployer on the state dir that reports its progress on stderr (nothing with --json)."""
+    """A deployer on the state dir that reports its progress on stderr (nothing with --json): events
+    as lines, long steps (engine build, model download, health wait) as cli/progress shows them."""
+    from orchestrator.cli.progress import display
     from orchestrator.paths import state_dir as default_state_dir
     from orchestrator.runtime.deployer import Deployer
     from orchestrator.runtime.state import StateStore
 
+    shown = display()
+
     def progress(server: str, event: str, detail: str) -> None:
         if not as_json:
-            click.echo(f"  [{server}] {event}" + (f": {detail}" if detail else ""), err=True)
+            shown.line(f"  [{server}] {event}" + (f": {detail}" if detail else ""))
 
-    return Deployer(StateStore(default_state_dir(dict(os.environ))), progress=progress)
+    def meter(server: str, what: str, done: float, total: float | None, unit: str, note: str) -> None:
+        if not as_json:
+            shown.update(server, what, done, total, unit, note)
+
+    return Deployer(StateStore(default_state_dir(dict(os.environ))), progress=progress, meter=meter)
 
 
 def deployment_name(target: str) -> str:

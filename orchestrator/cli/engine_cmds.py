@@ -29,8 +29,9 @@ def engines() -> None:
                                            "many). Default: the catalog's version.")
 def engines_install(engine: str, backend: str, gpu_arch: str | None, source: str | None, portable: bool,
                     version: str | None) -> None:
-    """Build llama-server (+ llama-bench, llama-perplexity), or create a vLLM / SGLang-parser venv,
-    in the user cache dir."""
+    """Build llama-server, llama-bench and llama-perplexity (`up` builds the server only; eval adds
+    llama-perplexity when it first needs it), or create a vLLM / SGLang-parser venv, in the user
+    cache dir."""
     from orchestrator.provision import builds as provision
 
     def log(message: str) -> None:
@@ -49,8 +50,12 @@ def engines_install(engine: str, backend: str, gpu_arch: str | None, source: str
         click.echo(f"{env.recipe}: {env.distribution} {env.version} ({env.purpose}) → {env.python}  "
                    f"(log: {env.log})")
         return
+    from orchestrator.cli.progress import display
+
     inst = provision.build(engine, backend, gpu_arch, Path(source) if source else None, portable, log=log,
-                           version=version)
+                           version=version, tools=provision.TOOLS,
+                           on_step=display().steps(engine, "build"))
+    display().end()
     click.echo(f"{inst.engine} {inst.version} ({inst.backend}) → {inst.binary()}  (build log: {inst.build_log})")
 
 

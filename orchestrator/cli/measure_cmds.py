@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from orchestrator.cli.common import IGNORE_FIT, load_plan, make_deployer
+from orchestrator.cli.completion import complete_server
 from orchestrator.cli.show import print_bench, print_compare, print_eval, print_matrix
 
 if TYPE_CHECKING:
@@ -73,7 +74,8 @@ def _results_path(results_path: str | None, deployer: Deployer) -> Path:
 
 @click.command()
 @click.argument("profiles", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--server", "servers", multiple=True, help="Only this server (repeatable).")
+@click.option("--server", "servers", multiple=True, help="Only this server (repeatable).",
+              shell_complete=complete_server)
 @click.option("--prompt-tokens", type=click.IntRange(min=1), default=512, show_default=True,
               help="Exact prompt length, in the server's own tokens.")
 @click.option("--gen-tokens", type=click.IntRange(min=2), default=128, show_default=True,
@@ -181,7 +183,8 @@ def _eval_options(matrix: bool, plot_file: str | None, *, baseline_file: str | N
 
 @click.command("eval")
 @click.argument("profile", type=click.Path(dir_okay=False))
-@click.option("--server", "servers", multiple=True, help="Only this server (repeatable).")
+@click.option("--server", "servers", multiple=True, help="Only this server (repeatable).",
+              shell_complete=complete_server)
 @click.option("--baseline", "baseline_file", type=click.Path(dir_okay=False),
               help="KL divergence against this profile's server (e.g. a higher quant of the same model).")
 @click.option("--baseline-kv", help="KL divergence against the same server with this KV cache type (e.g. f16).")

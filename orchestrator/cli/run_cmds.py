@@ -9,12 +9,15 @@ import sys
 import click
 
 from orchestrator.cli.common import IGNORE_FIT, deployment_name, fail, load_plan, make_deployer
+from orchestrator.cli.completion import complete_server, complete_target
+from orchestrator.cli.progress import display
 from orchestrator.cli.show import print_status, print_up
 
 
 @click.command()
 @click.argument("profile", type=click.Path(dir_okay=False))
-@click.option("--server", "servers", multiple=True, help="Only this server (repeatable).")
+@click.option("--server", "servers", multiple=True, help="Only this server (repeatable).",
+              shell_complete=complete_server)
 @click.option("--foreground", is_flag=True, help="Stay attached; stop the servers on Ctrl-C.")
 @click.option("--atomic", is_flag=True, help="If any server fails, stop the ones this run started.")
 @click.option("--json", "as_json", is_flag=True)
@@ -27,6 +30,7 @@ def up(profile: str, servers: tuple[str, ...], foreground: bool, atomic: bool, a
     deployer = make_deployer(as_json)
     plan_ = plan_for_up(profile, deployer, ignore_fit)
     results = deployer.up(plan_, list(servers) or None, atomic=atomic)
+    display().end()
     print_up(results, as_json)
     ok = all(r.ok for r in results)
     if ok and foreground:
@@ -38,8 +42,9 @@ def up(profile: str, servers: tuple[str, ...], foreground: bool, atomic: bool, a
 
 
 @click.command()
-@click.argument("target")
-@click.option("--server", "servers", multiple=True, help="Only this server (repeatable).")
+@click.argument("target", shell_complete=complete_target)
+@click.option("--server", "servers", multiple=True, help="Only this server (repeatable).",
+              shell_complete=complete_server)
 def down(target: str, servers: tuple[str, ...]) -> None:
     """Stop a deployment (by profile file or deployment name): SIGTERM, grace period, SIGKILL."""
     name = deployment_name(target)
@@ -51,7 +56,7 @@ def down(target: str, servers: tuple[str, ...]) -> None:
 
 
 @click.command()
-@click.argument("target", required=False)
+@click.argument("target", required=False, shell_complete=complete_target)
 @click.option("--json", "as_json", is_flag=True)
 def status(target: str | None, as_json: bool) -> None:
     """Reconcile recorded servers with reality: alive, healthy, loading, busy, dead, stale."""
@@ -63,8 +68,8 @@ def status(target: str | None, as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("target")
-@click.option("--server", help="Which server (default: all).")
+@click.argument("target", shell_complete=complete_target)
+@click.option("--server", help="Which server (default: all).", shell_complete=complete_server)
 @click.option("-n", "lines", default=50, show_default=True, help="Lines from the end.")
 @click.option("-f", "follow", is_flag=True, help="Keep printing new lines.")
 def logs(target: str, server: str | None, lines: int, follow: bool) -> None:

@@ -48,9 +48,15 @@ class InstalledEngine:
     source: str
     source_sha256: str
     build_log: str
+    portable: bool = False           # built for any x86-64 CPU (-DGGML_NATIVE=OFF)
 
     def binary(self, name: str = "llama-server") -> Path:
         return Path(self.bin_dir) / name
+
+    def has(self, tool: str) -> bool:
+        """Whether this build holds `tool` (llama-server always; llama-bench and llama-perplexity
+        once a command that needs them has built them)."""
+        return self.binary(tool).is_file()
 
 
 def install_dir(engine: str, backend: str, gpu_arch: str | None = None, version: str | None = None) -> Path:
@@ -65,7 +71,11 @@ def _read_manifest(manifest: Path) -> InstalledEngine | None:
         data = json.loads(manifest.read_text())
     except (OSError, ValueError):
         return None
-    inst = InstalledEngine(**{k: data.get(k) for k in InstalledEngine.__dataclass_fields__})  # type: ignore[arg-type]
+    fields = {k: data[k] for k in InstalledEngine.__dataclass_fields__ if k in data}  # older manifests lack some
+    try:
+        inst = InstalledEngine(**fields)
+    except TypeError:
+        return None
     return inst if inst.binary().exists() else None
 
 

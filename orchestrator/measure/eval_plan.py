@@ -113,9 +113,11 @@ def context_of(sp: ServerPlan) -> int:
     return sp.settings.context if sp.settings else 0
 
 
-def ppl_tool(sp: ServerPlan) -> str:
-    """llama-perplexity from the same build as the server's llama-server."""
-    from orchestrator.facts.installed import locate
+def ppl_tool(sp: ServerPlan, say: Say | None = None) -> str:
+    """llama-perplexity from the same build as the server's llama-server; an installed build that
+    lacks it (`up` builds the server only) gets it built now, the libraries from ccache."""
+    from orchestrator.facts.installed import backend_for, locate
+    from orchestrator.provision import builds as provision
 
     if sp.engine not in GGUF_ENGINES:
         raise QualityError(f"server {sp.name}: {sp.engine_display} has no {quality.PPL_TOOL}, and its server "
@@ -126,6 +128,12 @@ def ppl_tool(sp: ServerPlan) -> str:
         raise QualityError(f"server {sp.name}: {sp.engine_display} is not installed",
                            f"orchestrate engines install {sp.engine}")
     tool = Path(found.path).with_name(quality.PPL_TOOL)
+    if not tool.is_file() and found.how.startswith("installed build"):
+        if say is not None:
+            say(f"{sp.name}: building {quality.PPL_TOOL} beside {found.path} (first time only)")
+        inst = provision.build(sp.engine, backend_for(sp.accelerator), tools=(quality.PPL_TOOL,),
+                               log=say or (lambda message: None))
+        tool = inst.binary(quality.PPL_TOOL)
     if not tool.is_file():
         raise QualityError(f"server {sp.name}: no {quality.PPL_TOOL} beside {found.path} ({found.how})",
                            f"orchestrate engines install {sp.engine} builds it with the server; with binary: in "
@@ -172,7 +180,7 @@ def measure_ppl(sp: ServerPlan, base_sp: ServerPlan | None, context: int, tokens
                 say: Say, base_label: str = "") -> tuple[quality.PplRun, quality.PplRun | None]:
     """Perplexity of `sp`, and, with a baseline, the baseline's run (writing the KLD base file) and
     the KL divergence of `sp` against it. The base file is deleted before returning."""
-    tool = ppl_tool(sp)
+    tool = ppl_tool(sp, say)
     chunks = quality.chunks_for(context, tokens)
     text_file = Path(scratch) / "eval.txt"
     if not text_file.exists():
@@ -338,7 +346,7 @@ def eval_matrix(plan: Plan, loaded: LoadedProfile, deployer: Deployer, only: lis
     for sp in bench_plan.select(plan, only):
         check_kv(sp, kvs)
         if opts.perplexity:
-            ppl_tool(sp)
+            ppl_tool(sp, say)
         contexts = opts.contexts or matrix_contexts(context_of(sp))
         for ctx in contexts:
             cells = {kv: variant(loaded, sp.name, kv=kv, context=ctx, port=free_port(),

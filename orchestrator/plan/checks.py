@@ -3,6 +3,9 @@ is wrong and how to fix it. Engine quirks that only one engine has stay with its
 
 from __future__ import annotations
 
+import difflib
+from typing import Any, NamedTuple
+
 from orchestrator import catalog
 from orchestrator.catalog import GGUF_ENGINES, Gpu
 from orchestrator.errors import Problem
@@ -195,25 +198,65 @@ def check_warnings(ctx: Ctx) -> None:
         ctx.warnings.append("image is used only by the docker runtime and the docker/compose/k8s renderers")
 
 
-def options(flags: list[Flag], extra_args: list[str]) -> list[tuple[str, str | None]]:
-    """(option, value) of every option the server will be started with: the rules' flags and the
-    profile's extra_args (a typo there fails the same way at start-up)."""
-    out = [(f.name, f.value) for f in flags if f.name.startswith("-")]
+class Option(NamedTuple):
+    """One option the server will be started with. arg is its index in the profile's extra_args
+    (the user wrote it), None when a rule of the planner emits it."""
+
+    name: str
+    value: str | None
+    arg: int | None = None
+
+
+def options(flags: list[Flag], extra_args: list[str]) -> list[Option]:
+    """Every option the server will be started with: the rules' flags and the profile's extra_args
+    (a typo there fails the same way at start-up)."""
+    out = [Option(f.name, f.value) for f in flags if f.name.startswith("-")]
     for i, arg in enumerate(extra_args):
         if arg.startswith("-") and not arg.lstrip("-").replace(".", "").isdigit():
             nxt = extra_args[i + 1] if i + 1 < len(extra_args) and not extra_args[i + 1].startswith("-") else None
-            out.append((arg, nxt))
+            out.append(Option(arg, nxt, i))
     return out
 
 
-def unknown_option(server: Server, index: int, engine: str, target: EngineVersion, name: str,
-                   value: str | None) -> Problem:
-    """The problem for an option the targeted build does not take: which version has it, the fix."""
+def unknown_option(server: Server, index: int, engine: str, target: EngineVersion, option: Option) -> Problem:
+    """The problem for an option the targeted build does not take. One the user wrote is theirs to
+    correct, at its own extra_args entry; one a rule emits needs another build (or another setting)."""
     caps = catalog.engine(engine)
+    if option.arg is not None:
+        return unknown_user_option(index, caps, target, option)
     return Problem(("servers", index, "engine_version" if server.engine_version else "engine"),
-                   versions.explain_missing(caps, target, name, value),
+                   versions.explain_missing(caps, target, option.name, option.value),
                    f"install {caps['display']} {caps['verified_version']} (orchestrate engines install {engine}), "
                    "pin engine_version, or drop the setting that needs it")
+
+
+def closest_options(name: str, known: frozenset[str] | None) -> list[str]:
+    """The options of the build's --help nearest to a mistyped one (difflib), best first."""
+    if not known:
+        return []
+    return difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
+
+
+def unknown_user_option(index: int, caps: dict[str, Any], target: EngineVersion, option: Option) -> Problem:
+    """An extra_args option the targeted build does not take: the closest options it does know, or
+    the version that added (or removed) it when the catalog's flag_history knows the option."""
+    assert option.arg is not None
+    path = ("servers", index, "extra_args", option.arg)
+    entry = versions.history(caps, option.name, option.value)
+    hint = "correct or remove it"
+    if entry is None:
+        message = f"{caps['display']} {target.version} does not take {option.name} (not in its --help)"
+        near = closest_options(option.name, target.flags)
+        if near:
+            hint = f"did you mean {' or '.join(near)}? {hint}"
+        return Problem(path, message, hint)
+    since = entry.get("since")
+    if since and versions.at_least(target.engine, target.version, since, caps) is False:
+        newest = str(caps["verified_version"])
+        hint += f", or run {caps['display']} {since} or newer"
+        if versions.at_least(target.engine, newest, since, caps):
+            hint += f" (orchestrate engines install {target.engine} builds {newest})"
+    return Problem(path, versions.explain_missing(caps, target, option.name, option.value), hint)
 
 
 def check_flags_known(ctx: Ctx, flags: list[Flag]) -> None:
@@ -224,9 +267,9 @@ def check_flags_known(ctx: Ctx, flags: list[Flag]) -> None:
     if target is None:
         return
     verified = str(caps["verified_version"])
-    for name, value in options(flags, list(ctx.server.extra_args)):
-        if versions.supports(caps, target, name, value) is False:
-            ctx.problems.append(unknown_option(ctx.server, ctx.index, ctx.engine, target, name, value))
+    for option in options(flags, list(ctx.server.extra_args)):
+        if versions.supports(caps, target, option.name, option.value) is False:
+            ctx.problems.append(unknown_option(ctx.server, ctx.index, ctx.engine, target, option))
     if target.version != verified:
         checked = ("every flag was checked against its --help" if target.flags is not None else
                    "its --help was not available here, so only the catalog's version ranges were checked")

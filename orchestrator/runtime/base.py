@@ -23,6 +23,9 @@ from orchestrator.runtime.diagnose import Diagnosis
 from orchestrator.runtime.state import ServerRecord, StateStore
 
 Progress = Callable[[str, str, str], None]   # (server, event, detail)
+# (server, what, done, total or None, unit: steps | bytes | s, note): a long step's progress; for a
+# wait (unit s) done is the time waited and total the timeout, note the stage.
+Meter = Callable[[str, str, float, "float | None", str, str], None]
 STOP_GRACE_S = float(os.environ.get("ORCHESTRATOR_STOP_GRACE", "10"))
 
 
@@ -140,6 +143,7 @@ class Host(Protocol):
     store: StateStore
     environ: dict[str, str]
     progress: Progress
+    meter: Meter
 
     def ensure_model(self, sp: ServerPlan) -> None: ...
     def check_model_file(self, sp: ServerPlan) -> None: ...

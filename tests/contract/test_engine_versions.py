@@ -128,8 +128,67 @@ def test_unknown_option_is_caught_before_start(builds: dict[str, Path], tmp_path
     p = subprocess.run([sys.executable, "-m", "orchestrator", "up", str(profile)], capture_output=True, text=True,
                        env=env, cwd=ROOT, timeout=120)
     assert p.returncode != 0
-    assert "llama.cpp b11434 does not take --no-such-option" in p.stderr
+    assert "servers[0].extra_args[0]: llama.cpp b11434 does not take --no-such-option" in p.stderr
     assert not (tmp_path / "state" / "bad.json").exists() and "started" not in p.stdout
+
+
+def _extra_args_profile(tmp_path: Path, binary: Path, extra_args: list[str]) -> Path:
+    profile = tmp_path / "extra.yaml"
+    profile.write_text(yaml.safe_dump({"name": "extra", "hardware": {"gpu": "cpu"}, "servers": [{
+        "name": "s", "engine": "llama.cpp", "binary": str(binary), "port": free_port(),
+        "model": {"path": str(tmp_path / "m.gguf")}, "extra_args": extra_args}]}, sort_keys=False))
+    return profile
+
+
+def _orchestrate(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "ORCHESTRATOR_STATE_DIR": str(tmp_path / "state")}
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=120)
+
+
+@pytest.mark.engines
+@pytest.mark.parametrize("command", ["plan", "up"])
+def test_a_typo_in_extra_args_is_blamed_on_its_entry(command: str, builds: dict[str, Path], tmp_path: Path) -> None:
+    """The real b11434 --help and parser: the typo is reported at its own line and field, with the
+    option the build does know, and nothing starts."""
+    profile = _extra_args_profile(tmp_path, builds["b11434"], ["--ctx-szie", "8192"])
+    p = _orchestrate(tmp_path, command, str(profile))
+    line = next(i for i, x in enumerate(profile.read_text().splitlines(), 1) if "--ctx-szie" in x)
+    assert p.returncode == 1, p.stdout
+    assert f"extra.yaml:{line}: servers[0].extra_args[0]: llama.cpp b11434 does not take --ctx-szie" in p.stderr
+    assert "did you mean --ctx-size" in p.stderr and "correct or remove it" in p.stderr
+    assert "servers[0].engine" not in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "state" / "extra.json").exists()
+
+
+@pytest.mark.engines
+def test_an_extra_args_option_of_a_newer_build_names_the_version(builds: dict[str, Path], tmp_path: Path) -> None:
+    """b9093's --help lists --spec-type without draft-mtp, which b11434 has; the fix names b9246."""
+    profile = _extra_args_profile(tmp_path, builds["b9093"], ["--spec-type", "draft-mtp"])
+    p = _orchestrate(tmp_path, "plan", str(profile))
+    assert p.returncode == 1
+    assert "servers[0].extra_args[0]: llama.cpp b9093 does not take --spec-type draft-mtp; it arrived in b9246" \
+        in p.stderr
+    assert "run llama.cpp b9246 or newer" in p.stderr
+    assert _orchestrate(tmp_path, "plan", str(_extra_args_profile(tmp_path, builds["b11434"],
+                                                                  ["--spec-type", "draft-mtp"]))).returncode == 0
+
+
+@pytest.mark.engines
+def test_an_option_a_rule_emits_that_the_build_lacks_keeps_the_install_fix(builds: dict[str, Path],
+                                                                         tmp_path: Path) -> None:
+    """A pinned newer version with the older binary at hand: speculative mtp makes the rules need
+    draft-mtp, which b9093 lacks, and that is the build's fault, not the profile's extra_args."""
+    doc = {"name": "r", "hardware": {"gpu": "cpu"}, "servers": [{
+        "name": "s", "engine": "llama.cpp", "binary": str(builds["b9093"]),
+        "model": {"path": "/m/Qwen3.6-35B-A3B-UD-Q4_K_XL.gguf"}, "speculative": {"method": "mtp"}}]}
+    profile = tmp_path / "r.yaml"
+    profile.write_text(yaml.safe_dump(doc))
+    p = _orchestrate(tmp_path, "plan", str(profile))
+    assert p.returncode == 1
+    assert "servers[0].speculative.method: llama.cpp b9093 does not take --spec-type draft-mtp" in p.stderr
+    assert "install a newer build (orchestrate engines install llama.cpp)" in p.stderr
+    assert "extra_args" not in p.stderr
 
 
 @pytest.mark.engines
