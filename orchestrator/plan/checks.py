@@ -3,6 +3,8 @@ is wrong and how to fix it. Engine quirks that only one engine has stay with its
 
 from __future__ import annotations
 
+from typing import Any
+
 from orchestrator import catalog
 from orchestrator.catalog import GGUF_ENGINES, Gpu
 from orchestrator.errors import Problem
@@ -82,8 +84,49 @@ def check_nodes(ctx: Ctx) -> None:
 
 def check_server(ctx: Ctx) -> None:
     """Every check of one server, in the order the user reads them."""
-    for check in (check_hardware, check_nodes, check_model, check_kv, check_speculative, check_warnings):
+    for check in (check_owned, check_hardware, check_nodes, check_model, check_kv, check_speculative, check_warnings):
         check(ctx)
+
+
+def owned_option(caps: dict[str, Any], arg: str) -> tuple[str, str] | None:
+    """(the option, the profile field that sets it) when `arg` names an option the plan owns: exactly,
+    as --name=value, and for argparse engines also as a unique prefix (--ho) or with underscores."""
+    owned: dict[str, str] = caps.get("owned_options") or {}
+    if not arg.startswith("-"):
+        return None
+    name = arg.split("=", 1)[0]
+    if name in owned:
+        return name, owned[name]
+    if caps.get("option_parser") == "argparse" and name.startswith("--") and len(name) >= 4:
+        name = "--" + name[2:].replace("_", "-")
+        for option, field in owned.items():
+            if option.startswith(name):
+                return option, field
+    return None
+
+
+def _owned_hint(option: str, field: str) -> str:
+    if field == "api_key_env":
+        return ("put the key in an environment variable and name it in api_key_env: the plan passes it by "
+                "environment or a 0600 file, never in argv (where ps and logs show it)")
+    return (f"remove {option} from extra_args and set {field}: in the profile (the plan, status, health checks "
+            "and the exposure rule read it there)")
+
+
+def check_owned(ctx: Ctx) -> None:
+    """extra_args and env may not set what the plan sets from profile fields: where the server listens
+    and how it takes its key."""
+    caps = ctx.caps
+    for j, arg in enumerate(ctx.server.extra_args):
+        found = owned_option(caps, arg)
+        if found:
+            option, field = found
+            ctx.error(("extra_args", j), f"{option} is set by the plan from {field}", _owned_hint(option, field))
+    owned_env: dict[str, str] = caps.get("owned_env") or {}
+    for name in ctx.server.env:
+        if name in owned_env:
+            ctx.error(("env", name), f"{name} is set by the plan from {owned_env[name]}",
+                      _owned_hint(name, owned_env[name]))
 
 
 def check_hardware(ctx: Ctx) -> None:
