@@ -69,6 +69,7 @@ class Located:
     how: str
     version: str | None = None       # engine version, where known
     usable: bool = True              # False: found, but it cannot run this engine (see how)
+    probed: bool = True              # False: a profile's binary: that was not run (validate/plan/render)
 
     def describe(self) -> str:
         return f"{self.path} ({self.how})" if self.path else self.how
