@@ -27,6 +27,7 @@ class ModelFacts:
     metadata: dict[str, Any] = field(default_factory=dict)
     source: str = "file"          # file | catalog | name: where the shape and size came from
     notes: tuple[str, ...] = ()   # what the facts rest on, when not the file itself
+    defect: str | None = None     # what is wrong with the file that is there (not a model, truncated, a FIFO)
 
     @property
     def is_moe(self) -> bool:

@@ -159,6 +159,15 @@ def check_model(ctx: Ctx) -> None:
     s, caps, engine = ctx.server, ctx.caps, ctx.engine
     disp = caps["display"]
     fmt = ctx.facts.format
+    field = "path" if s.model.path else "hf"
+    if ctx.facts.defect:
+        ctx.error(("model", field), f"{ctx.facts.location} {_defect(ctx.facts.defect)}",
+                  "give a complete model: a .gguf file (all of it: download it again) or an HF folder with "
+                  "config.json and its safetensors")
+        return
+    if ctx.draft is not None and ctx.draft.defect:
+        ctx.error(("speculative", "draft_model"), f"{ctx.draft.location} {_defect(ctx.draft.defect)}",
+                  "give a complete draft model (download it again)")
     if fmt not in caps["formats"]:
         want = "a .gguf file" if fmt == "hf" else "an HF-format directory (config.json + safetensors)"
         ctx.error(("model", "path" if s.model.path else "hf"), f"{disp} cannot load a {fmt.upper()} model",
@@ -174,6 +183,10 @@ def check_model(ctx: Ctx) -> None:
                       f"tokens, config.json); {disp} refuses to start with it",
                       f"use context: {trained} or less, or set env: {{{allow}: '1'}} if the model's RoPE scaling "
                       "covers more")
+
+
+def _defect(what: str) -> str:
+    return what if what.startswith("is ") else f"is not a usable model file: {what}"
 
 
 def check_kv(ctx: Ctx) -> None:

@@ -198,3 +198,118 @@ def test_plain_variable_names_are_accepted(tmp_path: Path) -> None:
     for name in ("CODER_API_KEY", "OPENROUTER_API_KEY", "MY_SERVICE_PRODUCTION_API_KEY_2", "K8S_TOKEN_2024"):
         plan = _plan(_profile(host="0.0.0.0", api_key_env=name), tmp_path)
         assert plan.servers[0].api_key is not None
+
+
+# ---------------------------------------------------------------- 8, 11: model files are bounded and whole
+
+def _kv_u64(key: str, value: int) -> bytes:
+    import struct
+
+    k = key.encode()
+    return struct.pack("<Q", len(k)) + k + struct.pack("<IQ", 10, value)
+
+
+def _kv_str(key: str, value: str) -> bytes:
+    import struct
+
+    k, v = key.encode(), value.encode()
+    return struct.pack("<Q", len(k)) + k + struct.pack("<IQ", 8, len(v)) + v
+
+
+def _gguf(kvs: list[bytes], tensors: bytes = b"", n_tensors: int = 0) -> bytes:
+    import struct
+
+    return b"GGUF" + struct.pack("<IQQ", 3, n_tensors, len(kvs)) + b"".join(kvs) + tensors
+
+
+def _real_gguf(path: Path) -> Path:
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_context_length(4096)
+    w.add_embedding_length(64)
+    w.add_head_count(4)
+    w.add_head_count_kv(4)
+    w.add_tensor("token_embd.weight", np.zeros((256, 64), dtype=np.float16))
+    w.add_tensor("blk.0.attn_q.weight", np.zeros((64, 64), dtype=np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _model_cases(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    import struct
+
+    cases: dict[str, tuple[Path, str]] = {}
+    bomb = tmp_path / "layers-Q4_K_M.gguf"
+    bomb.write_bytes(_gguf([_kv_str("general.architecture", "llama"), _kv_u64("llama.block_count", 2**62)]))
+    cases["block-count"] = (bomb, "llama.block_count is 4611686018427387904")
+    dims = tmp_path / "dims-Q4_K_M.gguf"
+    name = b"token_embd.weight"
+    info = struct.pack("<Q", len(name)) + name + struct.pack("<I", 2**32 - 1) + b"\0" * 300
+    dims.write_bytes(_gguf([_kv_str("general.architecture", "llama")], info, n_tensors=1))
+    cases["n-dims"] = (dims, "has 4294967295 dimensions")
+    text = tmp_path / "text-Q4_K_M.gguf"
+    text.write_text("<html>404 not found</html>")
+    cases["not-gguf"] = (text, "not a GGUF file")
+    cut = _real_gguf(tmp_path / "cut-Q4_K_M.gguf")
+    with cut.open("r+b") as fh:
+        fh.truncate(cut.stat().st_size - 4096)
+    cases["truncated"] = (cut, "truncated: the header promises")
+    fifo = tmp_path / "fifo-Q4_K_M.gguf"
+    os.mkfifo(fifo)
+    cases["fifo"] = (fifo, "is a FIFO, not a model file")
+    cases["device"] = (Path("/dev/zero"), "is a device or socket")
+    for label, cfg in {"hf-layers": '{"num_hidden_layers": 4611686018427387904, "num_attention_heads": 8}',
+                       "hf-types": '{"num_attention_heads": "eight", "hidden_size": 64}',
+                       "hf-json": '{"num_hidden_layers": 4,'}.items():
+        folder = tmp_path / label
+        folder.mkdir()
+        (folder / "config.json").write_text(cfg)
+        cases[label] = (folder, {"hf-layers": "num_hidden_layers is", "hf-types": "num_attention_heads is",
+                                 "hf-json": "config.json: not valid JSON"}[label])
+    return cases
+
+
+@pytest.mark.parametrize("case", ["block-count", "n-dims", "not-gguf", "truncated", "fifo", "device", "hf-layers",
+                                  "hf-types", "hf-json"])
+def test_broken_or_crafted_model_file_is_an_error(case: str, orchestrate, tmp_path: Path) -> None:
+    import time
+
+    path, want = _model_cases(tmp_path)[case]
+    engine = "vllm" if case.startswith("hf") else "llama.cpp"
+    profile = tmp_path / "p.yaml"
+    profile.write_text(yaml.safe_dump({"name": "t", "hardware": {"gpu": "cpu"}, "servers": [
+        {"name": "s", "engine": engine, "model": {"path": str(path)}}]}))
+    for command in ("validate", "fit"):
+        start = time.monotonic()
+        code, out, err = orchestrate(command, str(profile), env={"ORCHESTRATOR_CACHE": str(tmp_path / "cache")})
+        assert time.monotonic() - start < 30
+        assert code == 1, (out, err)
+        assert f"{profile}:7: servers[0].model.path:" in err, err
+        assert want in err and "Traceback" not in err
+
+
+def test_whole_gguf_still_reads(tmp_path: Path) -> None:
+    from orchestrator.facts.model import gather
+
+    facts = gather(str(_real_gguf(tmp_path / "ok.gguf")))
+    assert facts.defect is None and facts.n_layers == 1 and facts.size_bytes == (256 + 64) * 64 * 2
+
+
+def test_up_preflight_never_blocks_on_a_fifo(tmp_path: Path) -> None:
+    from orchestrator.runtime.deployer import Deployer, ServerFailure
+    from orchestrator.runtime.state import StateStore
+
+    model = _real_gguf(tmp_path / "m.gguf")
+    plan = _plan(_profile(), tmp_path)
+    sp = plan.servers[0]
+    model.unlink()
+    os.mkfifo(model)
+    sp.model_location = str(model)
+    with pytest.raises(ServerFailure, match="not a regular file"):
+        Deployer(StateStore(tmp_path / "state")).check_model_file(sp)
