@@ -2,7 +2,42 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+
+# Characters that end a line or steer a terminal: C0 and C1 controls, DEL, the Unicode line and
+# paragraph separators (YAML 1.1 and some terminals break lines on them) and the bidirectional
+# overrides that reorder what a reader sees.
+UNSAFE_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_TERMINAL_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+SHOWN_MAX = 60
+
+
+def _escape(m: re.Match[str]) -> str:
+    c = m.group(0)
+    return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(c) or (
+        f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+def one_line(text: str) -> str:
+    """`text` with every control character written as an escape (\\n, \\x1b, \\u2028): safe inside
+    one line of a shell or YAML comment and on a terminal."""
+    return UNSAFE_CHARS.sub(_escape, text)
+
+
+def printable(text: str) -> str:
+    """Multi-line output for a terminal: newlines and tabs kept, every other control character
+    (escape sequences that could erase or rewrite a line) written as an escape."""
+    return _TERMINAL_UNSAFE.sub(_escape, text)
+
+
+def shown(value: object) -> str:
+    """A user's value as an error shows it: quoted, one line, and cut short when it is long."""
+    text = one_line(repr(value))
+    if len(text) <= SHOWN_MAX:
+        return text
+    size = f"{len(value)} characters" if isinstance(value, str) else "long"
+    return f"{text[:SHOWN_MAX - 1]}… ({size})"
 
 
 @dataclass(frozen=True)
@@ -22,8 +57,8 @@ class Problem:
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else (self.file or "<profile>")
-        text = f"{where}: {self.field or '(profile)'}: {self.message}"
-        return f"{text} — {self.hint}" if self.hint else text
+        text = f"{one_line(where)}: {one_line(self.field) or '(profile)'}: {one_line(self.message)}"
+        return f"{text} — {one_line(self.hint)}" if self.hint else text
 
     def as_dict(self) -> dict[str, object]:
         return {"file": self.file, "line": self.line, "field": self.field,
@@ -58,8 +93,8 @@ class OrchestratorError(Exception):
         self.hint = hint
 
     def __str__(self) -> str:
-        msg = super().__str__()
-        return f"{msg} — {self.hint}" if self.hint else msg
+        msg = one_line(super().__str__())
+        return f"{msg} — {one_line(self.hint)}" if self.hint else msg
 
 
 class ProvisionError(OrchestratorError):

@@ -3,7 +3,9 @@ room asks here, so a test's ORCHESTRATOR_CACHE / ORCHESTRATOR_STATE_DIR moves al
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,3 +30,83 @@ def state_dir(environ: Mapping[str, str] | None = None) -> str:
         return env["ORCHESTRATOR_STATE_DIR"]
     base = env.get("XDG_STATE_HOME") or os.path.join(env.get("HOME", "~"), ".local", "state")
     return os.path.join(base, "orchestrator")
+
+
+class UnsafeOutput(Exception):
+    """A file that write_file will not write: the message says what it is, the hint what to do."""
+
+    def __init__(self, message: str, hint: str) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+def _refuse_existing(target: Path, st: os.stat_result, protect: list[Path]) -> None:
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeOutput(f"{target} is a symbolic link", "name the file itself: links are not followed")
+    for other in protect:
+        try:
+            if os.path.samestat(st, other.stat()):
+                raise UnsafeOutput(f"{target} is the profile being rendered", "write to another file")
+        except OSError:
+            continue
+    if stat.S_ISDIR(st.st_mode):
+        raise UnsafeOutput(f"{target} is a directory", "name a file in it")
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
+        raise UnsafeOutput(f"{target} is not a regular file", "name a regular file, or leave out -o and redirect")
+
+
+def _write_in_place(target: Path, data: bytes) -> None:
+    """Character devices (/dev/null, a terminal) and FIFOs are written to, never replaced."""
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UnsafeOutput(f"cannot write {target}: {exc.strerror}",
+                           "a FIFO needs a reader; or leave out -o and redirect") from None
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+def write_file(path: str | Path, text: str, protect: tuple[str | Path, ...] = ()) -> Path:
+    """Write `text` to `path` safely: through a private temporary file (O_EXCL, random name) in the
+    same folder, renamed over the target, keeping an existing file's mode (a new file gets the umask's).
+    A symbolic link, a directory, one of `protect` (the input profile) or another special file is
+    refused; a character device or FIFO is written in place, never replaced."""
+    import tempfile
+
+    target = Path(path)
+    data = text.encode("utf-8")
+    protect_paths = [Path(p) for p in protect]
+    try:
+        st: os.stat_result | None = os.lstat(target)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise UnsafeOutput(f"cannot write {target}: {exc.strerror}", "check the path") from None
+    if st is not None:
+        _refuse_existing(target, st, protect_paths)
+        if not stat.S_ISREG(st.st_mode):
+            _write_in_place(target, data)
+            return target
+        mode = stat.S_IMODE(st.st_mode)
+    else:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    folder = target.parent
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:64]}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise UnsafeOutput(f"cannot write in {folder}: {exc.strerror}",
+                           "create the folder first, or name a file in a folder you can write") from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fchmod(fh.fileno(), mode)
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return target

@@ -33,20 +33,21 @@ if TYPE_CHECKING:
 
 
 def gather(loaded: LoadedProfile, environ: dict[str, str] | None = None, state_dir: str | None = None,
-           detect: bool = True) -> Facts:
+           detect: bool = True, run_binary: bool = False) -> Facts:
     """Every fact the planner needs: hardware and models, then per server the facts of the engine
-    the planner chooses for it."""
+    the planner chooses for it. A profile's binary: is run (--version, --help, its parser) only with
+    run_binary: `up` and `engines check` pass it; validate, plan and render never run it."""
     facts = gather_facts(loaded, environ, state_dir, detect)
     for server in loaded.profile.servers:
         model = facts.models.get(server.name)
         if model is not None:
-            engine_facts(facts, server, choose_engine(server, facts.gpu, model)[0])
+            engine_facts(facts, server, choose_engine(server, facts.gpu, model)[0], run_binary)
     return facts
 
 
 def build_plan(loaded: LoadedProfile, environ: dict[str, str] | None = None, state_dir: str | None = None,
-               detect: bool = True, enforce_fit: bool = True) -> Plan:
-    facts = gather(loaded, environ, state_dir, detect)
+               detect: bool = True, enforce_fit: bool = True, run_binary: bool = False) -> Plan:
+    facts = gather(loaded, environ, state_dir, detect, run_binary)
     result = plan(loaded, facts, enforce_fit)
     verify_flags(loaded, result, facts)
     return result
@@ -76,9 +77,9 @@ def plan_for_up(profile: str, deployer: Deployer, ignore_fit: bool) -> Plan:
     result = plancache.load(profile, environ)
     if result is None:
         loaded = load(profile)
-        result = build_plan(loaded, enforce_fit=not ignore_fit)
+        result = build_plan(loaded, enforce_fit=not ignore_fit, run_binary=True)
         if deployer.fetch_models(result):
-            result = build_plan(loaded, enforce_fit=not ignore_fit)
+            result = build_plan(loaded, enforce_fit=not ignore_fit, run_binary=True)
         plancache.store(profile, environ, result, auto_detected=loaded.profile.hardware.gpu == "auto")
     return result
 
@@ -87,7 +88,7 @@ def compare_versions(path: str) -> list[dict[str, Any]]:
     """Per server: the version the plan targets here and the catalog's, the argv each renders, the
     flags that differ, and the problems the targeted build would have (engines check)."""
     loaded = load(path)
-    facts = gather(loaded)
+    facts = gather(loaded, run_binary=True)
     rows: list[dict[str, Any]] = []
 
     def attempt(by_server: dict[str, EngineVersion]) -> tuple[dict[str, list[str]], list[str]]:

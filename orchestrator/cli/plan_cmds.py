@@ -117,15 +117,18 @@ def render(profile: str, target: str, output: str | None, as_json: bool, ignore_
     if not output:
         click.echo(text, nl=False)
         return
-    tmp = Path(output + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(output)
-    click.echo(f"wrote {output}", err=True)
+    from orchestrator.errors import OrchestratorError, one_line
+    from orchestrator.paths import UnsafeOutput, write_file
+
     example = env_example(plan_) if target == "compose" else None   # what `compose up` writes beside it too
-    if example:
-        path = Path(output).parent / ".env.example"
-        path.write_text(example, encoding="utf-8")
-        click.echo(f"wrote {path}: copy it to .env and fill in the secrets", err=True)
+    try:
+        write_file(output, text, protect=(profile,))
+        click.echo(f"wrote {one_line(output)}", err=True)
+        if example:
+            path = write_file(Path(output).parent / ".env.example", example, protect=(profile,))
+            click.echo(f"wrote {one_line(str(path))}: copy it to .env and fill in the secrets", err=True)
+    except UnsafeOutput as exc:
+        raise OrchestratorError(f"-o {exc}", exc.hint) from None
 
 
 @click.command()

@@ -105,18 +105,20 @@ def gather_facts(loaded: LoadedProfile, environ: dict[str, str] | None = None,
 
 # --------------------------------------------------------------------------- installed engines
 
-def locate_executable(server: Server, engine: str, gpu: Gpu) -> Located:
-    """The executable `up` would run for this server (process runtime), without installing anything."""
+def locate_executable(server: Server, engine: str, gpu: Gpu, run_binary: bool = True) -> Located:
+    """The executable `up` would run for this server (process runtime), without installing anything;
+    a profile's binary: is run (for its version) only with run_binary."""
     caps = catalog.engine(engine)
     arch = gpu.compute_capability.replace(".", "") if gpu.compute_capability else gpu.gfx_target
-    return locate(engine, gpu.accelerator, caps["process_command"][0], server.binary, arch)
+    return locate(engine, gpu.accelerator, caps["process_command"][0], server.binary, arch, run_binary)
 
 
-def engine_facts(facts: Facts, server: Server, engine: str) -> None:
+def engine_facts(facts: Facts, server: Server, engine: str, run_binary: bool = False) -> None:
     """Record the engine facts of one server whose engine is chosen: its executable (process runtime)
-    and the version (and, for llama.cpp/ik_llama, the --help options) the plan targets."""
+    and the version (and, for llama.cpp/ik_llama, the --help options) the plan targets. A profile's
+    binary: runs only with run_binary (up, engines check): checking a profile never runs its program."""
     if facts.looked_up and server.runtime == "process":
-        facts.executables[server.name] = locate_executable(server, engine, facts.gpu)
+        facts.executables[server.name] = locate_executable(server, engine, facts.gpu, run_binary)
     facts.versions[server.name] = resolve_version(server, engine, facts.executables.get(server.name),
                                                  facts.looked_up)
 
@@ -127,7 +129,7 @@ def resolve_version(server: Server, engine: str, found: Located | None,
     --version (process runtime), else the catalog's verified version."""
     caps = catalog.engine(engine)
     probed = None
-    if found is not None and found.path and found.usable:
+    if found is not None and found.path and found.usable and found.probed:
         if engine in GGUF_ENGINES:
             probed = engine_probe.probe(engine, found.path)
             if probed is not None:
@@ -140,5 +142,6 @@ def resolve_version(server: Server, engine: str, found: Located | None,
         return EngineVersion(engine, server.engine_version, "engine_version in the profile")
     if probed:
         return probed
-    why = "no installed build found here" if looked_up else "not looked up"
+    why = ("binary: from the profile was not run" if found is not None and not found.probed else
+           "no installed build found here" if looked_up else "not looked up")
     return EngineVersion(engine, str(caps["verified_version"]), f"catalog default: {why}")

@@ -90,14 +90,28 @@ def backend_for(accelerator: str) -> str:
 
 
 
+NOT_RUN = ("not run: validate, plan and render never execute a profile's program; `up` and "
+           "`engines check` check its version and options")
+
+
+def profile_binary(binary: str) -> str:
+    """A profile's binary: as a path: ~ expanded and a relative path made absolute (./llama-server
+    stays that file, never a llama-server found on PATH); a bare name is looked up on PATH."""
+    path = os.path.expanduser(binary)
+    return os.path.abspath(path) if os.sep in path else path
+
+
 def locate(engine: str, accelerator: str, command: str, binary: str | None = None,
-           gpu_arch: str | None = None) -> Located:
-    """Which executable a server will run, without building or installing anything."""
+           gpu_arch: str | None = None, run_binary: bool = True) -> Located:
+    """Which executable a server will run, without building or installing anything. With run_binary
+    False a profile's binary: is named but not run (not even for its version)."""
     module = catalog.engine(engine).get("python_module")
+    if binary and not run_binary:
+        return Located(profile_binary(binary), f"binary: from the profile ({NOT_RUN})", probed=False)
     if module:
         return _locate_python(engine, str(module), accelerator, binary)
     if binary:
-        return Located(str(Path(binary).expanduser()), "binary: from the profile")
+        return Located(profile_binary(binary), "binary: from the profile")
     sources = catalog.source_packages()
     if engine in sources:
         backend = backend_for(accelerator)
@@ -120,7 +134,7 @@ def locate(engine: str, accelerator: str, command: str, binary: str | None = Non
 def _locate_python(engine: str, module: str, accelerator: str, binary: str | None) -> Located:
     """vLLM / SGLang: the Python interpreter that can import the engine, and the engine's version."""
     if binary:
-        path = str(Path(binary).expanduser())
+        path = profile_binary(binary)
         found = probe(path, module)
         if found.error or not found.found:
             why = found.error or f"it cannot import {module}"

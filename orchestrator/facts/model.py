@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import struct
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -41,34 +42,69 @@ _NEEDED = ("general.architecture", "general.name", "general.file_type", "general
            ".attention.sliding_window_pattern", ".full_attention_interval", ".attention.recurrent_layers",
            ".ssm.conv_kernel", ".ssm.inner_size", ".ssm.state_size", ".ssm.group_count", ".shortconv.l_cache",
            ".expert_feed_forward_length", ".leading_dense_block_count")
-FACTS_FORMAT = 4  # bump when read_gguf_header's output changes (invalidates the facts cache)
+FACTS_FORMAT = 5  # bump when read_gguf_header's output changes (invalidates the facts cache)
 
 
 
 
-def _read_str(fh: BinaryIO) -> bytes:
-    (n,) = struct.unpack("<Q", fh.read(8))
-    return fh.read(n)
+MAX_DIMS = 8              # GGML_MAX_DIMS is 4
+# Counts the header states that the planner loops over or multiplies: bounded by what the file holds.
+_LAYER_KEYS = (".block_count", ".nextn_predict_layers", ".leading_dense_block_count")
+_COUNT_KEYS = (".expert_count", ".expert_used_count", ".attention.head_count", ".attention.head_count_kv",
+               ".embedding_length", ".feed_forward_length", ".expert_feed_forward_length",
+               ".attention.key_length", ".attention.value_length", ".attention.kv_lora_rank",
+               ".rope.dimension_count", ".vocab_size", ".ssm.inner_size", ".ssm.state_size", ".ssm.conv_kernel",
+               ".ssm.group_count", ".attention.sliding_window", ".shortconv.l_cache", ".full_attention_interval")
+MAX_CONTEXT = 1 << 28
+MAX_LAYERS = 4096         # layers a header may claim beyond its tensor count (files with facts, no weights)
 
 
-def _skip_or_read(fh: BinaryIO, vtype: int, keep: bool) -> Any:
+class _Bounded:
+    """A GGUF file read with its size in hand: no length, count or dimension read from it may ask
+    for more bytes than are left (a crafted header otherwise asks for gigabytes)."""
+
+    def __init__(self, fh: BinaryIO, size: int) -> None:
+        self.fh = fh
+        self.size = size
+
+    def left(self) -> int:
+        return self.size - self.fh.tell()
+
+    def need(self, n: int, what: str) -> None:
+        if n < 0 or n > self.left():
+            raise ValueError(f"truncated or corrupt header: {what} needs {n} bytes, {self.left()} are left")
+
+    def read(self, n: int, what: str) -> bytes:
+        self.need(n, what)
+        return self.fh.read(n)
+
+    def unpack(self, fmt: str, what: str) -> tuple[Any, ...]:
+        return struct.unpack(fmt, self.read(struct.calcsize(fmt), what))
+
+    def string(self, what: str) -> bytes:
+        (n,) = self.unpack("<Q", what)
+        return self.read(n, what)
+
+
+def _skip_or_read(r: _Bounded, vtype: int, keep: bool) -> Any:
     if vtype in _SCALARS:
-        fmt = _SCALARS[vtype]
-        return struct.unpack(fmt, fh.read(struct.calcsize(fmt)))[0]
+        return r.unpack(_SCALARS[vtype], "a value")[0]
     if vtype == 8:
-        raw = _read_str(fh)
+        raw = r.string("a string value")
         return raw.decode("utf-8", "replace") if keep else None
     if vtype == 9:
-        itype, count = struct.unpack("<IQ", fh.read(12))
+        itype, count = r.unpack("<IQ", "an array")
         if itype in _SCALARS:
             size = struct.calcsize(_SCALARS[itype]) * count
+            r.need(size, f"an array of {count}")
             if keep and count <= 4096:
                 fmt = "<" + _SCALARS[itype][1] * count
-                return list(struct.unpack(fmt, fh.read(size)))
-            fh.seek(size, os.SEEK_CUR)
+                return list(struct.unpack(fmt, r.fh.read(size)))
+            r.fh.seek(size, os.SEEK_CUR)
             return None
+        r.need(8 * count, f"an array of {count}")   # each element takes at least 8 bytes
         for _ in range(count):
-            _skip_or_read(fh, itype, False)
+            _skip_or_read(r, itype, False)
         return None
     raise ValueError(f"unknown GGUF value type {vtype}")
 
@@ -76,45 +112,80 @@ def _skip_or_read(fh: BinaryIO, vtype: int, keep: bool) -> Any:
 def _tensor_bytes(ggml_type: int, n_elements: int) -> int:
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+    try:
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+    except (ValueError, KeyError):
+        raise ValueError(f"unknown tensor type {ggml_type}") from None
     return n_elements // block * size
+
+
+def _check_counts(out: dict[str, Any], n_tensors: int, file_size: int) -> None:
+    """Counts in the header that the tensors and the file size cannot back are a corrupt file (the
+    first part of a split GGUF records the tensors of all parts)."""
+    split_tensors = out.get("split.tensors.count")
+    if isinstance(split_tensors, int) and int(out.get("split.count") or 1) > 1:
+        n_tensors = min(split_tensors, file_size)
+    for key, value in out.items():
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, (int, float)) for v in values):
+            continue
+        top = max((int(v) for v in values), default=0)
+        if key.endswith(_LAYER_KEYS) and top > max(n_tensors, min(MAX_LAYERS, file_size // 32)):
+            raise ValueError(f"{key} is {top}, but the file holds only {n_tensors} tensors")
+        if key.endswith(_COUNT_KEYS) and top > max(file_size, 1 << 20):
+            raise ValueError(f"{key} is {top}, more than a {file_size}-byte file can hold")
+        if key.endswith(".context_length") and top > MAX_CONTEXT:
+            raise ValueError(f"{key} is {top}")
+
+
+def _read_kv(r: _Bounded, n_kv: int, out: dict[str, Any]) -> None:
+    for _ in range(n_kv):
+        key = r.string("a key").decode("utf-8", "replace")
+        (vtype,) = r.unpack("<I", "a value type")
+        if key == "tokenizer.ggml.tokens" and vtype == 9:
+            pos = r.fh.tell()
+            out["tokenizer.tokens_count"] = r.unpack("<IQ", "the token list")[1]
+            r.fh.seek(pos)
+        keep = key.startswith("general.") or key.startswith("split.") or any(key.endswith(s) for s in _NEEDED)
+        value = _skip_or_read(r, vtype, keep)
+        if keep and value is not None:
+            out[key] = value
 
 
 def read_gguf_header(path: Path) -> dict[str, Any]:
     """Read the GGUF key/values the planner uses and sum the tensor bytes from the tensor infos
-    (sizes per ggml type from the gguf library); token arrays are skipped, not decoded.
-    Raise ValueError if not a GGUF file."""
+    (sizes per ggml type from the gguf library); token arrays are skipped, not decoded. Every
+    length and count is bounded by the file's size, and the tensor data the header promises must
+    be in the file. Raise ValueError if it is not a (whole) GGUF file."""
     out: dict[str, Any] = {}
     with path.open("rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        r = _Bounded(fh, size)
         if fh.read(4) != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file (bad magic)")
-        version, n_tensors, n_kv = struct.unpack("<IQQ", fh.read(20))
+            raise ValueError("not a GGUF file (it does not start with GGUF)")
+        version, n_tensors, n_kv = r.unpack("<IQQ", "the header")
         if version < 2:
-            raise ValueError(f"{path}: GGUF version {version} is too old")
-        for _ in range(n_kv):
-            key = _read_str(fh).decode("utf-8", "replace")
-            (vtype,) = struct.unpack("<I", fh.read(4))
-            if key == "tokenizer.ggml.tokens" and vtype == 9:
-                pos = fh.tell()
-                out["tokenizer.tokens_count"] = struct.unpack("<IQ", fh.read(12))[1]
-                fh.seek(pos)
-            keep = key.startswith("general.") or key.startswith("split.") or any(key.endswith(s) for s in _NEEDED)
-            value = _skip_or_read(fh, vtype, keep)
-            if keep and value is not None:
-                out[key] = value
+            raise ValueError(f"GGUF version {version} is too old")
+        r.need(12 * n_kv, f"{n_kv} key/values")
+        _read_kv(r, n_kv, out)
+        r.need(24 * n_tensors, f"{n_tensors} tensor infos")
         total = experts = embedding = 0
+        data_end = 0
         has_output = False
         expert_layers: set[int] = set()
         for _ in range(n_tensors):
-            name = _read_str(fh).decode("utf-8", "replace")
-            (n_dims,) = struct.unpack("<I", fh.read(4))
-            dims = struct.unpack("<" + "Q" * n_dims, fh.read(8 * n_dims))
-            ggml_type, _offset = struct.unpack("<IQ", fh.read(12))
+            name = r.string("a tensor name").decode("utf-8", "replace")
+            (n_dims,) = r.unpack("<I", "a tensor's dimensions")
+            if n_dims > MAX_DIMS:
+                raise ValueError(f"tensor {name[:60]!r} has {n_dims} dimensions (at most {MAX_DIMS})")
+            dims = r.unpack("<" + "Q" * n_dims, "a tensor's shape")
+            ggml_type, offset = r.unpack("<IQ", "a tensor's type")
             n = 1
             for d in dims:
                 n *= d
             nbytes = _tensor_bytes(ggml_type, n)
             total += nbytes
+            data_end = max(data_end, offset + nbytes)
             if name == "token_embd.weight":
                 embedding = nbytes
             elif name == "output.weight":
@@ -124,6 +195,12 @@ def read_gguf_header(path: Path) -> dict[str, Any]:
                 parts = name.split(".")
                 if len(parts) > 1 and parts[1].isdigit():
                     expert_layers.add(int(parts[1]))
+        align = int(out.get("general.alignment") or 32)
+        data_start = -(-fh.tell() // align) * align if align > 0 else fh.tell()
+        if n_tensors and data_start + data_end > size:
+            raise ValueError(f"truncated: the header promises {data_start + data_end} bytes of tensor data, "
+                             f"the file has {size}")
+        _check_counts(out, n_tensors, size)
         out["tensors.count"] = n_tensors
         out["tensors.bytes"] = total
         out["tensors.expert_bytes"] = experts
@@ -293,9 +370,10 @@ def gather(location: str, quant: str | None = None, is_hf: bool = False) -> Mode
                           source="name")
     path = Path(location)
     stem = path.name
-    fmt = "hf" if (path.is_dir() or not stem.lower().endswith(".gguf")) else "gguf"
+    kind = _file_kind(path)
+    fmt = "gguf" if kind == "file" or (kind == "missing" and stem.lower().endswith(".gguf")) else "hf"
     q = quant or infer_quant(stem)
-    if not path.exists():
+    if kind == "missing":
         known = _from_catalog(stem, fmt, str(path), q)
         if known:
             return known
@@ -303,44 +381,108 @@ def gather(location: str, quant: str | None = None, is_hf: bool = False) -> Mode
     meta: dict[str, Any] = {}
     notes: list[str] = []
     arch = None
-    if fmt == "gguf" and path.is_file():
+    defect = None if kind in ("file", "dir", "missing") else f"is {kind}, not a model file"
+    if kind == "file":
         try:
             header, notes = read_gguf(path)
-        except (ValueError, OSError, struct.error):
-            header = {}
+        except (ValueError, OSError, struct.error) as exc:
+            header, defect = {}, str(exc)
         arch = header.get("general.architecture")
         for key, value in header.items():
             if arch and key.startswith(arch + "."):
                 meta[key[len(arch) + 1:]] = value
             elif key.startswith(("tensors.", "tokenizer.")):
                 meta[key] = value
-    elif fmt == "hf" and (path / "config.json").is_file():
+    elif kind == "dir" and (path / "config.json").exists():
         try:
-            cfg = json.loads((path / "config.json").read_text())
-        except (OSError, ValueError):
-            cfg = {}
-        arch = (cfg.get("architectures") or [None])[0]
-        text = cfg.get("text_config") or cfg
-        heads = text.get("num_attention_heads")
-        head_dim = text.get("head_dim") or (text.get("hidden_size") // heads if heads else None)
-        meta = {k: v for k, v in {
-            "block_count": text.get("num_hidden_layers"),
-            "context_length": text.get("max_position_embeddings"),
-            "attention.head_count": heads,
-            "attention.head_count_kv": text.get("num_key_value_heads", heads),
-            "attention.key_length": head_dim,
-            "attention.value_length": head_dim,
-            "embedding_length": text.get("hidden_size"),
-            "feed_forward_length": text.get("intermediate_size"),
-            "attention.sliding_window": text.get("sliding_window") if text.get("use_sliding_window", True) else None,
-            "expert_count": text.get("num_experts") or text.get("num_local_experts"),
-            "expert_used_count": text.get("num_experts_per_tok"),
-            "tokenizer.tokens_count": text.get("vocab_size"),
-            "torch_dtype": text.get("torch_dtype") or cfg.get("torch_dtype"),
-            "full_attention_interval": text.get("full_attention_interval"),
-            "shortconv.l_cache": text.get("conv_L_cache"),
-        }.items() if v is not None}
-        meta.update(_hf_hybrid(text, meta))
+            arch, meta = _hf_config(path / "config.json")
+        except ValueError as exc:
+            defect = f"config.json: {exc}"
+    return _facts(path, fmt, q, total, active, arch, meta, notes, defect)
+
+
+def _file_kind(path: Path) -> str:
+    """file | dir | missing, or what else it is (a FIFO is never opened: reading one blocks)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return "missing"
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    return "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+
+
+# HF config fields the planner multiplies or loops over, with the largest value a real model has
+# (and then some): a config beyond them is corrupt or crafted.
+_HF_LIMITS = {"num_hidden_layers": 4096, "max_position_embeddings": MAX_CONTEXT, "num_attention_heads": 1 << 14,
+              "num_key_value_heads": 1 << 14, "head_dim": 1 << 14, "hidden_size": 1 << 20,
+              "intermediate_size": 1 << 22, "sliding_window": MAX_CONTEXT, "num_experts": 1 << 16,
+              "num_local_experts": 1 << 16, "num_experts_per_tok": 1 << 16, "vocab_size": 1 << 24,
+              "full_attention_interval": 4096, "conv_L_cache": 1 << 16, "linear_num_value_heads": 1 << 14,
+              "linear_value_head_dim": 1 << 14, "linear_key_head_dim": 1 << 14, "linear_num_key_heads": 1 << 14,
+              "linear_conv_kernel_dim": 1 << 10}
+
+
+def _hf_section(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The text model's section of an HF config, every count checked against _HF_LIMITS."""
+    text = cfg.get("text_config") or cfg
+    if not isinstance(text, dict):
+        raise ValueError("text_config is not a mapping")
+    for key, limit in _HF_LIMITS.items():
+        value = text.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+            raise ValueError(f"{key} is {str(value)[:40]!r}, not a count up to {limit}")
+    kinds = text.get("layer_types")
+    if kinds is not None and not (isinstance(kinds, list) and len(kinds) <= 4096
+                                  and all(isinstance(k, str) for k in kinds)):
+        raise ValueError("layer_types is not a list of layer names")
+    return text
+
+
+def _hf_config(config: Path) -> tuple[str | None, dict[str, Any]]:
+    """(architecture, facts in GGUF key names) from an HF config.json; ValueError names what is wrong."""
+    try:
+        cfg = json.loads(config.read_text())
+    except OSError as exc:
+        raise ValueError(f"cannot read it: {exc.strerror}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not valid JSON ({str(exc)[:80]})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError("not a JSON object")
+    archs = cfg.get("architectures")
+    arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+    text = _hf_section(cfg)
+    heads = text.get("num_attention_heads")
+    hidden = text.get("hidden_size")
+    head_dim = text.get("head_dim") or (hidden // heads if heads and hidden else None)
+    meta = {k: v for k, v in {
+        "block_count": text.get("num_hidden_layers"),
+        "context_length": text.get("max_position_embeddings"),
+        "attention.head_count": heads,
+        "attention.head_count_kv": text.get("num_key_value_heads", heads),
+        "attention.key_length": head_dim,
+        "attention.value_length": head_dim,
+        "embedding_length": text.get("hidden_size"),
+        "feed_forward_length": text.get("intermediate_size"),
+        "attention.sliding_window": text.get("sliding_window") if text.get("use_sliding_window", True) else None,
+        "expert_count": text.get("num_experts") or text.get("num_local_experts"),
+        "expert_used_count": text.get("num_experts_per_tok"),
+        "tokenizer.tokens_count": text.get("vocab_size"),
+        "torch_dtype": text.get("torch_dtype") or cfg.get("torch_dtype"),
+        "full_attention_interval": text.get("full_attention_interval"),
+        "shortconv.l_cache": text.get("conv_L_cache"),
+    }.items() if v is not None}
+    meta.update(_hf_hybrid(text, meta))
+    return arch, meta
+
+
+def _facts(path: Path, fmt: str, q: str | None, total: float | None, active: float | None, arch: str | None,
+           meta: dict[str, Any], notes: list[str], defect: str | None) -> ModelFacts:
+    stem = path.name
     if meta.get("tensors.bytes"):
         size: int | None = int(meta["tensors.bytes"])
         estimate = False
@@ -358,5 +500,5 @@ def gather(location: str, quant: str | None = None, is_hf: bool = False) -> Mode
         params_b=total, active_params_b=active, size_bytes=size, size_is_estimate=estimate,
         arch=arch, n_layers=meta.get("block_count"), trained_context=meta.get("context_length"),
         has_mtp=(bool(nextn) if arch else None), metadata=meta,
-        source="file" if path.exists() else "name", notes=tuple(notes),
+        source="file" if path.exists() else "name", notes=tuple(notes), defect=defect,
     )

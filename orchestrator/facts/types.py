@@ -27,6 +27,7 @@ class ModelFacts:
     metadata: dict[str, Any] = field(default_factory=dict)
     source: str = "file"          # file | catalog | name: where the shape and size came from
     notes: tuple[str, ...] = ()   # what the facts rest on, when not the file itself
+    defect: str | None = None     # what is wrong with the file that is there (not a model, truncated, a FIFO)
 
     @property
     def is_moe(self) -> bool:
@@ -69,6 +70,7 @@ class Located:
     how: str
     version: str | None = None       # engine version, where known
     usable: bool = True              # False: found, but it cannot run this engine (see how)
+    probed: bool = True              # False: a profile's binary: that was not run (validate/plan/render)
 
     def describe(self) -> str:
         return f"{self.path} ({self.how})" if self.path else self.how

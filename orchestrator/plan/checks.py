@@ -85,8 +85,49 @@ def check_nodes(ctx: Ctx) -> None:
 
 def check_server(ctx: Ctx) -> None:
     """Every check of one server, in the order the user reads them."""
-    for check in (check_hardware, check_nodes, check_model, check_kv, check_speculative, check_warnings):
+    for check in (check_owned, check_hardware, check_nodes, check_model, check_kv, check_speculative, check_warnings):
         check(ctx)
+
+
+def owned_option(caps: dict[str, Any], arg: str) -> tuple[str, str] | None:
+    """(the option, the profile field that sets it) when `arg` names an option the plan owns: exactly,
+    as --name=value, and for argparse engines also as a unique prefix (--ho) or with underscores."""
+    owned: dict[str, str] = caps.get("owned_options") or {}
+    if not arg.startswith("-"):
+        return None
+    name = arg.split("=", 1)[0]
+    if name in owned:
+        return name, owned[name]
+    if caps.get("option_parser") == "argparse" and name.startswith("--") and len(name) >= 4:
+        name = "--" + name[2:].replace("_", "-")
+        for option, field in owned.items():
+            if option.startswith(name):
+                return option, field
+    return None
+
+
+def _owned_hint(option: str, field: str) -> str:
+    if field == "api_key_env":
+        return ("put the key in an environment variable and name it in api_key_env: the plan passes it by "
+                "environment or a 0600 file, never in argv (where ps and logs show it)")
+    return (f"remove {option} from extra_args and set {field}: in the profile (the plan, status, health checks "
+            "and the exposure rule read it there)")
+
+
+def check_owned(ctx: Ctx) -> None:
+    """extra_args and env may not set what the plan sets from profile fields: where the server listens
+    and how it takes its key."""
+    caps = ctx.caps
+    for j, arg in enumerate(ctx.server.extra_args):
+        found = owned_option(caps, arg)
+        if found:
+            option, field = found
+            ctx.error(("extra_args", j), f"{option} is set by the plan from {field}", _owned_hint(option, field))
+    owned_env: dict[str, str] = caps.get("owned_env") or {}
+    for name in ctx.server.env:
+        if name in owned_env:
+            ctx.error(("env", name), f"{name} is set by the plan from {owned_env[name]}",
+                      _owned_hint(name, owned_env[name]))
 
 
 def check_hardware(ctx: Ctx) -> None:
@@ -119,6 +160,15 @@ def check_model(ctx: Ctx) -> None:
     s, caps, engine = ctx.server, ctx.caps, ctx.engine
     disp = caps["display"]
     fmt = ctx.facts.format
+    field = "path" if s.model.path else "hf"
+    if ctx.facts.defect:
+        ctx.error(("model", field), f"{ctx.facts.location} {_defect(ctx.facts.defect)}",
+                  "give a complete model: a .gguf file (all of it: download it again) or an HF folder with "
+                  "config.json and its safetensors")
+        return
+    if ctx.draft is not None and ctx.draft.defect:
+        ctx.error(("speculative", "draft_model"), f"{ctx.draft.location} {_defect(ctx.draft.defect)}",
+                  "give a complete draft model (download it again)")
     if fmt not in caps["formats"]:
         want = "a .gguf file" if fmt == "hf" else "an HF-format directory (config.json + safetensors)"
         ctx.error(("model", "path" if s.model.path else "hf"), f"{disp} cannot load a {fmt.upper()} model",
@@ -134,6 +184,10 @@ def check_model(ctx: Ctx) -> None:
                       f"tokens, config.json); {disp} refuses to start with it",
                       f"use context: {trained} or less, or set env: {{{allow}: '1'}} if the model's RoPE scaling "
                       "covers more")
+
+
+def _defect(what: str) -> str:
+    return what if what.startswith("is ") else f"is not a usable model file: {what}"
 
 
 def check_kv(ctx: Ctx) -> None:

@@ -97,7 +97,11 @@ def _executable_warnings(ctx: Ctx, facts: Facts) -> None:
     caps = ctx.caps
     if found is None:
         return
-    if not found.usable:
+    if not found.probed:
+        ctx.notes.append(f"binary {found.path} from the profile was not run, so its version and options were not "
+                         "checked: validate, plan and render never execute a profile's program; `up` checks them "
+                         "before it starts anything")
+    elif not found.usable:
         ctx.warnings.append(f"`up` cannot start this server: {found.how}")
     elif ctx.engine not in GGUF_ENGINES and found.version and found.version != caps["verified_version"]:
         ctx.warnings.append(f"installed {caps['display']} is {found.version} ({found.path}); the flags are "

@@ -5,14 +5,16 @@ FILE:LINE: field.path: what — how to fix."""
 from __future__ import annotations
 
 import difflib
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from orchestrator.errors import Problem, ProfileError
+from orchestrator.errors import UNSAFE_CHARS, Problem, ProfileError, one_line, shown
 from orchestrator.profile.schema import Profile
 
 _ALLOWED_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "map", "seq")}
@@ -37,35 +39,138 @@ class Source:
         return problem.located(self.file, self.line_of(problem.path))
 
 
+MAX_BYTES = 1 << 20       # a profile is a few KiB; anything this large is not one
+MAX_DEPTH = 32            # levels of nesting, aliases expanded (a profile needs five)
+MAX_VALUES = 20_000       # values after aliases are expanded (an 824-byte alias bomb expands to billions)
+MAX_DIGITS = 18           # integers beyond this are typos, and Python refuses 4300+ digits
+
+
+class _Budget:
+    """What one document may expand to; exceeding it is a problem, not a MemoryError."""
+
+    def __init__(self) -> None:
+        self.values = 0
+
+
+def _control_problem(path: tuple[str | int, ...], value: str, line: int) -> Problem | None:
+    m = UNSAFE_CHARS.search(value)
+    if m is None:
+        return None
+    return Problem(path, f"holds a control character ({one_line(m.group(0))} at position {m.start() + 1})",
+                   "profile values are one line of printable text: remove it (newlines, escapes and other "
+                   "control characters would reach scripts, YAML files and terminals)", line=line)
+
+
+_OCTAL = re.compile(r"^[-+]?0[0-7]+$")
+
+
+def _yaml11_problem(node: yaml.ScalarNode, path: tuple[str | int, ...], value: Any) -> Problem | None:
+    """Plain scalars YAML 1.1 reads as something else than they look: yes/on → true, 010 → 8,
+    1:30:00 → 5400, a date → a date object, << → a merge."""
+    line = node.start_mark.line + 1
+    raw = node.value
+    tag = node.tag.rsplit(":", 1)[-1]
+    if node.style is not None or tag == "str":
+        return None
+    quote = f"quote it ('{raw}') if you mean the text"
+    what = None
+    if tag == "bool" and raw.lower() not in ("true", "false"):
+        what, hint = f"the boolean {str(value).lower()}", f"write true or false, or {quote}"
+    elif tag == "int":
+        digits = raw.replace("_", "").lstrip("+-")
+        if ":" in digits:
+            what = f"the base-60 number {value}"
+        elif _OCTAL.match(digits) or digits.lower().startswith(("0x", "0b", "0o")):
+            what = f"the number {value} (octal, hexadecimal or binary)"
+        hint = f"write the decimal number without leading zeros, or {quote}"
+    elif tag == "float" and ":" in raw:
+        what, hint = f"the base-60 number {value}", f"write the decimal number, or {quote}"
+    if what is None:
+        return None
+    return Problem(path, f"YAML 1.1 reads {shown(raw)} as {what}", hint, line=line)
+
+
+def _scalar_data(node: yaml.ScalarNode, path: tuple[str | int, ...], problems: list[Problem]) -> Any:
+    line = node.start_mark.line + 1
+    tag = node.tag.rsplit(":", 1)[-1]
+    if tag == "int" and len(node.value.replace("_", "").lstrip("+-")) > MAX_DIGITS:
+        problems.append(Problem(path, f"the number has {len(node.value)} digits", "write a number that fits the "
+                                "field (see orchestrate schema)", line=line))
+        return None
+    try:
+        value = _scalar(node)
+    except (ValueError, yaml.YAMLError) as exc:
+        problems.append(Problem(path, f"{shown(node.value)} is not a valid {tag}: {one_line(str(exc))[:80]}",
+                                "quote it to make it text, or fix the value", line=line))
+        return None
+    problem = _yaml11_problem(node, path, value)
+    if problem is None and isinstance(value, str):
+        problem = _control_problem(path, value, line)
+    if problem is not None:
+        problems.append(problem)
+        return None
+    return value
+
+
+def _tag_problem(node: yaml.Node, path: tuple[str | int, ...]) -> Problem:
+    line = node.start_mark.line + 1
+    tag = str(node.tag)
+    if tag.endswith(":merge"):
+        return Problem(path, "YAML merge keys (<<) are not supported",
+                       "write the keys out in each mapping (an anchor and alias for a whole value works)", line=line)
+    if tag.endswith(":timestamp"):
+        raw = node.value if isinstance(node, yaml.ScalarNode) else ""
+        return Problem(path, f"YAML reads {shown(raw)} as a date", f"quote it ('{raw}') to keep it as text",
+                       line=line)
+    if tag.endswith(":binary"):
+        return Problem(path, "YAML binary values are not allowed", "write the value as plain text", line=line)
+    return Problem(path, f"YAML tag {shown(tag)} is not allowed",
+                   "remove the tag; profiles hold plain strings, numbers, lists and maps", line=line)
+
+
 def _to_data(node: yaml.Node, path: tuple[str | int, ...], lines: dict[tuple[str | int, ...], int],
-             problems: list[Problem]) -> Any:
+             problems: list[Problem], budget: _Budget) -> Any:
     lines.setdefault(path, node.start_mark.line + 1)
+    budget.values += 1
+    if budget.values > MAX_VALUES or len(path) > MAX_DEPTH:
+        what = (f"more than {MAX_VALUES} values" if budget.values > MAX_VALUES
+                else f"more than {MAX_DEPTH} levels of nesting")
+        raise ProfileError([Problem(path[:1], f"the YAML expands to {what} (anchors and aliases included)",
+                                    "a profile is a small file: write the values out instead of nesting aliases",
+                                    line=node.start_mark.line + 1)])
     if node.tag not in _ALLOWED_TAGS:
-        problems.append(Problem(path, f"YAML tag {node.tag!r} is not allowed",
-                                "remove the tag; profiles hold plain strings, numbers, lists and maps",
-                                line=node.start_mark.line + 1))
+        problems.append(_tag_problem(node, path))
         return None
     if isinstance(node, yaml.MappingNode):
-        out: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
-            key = _to_data(key_node, path + ("<key>",), {}, problems)
-            if not isinstance(key, (str, int)):
-                problems.append(Problem(path, f"mapping key {key!r} must be a string",
-                                        "quote the key", line=key_node.start_mark.line + 1))
-                continue
-            key = str(key)
-            if key in out:
-                first = lines.get(path + (key,))
-                problems.append(Problem(path + (key,), f"duplicate key {key!r} (first on line {first})",
-                                        "keep one of them; YAML would silently use the last",
-                                        line=key_node.start_mark.line + 1))
-                continue
-            lines[path + (key,)] = key_node.start_mark.line + 1
-            out[key] = _to_data(value_node, path + (key,), lines, problems)
-        return out
+        return _mapping(node, path, lines, problems, budget)
     if isinstance(node, yaml.SequenceNode):
-        return [_to_data(child, path + (i,), lines, problems) for i, child in enumerate(node.value)]
-    return _scalar(node)
+        return [_to_data(child, path + (i,), lines, problems, budget) for i, child in enumerate(node.value)]
+    assert isinstance(node, yaml.ScalarNode)
+    return _scalar_data(node, path, problems)
+
+
+def _mapping(node: yaml.MappingNode, path: tuple[str | int, ...], lines: dict[tuple[str | int, ...], int],
+             problems: list[Problem], budget: _Budget) -> dict[Any, Any]:
+    out: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        before = len(problems)
+        key = _to_data(key_node, path, {}, problems, budget)
+        if len(problems) > before:
+            continue
+        if not isinstance(key, (str, int)) or isinstance(key, bool):
+            problems.append(Problem(path, f"mapping key {shown(key)} must be a string",
+                                    "quote the key", line=key_node.start_mark.line + 1))
+            continue
+        key = str(key)
+        if key in out:
+            first = lines.get(path + (key,))
+            problems.append(Problem(path + (key,), f"duplicate key {shown(key)} (first on line {first})",
+                                    "keep one of them; YAML would silently use the last",
+                                    line=key_node.start_mark.line + 1))
+            continue
+        lines[path + (key,)] = key_node.start_mark.line + 1
+        out[key] = _to_data(value_node, path + (key,), lines, problems, budget)
+    return out
 
 
 _SAFE = yaml.constructor.SafeConstructor()
@@ -75,19 +180,48 @@ def _scalar(node: yaml.Node) -> Any:
     return _SAFE.construct_object(node, deep=True)
 
 
+def _nesting_problem(text: str, file: str) -> Problem | None:
+    """Depth from the event stream (PyYAML's parser is iterative; its composer recurses and would
+    raise RecursionError on a few hundred levels)."""
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    return Problem((), f"the YAML is nested more than {MAX_DEPTH} levels deep",
+                                   "a profile needs a handful of levels: flatten it", file,
+                                   event.start_mark.line + 1 if event.start_mark else None)
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+    except yaml.YAMLError:
+        return None   # compose reports it, with its line
+    return None
+
+
 def parse_yaml(text: str, file: str) -> Source:
     problems: list[Problem] = []
+    if len(text) > MAX_BYTES:
+        raise ProfileError([Problem((), f"the file is larger than {MAX_BYTES // 1024} KiB",
+                                    "a profile is a few KiB of YAML: check that this is the right file", file, 1)])
+    deep = _nesting_problem(text, file)
+    if deep is not None:
+        raise ProfileError([deep])
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else None
-        raise ProfileError([Problem((), f"not valid YAML: {getattr(exc, 'problem', exc)}",
+        what = one_line(str(getattr(exc, "problem", None) or exc))[:200]
+        raise ProfileError([Problem((), f"not valid YAML: {what}",
                                     "fix the YAML syntax (indentation, quotes, colons)", file, line)]) from None
     if node is None:
         raise ProfileError([Problem((), "the file is empty", "start from examples/quickstart-cpu.yaml", file, 1)])
     lines: dict[tuple[str | int, ...], int] = {}
-    data = _to_data(node, (), lines, problems)
+    try:
+        data = _to_data(node, (), lines, problems, _Budget())
+    except ProfileError as exc:
+        raise ProfileError([p.located(file, p.line) for p in exc.problems]) from None
     if problems:
         raise ProfileError([p.located(file, p.line) for p in problems])
     return Source(file, data, lines)
@@ -104,15 +238,22 @@ def _hint_for(err: Any, model_fields: list[str]) -> tuple[str, str]:
         return f"unknown key {name!r}", hint
     if kind == "missing":
         return "required field is missing", f"add {loc[-1]}:"
+    last = loc[-1] if loc else None
     if kind in ("literal_error", "enum"):
         expected = err.get("ctx", {}).get("expected", "")
-        return f"{err.get('input')!r} is not allowed", f"use one of {expected}"
-    if kind == "string_pattern_mismatch" and loc and loc[-1] == "name":
-        return f"{err.get('input')!r} is not a valid name", "use lowercase letters, digits and '-', starting and ending alphanumeric (DNS-safe, max 63)"
-    if kind == "string_pattern_mismatch" and loc and loc[-1] == "api_key_env":
-        return f"{err.get('input')!r} is not an environment variable name", "give the NAME of the variable holding the key (e.g. LLAMA_KEY), never the key itself"
+        return f"{shown(err.get('input'))} is not allowed", f"use one of {expected}"
+    if kind == "string_pattern_mismatch" and last == "name":
+        return f"{shown(err.get('input'))} is not a valid name", "use lowercase letters, digits and '-', starting and ending alphanumeric (DNS-safe, max 63)"
+    if kind == "string_pattern_mismatch" and last == "engine_version":
+        return (f"{shown(err.get('input'))} is not a version",
+                "write a build (b11434), a commit (55d3c05bf), a date (2026-04-13) or a release (0.32.0)")
+    if kind == "value_error" and last == "api_key_env":
+        return (msg.removeprefix("Value error, "),
+                "give the NAME of the variable that holds the key (e.g. LLAMA_API_KEY), never the key itself; export the "
+                "key in that variable, and rotate it if a real key was written here")
     if kind.startswith("int_") or kind.startswith("bool_") or kind.startswith("string_type") or kind.endswith("_type"):
-        return msg.lower(), f"write a value of the right type (got {err.get('input')!r})"
+        got = "a value that looks like a secret" if last == "api_key_env" else shown(err.get("input"))
+        return msg.lower(), f"write a value of the right type (got {got})"
     if kind in ("greater_than_equal", "less_than_equal", "too_short", "too_long"):
         return msg.lower(), "change the value to lie within the allowed range"
     if kind == "value_error":
@@ -192,15 +333,40 @@ def load_text(text: str, file: str = "<profile>") -> LoadedProfile:
     return LoadedProfile(profile, source)
 
 
-def load(path: str | Path) -> LoadedProfile:
-    p = Path(path)
+def _display(path: str) -> str:
+    return path if len(path) <= 256 else shown(path)
+
+
+def read_profile_text(path: str | Path) -> str:
+    """The profile's text: a regular file of at most MAX_BYTES, opened without blocking (a FIFO or
+    device is refused before anything is read), decoded as UTF-8 with the line of a bad byte."""
+    file = _display(str(path))
     try:
-        text = p.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        raise ProfileError([Problem((), "file not found", "check the path", str(path))]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ProfileError([Problem((), f"cannot read: {exc}", "check the file", str(path))]) from None
-    return load_text(text, str(path))
+        raise ProfileError([Problem((), "file not found", "check the path", file)]) from None
+    except OSError as exc:
+        raise ProfileError([Problem((), f"cannot read: {exc.strerror or exc}", "check the path", file)]) from None
+    with os.fdopen(fd, "rb") as fh:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+            raise ProfileError([Problem((), f"not a regular file ({kind})", "give the path of a profile .yaml file",
+                                        file)])
+        raw = fh.read(MAX_BYTES + 1)
+    if len(raw) > MAX_BYTES:
+        raise ProfileError([Problem((), f"the file is larger than {MAX_BYTES // 1024} KiB",
+                                    "a profile is a few KiB of YAML: check that this is the right file", file, 1)])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ProfileError([Problem((), f"not UTF-8 text (byte 0x{raw[exc.start]:02x})",
+                                    "save the file as UTF-8", file, line)]) from None
+
+
+def load(path: str | Path) -> LoadedProfile:
+    return load_text(read_profile_text(path), _display(str(path)))
 
 
 def json_schema() -> dict[str, Any]:

@@ -3,15 +3,35 @@ Unknown keys are errors (extra="forbid"); the JSON Schema editors use is generat
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from orchestrator.profile.secrets import NAME_RE as VAR_NAME_RE
+from orchestrator.profile.secrets import describe_secret, looks_like_secret
+
 Engine = Literal["llama.cpp", "ik_llama", "vllm", "sglang", "auto"]
 KvCache = Literal["auto", "f16", "bf16", "q8_0", "q4_0", "fp8", "fp8_e4m3", "fp8_e5m2"]
 SpecMethod = Literal["none", "draft", "eagle", "eagle3", "mtp", "ngram"]
 NAME_RE = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+VERSION_RE = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"
+_HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                          r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+def check_host(value: str) -> str:
+    """An IP address or a DNS hostname: nothing that a URL, a port mapping or a shell could read as more."""
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    if not _HOSTNAME_RE.match(value):
+        raise ValueError("host must be an IP address (127.0.0.1, 0.0.0.0, ::1) or a hostname "
+                         "(letters, digits, '-' and '.')")
+    return value
 
 
 class Strict(BaseModel):
@@ -65,7 +85,9 @@ class Health(Strict):
 class Server(Strict):
     name: str = Field(pattern=NAME_RE, description="Unique within the profile; lowercase, DNS-safe")
     engine: Engine = "auto"
-    engine_version: str | None = None
+    engine_version: str | None = Field(None, pattern=VERSION_RE,
+                                       description="Pin: b11434 (llama.cpp build), 55d3c05bf or 2026-04-13 "
+                                                   "(ik commit or date), 0.32.0 (vLLM/SGLang)")
     gpus: Literal["all"] | list[int] = "all"
     nodes: int = Field(1, ge=1, le=64, description="Machines this server spans, each like `hardware` "
                                                    "(vLLM/SGLang across nodes; rendered by --target k8s as "
@@ -81,7 +103,8 @@ class Server(Strict):
     image: str | None = None
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
-    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    api_key_env: str | None = Field(None, description="NAME of the environment variable holding the API key "
+                                                      "(never the key)")
     env: dict[str, str] = Field(default_factory=dict)
     extra_args: list[str] = Field(default_factory=list)
     health: Health = Health()
@@ -93,6 +116,19 @@ class Server(Strict):
                                                  "Python interpreter of the environment that has the engine. "
                                                  "Default: the installed build or env for this backend, then PATH "
                                                  "(vLLM/SGLang: orchestrate's own Python)")
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        return check_host(v)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _api_key_env(cls, v: str | None) -> str | None:
+        # The value is never echoed: what was pasted here may be the key itself.
+        if v is not None and (not VAR_NAME_RE.match(v) or looks_like_secret(v)):
+            raise ValueError(f"this is not an environment variable name ({describe_secret(v)})")
+        return v
 
     @field_validator("env")
     @classmethod

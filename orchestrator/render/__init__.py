@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import OrchestratorError, one_line
 from orchestrator.plan.model import Plan, require_single_node
 from orchestrator.render.common import HEADER
 from orchestrator.render.compose import compose_data, compose_healthcheck
@@ -40,7 +40,7 @@ def _dump(doc: Any) -> str:
 
 def _yaml_text(plan: Plan, target: str, docs: list[Any]) -> str:
     """The header and each document; a document that does not parse back to itself is a bug here."""
-    header = "# " + HEADER.format(file=plan.profile_file) + "\n"
+    header = "# " + one_line(HEADER.format(file=plan.profile_file)) + "\n"
     if target == "k8s":
         text = header + "".join("---\n" + _dump(d) for d in docs)
     else:
@@ -75,7 +75,7 @@ def env_example(plan: Plan) -> str | None:
                    | {s.api_key.env_var for s in plan.servers if s.api_key})
     if not names:
         return None
-    lines = [f"# Variables {Path(plan.profile_file).name} references: copy to .env beside compose.yaml and fill "
+    lines = [f"# Variables {one_line(Path(plan.profile_file).name)} references: copy to .env beside compose.yaml and fill "
              "in (keep .env out of version control)"]
     lines += [f"{n}=" for n in names]
     return "\n".join(lines) + "\n"

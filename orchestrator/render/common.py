@@ -15,6 +15,12 @@ SGLANG_WRAPPER = ("umask 077; mkdir -p /run/orchestrator; "
                   "> /run/orchestrator/sglang-auth.yaml; exec \"$@\"")
 
 
+def require_key(var: str, what: str = "the API key") -> str:
+    """`${VAR:?...}`: the shell (and compose) stops with the message when the variable is unset or
+    empty, so no target starts a server without its key."""
+    return f"${{{var}:?set {var} to {what}}}"
+
+
 def require_image(s: ServerPlan) -> None:
     if not s.image:
         raise OrchestratorError(f"server {s.name}: no container image: {s.image_reason}",

@@ -16,12 +16,31 @@ from orchestrator.plan.model import (
     ServerPlan,
     container_name,
 )
-from orchestrator.render.common import STOP_GRACE_S, container_entry, publish, require_image
+from orchestrator.render.common import STOP_GRACE_S, container_entry, publish, require_image, require_key
+
+
+class Interpolated(str):
+    """A ${VAR} reference compose is meant to interpolate; every other string has its $ escaped."""
 
 
 def _dollar(value: str) -> str:
     """Escape literal $ for compose interpolation."""
     return value.replace("$", "$$")
+
+
+def escape_all(node: Any) -> Any:
+    """Every string of the compose document with $ escaped as $$, except the Interpolated references:
+    compose interpolates $ in every value (image, volumes, labels, command), so escaping is done
+    once, over the whole document, rather than field by field."""
+    if isinstance(node, Interpolated):
+        return str(node)
+    if isinstance(node, str):
+        return _dollar(node)
+    if isinstance(node, dict):
+        return {k: escape_all(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [escape_all(v) for v in node]
+    return node
 
 
 def _probe_cmd(s: ServerPlan, tool: str) -> list[str]:
@@ -39,7 +58,7 @@ def compose_healthcheck(s: ServerPlan) -> dict[str, Any]:
     """Probe every interval (also during start_period, whose failures do not count) and allow the
     planned load time: the start period is the health timeout, derived from the model size."""
     assert s.health is not None
-    return {"test": [_dollar(a) for a in _probe_cmd(s, s.probe_tool)],
+    return {"test": _probe_cmd(s, s.probe_tool),
             "interval": f"{s.health.interval_s}s", "timeout": "5s", "retries": 3,
             "start_period": f"{s.health.timeout_s}s"}
 
@@ -63,7 +82,7 @@ def _gpu_keys(s: ServerPlan) -> dict[str, Any]:
 
 
 def _environment(s: ServerPlan) -> dict[str, str]:
-    return {e.name: f"${{{e.from_env}:?set {e.from_env} to the API key}}" if e.from_env else _dollar(e.value or "")
+    return {e.name: Interpolated(require_key(e.from_env)) if e.from_env else (e.value or "")
             for e in s.env if not e.process_only}
 
 
@@ -71,7 +90,7 @@ def _labels(plan: Plan, s: ServerPlan) -> dict[str, str]:
     """The labels the docker runtime sets too: `orchestrate status` shows these containers."""
     assert s.health is not None
     return {L_PROFILE: plan.name, L_SERVER: s.name, L_ENGINE: f"{s.engine} {s.engine_version}", L_HOST: s.host,
-            L_PORT: str(s.port), L_HEALTH: s.health.ready_path, L_MODEL: _dollar(s.served_name)}
+            L_PORT: str(s.port), L_HEALTH: s.health.ready_path, L_MODEL: s.served_name}
 
 
 def _service(plan: Plan, s: ServerPlan, secrets: dict[str, Any]) -> dict[str, Any]:
@@ -80,8 +99,8 @@ def _service(plan: Plan, s: ServerPlan, secrets: dict[str, Any]) -> dict[str, An
     entry, command = container_entry(s)
     svc: dict[str, Any] = {"image": s.image, "container_name": container_name(plan.name, s.name)}
     if entry:
-        svc["entrypoint"] = [_dollar(a) for a in entry]
-    svc["command"] = [_dollar(a) for a in command]
+        svc["entrypoint"] = entry
+    svc["command"] = command
     svc["ports"] = [publish(s)]
     env = _environment(s)
     if env:
@@ -112,4 +131,4 @@ def compose_data(plan: Plan) -> dict[str, Any]:
     doc: dict[str, Any] = {"name": plan.name, "services": services}
     if secrets:
         doc["secrets"] = secrets
-    return doc
+    return dict(escape_all(doc))

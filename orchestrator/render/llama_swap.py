@@ -5,7 +5,8 @@ from __future__ import annotations
 import shlex
 from typing import Any
 
-from orchestrator.plan.model import Plan, ServerPlan
+from orchestrator.errors import UNSAFE_CHARS, OrchestratorError, shown
+from orchestrator.plan.model import Plan, ServerPlan, client_host
 
 LLAMA_SWAP_TTL_S = 900   # unload a model after 15 idle minutes (llama-swap's ttl)
 
@@ -23,11 +24,24 @@ def _argv(s: ServerPlan) -> list[str]:
     return argv
 
 
+def _literal(s: ServerPlan, values: list[str]) -> None:
+    """llama-swap expands ${...} macros (${env.VAR} included) in cmd and env, and splits cmd into lines
+    before it splits words: a value holding either would run something else than the plan."""
+    for value in values:
+        if "${" in value or UNSAFE_CHARS.search(value):
+            raise OrchestratorError(f"server {s.name}: {shown(value)} holds a '${{' macro or a control character, "
+                                    "which llama-swap would expand or split",
+                                    "remove it from the profile, or use another target")
+
+
 def _model(s: ServerPlan) -> dict[str, Any]:
     assert s.health is not None
-    entry: dict[str, Any] = {"cmd": shlex.join(_argv(s)), "proxy": f"http://{s.client_host}:{s.port}",
-                             "checkEndpoint": s.health.ready_path, "ttl": LLAMA_SWAP_TTL_S}
+    argv = _argv(s)
     env = [f"{e.name}={e.value}" for e in s.env if not e.from_env]
+    _literal(s, [*argv, *env])
+    # The upstream binds its private address (loopback), and llama-swap proxies to that same address.
+    entry: dict[str, Any] = {"cmd": shlex.join(argv), "proxy": f"http://{client_host(s.private_host)}:{s.port}",
+                             "checkEndpoint": s.health.ready_path, "ttl": LLAMA_SWAP_TTL_S}
     if env:
         entry["env"] = env
     if s.served_name != s.name:

@@ -13,9 +13,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import OrchestratorError, one_line
 from orchestrator.plan.model import L_PROFILE, L_SERVER, Plan, ServerPlan, container_name
-from orchestrator.render.common import HEADER, STOP_GRACE_S, publish, require_image
+from orchestrator.render.common import HEADER, STOP_GRACE_S, publish, require_image, require_key
 
 TEMPLATE = "shell.sh.j2"
 
@@ -29,13 +29,26 @@ def templates_dir() -> Path:
     raise OrchestratorError("templates folder not found", "reinstall orchestrator")
 
 
+class Quoted(str):
+    """Text already quoted for sh (shlex) by the code here: the template writes it as it is."""
+
+
+def _finalize(value: Any) -> str:
+    """Every value the template writes: a Quoted command line as it is, anything else (names, versions,
+    the profile's file name) with its control characters escaped, so it stays inside its one line."""
+    if isinstance(value, Quoted):
+        return str(value)
+    return one_line(str(value))
+
+
 @lru_cache(maxsize=1)
 def environment() -> Any:
     from jinja2 import FileSystemLoader, StrictUndefined
     from jinja2.sandbox import SandboxedEnvironment
 
     return SandboxedEnvironment(loader=FileSystemLoader(str(templates_dir())), undefined=StrictUndefined,
-                                autoescape=False, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
+                                autoescape=False, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
+                                finalize=_finalize)
 
 
 def _secret_preamble(s: ServerPlan) -> list[str]:
@@ -46,18 +59,18 @@ def _secret_preamble(s: ServerPlan) -> list[str]:
     path = shlex.quote(key.process_path)
     parent = shlex.quote(str(Path(key.process_path).parent))
     var = key.env_var
-    need = f': "${{{var}:?set {var} to the API key}}"'
+    need = f': "{require_key(var)}"'
     if key.mechanism == "file":
         write = f"(umask 077 && printf '%s\\n' \"${var}\" > {path})"
     else:
         write = (f"(umask 077 && printf \"api-key: '%s'\\n\" \"$(printf '%s' \"${var}\" | sed \"s/'/''/g\")\" "
                  f"> {path})")
-    return [need, f"mkdir -p -m 700 {parent}", write]
+    return [Quoted(line) for line in (need, f"mkdir -p -m 700 {parent}", write)]
 
 
 def _env_assignments(s: ServerPlan) -> list[str]:
     """VAR=value prefixes of a process launch line; secrets stay references to the user's variables."""
-    return [f'{e.name}="${{{e.from_env}}}"' if e.from_env else f"{e.name}={shlex.quote(e.value or '')}"
+    return [f'{e.name}="{require_key(e.from_env)}"' if e.from_env else f"{e.name}={shlex.quote(e.value or '')}"
             for e in s.env]
 
 
@@ -89,7 +102,7 @@ def docker_argv(plan: Plan, s: ServerPlan) -> tuple[list[str], list[str]]:
         if e.process_only:
             continue
         if e.from_env:
-            prefix.append(f'{e.name}="${{{e.from_env}}}"')
+            prefix.append(f'{e.name}="{require_key(e.from_env)}"')
             argv += ["-e", e.name]
         else:
             argv += ["-e", f"{e.name}={e.value}"]
@@ -108,7 +121,7 @@ def _server_view(plan: Plan, s: ServerPlan, target: str) -> dict[str, Any]:
     else:
         prefix, argv = docker_argv(plan, s)
     return {"name": s.name, "engine": s.engine_display, "version": s.engine_version,
-            "preamble": _secret_preamble(s), "line": " ".join([*prefix, shlex.join(argv)])}
+            "preamble": _secret_preamble(s), "line": Quoted(" ".join([*prefix, shlex.join(argv)]))}
 
 
 def render_shell(plan: Plan, target: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -94,11 +95,15 @@ class Deployer:
         if sp.model_format != "gguf":
             return
         path = Path(sp.model_location)
-        try:
-            with path.open("rb") as fh:
-                magic = fh.read(4)
+        try:   # O_NONBLOCK: a FIFO in the model's place must not hang up (and its deployment lock)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
-            raise ServerFailure("preflight", f"cannot read {path}: {exc}") from None
+            raise ServerFailure("preflight", f"cannot read {path}: {exc.strerror}") from None
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ServerFailure("preflight", f"{path} is not a regular file",
+                                    Diagnosis("model_corrupt", "point model.path at the .gguf file", None))
+            magic = fh.read(4)
         if magic != b"GGUF":
             raise ServerFailure("preflight", f"{path} is not a GGUF file (starts with {magic!r})",
                                 Diagnosis("model_corrupt", "the file is not a GGUF model: download it again", None))

@@ -52,7 +52,7 @@ class Env:
 
     def fake(self, name: str = "fake", env: dict[str, str] | None = None, **server: object) -> Path:
         dummy = self.tmp / "dummy.gguf"
-        dummy.write_bytes(b"GGUF" + b"\0" * 64)
+        dummy.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + b"\0" * 16)  # a GGUF v3 header, no tensors
         launcher = self.tmp / "fake-llama-server"
         launcher.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE} \"$@\"\n")
         launcher.chmod(0o755)

@@ -79,6 +79,53 @@ CASES = [
     ("health-timeout-range", profile("health:\n  timeout: 1\n"), "10: servers[0].health.timeout", "between 5 and 7200"),
     ("ik-eagle3", profile("speculative:\n  method: eagle3\n  draft_model: /m/e.gguf\n", engine="ik_llama"),
      "10: servers[0].speculative.method", "eagle3"),
+    # hostile and careless input (issue 16)
+    ("engine-version-newline", profile('engine_version: "b1\\ntouch /tmp/pwned"\n'), "9: servers[0].engine_version",
+     "control character"),
+    ("engine-version-shape", profile('engine_version: "b1; touch /tmp/pwned"\n'), "9: servers[0].engine_version",
+     "is not a version"),
+    ("extra-args-host", profile("extra_args: [--host, 0.0.0.0]\n"), "9: servers[0].extra_args[0]",
+     "--host is set by the plan from host"),
+    ("extra-args-host-equals", profile("extra_args: [--host=0.0.0.0]\n"), "9: servers[0].extra_args[0]",
+     "set host: in the profile"),
+    ("extra-args-port", profile("extra_args: [-c, '4096', --port, '9999']\n"), "9: servers[0].extra_args[2]",
+     "--port is set by the plan from port"),
+    ("extra-args-api-key", profile("extra_args: [--api-key, literal]\n"), "9: servers[0].extra_args[0]",
+     "never in argv"),
+    ("extra-args-ik-api-key-file", profile("extra_args: [--api-key-file, /tmp/k]\n", engine="ik_llama"),
+     "9: servers[0].extra_args[0]", "--api-key-file is set by the plan from api_key_env"),
+    ("extra-args-vllm-prefix", profile("extra_args: [--ho, 0.0.0.0]\n", engine="vllm", path="/m/Qwen2.5-7B"),
+     "9: servers[0].extra_args[0]", "--host is set by the plan"),
+    ("extra-args-vllm-underscore", profile("extra_args: [--api_key=x]\n", engine="vllm", path="/m/Qwen2.5-7B"),
+     "9: servers[0].extra_args[0]", "--api-key is set by the plan"),
+    ("extra-args-vllm-uds", profile("extra_args: [--uds, /tmp/s]\n", engine="vllm", path="/m/Qwen2.5-7B"),
+     "9: servers[0].extra_args[0]", "--uds is set by the plan from host"),
+    ("extra-args-sglang-config", profile("extra_args: [--config, /tmp/c.yaml]\n", engine="sglang",
+                                         path="/m/Qwen2.5-7B"), "9: servers[0].extra_args[0]", "--config is set"),
+    ("env-llama-api-key", profile("env:\n  LLAMA_API_KEY: x\n"), "10: servers[0].env.LLAMA_API_KEY",
+     "set by the plan from api_key_env"),
+    ("api-key-hex-identifier", profile("api_key_env: a3f9c2d4e5f60718293a4b5c6d7e8f90\n"),
+     "9: servers[0].api_key_env", "looks like an API key"),
+    ("host-injection", profile('host: "127.0.0.1$(touch /tmp/pwned)"\n'), "9: servers[0].host",
+     "IP address"),
+    ("host-newline", profile('host: "127.0.0.1\\n  privileged: true"\n'), "9: servers[0].host", "control character"),
+    ("extra-args-escape", profile('extra_args: ["\\e[2Kwarning erased"]\n'), "9: servers[0].extra_args[0]",
+     "control character (\\x1b"),
+    ("yaml11-octal-port", profile("port: 010\n"), "9: servers[0].port", "reads '010' as the number 8"),
+    ("yaml11-sexagesimal", profile("port: 1:30:00\n"), "9: servers[0].port", "base-60 number 5400"),
+    ("yaml11-on", profile("prefix_cache: on\n"), "9: servers[0].prefix_cache", "reads 'on' as the boolean true"),
+    ("yaml11-yes", profile("parallel: yes\n"), "9: servers[0].parallel", "reads 'yes' as the boolean true"),
+    ("yaml11-date", profile("engine_version: 2026-04-13\n", engine="ik_llama"), "9: servers[0].engine_version",
+     "as a date — quote it"),
+    ("yaml11-on-key", "name: t\non: 1\nservers: []\n", "2: (profile)", "reads 'on' as the boolean"),
+    ("yaml-merge-key", "name: t\nservers:\n  - <<: {name: s}\n", "3: servers[0]", "merge keys"),
+    ("huge-integer", profile("context: " + "9" * 5000 + "\n"), "9: servers[0].context", "5000 digits"),
+    ("huge-name", "name: " + "a" * 1_000_000 + "\nservers: []\n", "1: name", "(1000000 characters)"),
+    ("alias-bomb", "".join(f"{c}: &{c} [{', '.join(['*' + p] * 9) if p else ', '.join(['x'] * 9)}]\n"
+                           for p, c in zip(["", *"abcdefgh"], "abcdefghi")), "1: e", "expands to more than"),
+    ("deep-nesting", "a: " + "[" * 500 + "]" * 500 + "\n", "1: (profile)", "nested more than 32 levels"),
+    ("too-large", "name: t\n" + "# padding\n" * 120_000, "1: (profile)", "larger than 1024 KiB"),
+    ("latin-1", "name: t\n# caf\udce9\nservers: []\n", "2: (profile)", "not UTF-8 text"),
     ("mtp-without-nextn-layers", None, "10: servers[0].speculative.method", "has no MTP (nextn) layers"),
     ("ik-swa-multislot-quantized-kv", None, "9: servers[0].kv_cache", "crashes with FlashAttention on CPU"),
 ]
@@ -100,7 +147,7 @@ def test_invalid_profile(case, tmp_path: Path, orchestrate, gemma_model: Path | 
             gemma = Path(assemble())
         text = NEEDS_GEMMA[name](gemma)
     f = tmp_path / f"{name}.yaml"
-    f.write_text(text)
+    f.write_bytes(text.encode("utf-8", "surrogateescape"))
     code, out, err = orchestrate("validate", str(f))
     assert code == 1, (out, err)
     lines = [line for line in err.splitlines() if "warning:" not in line]
@@ -111,3 +158,23 @@ def test_invalid_profile(case, tmp_path: Path, orchestrate, gemma_model: Path | 
     assert " — " in match[0], "every error says how to fix it"
     assert "Traceback" not in err
     assert not Path("/tmp/pwned").exists()
+    assert len(err) < 20_000, "a long value is not echoed in full"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "name-too-long"])
+def test_profile_that_is_not_a_file(kind: str, tmp_path: Path, orchestrate) -> None:
+    """Special files are refused before anything is read: a FIFO never blocks, /dev/zero never fills memory."""
+    import os
+
+    if kind == "fifo":
+        path = tmp_path / "p.yaml"
+        os.mkfifo(path)
+        want = "not a regular file (a FIFO)"
+    elif kind == "dev-zero":
+        path, want = Path("/dev/zero"), "not a regular file (a device"
+    else:
+        path, want = tmp_path / ("a" * 5000), "cannot read: File name too long"
+    code, out, err = orchestrate("plan", str(path))
+    assert code == 1, (out, err)
+    assert want in err and " — " in err
+    assert "Traceback" not in err and len(err) < 1000

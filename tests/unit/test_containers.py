@@ -173,7 +173,7 @@ def test_secret_archive_is_owned_by_the_image_user_and_0400() -> None:
 
 def test_daemon_unreachable_is_one_line_with_the_fix(tmp_path: Path) -> None:
     model = tmp_path / "m.gguf"
-    model.write_bytes(b"GGUF" + b"\0" * 64)
+    model.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + b"\0" * 16)  # a GGUF v3 header, no tensors
     profile = tmp_path / "p.yaml"
     profile.write_text(yaml.safe_dump({"name": "p", "hardware": {"gpu": "cpu"}, "servers": [
         server(runtime="docker", image="localhost/orchestrator/llama.cpp:b11434-cpu", port=18999,

@@ -18,7 +18,7 @@ servers:
 
 def setup(tmp_path: Path, gpu: str = "rtx-3090") -> tuple[Path, dict[str, str], Path]:
     model = tmp_path / "m-Q4_K_M.gguf"
-    model.write_bytes(b"GGUF" + b"\0" * 32)
+    model.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + b"\0" * 16)  # a GGUF v3 header, no tensors
     profile = tmp_path / "p.yaml"
     profile.write_text(PROFILE % (gpu, model))
     environ = {"HOME": str(tmp_path), "ORCHESTRATOR_CACHE": str(tmp_path / "cache"),
@@ -40,7 +40,7 @@ def test_profile_env_or_model_change_misses(tmp_path: Path) -> None:
     plan = build_plan(load(profile), environ=environ, detect=False)
     plancache.store(str(profile), environ, plan, auto_detected=False)
     assert plancache.load(str(profile), {**environ, "ORCHESTRATOR_STATE_DIR": "/elsewhere"}) is None
-    model.write_bytes(b"GGUF" + b"\0" * 64)
+    model.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + b"\0" * 16)  # a GGUF v3 header, no tensors
     assert plancache.load(str(profile), environ) is None
     plancache.store(str(profile), environ, plan, auto_detected=False)
     profile.write_text(profile.read_text().replace("2048", "4096"))

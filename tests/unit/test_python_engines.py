@@ -35,7 +35,8 @@ def plan_one(tmp: Path, engine: str = "vllm", gpu: str = "cpu", look_up: bool = 
     spec = {"name": "s", "engine": engine, "port": 8000, **server}
     text = yaml.safe_dump({"name": "t", "hardware": {"gpu": gpu}, "servers": [spec]})
     loaded = load_text(text, str(tmp / "t.yaml"))
-    return build_plan(loaded, environ={"HOME": str(tmp)}, state_dir=str(tmp / "state"), detect=look_up).servers[0]
+    return build_plan(loaded, environ={"HOME": str(tmp)}, state_dir=str(tmp / "state"), detect=look_up,
+                      run_binary=look_up).servers[0]
 
 
 def flags(sp) -> dict[str, str | None]:

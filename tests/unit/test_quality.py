@@ -183,7 +183,7 @@ def _cli(*args: str, state: Path) -> subprocess.CompletedProcess[str]:
 @pytest.fixture
 def profile(tmp_path: Path) -> Path:
     model = tmp_path / "m.gguf"
-    model.write_bytes(b"GGUF" + b"\0" * 64)
+    model.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + b"\0" * 16)  # a GGUF v3 header, no tensors
     doc = {"name": "q", "hardware": {"gpu": "cpu"},
            "servers": [{"name": "s", "engine": "llama.cpp", "context": 2048, "port": 18999,
                         "model": {"path": str(model)}}]}

@@ -3,7 +3,7 @@
 # deployment: homelab-coder; one server per line, start each in its own terminal or under a supervisor.
 
 # coder: llama.cpp b11434
-LLAMA_API_KEY="${CODER_API_KEY}" llama-server -m /models/Qwen3-Coder-30B-A3B-Instruct-Q4_K_M.gguf -a qwen-coder --host 0.0.0.0 --port 8080 -c 131072 -np 2 -ngl all -ncmoe 4 --fit off -fa on -ctk q8_0 -ctv q8_0 --cache-reuse 256 --metrics
+LLAMA_API_KEY="${CODER_API_KEY:?set CODER_API_KEY to the API key}" llama-server -m /models/Qwen3-Coder-30B-A3B-Instruct-Q4_K_M.gguf -a qwen-coder --host 0.0.0.0 --port 8080 -c 131072 -np 2 -ngl all -ncmoe 4 --fit off -fa on -ctk q8_0 -ctv q8_0 --cache-reuse 256 --metrics
 
 # chat: ik_llama.cpp 55d3c05bf
 : "${CHAT_API_KEY:?set CHAT_API_KEY to the API key}"

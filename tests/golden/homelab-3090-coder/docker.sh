@@ -4,7 +4,7 @@
 set -e
 
 # coder: llama.cpp b11434
-LLAMA_API_KEY="${CODER_API_KEY}" docker run -d --name homelab-coder-coder --restart unless-stopped --init --label orchestrator.profile=homelab-coder --label orchestrator.server=coder -p 0.0.0.0:8080:8080 --stop-timeout 30 --gpus all -v /models:/models:ro -e LLAMA_API_KEY --entrypoint /app/llama-server ghcr.io/ggml-org/llama.cpp:server-cuda -m /models/Qwen3-Coder-30B-A3B-Instruct-Q4_K_M.gguf -a qwen-coder --host 0.0.0.0 --port 8080 -c 131072 -np 2 -ngl all -ncmoe 4 --fit off -fa on -ctk q8_0 -ctv q8_0 --cache-reuse 256 --metrics
+LLAMA_API_KEY="${CODER_API_KEY:?set CODER_API_KEY to the API key}" docker run -d --name homelab-coder-coder --restart unless-stopped --init --label orchestrator.profile=homelab-coder --label orchestrator.server=coder -p 0.0.0.0:8080:8080 --stop-timeout 30 --gpus all -v /models:/models:ro -e LLAMA_API_KEY --entrypoint /app/llama-server ghcr.io/ggml-org/llama.cpp:server-cuda -m /models/Qwen3-Coder-30B-A3B-Instruct-Q4_K_M.gguf -a qwen-coder --host 0.0.0.0 --port 8080 -c 131072 -np 2 -ngl all -ncmoe 4 --fit off -fa on -ctk q8_0 -ctv q8_0 --cache-reuse 256 --metrics
 
 # chat: ik_llama.cpp 55d3c05bf
 : "${CHAT_API_KEY:?set CHAT_API_KEY to the API key}"

@@ -4,4 +4,4 @@
 set -e
 
 # qwen: vLLM 0.32.0
-VLLM_API_KEY="${TEAM_API_KEY}" docker run -d --name vllm-2x3090-qwen --restart unless-stopped --init --label orchestrator.profile=vllm-2x3090 --label orchestrator.server=qwen -p 0.0.0.0:8000:8000 --stop-timeout 30 --shm-size 16g --gpus '"device=0,1"' -v /models/Qwen3-32B-AWQ:/models/Qwen3-32B-AWQ:ro -e VLLM_API_KEY vllm/vllm-openai:v0.32.0 --model /models/Qwen3-32B-AWQ --served-model-name qwen3-32b --host 0.0.0.0 --port 8000 --max-model-len 32768 --max-num-seqs 8 --tensor-parallel-size 2 --gpu-memory-utilization 0.90 --enable-prefix-caching
+VLLM_API_KEY="${TEAM_API_KEY:?set TEAM_API_KEY to the API key}" docker run -d --name vllm-2x3090-qwen --restart unless-stopped --init --label orchestrator.profile=vllm-2x3090 --label orchestrator.server=qwen -p 0.0.0.0:8000:8000 --stop-timeout 30 --shm-size 16g --gpus '"device=0,1"' -v /models/Qwen3-32B-AWQ:/models/Qwen3-32B-AWQ:ro -e VLLM_API_KEY vllm/vllm-openai:v0.32.0 --model /models/Qwen3-32B-AWQ --served-model-name qwen3-32b --host 0.0.0.0 --port 8000 --max-model-len 32768 --max-num-seqs 8 --tensor-parallel-size 2 --gpu-memory-utilization 0.90 --enable-prefix-caching
