@@ -49,6 +49,7 @@ class InstalledEngine:
     source_sha256: str
     build_log: str
     portable: bool = False           # built for any x86-64 CPU (-DGGML_NATIVE=OFF)
+    amx: bool | None = None          # ggml's AMX kernels built in (None: a manifest from before this was recorded)
 
     def binary(self, name: str = "llama-server") -> Path:
         return Path(self.bin_dir) / name

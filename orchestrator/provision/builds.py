@@ -110,8 +110,41 @@ def _unpack(archive: Path, into: Path, tree: str) -> Path:
     return src
 
 
+# ggml's x86 options for what GGML_NATIVE=ON would take from the host, by /proc/cpuinfo flag
+# (ggml/CMakeLists.txt: GGML_SSE42 ... GGML_AVX512_BF16).
+X86_OPTIONS = {"sse4_2": "GGML_SSE42", "f16c": "GGML_F16C", "fma": "GGML_FMA", "bmi2": "GGML_BMI2",
+               "avx": "GGML_AVX", "avx2": "GGML_AVX2", "avx_vnni": "GGML_AVX_VNNI", "avx512f": "GGML_AVX512",
+               "avx512vbmi": "GGML_AVX512_VBMI", "avx512_vnni": "GGML_AVX512_VNNI",
+               "avx512_bf16": "GGML_AVX512_BF16"}
+
+
+def host_cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags as the kernel lists them (empty where there is no /proc/cpuinfo)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_options(engine: str, portable: bool, flags: set[str]) -> list[str]:
+    """-DGGML_NATIVE, or for llama.cpp on an AMX host the host's other x86 features one by one and AMX
+    off: llama.cpp's AMX kernels crash at the first matmul on some AMX CPUs (ggml-org/llama.cpp#20824,
+    open upstream; seen here with b11434, a Q4_K_M model and a Sapphire Rapids VM). ik_llama.cpp ran
+    the same model on the same host natively."""
+    if portable:
+        return ["-DGGML_NATIVE=OFF"]
+    if engine != "llama.cpp" or "amx_int8" not in flags:
+        return ["-DGGML_NATIVE=ON"]
+    return ["-DGGML_NATIVE=OFF", *(f"-D{opt}={'ON' if flag in flags else 'OFF'}" for flag, opt in X86_OPTIONS.items()),
+            "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
+
+
 def cmake_options(engine: str, backend: str, gpu_arch: str | None, portable: bool,
-                  version: str | None = None) -> list[str]:
+                  version: str | None = None, cpu_flags: set[str] | None = None) -> list[str]:
     spec = source_spec(engine, version)
     opts = [
         "-DCMAKE_BUILD_TYPE=Release",
@@ -123,7 +156,7 @@ def cmake_options(engine: str, backend: str, gpu_arch: str | None, portable: boo
     ]
     if engine == "llama.cpp":
         opts.append("-DLLAMA_OPENSSL=OFF")
-    opts.append("-DGGML_NATIVE=OFF" if portable else "-DGGML_NATIVE=ON")
+    opts += native_options(engine, portable, host_cpu_flags() if cpu_flags is None else cpu_flags)
     if backend == "cuda":
         opts.append("-DGGML_CUDA=ON")
         if gpu_arch:
@@ -159,7 +192,7 @@ def build(
     first and uses its result. on_step(done, total) follows ninja's [n/N] lines."""
     import fcntl
 
-    have = installed(engine, backend, gpu_arch, version)
+    have = _usable(installed(engine, backend, gpu_arch, version), log)
     if have is not None and all(have.has(t) for t in tools):
         return have
     dest = install_dir(engine, backend, gpu_arch, version)
@@ -172,7 +205,7 @@ def build(
             log(f"another process is building {dest.name}: waiting for it")
             fcntl.flock(fd, fcntl.LOCK_EX)
         _remove_leftovers(dest)
-        have = installed(engine, backend, gpu_arch, version)
+        have = _usable(installed(engine, backend, gpu_arch, version), lambda message: None)
         if have is not None and all(have.has(t) for t in tools):
             return have
         job = Job(engine, backend, gpu_arch, source, have.portable if have else portable, jobs, version, dest,
@@ -180,6 +213,18 @@ def build(
         return _build_locked(job, have, log, on_step)
     finally:
         os.close(fd)
+
+
+def _usable(have: InstalledEngine | None, log: Callable[[str], None]) -> InstalledEngine | None:
+    """An installed build to keep using, or None when it must be built again: a native llama.cpp build
+    with AMX kernels (or from before that was recorded) on a host where they crash."""
+    if have is None or have.portable or have.engine != "llama.cpp" or "amx_int8" not in host_cpu_flags():
+        return have
+    if have.amx is False:
+        return have
+    log(f"{have.engine} {have.version} was built with ggml's AMX kernels, which crash on this CPU "
+        "(ggml-org/llama.cpp#20824): building it again without them")
+    return None
 
 
 @dataclass(frozen=True)
@@ -274,6 +319,7 @@ def _build_locked(job: Job, have: InstalledEngine | None, log: Callable[[str], N
         source_sha256=_sha256(archive) if archive.is_file() else "",
         build_log=str(log_path),
         portable=job.portable,
+        amx=False if job.engine == "llama.cpp" else None,   # native_options leaves them out
     )
     _install(inst, have, [bdir / "bin" / t for t in job.targets], log_path)
     shutil.rmtree(work, ignore_errors=True)

@@ -148,8 +148,8 @@ def build_image(connect: Callable[[], Any], engine: str, backend: str = "cpu", g
                                 f"orchestrate engines install {engine} --backend {backend}{arch} (add --portable "
                                 "for an image that runs on any x86-64 CPU)")
     tag = tag or default_tag(inst)
-    if "-DGGML_NATIVE=ON" in _read(inst.build_log):
-        log("note: this build targets this machine's CPU (GGML_NATIVE=ON): the image runs on CPUs with the same "
+    if not inst.portable:
+        log("note: this build targets this machine's CPU: the image runs on CPUs with the same "
             "instruction set; for any x86-64 CPU reinstall with orchestrate engines install --portable")
     c = connect()
     context = build_context(inst)
@@ -160,10 +160,3 @@ def build_image(connect: Callable[[], Any], engine: str, backend: str = "cpu", g
         raise OrchestratorError(f"docker build of {tag} failed: {str(exc).splitlines()[0][:200]}",
                                 "check the daemon's disk space and the message") from None
     return tag
-
-
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text(errors="replace")[:20000]
-    except OSError:
-        return ""
