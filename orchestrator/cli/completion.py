@@ -8,21 +8,24 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from click.shell_completion import CompletionItem
 
+if TYPE_CHECKING:
+    from orchestrator.runtime.state import StateStore
 
-def _state_dir() -> str:
+
+def _store() -> StateStore:
     from orchestrator.paths import state_dir
+    from orchestrator.runtime.state import StateStore
 
-    return state_dir(dict(os.environ))
+    return StateStore(state_dir(dict(os.environ)))
 
 
 def deployments() -> list[str]:
-    d = _state_dir()
-    return sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(d, "*.json")))
+    return _store().deployments()
 
 
 def _profile_servers(path: str) -> list[str]:
@@ -37,9 +40,9 @@ def _profile_servers(path: str) -> list[str]:
 
 
 def _recorded_servers(deployment: str) -> list[str]:
+    """Read without StateStore.load, which sets a damaged file aside: Tab changes nothing."""
     try:
-        with open(os.path.join(_state_dir(), f"{deployment}.json"), encoding="utf-8") as fh:
-            data = json.load(fh)
+        data = json.loads(_store().path(deployment).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return []
     servers = data.get("servers", {}) if isinstance(data, dict) else {}

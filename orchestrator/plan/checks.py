@@ -285,10 +285,15 @@ def unknown_option(server: Server, index: int, engine: str, target: EngineVersio
 
 
 def closest_options(name: str, known: frozenset[str] | None) -> list[str]:
-    """The options of the build's --help nearest to a mistyped one (difflib), best first."""
+    """The options of the build's --help nearest to a mistyped one (difflib), best first: up to
+    three, and only those about as close as the best (--ctx-szie: --ctx-size, not --batch-size)."""
     if not known:
         return []
-    return difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
+    near = difflib.get_close_matches(name, sorted(known), n=5, cutoff=0.6)
+    if not near:
+        return []
+    best = difflib.SequenceMatcher(None, name, near[0]).ratio()
+    return [c for c in near if difflib.SequenceMatcher(None, name, c).ratio() >= best - 0.1][:3]
 
 
 def unknown_user_option(index: int, caps: dict[str, Any], target: EngineVersion, option: Option) -> Problem:

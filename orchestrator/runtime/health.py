@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.catalog import GGUF_ENGINES  # /props: n_ctx per slot, total_slots
 from orchestrator.plan.model import ServerPlan, client_host
 
 STAGES = ("process", "port", "ready", "models", "completion", "settings")
@@ -201,6 +200,8 @@ MODEL_LEN_ENGINES = ("vllm", "sglang")         # /v1/models: max_model_len
 def planned_settings(sp: ServerPlan) -> dict[str, int]:
     """Settings the plan asked for that the server reports back: llama-server's per-slot context and
     slot count (/props), vLLM's and SGLang's max_model_len (/v1/models)."""
+    from orchestrator.catalog import GGUF_ENGINES  # after the spawn: the catalog's YAML can wait
+
     settings = sp.settings
     if settings is None:
         return {}

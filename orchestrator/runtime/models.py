@@ -29,9 +29,10 @@ _UNITS = {"kB": 1e3, "MB": 1e6, "GB": 1e9}
 
 @contextmanager
 def watching(sample: Callable[[], tuple[float, float | None]], report: Callable[[float, float | None], None],
-             period: float = WATCH_S) -> Iterator[None]:
-    """Call report(*sample()) every `period` seconds while the block runs, and once at its end."""
+             period: float | None = None) -> Iterator[None]:
+    """Call report(*sample()) every `period` seconds (WATCH_S) while the block runs, and once at its end."""
     stop = threading.Event()
+    period = period or WATCH_S
 
     def loop() -> None:
         while not stop.wait(period):

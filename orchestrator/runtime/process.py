@@ -8,9 +8,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
-
-import psutil
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.plan.model import Plan, ServerPlan
 from orchestrator.runtime.base import (
@@ -27,6 +25,9 @@ from orchestrator.runtime.base import (
 from orchestrator.runtime.health import quick_probe
 from orchestrator.runtime.state import ServerRecord
 
+if TYPE_CHECKING:
+    import psutil  # imported where used: `up` spawns the engine before it needs psutil
+
 
 def spawn(argv: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,6 +41,8 @@ def spawn(argv: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Po
 
 
 def create_time(pid: int) -> float | None:
+    import psutil
+
     try:
         return float(psutil.Process(pid).create_time())
     except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -48,6 +51,8 @@ def create_time(pid: int) -> float | None:
 
 def identity(rec: ServerRecord) -> str:
     """'alive' | 'dead' | 'stale' (the pid now belongs to another process: never signal it)."""
+    import psutil
+
     try:
         proc = psutil.Process(rec.pid)
         if abs(proc.create_time() - rec.create_time) > 0.05:
@@ -61,6 +66,8 @@ def identity(rec: ServerRecord) -> str:
 
 def group_members(pgid: int, not_before: float) -> list[psutil.Process]:
     """Processes of the group that started no earlier than the leader (pid-reuse safe)."""
+    import psutil
+
     out = []
     for proc in psutil.process_iter(["pid", "create_time", "status"]):
         try:
@@ -82,6 +89,8 @@ def _reap(pid: int) -> None:
 def escaped_descendants(rec: ServerRecord) -> list[psutil.Process]:
     """Descendants of the leader that left its process group (setsid/setpgid): a group signal misses them.
     Only findable while the leader lives, so stop() collects them before signalling."""
+    import psutil
+
     if identity(rec) != "alive":
         return []
     try:
@@ -99,6 +108,8 @@ def escaped_descendants(rec: ServerRecord) -> list[psutil.Process]:
 
 
 def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    import psutil
+
     out = []
     for proc in procs:
         try:
@@ -111,6 +122,8 @@ def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
 
 def _signal(rec: ServerRecord, extra: list[psutil.Process], sig: signal.Signals) -> bool:
     """Signal the group and the escaped descendants; False when nothing was there to signal."""
+    import psutil
+
     sent = False
     try:
         os.killpg(rec.pgid, sig)
@@ -175,6 +188,8 @@ def _bindable(host: str, port: int) -> bool:
 
 
 def _only_time_wait(port: int) -> bool:
+    import psutil
+
     try:
         states = {c.status for c in psutil.net_connections(kind="inet") if c.laddr and c.laddr.port == port}
     except psutil.AccessDenied:
@@ -188,6 +203,8 @@ def port_owner(host: str, port: int, drain_s: float = 65.0) -> str | None:
     whose listener lacks SO_REUSEADDR cannot bind until they are gone: wait for that drain."""
     if _bindable(host, port):
         return None
+    import psutil
+
     deadline = time.monotonic() + drain_s
     while _only_time_wait(port) and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -177,8 +177,22 @@ def test_an_extra_args_option_of_a_newer_build_names_the_version(builds: dict[st
 @pytest.mark.engines
 def test_an_option_a_rule_emits_that_the_build_lacks_keeps_the_install_fix(builds: dict[str, Path],
                                                                          tmp_path: Path) -> None:
-    """A pinned newer version with the older binary at hand: speculative mtp makes the rules need
-    draft-mtp, which b9093 lacks, and that is the build's fault, not the profile's extra_args."""
+    """binary: names a build that is not the one the rules were written for (the ik_llama.cpp
+    llama-server under engine: llama.cpp): prefix_cache's --cache-reuse is not in its --help and its
+    parser refuses it. That is the build's fault, reported at engine with the build to install."""
+    profile = _extra_args_profile(tmp_path, builds["55d3c05bf"], [])
+    p = _orchestrate(tmp_path, "plan", str(profile))
+    line = next(i for i, x in enumerate(profile.read_text().splitlines(), 1) if "engine: llama.cpp" in x)
+    assert p.returncode == 1
+    assert f"extra.yaml:{line}: servers[0].engine: llama.cpp 55d3c05bf does not take --cache-reuse 256" in p.stderr
+    assert "install llama.cpp b11434 (orchestrate engines install llama.cpp), pin engine_version" in p.stderr
+    assert "extra_args" not in p.stderr
+
+
+@pytest.mark.engines
+def test_a_rule_that_needs_a_newer_build_names_its_setting(builds: dict[str, Path], tmp_path: Path) -> None:
+    """Speculative mtp makes the rules need --spec-type draft-mtp, which b9093 lacks: reported at the
+    setting that needs it, with the build to install."""
     doc = {"name": "r", "hardware": {"gpu": "cpu"}, "servers": [{
         "name": "s", "engine": "llama.cpp", "binary": str(builds["b9093"]),
         "model": {"path": "/m/Qwen3.6-35B-A3B-UD-Q4_K_XL.gguf"}, "speculative": {"method": "mtp"}}]}

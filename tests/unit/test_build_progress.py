@@ -53,6 +53,21 @@ def test_a_real_build_step_feeds_plain_progress_lines(tmp_path: Path) -> None:
     assert counts == sorted(counts) and "\r" not in out.getvalue()
 
 
+def test_a_long_step_still_gets_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compile step that takes a while: the last count comes again with the time moving on."""
+    monkeypatch.setattr(builds, "HEARTBEAT_S", 0.1)
+    script = ("import time\nprint('[1/4] Building C object a.c.o', flush=True)\ntime.sleep(1.0)\n"
+              "for i in range(2, 5):\n    print(f'[{i}/4] Building C object b{i}.c.o', flush=True)\n")
+    out = io.StringIO()
+    shown = Display(out, tty=False, interval=0.3)
+    with (tmp_path / "log").open("w") as fh:
+        assert builds.run_step([sys.executable, "-c", script], fh, shown.steps("gemma", "engine build")) == 0
+    lines = out.getvalue().splitlines()
+    during = [line for line in lines if line.startswith("  [gemma] engine build: 1/4 steps")]
+    assert len(during) >= 3, lines   # at 0 s, then about every 0.3 s of the 1 s step
+    assert lines[-1].startswith("  [gemma] engine build: 4/4 steps (100%)")
+
+
 def test_an_interrupt_stops_the_build_step(tmp_path: Path) -> None:
     pids: list[int] = []
 

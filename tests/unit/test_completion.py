@@ -31,9 +31,9 @@ def where(tmp_path: Path) -> tuple[Path, Path]:
     if not SCRIPT.exists():
         pytest.skip("the orchestrate script is not installed beside this Python")
     state = tmp_path / "state"
-    state.mkdir()
-    (state / "homelab.json").write_text(json.dumps({"servers": {"coder": {}, "chat": {}}}))
-    (state / "quickstart.json").write_text(json.dumps({"servers": {"gemma": {}}}))
+    (state / "deployments").mkdir(parents=True)
+    (state / "deployments" / "homelab.json").write_text(json.dumps({"servers": {"coder": {}, "chat": {}}}))
+    (state / "deployments" / "quickstart.json").write_text(json.dumps({"servers": {"gemma": {}}}))
     (tmp_path / "pair.yaml").write_text(yaml.safe_dump({"name": "pair", "servers": [
         {"name": "big", "model": {"path": "/m/a.gguf"}}, {"name": "small", "model": {"path": "/m/b.gguf"}}]}))
     (tmp_path / "notes.txt").write_text("")

@@ -114,3 +114,5 @@ def test_closest_options() -> None:
     assert closest_options("--ctx-szie", known) == ["--ctx-size"]
     assert closest_options("--paralel", known)[0] == "--parallel"
     assert closest_options("--ctx-size", None) == []
+    # only those about as close as the best: a typo of --ctx-size does not also suggest --cache-reuse
+    assert closest_options("--ctx-szie", known | {"--batch-size", "--context-shift"}) == ["--ctx-size"]
