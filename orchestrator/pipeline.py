@@ -21,7 +21,7 @@ from orchestrator.errors import Problem, ProfileError
 from orchestrator.facts import engine_probe
 from orchestrator.facts.gather import engine_facts, gather_facts
 from orchestrator.facts.types import EngineVersion, Facts
-from orchestrator.plan import versions
+from orchestrator.plan import checks, versions
 from orchestrator.plan.checks import options, unknown_option
 from orchestrator.plan.decisions import choose_engine
 from orchestrator.plan.model import Plan
@@ -51,6 +51,13 @@ def build_plan(loaded: LoadedProfile, environ: dict[str, str] | None = None, sta
     result = plan(loaded, facts, enforce_fit)
     verify_flags(loaded, result, facts)
     return result
+
+
+def check_target(loaded: LoadedProfile, target: str) -> None:
+    """What a render target makes reachable must pass the exposure rule too (plan.checks.check_target)."""
+    problems = checks.check_target(loaded.profile, target)
+    if problems:
+        raise ProfileError([loaded.source.locate(p) for p in problems])
 
 
 def verify_flags(loaded: LoadedProfile, result: Plan, facts: Facts) -> None:

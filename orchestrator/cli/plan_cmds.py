@@ -112,7 +112,7 @@ def render(profile: str, target: str, output: str | None, as_json: bool, ignore_
     from orchestrator.render import env_example
     from orchestrator.render import render as do_render
 
-    plan_ = load_plan(profile, ignore_fit)
+    plan_ = load_plan(profile, ignore_fit, target)
     text = do_render(plan_, target, as_json)
     if not output:
         click.echo(text, nl=False)

@@ -243,7 +243,7 @@ def _hint_for(err: Any, model_fields: list[str]) -> tuple[str, str]:
         expected = err.get("ctx", {}).get("expected", "")
         return f"{shown(err.get('input'))} is not allowed", f"use one of {expected}"
     if kind == "string_pattern_mismatch" and last == "name":
-        return f"{shown(err.get('input'))} is not a valid name", "use lowercase letters, digits and '-', starting and ending alphanumeric (DNS-safe, max 63)"
+        return f"{shown(err.get('input'))} is not a valid name", "use lowercase letters, digits and single '-' between them (DNS-safe, max 63; '--' joins names)"
     if kind == "string_pattern_mismatch" and last == "engine_version":
         return (f"{shown(err.get('input'))} is not a version",
                 "write a build (b11434), a commit (55d3c05bf), a date (2026-04-13) or a release (0.32.0)")
@@ -254,7 +254,7 @@ def _hint_for(err: Any, model_fields: list[str]) -> tuple[str, str]:
     if kind.startswith("int_") or kind.startswith("bool_") or kind.startswith("string_type") or kind.endswith("_type"):
         got = "a value that looks like a secret" if last == "api_key_env" else shown(err.get("input"))
         return msg.lower(), f"write a value of the right type (got {got})"
-    if kind in ("greater_than_equal", "less_than_equal", "too_short", "too_long"):
+    if kind in ("greater_than_equal", "less_than_equal", "too_short", "too_long", "string_too_long"):
         return msg.lower(), "change the value to lie within the allowed range"
     if kind == "value_error":
         return msg.removeprefix("Value error, "), "fix the value as described"

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from orchestrator.plan.model import container_name
+
 STATE_VERSION = 1
 
 
@@ -64,7 +66,7 @@ class StateStore:
         return self.dir / f"{deployment}.json"
 
     def log_path(self, deployment: str, server: str) -> Path:
-        return self.logs / f"{deployment}-{server}.log"
+        return self.logs / f"{container_name(deployment, server)}.log"
 
     @contextlib.contextmanager
     def lock(self, deployment: str, wait: bool = True) -> Iterator[None]:

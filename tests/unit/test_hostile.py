@@ -313,3 +313,32 @@ def test_up_preflight_never_blocks_on_a_fifo(tmp_path: Path) -> None:
     sp.model_location = str(model)
     with pytest.raises(ServerFailure, match="not a regular file"):
         Deployer(StateStore(tmp_path / "state")).check_model_file(sp)
+
+
+# ---------------------------------------------------------------- 10: what a target makes reachable
+
+def test_k8s_target_refuses_a_keyless_server(orchestrate, tmp_path: Path) -> None:
+    code, out, err = orchestrate("render", str(QUICK), "-t", "k8s")
+    assert code == 1 and out == ""
+    assert f"{QUICK.relative_to(QUICK.parents[1])}:" in err or f"{QUICK}:" in err
+    assert "servers[0].api_key_env: --target k8s makes this server reachable from every pod" in err
+    code, _, err = orchestrate("render", str(QUICK), "-t", "compose")   # publishes on 127.0.0.1 only
+    assert code == 0, err
+
+
+# ---------------------------------------------------------------- 13: names cannot collide
+
+def test_joined_names_are_unambiguous(tmp_path: Path) -> None:
+    from orchestrator.plan.model import container_name
+    from orchestrator.runtime.state import StateStore
+
+    store = StateStore(tmp_path)
+    assert container_name("lc", "a-b") != container_name("lc-a", "b")
+    assert store.log_path("lc", "a-b") != store.log_path("lc-a", "b")
+    plan_a = _plan(yaml.safe_dump({"name": "lc", "hardware": {"gpu": "cpu"}, "servers": [
+        {"name": "a-b", "api_key_env": "K", "model": {"path": "/m/x-Q4_K_M.gguf"}}]}), tmp_path)
+    plan_b = _plan(yaml.safe_dump({"name": "lc-a", "hardware": {"gpu": "cpu"}, "servers": [
+        {"name": "b", "api_key_env": "K", "model": {"path": "/m/x-Q4_K_M.gguf"}}]}), tmp_path)
+    for target in ("docker", "compose", "k8s"):
+        a, b = render(plan_a, target), render(plan_b, target)
+        assert "lc--a-b" in a and "lc-a--b" in b and "lc--a-b" not in b
