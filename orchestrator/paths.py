@@ -11,7 +11,13 @@ from pathlib import Path
 
 
 def _home(env: Mapping[str, str]) -> str:
-    return env.get("HOME") or os.path.expanduser("~")
+    """$HOME, else the user's home from the password database; never a literal '~' folder."""
+    home = env.get("HOME") or os.path.expanduser("~")
+    if home == "~" or not os.path.isabs(home):
+        import pwd
+
+        home = pwd.getpwuid(os.getuid()).pw_dir
+    return home
 
 
 def cache_dir(kind: str = "", environ: Mapping[str, str] | None = None) -> Path:
@@ -28,7 +34,7 @@ def state_dir(environ: Mapping[str, str] | None = None) -> str:
     env = os.environ if environ is None else environ
     if env.get("ORCHESTRATOR_STATE_DIR"):
         return env["ORCHESTRATOR_STATE_DIR"]
-    base = env.get("XDG_STATE_HOME") or os.path.join(env.get("HOME", "~"), ".local", "state")
+    base = env.get("XDG_STATE_HOME") or os.path.join(_home(env), ".local", "state")
     return os.path.join(base, "orchestrator")
 
 

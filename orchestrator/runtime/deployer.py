@@ -276,10 +276,14 @@ class Deployer:
             return "not running"
         outcome = self._runtime(rec.runtime).stop(deployment, server, rec)
         self.store.update(deployment, None, server)
+        for key_file in self.store.key_files(deployment, server):
+            key_file.unlink(missing_ok=True)
         return outcome
 
     def down(self, deployment: str, only: list[str] | None = None) -> list[tuple[str, str]]:
         out = []
+        if not self.store.path(deployment).exists():   # nothing recorded: no lock file left behind
+            return [(f.server, f.remove()) for f in self._discover(deployment) if not only or f.server in only]
         with self.store.lock(deployment):
             records = self.store.load(deployment)
             for name in sorted(records):

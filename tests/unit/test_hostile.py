@@ -342,3 +342,69 @@ def test_joined_names_are_unambiguous(tmp_path: Path) -> None:
     for target in ("docker", "compose", "k8s"):
         a, b = render(plan_a, target), render(plan_b, target)
         assert "lc--a-b" in a and "lc-a--b" in b and "lc--a-b" not in b
+
+
+# ---------------------------------------------------------------- 14: terminal escapes
+
+def test_plan_text_cannot_steer_the_terminal(tmp_path: Path) -> None:
+    from orchestrator.errors import Problem, printable
+    from orchestrator.plan.explain import explain
+
+    plan = _plan(_profile(), tmp_path)
+    plan.servers[0].warnings.append("fine\x1b[1A\x1b[2K\rall good\u202e")
+    text = printable(explain(plan))
+    assert "\x1b" not in text and "\r" not in text and "\u202e" not in text
+    assert "\\x1b[1A" in text and text.count("\n") == explain(plan).count("\n")
+    assert "\n" not in str(Problem(("a",), "x\ny", "z\x1b", "f\n.yaml", 3))
+
+
+# ---------------------------------------------------------------- 17: ${VAR} only where it is safe to show
+
+@pytest.mark.parametrize("path,env,want", [
+    ("${MY_KEY}/m.gguf", {"MY_KEY": KEY}, "names a secret"),
+    ("${HF_TOKEN}/m.gguf", {"HF_TOKEN": "tok-value-not-shown"}, "names a secret"),
+    ("/m/${WHERE}.gguf", {"WHERE": "hf_AbCdEfGhIjKlMnOpQrStUvWxYz012345"}, "looks like a secret"),
+    ("${MODELS}/m.gguf", {"MODELS": "/m\x1b[2K"}, "control"),
+])
+def test_model_path_does_not_expand_secrets(path: str, env: dict[str, str], want: str, orchestrate,
+                                            tmp_path: Path) -> None:
+    profile = tmp_path / "p.yaml"
+    profile.write_text(_profile(host="0.0.0.0", api_key_env="MY_KEY", model={"path": path}))
+    code, out, err = orchestrate("plan", str(profile), env=env)
+    assert code == 1 and want in err and "servers[0].model.path" in err
+    for value in env.values():
+        assert value not in out + err
+
+
+def test_model_path_expands_a_folder_variable(orchestrate, tmp_path: Path) -> None:
+    snapshot = "/hf/models--org--m/snapshots/0123456789abcdef0123456789abcdef01234567"
+    profile = tmp_path / "p.yaml"
+    profile.write_text(_profile(model={"path": "${MODELS_DIR}/m-Q4_K_M.gguf"}))
+    code, out, err = orchestrate("plan", str(profile), env={"MODELS_DIR": snapshot})
+    assert code == 0, err
+    assert f"{snapshot}/m-Q4_K_M.gguf" in out
+
+
+# ---------------------------------------------------------------- 19: the state folder holds only names
+
+@pytest.mark.parametrize("name", ["*", "a\nb", "a..b", "A"])
+def test_commands_refuse_names_that_are_not_deployments(name: str, orchestrate, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    for args in (["down", name], ["logs", name], ["status", name]):
+        code, out, err = orchestrate(*args, env={"ORCHESTRATOR_STATE_DIR": str(state)})
+        assert code == 1 and "is not a deployment name" in err and "Traceback" not in err, (args, err)
+    assert not state.exists() or not any(state.rglob("*.lock"))
+
+
+def test_down_of_an_unknown_deployment_leaves_no_lock(orchestrate, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    code, out, _ = orchestrate("down", "nothing-here", env={"ORCHESTRATOR_STATE_DIR": str(state)})
+    assert code == 0 and "nothing running" in out
+    assert not list(state.rglob("*.lock"))
+
+
+def test_state_dir_without_home_is_never_a_literal_tilde() -> None:
+    from orchestrator.paths import cache_dir, state_dir
+
+    assert os.path.isabs(state_dir({})) and "~" not in state_dir({})
+    assert cache_dir("", {}).is_absolute()
