@@ -116,3 +116,29 @@ def write_file(path: str | Path, text: str, protect: tuple[str | Path, ...] = ()
             os.unlink(tmp)
         raise
     return target
+
+
+def private_dir(folder: Path) -> Path:
+    """`folder` and its missing parents created 0700; an existing folder we own is narrowed to 0700."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.suppress(OSError):
+        if folder.stat().st_uid == os.getuid():
+            folder.chmod(0o700)
+    return folder
+
+
+def write_private(path: Path, text: str) -> None:
+    """A cache or state file: written 0600 in a 0700 folder, through a private temporary file (no
+    reader ever sees half of it, no symlink is followed)."""
+    import tempfile
+
+    private_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:64]}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

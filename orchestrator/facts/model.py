@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from orchestrator.facts.types import ModelFacts
-from orchestrator.paths import cache_dir
+from orchestrator.paths import cache_dir, write_private
 
 # Bits per weight by quant label (llama.cpp's quantize table and published GGUF sizes, rounded).
 BITS_PER_WEIGHT = {
@@ -224,10 +224,7 @@ def cached_gguf_header(path: Path) -> dict[str, Any]:
         pass
     header = read_gguf_header(path)
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(header))
-        tmp.replace(cache)
+        write_private(cache, json.dumps(header))
     except OSError:
         pass
     return header

@@ -143,6 +143,13 @@ class Deployer:
                             Diagnosis("engine_missing", fix, None))
 
     def api_key(self, sp: ServerPlan) -> str | None:
+        """The server's key from the user's environment (preflight of every runtime); every env
+        reference must be set too, as the rendered targets require."""
+        missing = [e for e in sp.env if e.from_env and not self.environ.get(e.from_env)]
+        if missing and (sp.api_key is None or missing[0].from_env != sp.api_key.env_var):
+            e = missing[0]
+            raise ServerFailure("preflight", f"{e.from_env} is not set (env {e.name} takes its value from it)",
+                                Diagnosis("env_missing", f"export {e.from_env}=... before up", None))
         if sp.api_key is None:
             return None
         value = self.environ.get(sp.api_key.env_var)

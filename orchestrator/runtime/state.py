@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import OrchestratorError, shown
+from orchestrator.paths import private_dir
 from orchestrator.plan.model import container_name
 from orchestrator.profile.schema import NAME_RE
 
@@ -72,7 +73,7 @@ class StateStore:
 
     def ensure(self) -> None:
         for d in (self.root, self.dir, self.logs):
-            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_dir(d)
 
     def path(self, deployment: str) -> Path:
         return self.dir / f"{valid_name(deployment)}.json"

@@ -408,3 +408,62 @@ def test_state_dir_without_home_is_never_a_literal_tilde() -> None:
 
     assert os.path.isabs(state_dir({})) and "~" not in state_dir({})
     assert cache_dir("", {}).is_absolute()
+
+
+# ---------------------------------------------------------------- 12: env secrets by reference, private files
+
+def test_env_reference_stays_a_reference_in_every_target(tmp_path: Path) -> None:
+    token = "tok-Secret-4a5b6c7d8e9f0a1b"
+    plan = _plan(_profile(host="0.0.0.0", api_key_env="MY_KEY", env={"HF_TOKEN": "${HF_TOKEN}"}), tmp_path)
+    texts = {t: render(plan, t) for t in TARGETS}
+    assert all(token not in t for t in texts.values())
+    compose = yaml.safe_load(texts["compose"])["services"]["s"]
+    assert compose["environment"]["HF_TOKEN"] == "${HF_TOKEN:?set HF_TOKEN to the value of HF_TOKEN}"
+    [deploy] = [d for d in yaml.safe_load_all(texts["k8s"]) if d["kind"] == "Deployment"]
+    env = deploy["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "t--s-env", "key": "HF_TOKEN"}}} in env
+    script = tmp_path / "run.sh"
+    script.write_text(texts["command"])
+    record = tmp_path / "argv.jsonl"
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "llama-server").write_text(f"#!{sys.executable}\nimport json, os\n"
+                                         f"open({str(record)!r}, 'w').write(os.environ.get('HF_TOKEN', ''))\n")
+    (bindir / "llama-server").chmod(0o755)
+    env_run = {"PATH": f"{bindir}:/usr/bin:/bin", "MY_KEY": KEY}
+    p = subprocess.run(["sh", str(script)], env=env_run, capture_output=True, text=True, timeout=30)
+    assert p.returncode != 0 and "set HF_TOKEN" in p.stderr and not record.exists()
+    p = subprocess.run(["sh", str(script)], env={**env_run, "HF_TOKEN": token}, capture_output=True, text=True,
+                       timeout=30)
+    assert p.returncode == 0, p.stderr
+    assert record.read_text() == token
+
+
+def test_secret_looking_env_literal_is_a_warning_without_the_value(tmp_path: Path) -> None:
+    value = "hf_AbCdEfGhIjKlMnOpQrStUvWxYz012345"
+    plan = _plan(_profile(env={"HF_TOKEN": value}), tmp_path)
+    [warning] = [w for w in plan.servers[0].warnings if "HF_TOKEN" in w]
+    assert "looks like a secret" in warning and value not in warning and "'${HF_TOKEN}'" in warning
+
+
+def test_cache_and_state_files_are_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator import plancache
+    from orchestrator.facts.model import gather
+    from orchestrator.runtime.state import StateStore
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ORCHESTRATOR_CACHE", str(cache))
+    model = _real_gguf(tmp_path / "m.gguf")
+    gather(str(model))
+    profile = tmp_path / "p.yaml"
+    profile.write_text(_profile(model={"path": str(model)}))
+    plancache.store(str(profile), {"ORCHESTRATOR_CACHE": str(cache)}, _plan(profile.read_text(), tmp_path), False)
+    store = StateStore(tmp_path / "state")
+    store.ensure()
+    files = [p for p in cache.rglob("*") if p.is_file()]
+    assert {p.parent.name for p in files} >= {"modelfacts", "plans"}
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+        assert stat.S_IMODE(p.parent.stat().st_mode) == 0o700, p.parent
+    for d in (store.root, store.dir, store.logs):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700
