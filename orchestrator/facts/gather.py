@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from orchestrator import catalog
 from orchestrator.catalog import GGUF_ENGINES, Gpu, UnknownGpu
-from orchestrator.errors import Problem, ProfileError
+from orchestrator.errors import Problem, ProfileError, shown
 from orchestrator.facts import engine_probe
 from orchestrator.facts.installed import locate
 from orchestrator.facts.model import gather
@@ -39,7 +39,7 @@ def resolve_gpu(profile: Profile, detect: bool = True) -> tuple[Gpu, str, int, l
     except UnknownGpu as exc:
         hint = (f"did you mean {', '.join(exc.suggestions)}?" if exc.suggestions
                 else "run `orchestrate gpus` for the catalog")
-        return catalog.find_gpu("cpu"), "", 0, [Problem(("hardware", "gpu"), f"unknown GPU {name!r}", hint)]
+        return catalog.find_gpu("cpu"), "", 0, [Problem(("hardware", "gpu"), f"unknown GPU {shown(name)}", hint)]
     count = 0 if gpu.is_cpu else profile.hardware.count
     return gpu, f"hardware.gpu {name!r} → {gpu.name}", count, []
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from orchestrator import catalog
 from orchestrator.catalog import GGUF_ENGINES, Gpu
-from orchestrator.errors import Problem
+from orchestrator.errors import Problem, shown
 from orchestrator.facts.types import EngineVersion
 from orchestrator.plan import versions
 from orchestrator.plan.engines.base import Ctx
@@ -50,7 +50,7 @@ def check_profile(profile: Profile, gpu: Gpu, gpu_count: int) -> list[Problem]:
     for i, s in enumerate(profile.servers):
         for d in s.depends_on:
             if d not in names or d == s.name:
-                problems.append(Problem(("servers", i, "depends_on"), f"depends_on names {d!r}, "
+                problems.append(Problem(("servers", i, "depends_on"), f"depends_on names {shown(d)}, "
                                         + ("the server itself" if d == s.name else "which is not a server of this profile"),
                                         f"use one of: {', '.join(sorted(names - {s.name})) or '(no other server)'}"))
     if _has_cycle({s.name: [d for d in s.depends_on if d in names] for s in profile.servers}):

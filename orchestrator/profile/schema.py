@@ -105,7 +105,8 @@ class Server(Strict):
     image: str | None = None
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
-    api_key_env: str | None = Field(None, description="NAME of the environment variable holding the API key "
+    api_key_env: str | None = Field(None, max_length=128,
+                                    description="NAME of the environment variable holding the API key "
                                                       "(never the key)")
     env: dict[str, str] = Field(default_factory=dict)
     extra_args: list[str] = Field(default_factory=list)
