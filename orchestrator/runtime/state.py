@@ -73,7 +73,12 @@ class StateStore:
 
     def ensure(self) -> None:
         for d in (self.root, self.dir, self.logs):
-            private_dir(d)
+            try:
+                private_dir(d)
+            except OSError as exc:
+                raise OrchestratorError(f"cannot create the state folder {shown(str(d))}: {exc.strerror}",
+                                        "set ORCHESTRATOR_STATE_DIR (or XDG_STATE_HOME) to a folder you can "
+                                        "write") from None
 
     def path(self, deployment: str) -> Path:
         return self.dir / f"{valid_name(deployment)}.json"

@@ -467,3 +467,13 @@ def test_cache_and_state_files_are_private(tmp_path: Path, monkeypatch: pytest.M
         assert stat.S_IMODE(p.parent.stat().st_mode) == 0o700, p.parent
     for d in (store.root, store.dir, store.logs):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700
+
+
+def test_state_folder_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
+    from orchestrator.errors import OrchestratorError
+    from orchestrator.runtime.state import StateStore
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OrchestratorError, match="cannot create the state folder .* set ORCHESTRATOR_STATE_DIR"):
+        StateStore(blocker / "state").ensure()
