@@ -31,6 +31,18 @@ def printable(text: str) -> str:
     return _TERMINAL_UNSAFE.sub(_escape, text)
 
 
+LINE_PART_MAX = 400
+
+
+def capped(text: str, limit: int = LINE_PART_MAX) -> str:
+    """One line, cut in the middle when longer than `limit` (an error never echoes a megabyte)."""
+    text = one_line(text)
+    if len(text) <= limit:
+        return text
+    half = limit // 2 - 2
+    return f"{text[:half]} … {text[-half:]}"
+
+
 def shown(value: object) -> str:
     """A user's value as an error shows it: quoted, one line, and cut short when it is long."""
     text = one_line(repr(value))
@@ -57,8 +69,8 @@ class Problem:
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else (self.file or "<profile>")
-        text = f"{one_line(where)}: {one_line(self.field) or '(profile)'}: {one_line(self.message)}"
-        return f"{text} — {one_line(self.hint)}" if self.hint else text
+        text = f"{capped(where)}: {capped(self.field) or '(profile)'}: {capped(self.message)}"
+        return f"{text} — {capped(self.hint)}" if self.hint else text
 
     def as_dict(self) -> dict[str, object]:
         return {"file": self.file, "line": self.line, "field": self.field,
@@ -93,8 +105,8 @@ class OrchestratorError(Exception):
         self.hint = hint
 
     def __str__(self) -> str:
-        msg = one_line(super().__str__())
-        return f"{msg} — {one_line(self.hint)}" if self.hint else msg
+        msg = capped(super().__str__())
+        return f"{msg} — {capped(self.hint)}" if self.hint else msg
 
 
 class ProvisionError(OrchestratorError):

@@ -11,7 +11,13 @@ from pathlib import Path
 
 
 def _home(env: Mapping[str, str]) -> str:
-    return env.get("HOME") or os.path.expanduser("~")
+    """$HOME, else the user's home from the password database; never a literal '~' folder."""
+    home = env.get("HOME") or os.path.expanduser("~")
+    if home == "~" or not os.path.isabs(home):
+        import pwd
+
+        home = pwd.getpwuid(os.getuid()).pw_dir
+    return home
 
 
 def cache_dir(kind: str = "", environ: Mapping[str, str] | None = None) -> Path:
@@ -28,7 +34,7 @@ def state_dir(environ: Mapping[str, str] | None = None) -> str:
     env = os.environ if environ is None else environ
     if env.get("ORCHESTRATOR_STATE_DIR"):
         return env["ORCHESTRATOR_STATE_DIR"]
-    base = env.get("XDG_STATE_HOME") or os.path.join(env.get("HOME", "~"), ".local", "state")
+    base = env.get("XDG_STATE_HOME") or os.path.join(_home(env), ".local", "state")
     return os.path.join(base, "orchestrator")
 
 
@@ -110,3 +116,29 @@ def write_file(path: str | Path, text: str, protect: tuple[str | Path, ...] = ()
             os.unlink(tmp)
         raise
     return target
+
+
+def private_dir(folder: Path) -> Path:
+    """`folder` and its missing parents created 0700; an existing folder we own is narrowed to 0700."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.suppress(OSError):
+        if folder.stat().st_uid == os.getuid():
+            folder.chmod(0o700)
+    return folder
+
+
+def write_private(path: Path, text: str) -> None:
+    """A cache or state file: written 0600 in a 0700 folder, through a private temporary file (no
+    reader ever sees half of it, no symlink is followed)."""
+    import tempfile
+
+    private_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:64]}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -56,6 +56,15 @@ def build_plan(loaded: LoadedProfile, environ: dict[str, str] | None = None, sta
     return result
 
 
+def check_target(loaded: LoadedProfile, target: str) -> None:
+    """What a render target makes reachable must pass the exposure rule too (plan.checks.check_target)."""
+    from orchestrator.plan import checks
+
+    problems = checks.check_target(loaded.profile, target)
+    if problems:
+        raise ProfileError([loaded.source.locate(p) for p in problems])
+
+
 def verify_flags(loaded: LoadedProfile, result: Plan, facts: Facts) -> None:
     """Ask the installed build's parser about the options its --help does not list and the catalog
     cannot place (CPU builds of ik_llama.cpp hide GPU offload options their parser still takes)."""

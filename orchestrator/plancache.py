@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from orchestrator.paths import cache_dir
+from orchestrator.paths import cache_dir, write_private
 from orchestrator.plan.model import Plan, plan_from_dict
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -80,11 +80,8 @@ def store(path: str, environ: dict[str, str], plan: Plan, auto_detected: bool) -
     try:
         text = Path(path).read_text(encoding="utf-8")
         folder = cache_dir("plans", environ)
-        folder.mkdir(parents=True, exist_ok=True)
         target = folder / f"{_key(path, text, environ)}.json"
-        tmp = target.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"plan": plan.to_dict(), "files": _inputs(plan)}))
-        tmp.replace(target)
+        write_private(target, json.dumps({"plan": plan.to_dict(), "files": _inputs(plan)}))
         entries = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime)
         for old in entries[:-MAX_ENTRIES]:
             old.unlink(missing_ok=True)

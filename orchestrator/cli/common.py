@@ -26,11 +26,15 @@ def fail(problems: list[str], as_json: bool = False, data: Any = None) -> NoRetu
     sys.exit(1)
 
 
-def load_plan(profile: str, ignore_fit: bool = False) -> Plan:
-    from orchestrator.pipeline import build_plan
+def load_plan(profile: str, ignore_fit: bool = False, target: str | None = None) -> Plan:
+    from orchestrator.pipeline import build_plan, check_target
     from orchestrator.profile import load
 
-    return build_plan(load(profile), enforce_fit=not ignore_fit)
+    loaded = load(profile)
+    plan = build_plan(loaded, enforce_fit=not ignore_fit)
+    if target:
+        check_target(loaded, target)
+    return plan
 
 
 def make_deployer(as_json: bool = False) -> Deployer:

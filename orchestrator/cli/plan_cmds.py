@@ -13,7 +13,7 @@ import click
 
 from orchestrator.cli.common import IGNORE_FIT, load_plan
 from orchestrator.cli.show import print_gpus
-from orchestrator.errors import ProfileError
+from orchestrator.errors import ProfileError, one_line, printable
 
 if TYPE_CHECKING:
     from orchestrator.plan.model import Plan
@@ -30,7 +30,7 @@ def validate(profiles: tuple[str, ...], as_json: bool, ignore_fit: bool) -> None
     for path in profiles:
         try:
             plan_ = load_plan(path, ignore_fit)
-            warnings += [f"{path}: {s.name}: warning: {w}" for s in plan_.servers for w in s.warnings]
+            warnings += [one_line(f"{path}: {s.name}: warning: {w}") for s in plan_.servers for w in s.warnings]
         except ProfileError as exc:
             problems += exc.problems
     if as_json:
@@ -63,9 +63,9 @@ def plan(profile: str, as_json: bool, ignore_fit: bool) -> None:
         return
     from orchestrator.plan.explain import explain
 
-    click.echo(explain(p), nl=False)
+    click.echo(printable(explain(p)), nl=False)   # user values never steer the terminal
     for name, note in notes.items():
-        click.echo(f"quality of server {name} (orchestrate eval --save): {note}")
+        click.echo(one_line(f"quality of server {name} (orchestrate eval --save): {note}"))
 
 
 def _quality_notes(p: Plan) -> dict[str, str]:
@@ -94,7 +94,7 @@ def fit_cmd(profile: str, as_json: bool) -> None:
         return
     from orchestrator.plan.explain import explain_fit
 
-    click.echo(explain_fit(p), nl=False)
+    click.echo(printable(explain_fit(p)), nl=False)
     if any(s.estimate and s.estimate.verdict == "does not fit" for s in p.servers):
         sys.exit(1)
 
@@ -112,12 +112,12 @@ def render(profile: str, target: str, output: str | None, as_json: bool, ignore_
     from orchestrator.render import env_example
     from orchestrator.render import render as do_render
 
-    plan_ = load_plan(profile, ignore_fit)
+    plan_ = load_plan(profile, ignore_fit, target)
     text = do_render(plan_, target, as_json)
     if not output:
         click.echo(text, nl=False)
         return
-    from orchestrator.errors import OrchestratorError, one_line
+    from orchestrator.errors import OrchestratorError
     from orchestrator.paths import UnsafeOutput, write_file
 
     example = env_example(plan_) if target == "compose" else None   # what `compose up` writes beside it too

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.facts.types import EngineVersion
-from orchestrator.paths import cache_dir
+from orchestrator.paths import cache_dir, write_private
 
 PROBE_FORMAT = 1
 _VERSION_RE = re.compile(r"version:\s*(\d+)\s*\(([0-9a-zA-Z]+)\)")
@@ -80,10 +80,7 @@ def probe(engine: str, binary: str) -> EngineVersion | None:
         except (OSError, subprocess.SubprocessError):
             return None
         try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(data))
-            tmp.replace(cache)
+            write_private(cache, json.dumps(data))
         except OSError:
             pass
     version = data.get("version")
@@ -135,8 +132,7 @@ def parser_accepts(binary: str, flag: str, value: str | None) -> bool | None:
             break
     if verdict is not None:
         try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps({"accepted": verdict}))
+            write_private(cache, json.dumps({"accepted": verdict}))
         except OSError:
             pass
     return verdict

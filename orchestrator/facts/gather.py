@@ -14,13 +14,13 @@ from dataclasses import replace
 
 from orchestrator import catalog
 from orchestrator.catalog import GGUF_ENGINES, Gpu, UnknownGpu
-from orchestrator.errors import Problem, ProfileError
+from orchestrator.errors import Problem, ProfileError, shown
 from orchestrator.facts import engine_probe
 from orchestrator.facts.installed import locate
 from orchestrator.facts.model import gather
 from orchestrator.facts.types import EngineVersion, Facts, Located, ModelFacts
 from orchestrator.paths import state_dir as default_state_dir
-from orchestrator.profile import LoadedProfile, Profile, Server, expand_path
+from orchestrator.profile import LoadedProfile, Profile, Server, UnsafeReference, expand_path
 
 # --------------------------------------------------------------------------- hardware
 
@@ -39,22 +39,25 @@ def resolve_gpu(profile: Profile, detect: bool = True) -> tuple[Gpu, str, int, l
     except UnknownGpu as exc:
         hint = (f"did you mean {', '.join(exc.suggestions)}?" if exc.suggestions
                 else "run `orchestrate gpus` for the catalog")
-        return catalog.find_gpu("cpu"), "", 0, [Problem(("hardware", "gpu"), f"unknown GPU {name!r}", hint)]
+        return catalog.find_gpu("cpu"), "", 0, [Problem(("hardware", "gpu"), f"unknown GPU {shown(name)}", hint)]
     count = 0 if gpu.is_cpu else profile.hardware.count
     return gpu, f"hardware.gpu {name!r} → {gpu.name}", count, []
 
 
 def _model_location(server: Server, environ: dict[str, str], field: str, value: str | None,
-                    problems: list[Problem], index: int) -> str | None:
+                    problems: list[Problem], index: int, secret_vars: frozenset[str] = frozenset()) -> str | None:
     if value is None:
         return None
     try:
-        return expand_path(value, environ)
+        return expand_path(value, environ, secret_vars)
     except KeyError as exc:
         problems.append(Problem(("servers", index, *field.split(".")),
                                 f"environment variable {exc.args[0]} is not set",
                                 f"export {exc.args[0]}=... or write the path out"))
-        return None
+    except UnsafeReference as exc:
+        problems.append(Problem(("servers", index, *field.split(".")), str(exc),
+                                "write the path out, or use a variable that holds a folder (e.g. ${MODELS_DIR})"))
+    return None
 
 
 def looks_hf(ref: str) -> bool:
@@ -80,6 +83,7 @@ def gather_facts(loaded: LoadedProfile, environ: dict[str, str] | None = None,
     problems += gpu_problems
     models: dict[str, ModelFacts] = {}
     drafts: dict[str, ModelFacts] = {}
+    secret_vars = frozenset(s.api_key_env for s in profile.servers if s.api_key_env)
     for i, server in enumerate(profile.servers):
         m = server.model
         if (m.path is None) == (m.hf is None):
@@ -89,12 +93,12 @@ def gather_facts(loaded: LoadedProfile, environ: dict[str, str] | None = None,
         if m.hf is not None:
             models[server.name] = gather(m.hf, m.quant, is_hf=True)
         else:
-            loc = _model_location(server, environ, "model.path", m.path, problems, i)
+            loc = _model_location(server, environ, "model.path", m.path, problems, i, secret_vars)
             if loc is not None:
                 models[server.name] = gather(loc, m.quant)
         draft = server.speculative.draft_model
         if draft:
-            loc = _model_location(server, environ, "speculative.draft_model", draft, problems, i)
+            loc = _model_location(server, environ, "speculative.draft_model", draft, problems, i, secret_vars)
             if loc is not None:
                 drafts[server.name] = gather(loc) if not looks_hf(draft) else gather(draft, is_hf=True)
     if problems:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from orchestrator.facts.types import ModelFacts
-from orchestrator.paths import cache_dir
+from orchestrator.paths import cache_dir, write_private
 
 # Bits per weight by quant label (llama.cpp's quantize table and published GGUF sizes, rounded).
 BITS_PER_WEIGHT = {
@@ -224,10 +224,7 @@ def cached_gguf_header(path: Path) -> dict[str, Any]:
         pass
     header = read_gguf_header(path)
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(header))
-        tmp.replace(cache)
+        write_private(cache, json.dumps(header))
     except OSError:
         pass
     return header
@@ -381,7 +378,8 @@ def gather(location: str, quant: str | None = None, is_hf: bool = False) -> Mode
     meta: dict[str, Any] = {}
     notes: list[str] = []
     arch = None
-    defect = None if kind in ("file", "dir", "missing") else f"is {kind}, not a model file"
+    defect = None if kind in ("file", "dir", "missing") else (
+        f"is {kind}" if kind.startswith("a path") else f"is {kind}, not a model file")
     if kind == "file":
         try:
             header, notes = read_gguf(path)
@@ -398,15 +396,17 @@ def gather(location: str, quant: str | None = None, is_hf: bool = False) -> Mode
             arch, meta = _hf_config(path / "config.json")
         except ValueError as exc:
             defect = f"config.json: {exc}"
-    return _facts(path, fmt, q, total, active, arch, meta, notes, defect)
+    return _facts(path, kind, fmt, q, total, active, arch, meta, notes, defect)
 
 
 def _file_kind(path: Path) -> str:
     """file | dir | missing, or what else it is (a FIFO is never opened: reading one blocks)."""
     try:
         mode = path.stat().st_mode
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError):
         return "missing"
+    except OSError as exc:
+        return f"a path that cannot be read ({exc.strerror})"
     if stat.S_ISREG(mode):
         return "file"
     if stat.S_ISDIR(mode):
@@ -480,25 +480,26 @@ def _hf_config(config: Path) -> tuple[str | None, dict[str, Any]]:
     return arch, meta
 
 
-def _facts(path: Path, fmt: str, q: str | None, total: float | None, active: float | None, arch: str | None,
-           meta: dict[str, Any], notes: list[str], defect: str | None) -> ModelFacts:
+def _facts(path: Path, kind: str, fmt: str, q: str | None, total: float | None, active: float | None,
+           arch: str | None, meta: dict[str, Any], notes: list[str], defect: str | None) -> ModelFacts:
     stem = path.name
+    exists = kind in ("file", "dir")
     if meta.get("tensors.bytes"):
         size: int | None = int(meta["tensors.bytes"])
         estimate = False
-    elif path.is_file():
+    elif kind == "file":
         size = path.stat().st_size
         estimate = False
-    elif path.is_dir():
+    elif kind == "dir":
         size = sum(f.stat().st_size for f in path.glob("*.safetensors")) or _index_total(path)
         estimate = size is None
     else:
         size, estimate = _estimate_bytes(total, q), True
     nextn = meta.get("nextn_predict_layers")
     return ModelFacts(
-        name=stem, format=fmt, location=str(path), exists=path.exists(), quant=q,
+        name=stem, format=fmt, location=str(path), exists=exists, quant=q,
         params_b=total, active_params_b=active, size_bytes=size, size_is_estimate=estimate,
         arch=arch, n_layers=meta.get("block_count"), trained_context=meta.get("context_length"),
         has_mtp=(bool(nextn) if arch else None), metadata=meta,
-        source="file" if path.exists() else "name", notes=tuple(notes), defect=defect,
+        source="file" if exists else "name", notes=tuple(notes), defect=defect,
     )

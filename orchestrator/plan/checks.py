@@ -8,11 +8,11 @@ from typing import Any, NamedTuple
 
 from orchestrator import catalog
 from orchestrator.catalog import GGUF_ENGINES, Gpu
-from orchestrator.errors import Problem
+from orchestrator.errors import Problem, shown
 from orchestrator.facts.types import EngineVersion
 from orchestrator.plan import versions
 from orchestrator.plan.engines.base import Ctx
-from orchestrator.plan.model import Flag, is_loopback
+from orchestrator.plan.model import K8S_NAME_MAX, Flag, container_name, is_loopback
 from orchestrator.profile import Profile, Server
 
 # vLLM / SGLang refuse a context beyond the model's max_position_embeddings unless this env var is 1.
@@ -32,6 +32,11 @@ def check_profile(profile: Profile, gpu: Gpu, gpu_count: int) -> list[Problem]:
             problems.append(Problem(("servers", i, "port"), f"port {s.port} is already used by servers[{seen_ports[s.port]}]",
                                     "give every server its own port"))
         seen_ports.setdefault(s.port, i)
+        joined = container_name(profile.name, s.name)
+        if len(joined) > K8S_NAME_MAX:
+            problems.append(Problem(("servers", i, "name"), f"the container and Kubernetes name {joined!r} has "
+                                    f"{len(joined)} characters; DNS labels allow {K8S_NAME_MAX}",
+                                    "shorten the deployment name or this server's name"))
         if not is_loopback(s.host) and not s.api_key_env:
             problems.append(Problem(("servers", i, "host"), f"host {s.host} exposes the server beyond this machine without an API key",
                                     "set api_key_env: NAME_OF_VAR (holding the key), or use host: 127.0.0.1"))
@@ -46,12 +51,25 @@ def check_profile(profile: Profile, gpu: Gpu, gpu_count: int) -> list[Problem]:
     for i, s in enumerate(profile.servers):
         for d in s.depends_on:
             if d not in names or d == s.name:
-                problems.append(Problem(("servers", i, "depends_on"), f"depends_on names {d!r}, "
+                problems.append(Problem(("servers", i, "depends_on"), f"depends_on names {shown(d)}, "
                                         + ("the server itself" if d == s.name else "which is not a server of this profile"),
                                         f"use one of: {', '.join(sorted(names - {s.name})) or '(no other server)'}"))
     if _has_cycle({s.name: [d for d in s.depends_on if d in names] for s in profile.servers}):
         problems.append(Problem(("servers",), "depends_on forms a cycle", "remove one depends_on entry of the loop"))
     return problems
+
+
+def check_target(profile: Profile, target: str) -> list[Problem]:
+    """The exposure rule on what a render target makes reachable: the k8s target binds every server
+    on the pod's network and gives it a Service, so any pod of the cluster can reach it."""
+    if target != "k8s":
+        return []
+    return [Problem(("servers", i, "api_key_env"),
+                    "--target k8s makes this server reachable from every pod of the cluster (a Service; the "
+                    "container binds 0.0.0.0) and it has no API key",
+                    "set api_key_env: NAME (the manifests take the key from the Secret DEPLOYMENT--SERVER-api-key), "
+                    "or render another target to keep it on this machine")
+            for i, s in enumerate(profile.servers) if not s.api_key_env]
 
 
 def _has_cycle(graph: dict[str, list[str]]) -> bool:

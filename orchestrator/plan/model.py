@@ -41,9 +41,14 @@ def client_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)  # noqa: S104
 
 
+NAME_SEPARATOR = "--"   # cannot occur in a deployment or server name (profile.schema.NAME_RE)
+K8S_NAME_MAX = 63       # a Service name is a DNS label
+
+
 def container_name(deployment: str, server: str) -> str:
-    """The container (docker runtime, docker run lines) of one server."""
-    return f"{deployment}-{server}"
+    """The container (docker runtime, docker run lines), compose container and k8s objects of one
+    server: unambiguous, since neither name may hold the separator."""
+    return f"{deployment}{NAME_SEPARATOR}{server}"
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ plan/checks.py, engine-specific flags in the rule lists of plan/engines/.
 
 from __future__ import annotations
 
+import re
 from types import ModuleType
 
 from orchestrator import catalog
@@ -43,6 +44,7 @@ from orchestrator.plan.model import (
     is_loopback,
 )
 from orchestrator.profile import LoadedProfile, Profile, Server
+from orchestrator.profile.secrets import looks_like_secret
 
 ENGINE_MODULES: dict[str, ModuleType] = {"llama.cpp": llama_cpp, "ik_llama": ik_llama, "vllm": vllm, "sglang": sglang}
 
@@ -115,7 +117,25 @@ def _env(ctx: Ctx, env: list[EnvVar]) -> list[EnvVar]:
         var = "HIP_VISIBLE_DEVICES" if gpu.vendor == "amd" else "CUDA_VISIBLE_DEVICES"
         env.append(EnvVar(var, ",".join(map(str, server.gpus)), f"this server uses GPUs {server.gpus}",
                           process_only=True))
-    return env + [EnvVar(k, v, "env from the profile") for k, v in sorted(server.env.items())]
+    return env + [_user_env(ctx, k, v) for k, v in sorted(server.env.items())]
+
+
+_REFERENCE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+
+
+def _user_env(ctx: Ctx, name: str, value: str) -> EnvVar:
+    """An env entry of the profile: `${VAR}` stays a reference (taken from VAR where the server starts,
+    never written into the plan or a rendered file); a literal that looks like a secret is kept, with a
+    warning that it is now in every rendered file."""
+    ref = _REFERENCE.match(value)
+    if ref:
+        return EnvVar(name, None, f"env from the profile, taken from ${ref.group(1)} where it starts",
+                      from_env=ref.group(1))
+    if looks_like_secret(value):
+        ctx.warnings.append(f"env {name} holds a value that looks like a secret ({len(value)} characters): it is "
+                            f"written into the plan, every rendered file and the plan cache; write {name}: "
+                            f"'${{{name}}}' and export {name} instead")
+    return EnvVar(name, value, "env from the profile")
 
 
 def _executable(facts: Facts, name: str) -> Executable | None:

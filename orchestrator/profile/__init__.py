@@ -1,8 +1,17 @@
 """The user contract: the profile's schema (schema.py) and the loader that keeps line numbers
 (loader.py). What the rest of the package uses is importable from here."""
 
-from orchestrator.profile.loader import LoadedProfile, Source, expand_path, json_schema, load, load_text, parse_yaml
+from orchestrator.profile.loader import (
+    LoadedProfile,
+    Source,
+    UnsafeReference,
+    expand_path,
+    json_schema,
+    load,
+    load_text,
+    parse_yaml,
+)
 from orchestrator.profile.schema import Hardware, Health, Model, Profile, Server, Speculative
 
-__all__ = ["Hardware", "Health", "LoadedProfile", "Model", "Profile", "Server", "Source", "Speculative",
+__all__ = ["Hardware", "Health", "LoadedProfile", "Model", "Profile", "Server", "Source", "Speculative", "UnsafeReference",
            "expand_path", "json_schema", "load", "load_text", "parse_yaml"]

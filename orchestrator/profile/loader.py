@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from orchestrator.errors import UNSAFE_CHARS, Problem, ProfileError, one_line, shown
 from orchestrator.profile.schema import Profile
+from orchestrator.profile.secrets import looks_like_secret
 
 _ALLOWED_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "map", "seq")}
 
@@ -243,7 +244,7 @@ def _hint_for(err: Any, model_fields: list[str]) -> tuple[str, str]:
         expected = err.get("ctx", {}).get("expected", "")
         return f"{shown(err.get('input'))} is not allowed", f"use one of {expected}"
     if kind == "string_pattern_mismatch" and last == "name":
-        return f"{shown(err.get('input'))} is not a valid name", "use lowercase letters, digits and '-', starting and ending alphanumeric (DNS-safe, max 63)"
+        return f"{shown(err.get('input'))} is not a valid name", "use lowercase letters, digits and single '-' between them (DNS-safe, max 63; '--' joins names)"
     if kind == "string_pattern_mismatch" and last == "engine_version":
         return (f"{shown(err.get('input'))} is not a version",
                 "write a build (b11434), a commit (55d3c05bf), a date (2026-04-13) or a release (0.32.0)")
@@ -254,7 +255,7 @@ def _hint_for(err: Any, model_fields: list[str]) -> tuple[str, str]:
     if kind.startswith("int_") or kind.startswith("bool_") or kind.startswith("string_type") or kind.endswith("_type"):
         got = "a value that looks like a secret" if last == "api_key_env" else shown(err.get("input"))
         return msg.lower(), f"write a value of the right type (got {got})"
-    if kind in ("greater_than_equal", "less_than_equal", "too_short", "too_long"):
+    if kind in ("greater_than_equal", "less_than_equal", "too_short", "too_long", "string_too_long"):
         return msg.lower(), "change the value to lie within the allowed range"
     if kind == "value_error":
         return msg.removeprefix("Value error, "), "fix the value as described"
@@ -296,12 +297,31 @@ def _pydantic_problems(exc: ValidationError) -> list[Problem]:
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def expand_path(value: str, environ: dict[str, str]) -> str:
-    """Expand ~ and ${VAR} (a missing variable is an error, never silently empty)."""
+_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH|COOKIE|SESSION", re.IGNORECASE)
+
+
+class UnsafeReference(ValueError):
+    """A ${VAR} whose value must not be written into plans and rendered files."""
+
+
+def expand_path(value: str, environ: dict[str, str], secret_vars: frozenset[str] = frozenset()) -> str:
+    """Expand ~ and ${VAR} (a missing variable is an error, never silently empty). Only variables
+    that are safe to show are expanded (the path appears in plan and every rendered file): not a
+    variable holding an API key (secret_vars), not one named like a secret, and not a value that
+    looks like a key or holds control characters (UnsafeReference)."""
     def sub(m: re.Match[str]) -> str:
-        if m.group(1) not in environ:
-            raise KeyError(m.group(1))
-        return environ[m.group(1)]
+        name = m.group(1)
+        if name not in environ:
+            raise KeyError(name)
+        if name in secret_vars or _SECRET_NAME.search(name):
+            raise UnsafeReference(f"${{{name}}} names a secret; its value would be written into the plan "
+                                  "and every rendered file")
+        found = environ[name]
+        # A folder may hold hex (an HF snapshot); a value without any '/' that looks like a key is one.
+        if UNSAFE_CHARS.search(found) or ("/" not in found and looks_like_secret(found)):
+            raise UnsafeReference(f"${{{name}}} holds a value that looks like a secret or holds control "
+                                  "characters; it is not expanded into the plan and rendered files")
+        return found
     out = _VAR_RE.sub(sub, value)
     if out == "~" or out.startswith("~/"):
         home = environ.get("HOME") or str(Path.home())

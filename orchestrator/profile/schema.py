@@ -15,7 +15,9 @@ from orchestrator.profile.secrets import describe_secret, looks_like_secret
 Engine = Literal["llama.cpp", "ik_llama", "vllm", "sglang", "auto"]
 KvCache = Literal["auto", "f16", "bf16", "q8_0", "q4_0", "fp8", "fp8_e4m3", "fp8_e5m2"]
 SpecMethod = Literal["none", "draft", "eagle", "eagle3", "mtp", "ngram"]
-NAME_RE = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+# Lowercase DNS labels without '--': joined by '--' (container, k8s and log names), two names never
+# make the same joined name (deployment lc + server a-b vs lc-a + b).
+NAME_RE = r"^[a-z0-9]+(-[a-z0-9]+)*$"
 VERSION_RE = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"
 _HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                           r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
@@ -83,7 +85,7 @@ class Health(Strict):
 
 
 class Server(Strict):
-    name: str = Field(pattern=NAME_RE, description="Unique within the profile; lowercase, DNS-safe")
+    name: str = Field(pattern=NAME_RE, max_length=63, description="Unique within the profile; lowercase, DNS-safe")
     engine: Engine = "auto"
     engine_version: str | None = Field(None, pattern=VERSION_RE,
                                        description="Pin: b11434 (llama.cpp build), 55d3c05bf or 2026-04-13 "
@@ -103,7 +105,8 @@ class Server(Strict):
     image: str | None = None
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
-    api_key_env: str | None = Field(None, description="NAME of the environment variable holding the API key "
+    api_key_env: str | None = Field(None, max_length=128,
+                                    description="NAME of the environment variable holding the API key "
                                                       "(never the key)")
     env: dict[str, str] = Field(default_factory=dict)
     extra_args: list[str] = Field(default_factory=list)
@@ -150,6 +153,6 @@ class Server(Strict):
 
 
 class Profile(Strict):
-    name: str = Field(pattern=NAME_RE, description="Deployment name: lowercase, DNS-safe")
+    name: str = Field(pattern=NAME_RE, max_length=63, description="Deployment name: lowercase, DNS-safe")
     hardware: Hardware = Hardware()
     servers: list[Server] = Field(min_length=1)

@@ -21,6 +21,14 @@ def require_key(var: str, what: str = "the API key") -> str:
     return f"${{{var}:?set {var} to {what}}}"
 
 
+def env_need(s: ServerPlan, var: str) -> str:
+    """What require_key says a variable must hold: the API key, or the value of an env reference."""
+    if s.api_key and s.api_key.env_var == var:
+        return "the API key"
+    names = [e.name for e in s.env if e.from_env == var]
+    return f"the value of {names[0]}" if names else "its value"
+
+
 def require_image(s: ServerPlan) -> None:
     if not s.image:
         raise OrchestratorError(f"server {s.name}: no container image: {s.image_reason}",

@@ -16,7 +16,7 @@ from orchestrator.plan.model import (
     ServerPlan,
     container_name,
 )
-from orchestrator.render.common import STOP_GRACE_S, container_entry, publish, require_image, require_key
+from orchestrator.render.common import STOP_GRACE_S, container_entry, env_need, publish, require_image, require_key
 
 
 class Interpolated(str):
@@ -82,7 +82,7 @@ def _gpu_keys(s: ServerPlan) -> dict[str, Any]:
 
 
 def _environment(s: ServerPlan) -> dict[str, str]:
-    return {e.name: Interpolated(require_key(e.from_env)) if e.from_env else (e.value or "")
+    return {e.name: Interpolated(require_key(e.from_env, env_need(s, e.from_env))) if e.from_env else (e.value or "")
             for e in s.env if not e.process_only}
 
 

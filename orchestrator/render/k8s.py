@@ -13,10 +13,20 @@ LWS_API = "leaderworkerset.x-k8s.io/v1"
 LWS_NAME_LABEL = "leaderworkerset.sigs.k8s.io/name"   # set by the LeaderWorkerSet controller on every pod
 
 
-def _env(s: ServerPlan, secret_name: str) -> list[dict[str, Any]]:
-    return [{"name": e.name, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": "api-key"}}} if e.from_env
-            else {"name": e.name, "value": e.value or ""}
-            for e in s.env if not e.process_only]
+def _env(s: ServerPlan, secret_name: str, env_secret: str) -> list[dict[str, Any]]:
+    """Literal values as value:, the API key from its Secret, and env references (${VAR} in the profile)
+    from the Secret DEPLOYMENT--SERVER-env, key VAR."""
+    out: list[dict[str, Any]] = []
+    for e in s.env:
+        if e.process_only:
+            continue
+        if e.from_env and s.api_key and e.from_env == s.api_key.env_var:
+            out.append({"name": e.name, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": "api-key"}}})
+        elif e.from_env:
+            out.append({"name": e.name, "valueFrom": {"secretKeyRef": {"name": env_secret, "key": e.from_env}}})
+        else:
+            out.append({"name": e.name, "value": e.value or ""})
+    return out
 
 
 def _storage(s: ServerPlan, secret_name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -55,7 +65,7 @@ def _k8s_pod(s: ServerPlan, name: str, role: Role) -> dict[str, Any]:
     worker pod (no API server: no port, no HTTP probes)."""
     entry, command = container_entry(s, role)
     secret_name = f"{name}-api-key"
-    env = _env(s, secret_name)
+    env = _env(s, secret_name, f"{name}-env")
     volumes, mounts = _storage(s, secret_name)
     container: dict[str, Any] = {"name": s.name if role == "leader" else f"{s.name}-worker", "image": s.image}
     if entry:

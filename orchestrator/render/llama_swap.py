@@ -38,6 +38,10 @@ def _model(s: ServerPlan) -> dict[str, Any]:
     assert s.health is not None
     argv = _argv(s)
     env = [f"{e.name}={e.value}" for e in s.env if not e.from_env]
+    for e in s.env:   # a reference: the upstream inherits llama-swap's environment, so only VAR=${VAR} works
+        if e.from_env and e.name != e.from_env and not (s.api_key and e.from_env == s.api_key.env_var):
+            raise OrchestratorError(f"server {s.name}: env {e.name} takes ${e.from_env}, which llama-swap cannot "
+                                    "pass under another name", f"write {e.name}: '${{{e.name}}}' and export {e.name}")
     _literal(s, [*argv, *env])
     # The upstream binds its private address (loopback), and llama-swap proxies to that same address.
     entry: dict[str, Any] = {"cmd": shlex.join(argv), "proxy": f"http://{client_host(s.private_host)}:{s.port}",

@@ -15,7 +15,7 @@ from typing import Any
 
 from orchestrator.errors import OrchestratorError, one_line
 from orchestrator.plan.model import L_PROFILE, L_SERVER, Plan, ServerPlan, container_name
-from orchestrator.render.common import HEADER, STOP_GRACE_S, publish, require_image, require_key
+from orchestrator.render.common import HEADER, STOP_GRACE_S, env_need, publish, require_image, require_key
 
 TEMPLATE = "shell.sh.j2"
 
@@ -70,8 +70,8 @@ def _secret_preamble(s: ServerPlan) -> list[str]:
 
 def _env_assignments(s: ServerPlan) -> list[str]:
     """VAR=value prefixes of a process launch line; secrets stay references to the user's variables."""
-    return [f'{e.name}="{require_key(e.from_env)}"' if e.from_env else f"{e.name}={shlex.quote(e.value or '')}"
-            for e in s.env]
+    return [f'{e.name}="{require_key(e.from_env, env_need(s, e.from_env))}"' if e.from_env
+            else f"{e.name}={shlex.quote(e.value or '')}" for e in s.env]
 
 
 def _gpu_docker_args(s: ServerPlan) -> list[str]:
@@ -102,7 +102,7 @@ def docker_argv(plan: Plan, s: ServerPlan) -> tuple[list[str], list[str]]:
         if e.process_only:
             continue
         if e.from_env:
-            prefix.append(f'{e.name}="{require_key(e.from_env)}"')
+            prefix.append(f'{e.name}="{require_key(e.from_env, env_need(s, e.from_env))}"')
             argv += ["-e", e.name]
         else:
             argv += ["-e", f"{e.name}={e.value}"]

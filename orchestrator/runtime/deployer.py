@@ -142,6 +142,13 @@ class Deployer:
                             Diagnosis("engine_missing", fix, None))
 
     def api_key(self, sp: ServerPlan) -> str | None:
+        """The server's key from the user's environment (preflight of every runtime); every env
+        reference must be set too, as the rendered targets require."""
+        missing = [e for e in sp.env if e.from_env and not self.environ.get(e.from_env)]
+        if missing and (sp.api_key is None or missing[0].from_env != sp.api_key.env_var):
+            e = missing[0]
+            raise ServerFailure("preflight", f"{e.from_env} is not set (env {e.name} takes its value from it)",
+                                Diagnosis("env_missing", f"export {e.from_env}=... before up", None))
         if sp.api_key is None:
             return None
         value = self.environ.get(sp.api_key.env_var)
@@ -280,10 +287,14 @@ class Deployer:
             return "not running"
         outcome = self._runtime(rec.runtime).stop(deployment, server, rec)
         self.store.update(deployment, None, server)
+        for key_file in self.store.key_files(deployment, server):
+            key_file.unlink(missing_ok=True)
         return outcome
 
     def down(self, deployment: str, only: list[str] | None = None) -> list[tuple[str, str]]:
         out = []
+        if not self.store.path(deployment).exists():   # nothing recorded: no lock file left behind
+            return [(f.server, f.remove()) for f in self._discover(deployment) if not only or f.server in only]
         with self.store.lock(deployment):
             records = self.store.load(deployment)
             for name in sorted(records):

@@ -7,12 +7,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from orchestrator.runtime.state import StateStore
+from orchestrator.plan.model import container_name
+from orchestrator.runtime.state import StateStore, valid_name
 
 
 def log_files(store: StateStore, deployment: str, server: str | None = None) -> list[Path]:
     """The deployment's log files, or one server's; empty unless every one of them exists."""
-    paths = [store.log_path(deployment, server)] if server else sorted(store.logs.glob(f"{deployment}-*.log"))
+    if server:
+        paths = [store.log_path(deployment, server)]
+    else:
+        prefix = container_name(valid_name(deployment), "")
+        paths = sorted(p for p in store.logs.glob("*.log") if p.name.startswith(prefix))
     return paths if paths and all(p.exists() for p in paths) else []
 
 

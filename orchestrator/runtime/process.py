@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.paths import private_dir
 from orchestrator.plan.model import Plan, ServerPlan
 from orchestrator.runtime.base import (
     STOP_GRACE_S,
@@ -30,8 +31,8 @@ if TYPE_CHECKING:
 
 
 def spawn(argv: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    private_dir(log_path.parent)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
         # cwd: ik_llama.cpp writes llama.log into its working directory; keep it beside our log.
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=subprocess.STDOUT, env=env,

@@ -10,11 +10,17 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from orchestrator.errors import OrchestratorError, shown
+from orchestrator.paths import private_dir
+from orchestrator.plan.model import container_name
+from orchestrator.profile.schema import NAME_RE
 
 STATE_VERSION = 1
 
@@ -50,6 +56,15 @@ class ServerRecord:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+def valid_name(name: str, what: str = "deployment") -> str:
+    """A deployment or server name as the profile allows it: nothing else becomes a path in the state
+    folder (no '/', '..', newline or glob)."""
+    if not re.fullmatch(NAME_RE, name) or len(name) > 63:
+        raise OrchestratorError(f"{shown(name)} is not a {what} name",
+                                "give a profile file or a deployment name (lowercase letters, digits and '-')")
+    return name
+
+
 class StateStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -58,19 +73,29 @@ class StateStore:
 
     def ensure(self) -> None:
         for d in (self.root, self.dir, self.logs):
-            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:
+                private_dir(d)
+            except OSError as exc:
+                raise OrchestratorError(f"cannot create the state folder {shown(str(d))}: {exc.strerror}",
+                                        "set ORCHESTRATOR_STATE_DIR (or XDG_STATE_HOME) to a folder you can "
+                                        "write") from None
 
     def path(self, deployment: str) -> Path:
-        return self.dir / f"{deployment}.json"
+        return self.dir / f"{valid_name(deployment)}.json"
 
     def log_path(self, deployment: str, server: str) -> Path:
-        return self.logs / f"{deployment}-{server}.log"
+        return self.logs / f"{container_name(valid_name(deployment), valid_name(server, 'server'))}.log"
+
+    def key_files(self, deployment: str, server: str) -> list[Path]:
+        """The key file (ik_llama) and key config (SGLang) a process server was started with."""
+        base = self.root / valid_name(deployment)
+        return [base / f"{valid_name(server, 'server')}.api-key", base / f"{server}.sglang-auth.yaml"]
 
     @contextlib.contextmanager
     def lock(self, deployment: str, wait: bool = True) -> Iterator[None]:
         """Exclusive lock for one deployment: two `up` of one profile never start it twice."""
         self.ensure()
-        fd = os.open(self.dir / f"{deployment}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(self.dir / f"{valid_name(deployment)}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
             yield

@@ -120,12 +120,17 @@ CASES = [
     ("yaml11-on-key", "name: t\non: 1\nservers: []\n", "2: (profile)", "reads 'on' as the boolean"),
     ("yaml-merge-key", "name: t\nservers:\n  - <<: {name: s}\n", "3: servers[0]", "merge keys"),
     ("huge-integer", profile("context: " + "9" * 5000 + "\n"), "9: servers[0].context", "5000 digits"),
-    ("huge-name", "name: " + "a" * 1_000_000 + "\nservers: []\n", "1: name", "(1000000 characters)"),
+    ("huge-name", "name: " + "a" * 1_000_000 + "\nservers: []\n", "1: name", "at most 63 characters — change"),
+    ("huge-engine", profile(engine="x" * 100_000), "6: servers[0].engine", "(100000 characters) is not allowed"),
     ("alias-bomb", "".join(f"{c}: &{c} [{', '.join(['*' + p] * 9) if p else ', '.join(['x'] * 9)}]\n"
                            for p, c in zip(["", *"abcdefgh"], "abcdefghi")), "1: e", "expands to more than"),
     ("deep-nesting", "a: " + "[" * 500 + "]" * 500 + "\n", "1: (profile)", "nested more than 32 levels"),
     ("too-large", "name: t\n" + "# padding\n" * 120_000, "1: (profile)", "larger than 1024 KiB"),
     ("latin-1", "name: t\n# caf\udce9\nservers: []\n", "2: (profile)", "not UTF-8 text"),
+    ("k8s-name-too-long", "name: " + "d" * 40 + "\nservers:\n  - name: " + "s" * 30 + "\n    model: {path: /m/a.gguf}\n",
+     "3: servers[0].name", "DNS labels allow 63"),
+    ("double-hyphen-name", "name: lc--a\nservers:\n  - name: s\n    model: {path: /m/a.gguf}\n", "1: name",
+     "'--' joins names"),
     ("mtp-without-nextn-layers", None, "10: servers[0].speculative.method", "has no MTP (nextn) layers"),
     ("ik-swa-multislot-quantized-kv", None, "9: servers[0].kv_cache", "crashes with FlashAttention on CPU"),
 ]

@@ -118,7 +118,7 @@ def test_k8s_probes_follow_the_profile_health_settings(timeout: int, interval: i
     assert startup["failureThreshold"] * startup["periodSeconds"] >= timeout
     assert startup["httpGet"]["path"] == ready["httpGet"]["path"] == live["httpGet"]["path"] == "/health"
     assert c["resources"]["limits"] == {"nvidia.com/gpu": 1}
-    assert c["env"] == [{"name": "LLAMA_API_KEY", "valueFrom": {"secretKeyRef": {"name": "p-s-api-key",
+    assert c["env"] == [{"name": "LLAMA_API_KEY", "valueFrom": {"secretKeyRef": {"name": "p--s-api-key",
                                                                                  "key": "api-key"}}}]
 
 
@@ -233,7 +233,7 @@ def test_vllm_multi_node_is_a_leader_worker_set(timeout: int, interval: int, tmp
     lws, svc, lwt = _pods(text)
     assert lws["spec"]["replicas"] == 1
     assert lwt["size"] == 2 and lwt["restartPolicy"] == "RecreateGroupOnPodRestart"
-    assert svc["spec"]["selector"] == {"leaderworkerset.sigs.k8s.io/name": "big-m", "role": "leader"}
+    assert svc["spec"]["selector"] == {"leaderworkerset.sigs.k8s.io/name": "big--m", "role": "leader"}
     assert lwt["leaderTemplate"]["metadata"]["labels"]["role"] == "leader"
     leader = lwt["leaderTemplate"]["spec"]["containers"][0]
     worker = lwt["workerTemplate"]["spec"]["containers"][0]

@@ -313,3 +313,167 @@ def test_up_preflight_never_blocks_on_a_fifo(tmp_path: Path) -> None:
     sp.model_location = str(model)
     with pytest.raises(ServerFailure, match="not a regular file"):
         Deployer(StateStore(tmp_path / "state")).check_model_file(sp)
+
+
+# ---------------------------------------------------------------- 10: what a target makes reachable
+
+def test_k8s_target_refuses_a_keyless_server(orchestrate, tmp_path: Path) -> None:
+    code, out, err = orchestrate("render", str(QUICK), "-t", "k8s")
+    assert code == 1 and out == ""
+    assert f"{QUICK.relative_to(QUICK.parents[1])}:" in err or f"{QUICK}:" in err
+    assert "servers[0].api_key_env: --target k8s makes this server reachable from every pod" in err
+    code, _, err = orchestrate("render", str(QUICK), "-t", "compose")   # publishes on 127.0.0.1 only
+    assert code == 0, err
+
+
+# ---------------------------------------------------------------- 13: names cannot collide
+
+def test_joined_names_are_unambiguous(tmp_path: Path) -> None:
+    from orchestrator.plan.model import container_name
+    from orchestrator.runtime.state import StateStore
+
+    store = StateStore(tmp_path)
+    assert container_name("lc", "a-b") != container_name("lc-a", "b")
+    assert store.log_path("lc", "a-b") != store.log_path("lc-a", "b")
+    plan_a = _plan(yaml.safe_dump({"name": "lc", "hardware": {"gpu": "cpu"}, "servers": [
+        {"name": "a-b", "api_key_env": "K", "model": {"path": "/m/x-Q4_K_M.gguf"}}]}), tmp_path)
+    plan_b = _plan(yaml.safe_dump({"name": "lc-a", "hardware": {"gpu": "cpu"}, "servers": [
+        {"name": "b", "api_key_env": "K", "model": {"path": "/m/x-Q4_K_M.gguf"}}]}), tmp_path)
+    for target in ("docker", "compose", "k8s"):
+        a, b = render(plan_a, target), render(plan_b, target)
+        assert "lc--a-b" in a and "lc-a--b" in b and "lc--a-b" not in b
+
+
+# ---------------------------------------------------------------- 14: terminal escapes
+
+def test_plan_text_cannot_steer_the_terminal(tmp_path: Path) -> None:
+    from orchestrator.errors import Problem, printable
+    from orchestrator.plan.explain import explain
+
+    plan = _plan(_profile(), tmp_path)
+    plan.servers[0].warnings.append("fine\x1b[1A\x1b[2K\rall good\u202e")
+    text = printable(explain(plan))
+    assert "\x1b" not in text and "\r" not in text and "\u202e" not in text
+    assert "\\x1b[1A" in text and text.count("\n") == explain(plan).count("\n")
+    assert "\n" not in str(Problem(("a",), "x\ny", "z\x1b", "f\n.yaml", 3))
+
+
+# ---------------------------------------------------------------- 17: ${VAR} only where it is safe to show
+
+@pytest.mark.parametrize("path,env,want", [
+    ("${MY_KEY}/m.gguf", {"MY_KEY": KEY}, "names a secret"),
+    ("${HF_TOKEN}/m.gguf", {"HF_TOKEN": "tok-value-not-shown"}, "names a secret"),
+    ("/m/${WHERE}.gguf", {"WHERE": "hf_AbCdEfGhIjKlMnOpQrStUvWxYz012345"}, "looks like a secret"),
+    ("${MODELS}/m.gguf", {"MODELS": "/m\x1b[2K"}, "control"),
+])
+def test_model_path_does_not_expand_secrets(path: str, env: dict[str, str], want: str, orchestrate,
+                                            tmp_path: Path) -> None:
+    profile = tmp_path / "p.yaml"
+    profile.write_text(_profile(host="0.0.0.0", api_key_env="MY_KEY", model={"path": path}))
+    code, out, err = orchestrate("plan", str(profile), env=env)
+    assert code == 1 and want in err and "servers[0].model.path" in err
+    for value in env.values():
+        assert value not in out + err
+
+
+def test_model_path_expands_a_folder_variable(orchestrate, tmp_path: Path) -> None:
+    snapshot = "/hf/models--org--m/snapshots/0123456789abcdef0123456789abcdef01234567"
+    profile = tmp_path / "p.yaml"
+    profile.write_text(_profile(model={"path": "${MODELS_DIR}/m-Q4_K_M.gguf"}))
+    code, out, err = orchestrate("plan", str(profile), env={"MODELS_DIR": snapshot})
+    assert code == 0, err
+    assert f"{snapshot}/m-Q4_K_M.gguf" in out
+
+
+# ---------------------------------------------------------------- 19: the state folder holds only names
+
+@pytest.mark.parametrize("name", ["*", "a\nb", "a..b", "A"])
+def test_commands_refuse_names_that_are_not_deployments(name: str, orchestrate, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    for args in (["down", name], ["logs", name], ["status", name]):
+        code, out, err = orchestrate(*args, env={"ORCHESTRATOR_STATE_DIR": str(state)})
+        assert code == 1 and "is not a deployment name" in err and "Traceback" not in err, (args, err)
+    assert not state.exists() or not any(state.rglob("*.lock"))
+
+
+def test_down_of_an_unknown_deployment_leaves_no_lock(orchestrate, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    code, out, _ = orchestrate("down", "nothing-here", env={"ORCHESTRATOR_STATE_DIR": str(state)})
+    assert code == 0 and "nothing running" in out
+    assert not list(state.rglob("*.lock"))
+
+
+def test_state_dir_without_home_is_never_a_literal_tilde() -> None:
+    from orchestrator.paths import cache_dir, state_dir
+
+    assert os.path.isabs(state_dir({})) and "~" not in state_dir({})
+    assert cache_dir("", {}).is_absolute()
+
+
+# ---------------------------------------------------------------- 12: env secrets by reference, private files
+
+def test_env_reference_stays_a_reference_in_every_target(tmp_path: Path) -> None:
+    token = "tok-Secret-4a5b6c7d8e9f0a1b"
+    plan = _plan(_profile(host="0.0.0.0", api_key_env="MY_KEY", env={"HF_TOKEN": "${HF_TOKEN}"}), tmp_path)
+    texts = {t: render(plan, t) for t in TARGETS}
+    assert all(token not in t for t in texts.values())
+    compose = yaml.safe_load(texts["compose"])["services"]["s"]
+    assert compose["environment"]["HF_TOKEN"] == "${HF_TOKEN:?set HF_TOKEN to the value of HF_TOKEN}"
+    [deploy] = [d for d in yaml.safe_load_all(texts["k8s"]) if d["kind"] == "Deployment"]
+    env = deploy["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "t--s-env", "key": "HF_TOKEN"}}} in env
+    script = tmp_path / "run.sh"
+    script.write_text(texts["command"])
+    record = tmp_path / "argv.jsonl"
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "llama-server").write_text(f"#!{sys.executable}\nimport json, os\n"
+                                         f"open({str(record)!r}, 'w').write(os.environ.get('HF_TOKEN', ''))\n")
+    (bindir / "llama-server").chmod(0o755)
+    env_run = {"PATH": f"{bindir}:/usr/bin:/bin", "MY_KEY": KEY}
+    p = subprocess.run(["sh", str(script)], env=env_run, capture_output=True, text=True, timeout=30)
+    assert p.returncode != 0 and "set HF_TOKEN" in p.stderr and not record.exists()
+    p = subprocess.run(["sh", str(script)], env={**env_run, "HF_TOKEN": token}, capture_output=True, text=True,
+                       timeout=30)
+    assert p.returncode == 0, p.stderr
+    assert record.read_text() == token
+
+
+def test_secret_looking_env_literal_is_a_warning_without_the_value(tmp_path: Path) -> None:
+    value = "hf_AbCdEfGhIjKlMnOpQrStUvWxYz012345"
+    plan = _plan(_profile(env={"HF_TOKEN": value}), tmp_path)
+    [warning] = [w for w in plan.servers[0].warnings if "HF_TOKEN" in w]
+    assert "looks like a secret" in warning and value not in warning and "'${HF_TOKEN}'" in warning
+
+
+def test_cache_and_state_files_are_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator import plancache
+    from orchestrator.facts.model import gather
+    from orchestrator.runtime.state import StateStore
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ORCHESTRATOR_CACHE", str(cache))
+    model = _real_gguf(tmp_path / "m.gguf")
+    gather(str(model))
+    profile = tmp_path / "p.yaml"
+    profile.write_text(_profile(model={"path": str(model)}))
+    plancache.store(str(profile), {"ORCHESTRATOR_CACHE": str(cache)}, _plan(profile.read_text(), tmp_path), False)
+    store = StateStore(tmp_path / "state")
+    store.ensure()
+    files = [p for p in cache.rglob("*") if p.is_file()]
+    assert {p.parent.name for p in files} >= {"modelfacts", "plans"}
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+        assert stat.S_IMODE(p.parent.stat().st_mode) == 0o700, p.parent
+    for d in (store.root, store.dir, store.logs):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700
+
+
+def test_state_folder_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
+    from orchestrator.errors import OrchestratorError
+    from orchestrator.runtime.state import StateStore
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OrchestratorError, match="cannot create the state folder .* set ORCHESTRATOR_STATE_DIR"):
+        StateStore(blocker / "state").ensure()

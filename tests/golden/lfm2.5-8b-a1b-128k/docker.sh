@@ -4,4 +4,4 @@
 set -e
 
 # lfm: llama.cpp b11434
-docker run -d --name lfm25-128k-lfm --restart unless-stopped --init --label orchestrator.profile=lfm25-128k --label orchestrator.server=lfm -p 127.0.0.1:8080:8080 --stop-timeout 30 --gpus all -v /models:/models:ro --entrypoint /app/llama-server ghcr.io/ggml-org/llama.cpp:server-cuda -m /models/LFM2.5-8B-A1B-Q4_K_M.gguf -a lfm2.5-8b-a1b --host 0.0.0.0 --port 8080 -c 131072 -np 1 -ngl all --fit off -fa on -ctk q8_0 -ctv q8_0 --metrics
+docker run -d --name lfm25-128k--lfm --restart unless-stopped --init --label orchestrator.profile=lfm25-128k --label orchestrator.server=lfm -p 127.0.0.1:8080:8080 --stop-timeout 30 --gpus all -v /models:/models:ro --entrypoint /app/llama-server ghcr.io/ggml-org/llama.cpp:server-cuda -m /models/LFM2.5-8B-A1B-Q4_K_M.gguf -a lfm2.5-8b-a1b --host 0.0.0.0 --port 8080 -c 131072 -np 1 -ngl all --fit off -fa on -ctk q8_0 -ctv q8_0 --metrics
