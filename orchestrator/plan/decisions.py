@@ -59,13 +59,15 @@ def resolve_kv(server: Server, engine: str, gpu: Gpu) -> tuple[str, str]:
 
 
 def decide_offload(server: Server, engine: str, gpu: Gpu, gpu_count: int, facts: ModelFacts,
-                   runtime_gib: float = 0.0) -> Offload:
-    """Where GGUF weights go. runtime_gib: KV cache + compute buffers that must sit on the GPU too."""
+                   runtime_gib: float = 0.0, available: int | None = None, where: str = "") -> Offload:
+    """Where GGUF weights go. runtime_gib: KV cache + compute buffers that must sit on the GPU too;
+    available: the GPU memory left for this server where it shares GPUs (where: beside whom)."""
     if engine not in GGUF_ENGINES:
         return Offload("all", "engine holds the whole model on the GPU")
     if gpu.is_cpu:
         return Offload("cpu", "CPU-only: every layer runs on the CPU")
-    vram = gpu.vram_gb * gpu_count
+    vram = gpu.vram_gb * gpu_count if available is None else round(available / GIB, 2)
+    room = "VRAM" if available is None else f"VRAM {where}"
     size = facts.size_gib
     if size is None:
         return Offload("all", f"all layers on {gpu.name} (model size unknown: no file and no size in its name)")
@@ -74,7 +76,7 @@ def decide_offload(server: Server, engine: str, gpu: Gpu, gpu_count: int, facts:
             "estimated from the name" if facts.size_is_estimate else "from the file's tensors")
     extra = f" + KV/compute {runtime_gib:.1f} GiB" if runtime_gib else ""
     if size <= budget:
-        return Offload("all", f"weights {size:.1f} GiB ({kind}){extra} fit in {vram:g} GiB VRAM: all layers on the GPU")
+        return Offload("all", f"weights {size:.1f} GiB ({kind}){extra} fit in {vram:g} GiB {room}: all layers on the GPU")
     if server.offload == "none":
         return Offload("all", f"offload: none in the profile (weights {size:.1f} GiB > {budget:.1f} GiB usable)")
     layers = facts.n_layers
@@ -88,17 +90,17 @@ def decide_offload(server: Server, engine: str, gpu: Gpu, gpu_count: int, facts:
             if expert_layers:
                 n = math.ceil(need / (experts / expert_layers))
                 if n < expert_layers:
-                    return Offload("moe_layers", f"MoE weights {size:.1f} GiB{extra} > {vram:g} GiB VRAM: keep the "
+                    return Offload("moe_layers", f"MoE weights {size:.1f} GiB{extra} > {vram:g} GiB {room}: keep the "
                                    f"expert tensors of the first {n} of {expert_layers} layers on CPU (~{need:.1f} GiB), "
                                    "everything else on the GPU", n)
             return Offload("moe_all", f"MoE weights {size:.1f} GiB ({kind}){extra} > {budget + runtime_gib:.1f} GiB "
-                           f"usable VRAM: all expert tensors (~{experts:.1f} GiB) stay in system RAM, attention and "
+                           f"usable {room}: all expert tensors (~{experts:.1f} GiB) stay in system RAM, attention and "
                            f"shared weights (~{dense:.1f} GiB) on the GPU")
     if layers:
         n = max(0, int(budget / (size / layers)))
-        return Offload("layers", f"weights {size:.1f} GiB{extra} > {vram:g} GiB VRAM: {n} of {layers} layers on "
+        return Offload("layers", f"weights {size:.1f} GiB{extra} > {vram:g} GiB {room}: {n} of {layers} layers on "
                                  "the GPU, the rest on CPU", n)
-    return Offload("all", f"weights {size:.1f} GiB ({kind}) exceed {budget:.1f} GiB usable VRAM and the layer "
+    return Offload("all", f"weights {size:.1f} GiB ({kind}) exceed {budget:.1f} GiB usable {room} and the layer "
                           "count is unknown: all layers requested on the GPU; the engine may fail to load")
 
 
@@ -199,12 +201,15 @@ def api_key(server: Server, engine: str, profile: Profile, state_dir: str) -> Ap
 
 def estimate_memory(server: Server, engine: str, gpu: Gpu, host_ram: int | None, model: ModelFacts, gpu_count: int,
                     kv: str, offload: Offload, fa_on: bool, fraction: float | None,
-                    swa_full: bool = False) -> FitEstimate:
+                    swa_full: bool = False, available: int | None = None) -> FitEstimate:
     """The memory estimate of one server: weights + KV + compute against VRAM (RAM on CPU).
-    fraction: the vLLM/SGLang memory share the rules chose (None: the engines' 0.9 default)."""
+    fraction: the vLLM/SGLang memory share the rules chose (None: the engines' 0.9 default);
+    available: GGUF engines on shared GPUs: the GPU memory the other servers leave."""
     if engine in GGUF_ENGINES:
         if gpu.is_cpu:
             device = host_ram
+        elif available is not None:
+            device = available
         else:
             device = int(gpu.vram_gb * GIB) * max(gpu_count, 1)
         return fit.estimate_gguf(model, engine, server.context, server.parallel, kv, gpu.is_cpu, device,
@@ -215,7 +220,8 @@ def estimate_memory(server: Server, engine: str, gpu: Gpu, host_ram: int | None,
 
 
 def decide_swa_full(server: Server, engine: str, gpu: Gpu, host_ram: int | None, model: ModelFacts, gpu_count: int,
-                    kv: str, fa_on: bool, offload: Offload, runtime_full_gib: float, extra_gib: float) -> str | None:
+                    kv: str, fa_on: bool, offload: Offload, runtime_full_gib: float, extra_gib: float,
+                    available: int | None = None) -> str | None:
     """llama.cpp keeps only the window of a sliding-window layer's KV, so a request that diverges
     from a cached prompt inside the window re-processes the whole prompt, and --cache-reuse is
     disabled. With prefix caching wanted, --swa-full keeps those layers whole when the memory it
@@ -224,10 +230,11 @@ def decide_swa_full(server: Server, engine: str, gpu: Gpu, host_ram: int | None,
         return None
     if offload.mode not in ("all", "cpu"):
         return None
-    with_full = decide_offload(server, engine, gpu, max(gpu_count, 1), model, runtime_full_gib)
+    with_full = decide_offload(server, engine, gpu, max(gpu_count, 1), model, runtime_full_gib, available)
     if with_full.mode != offload.mode:
         return None
-    est = estimate_memory(server, engine, gpu, host_ram, model, gpu_count, kv, offload, fa_on, None, swa_full=True)
+    est = estimate_memory(server, engine, gpu, host_ram, model, gpu_count, kv, offload, fa_on, None, swa_full=True,
+                          available=available)
     if est.verdict not in ("fits", "unknown"):
         return None
     n = fit.swa_layers(model)

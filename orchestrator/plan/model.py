@@ -256,6 +256,38 @@ class ServerPlan:
 
 
 @dataclass(frozen=True)
+class GpuShare:
+    """What one server takes on one GPU."""
+
+    server: str
+    bytes: int                         # weights + KV + compute + runtime on this GPU (vLLM/SGLang: fraction x VRAM)
+    margin_bytes: int = 0              # headroom kept beside it (GGUF engines: the fit margin)
+
+
+@dataclass
+class GpuBudget:
+    """One GPU's memory and the servers that share it, in the order they were planned (profile order)."""
+
+    index: int
+    name: str
+    total_bytes: int
+    shares: list[GpuShare] = field(default_factory=list)
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(s.bytes + s.margin_bytes for s in self.shares)
+
+    def summary(self) -> str:
+        parts = " + ".join(f"{s.server} {(s.bytes + s.margin_bytes) / GIB:.2f} GiB" for s in self.shares)
+        left = self.total_bytes - self.used_bytes
+        state = f"{left / GIB:.2f} GiB left" if left >= 0 else f"over by {-left / GIB:.2f} GiB"
+        margins = sum(s.margin_bytes for s in self.shares)
+        with_margin = f" (with {margins / GIB:.2f} GiB of fit margin)" if margins else ""
+        return (f"GPU {self.index} ({self.name}, {self.total_bytes / GIB:.2f} GiB): {parts} = "
+                f"{self.used_bytes / GIB:.2f} GiB{with_margin}; {state}")
+
+
+@dataclass(frozen=True)
 class HardwareSummary:
     """The machine the plan is for, and how it was chosen."""
 
@@ -275,6 +307,7 @@ class Plan:
     hardware: HardwareSummary
     servers: list[ServerPlan]
     warnings: list[str] = field(default_factory=list)
+    gpus: list[GpuBudget] = field(default_factory=list)   # per-GPU memory of the servers on each GPU
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -324,5 +357,10 @@ def plan_from_dict(data: dict[str, Any]) -> Plan:
         else:
             s["estimate"] = None
         servers.append(_build(ServerPlan, s))
+    gpus = []
+    for g in data.get("gpus", []):
+        g = dict(g)
+        g["shares"] = [_build(GpuShare, x) for x in g.get("shares", [])]
+        gpus.append(_build(GpuBudget, g))
     return Plan(data["name"], data["profile_file"], _build(HardwareSummary, data["hardware"]), servers,
-                list(data.get("warnings", [])))
+                list(data.get("warnings", [])), gpus)

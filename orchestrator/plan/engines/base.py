@@ -14,6 +14,7 @@ from typing import Any
 from orchestrator.catalog import Gpu
 from orchestrator.errors import Problem
 from orchestrator.facts.types import EngineVersion, ModelFacts
+from orchestrator.plan.budget import Budget
 from orchestrator.plan.model import ApiKey, EnvVar, Flag, Mount
 from orchestrator.profile import Profile, Server
 
@@ -52,6 +53,7 @@ class Ctx:
     fa_on: bool = True             # GGUF engines: FlashAttention on (decided by the planner, read by rules)
     mem_fraction: float | None = None  # vLLM/SGLang: the share of GPU memory, set by the memory_fraction rule
     mounts: list[Mount] = field(default_factory=list)  # host folders a container needs (model, draft)
+    share: Budget | None = None    # what the other servers on its GPUs leave it (None: it has them to itself)
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
@@ -145,9 +147,10 @@ def port(ctx: Ctx) -> Flag:
 
 
 def memory_fraction(ctx: Ctx, flag: str, default: float, default_why: str) -> Flag | None:
-    """vLLM --gpu-memory-utilization / SGLang --mem-fraction-static, from the memory estimate: the
-    engine's default share, split between vLLM/SGLang servers that share the GPUs, and raised (up to
-    0.95) when weights + activations + one full-length sequence of KV would not fit in the default."""
+    """vLLM --gpu-memory-utilization / SGLang --mem-fraction-static, from the memory estimate. Alone on its
+    GPUs: the engine's default share, raised (up to 0.95) when weights + activations + one full-length
+    sequence of KV would not fit in it. Sharing GPUs: what the planner's per-GPU budget leaves it
+    (plan/budget.py); the fit estimate says when that cannot hold one sequence."""
     import math
 
     from orchestrator.plan.fit import hf_required_fraction
@@ -155,10 +158,10 @@ def memory_fraction(ctx: Ctx, flag: str, default: float, default_why: str) -> Fl
 
     if ctx.on_cpu:
         return None
-    sharing = [s for s in ctx.profile.servers if s.engine in ("vllm", "sglang") and s is not ctx.server]
-    if sharing:
-        frac = round(default / (len(sharing) + 1), 2)
-        why = f"{len(sharing) + 1} vLLM/SGLang servers share the GPUs: each gets {frac:.2f} of their memory"
+    if ctx.share is not None and ctx.share.pool_fraction is not None:
+        frac = min(default, ctx.share.pool_fraction)
+        why = (f"{ctx.share.why}: {frac:.2f} of each GPU's memory, its part of the {default:.2f} default share "
+               "after the other servers on them")
     else:
         device = int(ctx.gpu.vram_gb * GIB) * max(ctx.total_gpus, 1)
         need = hf_required_fraction(ctx.facts, ctx.server.context, ctx.kv_cache, device, ctx.total_gpus)
