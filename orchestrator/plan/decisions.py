@@ -8,7 +8,7 @@ import math
 from pathlib import PurePosixPath
 
 from orchestrator import catalog
-from orchestrator.catalog import GGUF_ENGINES, LOCAL_IMAGE_PREFIX, Gpu
+from orchestrator.catalog import GGUF_ENGINES, Gpu
 from orchestrator.facts.types import ModelFacts
 from orchestrator.plan import fit
 from orchestrator.plan.engines.base import Offload
@@ -155,10 +155,24 @@ def _span(spec: dict[str, object]) -> str:
 
 
 def choose_probe_tool(image: str | None, caps: dict[str, object]) -> str:
-    """What a container healthcheck can run inside the image: images we build carry busybox wget."""
-    if image and image.startswith(LOCAL_IMAGE_PREFIX):
-        return "wget"
-    return str(caps["probe_tool"])
+    """What a container healthcheck runs inside the image. Images of the repositories the catalog lists
+    for this engine are known to carry its tool (catalog `probe_tool`); any other image (one built by
+    `orchestrate engines image`, whatever its tag, or the profile's own) keeps its own HEALTHCHECK:
+    "image". Never inferred from a tag."""
+    if image is None:
+        return str(caps["probe_tool"])
+    images = caps["images"]
+    assert isinstance(images, dict)
+    known = {_repository(spec if isinstance(spec, str) else spec["ref"]) for spec in images.values() if spec}
+    return str(caps["probe_tool"]) if _repository(image) in known else "image"
+
+
+def _repository(ref: str) -> str:
+    """ghcr.io/ggml-org/llama.cpp:server-cuda -> ghcr.io/ggml-org/llama.cpp (a digest or tag removed)."""
+    ref = ref.split("@", 1)[0]
+    slash = ref.rfind("/")
+    colon = ref.rfind(":")
+    return ref[:colon] if colon > slash else ref
 
 
 def container_paths(server: Server, facts: ModelFacts, draft: ModelFacts | None) -> tuple[str | None, str | None, list[Mount]]:

@@ -220,7 +220,8 @@ class ServerPlan:
     executable: Executable | None = None  # what up will run and how it was found (None when not looked up)
     engine_version_source: str = ""    # how engine_version was determined
     depends_on: list[str] = field(default_factory=list)  # servers that must be healthy before this one starts
-    probe_tool: str = "curl"           # what a container healthcheck runs inside the image (curl | wget | python3)
+    probe_tool: str = "curl"           # what a container healthcheck runs inside the image (curl | python3), or
+    #                                    "image": the image's own HEALTHCHECK (an image the catalog does not list)
     nodes: int = 1                     # machines the server spans (vLLM/SGLang multi-node: k8s LeaderWorkerSet)
     settings: Settings | None = None   # resolved settings (None only in plans cached by an older version)
     private_host: str = "127.0.0.1"    # where it binds behind a front door that holds the keys (llama-swap)

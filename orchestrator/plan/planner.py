@@ -63,6 +63,26 @@ def _runtime_gib(server: Server, engine: str, model: ModelFacts, kv: str, fa_on:
             + fit.compute_bytes(model, engine, server.context, server.parallel, fa_on, swa_full=swa_full)) / GIB
 
 
+def _default_name(server: Server, facts: Facts) -> str:
+    model = facts.models.get(server.name)
+    if server.model.hf:
+        return server.model.hf.split(":")[0]
+    return model.name.removesuffix(".gguf") if model else server.name
+
+
+def served_name(profile: Profile, index: int, facts: Facts) -> str:
+    """The model name clients use: the profile's served_name, else the file's stem (or the hf repo). Where
+    that default is already another server's name (two servers of one file: an endpoint that serves
+    several, llama-swap, routes by this name), it gets the server's name appended."""
+    server = profile.servers[index]
+    if server.model.served_name:
+        return server.model.served_name
+    stem = _default_name(server, facts)
+    taken = {s.model.served_name for s in profile.servers if s.model.served_name}
+    taken |= {_default_name(s, facts) for s in profile.servers[:index] if not s.model.served_name}
+    return f"{stem}-{server.name}" if stem in taken else stem
+
+
 def _context(profile: Profile, index: int, facts: Facts, engine: str, version: EngineVersion,
              share: Budget | None = None) -> Ctx:
     """Every shared decision for one server, made once, in the order they depend on each other.
@@ -87,8 +107,7 @@ def _context(profile: Profile, index: int, facts: Facts, engine: str, version: E
         model_arg = server.model.hf if engine != "vllm" else server.model.hf.split(":")[0]
     else:
         model_arg = model.location
-    served = server.model.served_name or (model.name.removesuffix(".gguf") if not server.model.hf
-                                          else server.model.hf.split(":")[0])
+    served = served_name(profile, index, facts)
     return Ctx(profile=profile, server=server, index=index, engine=engine, caps=caps, gpu=gpu,
                gpu_count=gpu_count, facts=model, draft=draft, model_arg=model_arg, model_container=model_c,
                draft_arg=draft.location if draft else None, draft_container=draft_c, kv_cache=kv,
