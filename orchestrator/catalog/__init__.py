@@ -190,3 +190,23 @@ def find_model(name: str) -> ModelEntry | None:
             if frag in key and (best is None or len(frag) > best[0]):
                 best = (len(frag), entry)
     return best[1] if best else None
+
+
+@lru_cache(maxsize=1)
+def parsers() -> dict[str, Any]:
+    """parsers.yaml: tool-call and reasoning parser names by model family, per engine."""
+    data: dict[str, Any] = _load_yaml("parsers.yaml")
+    return data
+
+
+def _alnum(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+def parser_family(*names: str | None) -> dict[str, Any] | None:
+    """The first family of parsers.yaml whose match fragment is in one of the model's names."""
+    keys = [_alnum(n) for n in names if n]
+    for family in parsers()["families"]:
+        if any(fragment in key for fragment in family["match"] for key in keys):
+            return dict(family)
+    return None

@@ -82,8 +82,18 @@ def check_nodes(ctx: Ctx) -> None:
 
 def check_server(ctx: Ctx) -> None:
     """Every check of one server, in the order the user reads them."""
-    for check in (check_hardware, check_nodes, check_model, check_kv, check_speculative, check_warnings):
+    for check in (check_hardware, check_nodes, check_model, check_kv, check_speculative, check_tools, check_warnings):
         check(ctx)
+
+
+def check_tools(ctx: Ctx) -> None:
+    """A `tools: NAME` the engine cannot take (plan/decisions.py)."""
+    from orchestrator.plan.decisions import check_tools as tools_problem
+
+    version = ctx.version.version if ctx.version else str(ctx.caps["verified_version"])
+    found = tools_problem(ctx.server, ctx.engine, version, ctx.caps)
+    if found:
+        ctx.error(("tools",), *found)
 
 
 def check_hardware(ctx: Ctx) -> None:

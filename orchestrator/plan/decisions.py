@@ -4,13 +4,15 @@ paths. Pure functions of the profile and the facts."""
 
 from __future__ import annotations
 
+import difflib
 import math
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from orchestrator import catalog
 from orchestrator.catalog import GGUF_ENGINES, Gpu
 from orchestrator.facts.types import ModelFacts
-from orchestrator.plan import fit
+from orchestrator.plan import fit, versions
 from orchestrator.plan.engines.base import Offload
 from orchestrator.plan.model import ApiKey, FitEstimate, Mount
 from orchestrator.profile import Profile, Server
@@ -256,3 +258,65 @@ def decide_swa_full(server: Server, engine: str, gpu: Gpu, host_ram: int | None,
             f"{model.metadata.get('attention.sliding_window')}-token window): keep their KV whole (+{extra_gib:.2f} "
             "GiB, counted in memory) so a new request that shares a prompt prefix reuses it; without it "
             "llama-server re-processes the prompt and disables --cache-reuse")
+
+
+@dataclass(frozen=True)
+class ToolParsers:
+    """vLLM/SGLang: the parsers that turn a model's tool-call and thinking output into the API's fields."""
+
+    tool: str | None           # --tool-call-parser
+    reasoning: str | None      # --reasoning-parser
+    reason: str                # where the names come from
+
+
+def _family(server: Server, model: ModelFacts) -> dict[str, object] | None:
+    return catalog.parser_family(model.name, server.model.hf, PurePosixPath(model.location).name)
+
+
+def tool_parsers(server: Server, engine: str, model: ModelFacts, version: str,
+                 caps: dict[str, object]) -> tuple[ToolParsers | None, str | None]:
+    """The profile's `tools`: auto looks the model's family up in catalog/parsers.yaml; an unknown family
+    or an engine version older than the names were read in gets no parser flags and a note saying how
+    to set one. Returns (parsers, note)."""
+    if engine not in ("vllm", "sglang") or server.tools == "off":
+        return None, None
+    disp = caps["display"]
+    family = _family(server, model)
+    entry = family.get(engine) if family else None
+    assert entry is None or isinstance(entry, dict)
+    if server.tools != "auto":
+        reasoning = entry.get("reasoning") if entry else None
+        why = f"tools: {server.tools} from the profile" + (
+            f"; reasoning parser of the {family['family']} family (catalog/parsers.yaml)" if reasoning and family
+            else "")
+        return ToolParsers(server.tools, reasoning, why), None
+    how = (f"set tools: NAME (one of {disp}'s --tool-call-parser names) to accept tool_choice \"auto\", "
+           "or tools: off")
+    if entry is None:
+        return None, (f"tools: auto: no tool-call or reasoning parser is known for {model.name} (no family in "
+                      f"catalog/parsers.yaml matches it), so none is set and {disp} refuses tool_choice "
+                      f"\"auto\"; {how}")
+    since = str(entry["since"])
+    if versions.at_least(engine, version, since, caps) is False:
+        return None, (f"tools: auto: the {family['family'] if family else ''} parsers "
+                      f"({entry.get('tool')}, {entry.get('reasoning')}) were read in {disp} {since}; this plan "
+                      f"targets {version}, so none is set; {how}")
+    why = f"{family['family'] if family else ''} family (catalog/parsers.yaml; names read in {disp} {since})"
+    return ToolParsers(entry.get("tool"), entry.get("reasoning"), why), None  # type: ignore[arg-type]
+
+
+def check_tools(server: Server, engine: str, version: str, caps: dict[str, object]) -> tuple[str, str] | None:
+    """A `tools: NAME` the engine cannot take: (what, fix), or None."""
+    if server.tools in ("auto", "off"):
+        return None
+    disp = caps["display"]
+    if engine in GGUF_ENGINES:
+        return (f"{disp} reads the tool-call format from the model's chat template and takes no parser name",
+                "use tools: auto (or off)")
+    known = catalog.parsers()["known"].get(engine) or {}
+    names = [str(n) for n in known.get("tool") or []]
+    if names and str(known.get("version")) == version and server.tools not in names:
+        close = difflib.get_close_matches(server.tools, names, n=3)
+        return (f"{disp} {version} has no tool-call parser {server.tools!r}",
+                f"use one of: {', '.join(close) if close else ', '.join(names[:12]) + ', ...'}; or tools: auto")
+    return None

@@ -29,6 +29,7 @@ from orchestrator.plan.decisions import (
     estimate_memory,
     health_timeout,
     resolve_kv,
+    tool_parsers,
 )
 from orchestrator.plan.engines import ik_llama, llama_cpp, sglang, vllm
 from orchestrator.plan.engines.base import Ctx, run_rules
@@ -108,12 +109,13 @@ def _context(profile: Profile, index: int, facts: Facts, engine: str, version: E
     else:
         model_arg = model.location
     served = served_name(profile, index, facts)
+    tools, tools_note = tool_parsers(server, engine, model, version.version, caps)
     return Ctx(profile=profile, server=server, index=index, engine=engine, caps=caps, gpu=gpu,
                gpu_count=gpu_count, facts=model, draft=draft, model_arg=model_arg, model_container=model_c,
                draft_arg=draft.location if draft else None, draft_container=draft_c, kv_cache=kv,
                kv_reason=kv_reason, offload=offload, served_name=served,
                api_key=api_key(server, engine, profile, facts.state_dir), version=version, swa_full=swa_full,
-               fa_on=fa_on, mounts=mounts, share=share)
+               fa_on=fa_on, mounts=mounts, share=share, tools=tools, notes=[tools_note] if tools_note else [])
 
 
 def _executable_warnings(ctx: Ctx, facts: Facts) -> None:

@@ -77,6 +77,10 @@ class Server(Strict):
     speculative: Speculative = Speculative()
     prefix_cache: bool = True
     offload: Literal["auto", "none"] = "auto"
+    tools: str = Field("auto", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$",
+                       description="Tool calls and reasoning output: auto (the parsers catalog/parsers.yaml names "
+                                   "for the model's family), off, or a tool-call parser name of the engine "
+                                   "(vLLM/SGLang --tool-call-parser)")
     runtime: Literal["process", "docker"] = "process"
     image: str | None = None
     host: str = "127.0.0.1"

@@ -62,6 +62,7 @@ FEATURES: dict[str, dict[str, Any]] = {
     "key-remote-code": {"api_key_env": "CONTRACT_KEY", "host": "0.0.0.0",
                         "model": {"trust_remote_code": True}},
     "threads": {"threads": 2},
+    "tools-off": {"tools": "off"},
 }
 # CPU cases that also build vLLM's full engine config with the tiny model (no draft model needed).
 ENGINE_CONFIG = {"base", "fp8-kv", "fp8-e5m2-kv", "ngram", "no-prefix-cache", "key-remote-code", "threads",
@@ -245,6 +246,29 @@ def intended_fraction(c: Case, default: float) -> float:
     return default
 
 
+def intended_parsers(c: Case) -> tuple[str | None, str | None]:
+    """(tool-call parser, reasoning parser) the profile asks for: none with tools: off, else the names
+    catalog/parsers.yaml gives the model's family (a named tools: replaces the tool parser)."""
+    s = c.server
+    if s.tools == "off":
+        return None, None
+    family = catalog.parser_family(Path(_model_path(s)).name, s.model.hf) or {}
+    entry = family.get(c.engine) or {}
+    return (s.tools if s.tools != "auto" else entry.get("tool")), entry.get("reasoning")
+
+
+def check_parser_names(c: Case, args: dict[str, Any], facts: dict[str, Any]) -> list[str]:
+    """Every parser name in the argv is one the engine registers (vLLM also imported its class)."""
+    bad = []
+    for key, table in (("tool_call_parser", "tool_parsers"), ("reasoning_parser", "reasoning_parsers")):
+        name = args.get(key)
+        if name and name not in facts[table]:
+            bad.append(f"{key} {name!r} is not one of {c.engine} {facts['version']}'s {table}")
+    if c.engine == "vllm" and args.get("tool_call_parser") and not args.get("tool_call_parser_class"):
+        bad.append(f"vLLM did not resolve tool_call_parser {args.get('tool_call_parser')!r} to a class")
+    return bad
+
+
 def vllm_expected(c: Case, defaults: dict[str, Any]) -> dict[str, Any]:
     s, gpu = c.server, c.gpu
     exp: dict[str, Any] = {
@@ -257,6 +281,9 @@ def vllm_expected(c: Case, defaults: dict[str, Any]) -> dict[str, Any]:
         "gpu_memory_utilization": (defaults["gpu_memory_utilization"] if gpu.is_cpu
                                    else intended_fraction(c, 0.90)),
     }
+    tool, reasoning = intended_parsers(c)
+    exp |= {"tool_call_parser": tool, "enable_auto_tool_choice": tool is not None,
+            "reasoning_parser": reasoning or defaults["reasoning_parser"]}
     if not gpu.is_cpu:
         exp["kv_cache_memory_bytes"] = None
     # Across nodes: tensor parallel inside a node, one pipeline stage per node, multiprocessing
@@ -304,6 +331,7 @@ def check_vllm_case(c: Case, result: dict[str, Any], facts: dict[str, Any], defa
     bad = [f"{k} = {args.get(k)!r}, intended {v!r}" for k, v in vllm_expected(c, defaults).items()
            if args.get(k) != v]
     bad += check_vllm_spec(c, args.get("speculative_config"), facts)
+    bad += check_parser_names(c, args, facts)
     if args.get("attention_backend") and args["attention_backend"] not in facts["attention_backends"]:
         bad.append(f"attention backend {args['attention_backend']} unknown to vLLM {facts['version']}")
     if args.get("kv_cache_dtype") not in facts["kv_cache_dtypes"]:
@@ -349,6 +377,7 @@ def sglang_expected(c: Case, defaults: dict[str, Any]) -> dict[str, Any]:
         "enable_metrics": True, "api_key": API_KEY if s.api_key_env else None,
         "trust_remote_code": s.model.trust_remote_code,
     }
+    exp["tool_call_parser"], exp["reasoning_parser"] = intended_parsers(c)
     sp = s.speculative
     if sp.method == "none":
         exp["speculative_algorithm_resolved"] = "NONE"
@@ -362,12 +391,13 @@ def sglang_expected(c: Case, defaults: dict[str, Any]) -> dict[str, Any]:
     return exp
 
 
-def check_sglang_case(c: Case, result: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
+def check_sglang_case(c: Case, result: dict[str, Any], defaults: dict[str, Any], facts: dict[str, Any]) -> list[str]:
     if not result["ok"]:
         return [f"SGLang rejected {c.argv}: {result['error']}"]
     args = result["args"]
     bad = [f"{k} = {args.get(k)!r}, intended {v!r}" for k, v in sglang_expected(c, defaults).items()
            if args.get(k) != v]
+    bad += check_parser_names(c, args, facts)
     if "--api-key" in c.argv or API_KEY in c.argv:
         bad.append("the API key is in argv")
     return bad
@@ -385,7 +415,7 @@ def check_case(c: Case, out: dict[str, Any], tiny: Path | None = None) -> list[s
     if c.engine == "vllm":
         assert tiny is not None
         return check_vllm_case(c, results[c.name], out["facts"], defaults, tiny)
-    return check_sglang_case(c, results[c.name], defaults)
+    return check_sglang_case(c, results[c.name], defaults, out["facts"])
 
 
 # --------------------------------------------------------------------------- tests
@@ -463,6 +493,24 @@ def test_contract_versions_are_the_catalogs(vllm_results, sglang_results) -> Non
     assert vllm_results[1]["facts"]["version"] == catalog.engine("vllm")["verified_version"]
     assert sglang_results[1]["facts"]["version"] == catalog.engine("sglang")["verified_version"]
     assert vllm_results[1]["facts"]["process_module"], "vllm.entrypoints.openai.api_server is gone"
+
+
+def test_every_catalog_parser_name_is_the_engines(vllm_results, sglang_results) -> None:
+    """Every name catalog/parsers.yaml maps a family to exists in the engine's registry (vLLM's
+    ToolParserManager / ReasoningParserManager, SGLang's --tool-call-parser / --reasoning-parser
+    choices), and the catalog's full list of tool-call parsers is the verified version's."""
+    for engine, (_, out) in (("vllm", vllm_results), ("sglang", sglang_results)):
+        facts = out["facts"]
+        missing = []
+        for family in catalog.parsers()["families"]:
+            entry = family.get(engine) or {}
+            for key, table in (("tool", "tool_parsers"), ("reasoning", "reasoning_parsers")):
+                if entry.get(key) and entry[key] not in facts[table]:
+                    missing.append(f"{family['family']}: {key} {entry[key]}")
+        assert not missing, f"{engine} {facts['version']} lacks {missing}"
+        known = catalog.parsers()["known"][engine]
+        if str(known["version"]) == facts["version"]:
+            assert sorted(known["tool"]) == facts["tool_parsers"], engine
 
 
 # --------------------------------------------------------------------------- the checks can fail

@@ -54,6 +54,7 @@ class Ctx:
     mem_fraction: float | None = None  # vLLM/SGLang: the share of GPU memory, set by the memory_fraction rule
     mounts: list[Mount] = field(default_factory=list)  # host folders a container needs (model, draft)
     share: Budget | None = None    # what the other servers on its GPUs leave it (None: it has them to itself)
+    tools: Any = None              # plan.decisions.ToolParsers: vLLM/SGLang tool-call/reasoning parsers (None: none)
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)

@@ -85,8 +85,17 @@ def mla(ctx: Ctx) -> list[Flag] | None:
     return None
 
 
+def jinja(ctx: Ctx) -> Flag | None:
+    """Tool calls and reasoning output come from the model's Jinja chat template (common/chat.cpp); this
+    build renders prompts with its built-in templates unless --jinja (common.h: use_jinja = false)."""
+    if ctx.server.tools == "off":
+        return None
+    return Flag("--jinja", None, "tools: auto: OpenAI-style tool calls and reasoning_content need the model's "
+                "Jinja chat template, which this ik_llama.cpp build uses only with --jinja")
+
+
 RULES: list[Rule] = [
     model, alias, bind_host, port, api_key_file, mainline.context, mainline.slots, mainline.threads, gpu_layers,
     mainline.moe_offload, flash_attention, mainline.kv_types, mla,
-    speculative, prompt_cache, mainline.metrics, user_args,
+    speculative, prompt_cache, jinja, mainline.metrics, user_args,
 ]

@@ -91,6 +91,21 @@ def speculative(ctx: Ctx) -> list[Flag] | None:
     return out
 
 
+def tool_calls(ctx: Ctx) -> list[Flag] | None:
+    """OpenAI-style tool use and thinking models: SGLang parses tool calls and reasoning only with
+    --tool-call-parser / --reasoning-parser (server_args.py; both default to none)."""
+    tp = ctx.tools
+    if tp is None:
+        return None
+    out: list[Flag] = []
+    if tp.tool:
+        out.append(Flag("--tool-call-parser", tp.tool, f"turns the model's tool-call output into tool_calls: {tp.reason}"))
+    if tp.reasoning:
+        out.append(Flag("--reasoning-parser", tp.reasoning,
+                        f"moves the model's thinking out of content into reasoning_content: {tp.reason}"))
+    return out or None
+
+
 def metrics(ctx: Ctx) -> Flag:
     return Flag("--enable-metrics", None, "expose Prometheus /metrics for status and bench")
 
@@ -103,5 +118,5 @@ def trust_remote_code(ctx: Ctx) -> Flag | None:
 
 RULES: list[Rule] = [
     model, served_name, bind_host, port, api_key_file, context_length, max_running, tensor_parallel, memory_fraction,
-    attention_backend, kv_cache, radix_cache, speculative, metrics, trust_remote_code, user_args,
+    attention_backend, kv_cache, radix_cache, speculative, tool_calls, metrics, trust_remote_code, user_args,
 ]

@@ -156,8 +156,26 @@ def trust_remote_code(ctx: Ctx) -> Flag | None:
     return None
 
 
+def tool_calls(ctx: Ctx) -> list[Flag] | None:
+    """OpenAI-style tool use: vLLM answers tool_choice "auto" with 400 unless started with
+    --enable-auto-tool-choice and a --tool-call-parser (validate_parsed_serve_args requires the parser
+    with the switch); --reasoning-parser moves a thinking model's reasoning out of content."""
+    tp = ctx.tools
+    if tp is None:
+        return None
+    out: list[Flag] = []
+    if tp.tool:
+        out += [Flag("--enable-auto-tool-choice", None, "accept tool_choice \"auto\" (OpenAI-style tool use; "
+                     "vLLM answers 400 without it)"),
+                Flag("--tool-call-parser", tp.tool, f"turns the model's tool-call output into tool_calls: {tp.reason}")]
+    if tp.reasoning:
+        out.append(Flag("--reasoning-parser", tp.reasoning,
+                        f"moves the model's thinking out of content into reasoning_content: {tp.reason}"))
+    return out or None
+
+
 RULES: list[Rule] = [
     model, served_name, bind_host, port, api_key_env, max_model_len, max_num_seqs, tensor_parallel, memory_fraction,
-    dtype, attention_backend, kv_cache, cpu_kv_cache, cpu_threads, prefix_caching, speculative, trust_remote_code,
-    user_args,
+    dtype, attention_backend, kv_cache, cpu_kv_cache, cpu_threads, prefix_caching, speculative, tool_calls,
+    trust_remote_code, user_args,
 ]

@@ -6,7 +6,7 @@
 : "${CHAT_API_KEY:?set CHAT_API_KEY to the API key}"
 mkdir -p -m 700 /var/lib/orchestrator/homelab-coder
 (umask 077 && printf '%s\n' "$CHAT_API_KEY" > /var/lib/orchestrator/homelab-coder/chat.api-key)
-CUDA_VISIBLE_DEVICES=0 llama-server -m /models/gemma-3-4b-it-Q4_K_M.gguf -a gemma-3-4b-it-Q4_K_M --host 127.0.0.1 --port 8081 --api-key-file /var/lib/orchestrator/homelab-coder/chat.api-key -c 8192 -np 1 -ngl 999 -fa on -ctk q8_0 -ctv q8_0 --metrics
+CUDA_VISIBLE_DEVICES=0 llama-server -m /models/gemma-3-4b-it-Q4_K_M.gguf -a gemma-3-4b-it-Q4_K_M --host 127.0.0.1 --port 8081 --api-key-file /var/lib/orchestrator/homelab-coder/chat.api-key -c 8192 -np 1 -ngl 999 -fa on -ctk q8_0 -ctv q8_0 --jinja --metrics
 
 # coder: llama.cpp b11434
 LLAMA_API_KEY="${CODER_API_KEY}" llama-server -m /models/Qwen3-Coder-30B-A3B-Instruct-Q4_K_M.gguf -a qwen-coder --host 0.0.0.0 --port 8080 -c 131072 -np 2 -ngl all -ncmoe 18 --fit off -fa on -ctk q8_0 -ctv q8_0 --cache-reuse 256 --metrics

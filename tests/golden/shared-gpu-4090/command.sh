@@ -6,4 +6,4 @@
 llama-server -m /models/Qwen3.6-35B-A3B-UD-Q4_K_XL.gguf -a qwen3.6-35b --host 127.0.0.1 --port 8080 -c 32768 -np 1 -ngl all -ncmoe 13 --fit off -fa on -ctk q8_0 -ctv q8_0 --metrics
 
 # chat: vLLM 0.32.0
-python3 -m vllm.entrypoints.openai.api_server --model /models/Qwen2.5-7B-Instruct-AWQ --served-model-name qwen2.5-7b --host 127.0.0.1 --port 8000 --max-model-len 8192 --max-num-seqs 4 --gpu-memory-utilization 0.25 --enable-prefix-caching
+python3 -m vllm.entrypoints.openai.api_server --model /models/Qwen2.5-7B-Instruct-AWQ --served-model-name qwen2.5-7b --host 127.0.0.1 --port 8000 --max-model-len 8192 --max-num-seqs 4 --gpu-memory-utilization 0.25 --enable-prefix-caching --enable-auto-tool-choice --tool-call-parser hermes
