@@ -151,9 +151,22 @@ def check_kv(ctx: Ctx) -> None:
         alt = "q8_0 (half of f16)" if engine in GGUF_ENGINES else "fp8 (half of bf16) or auto"
         ctx.error(("kv_cache",), f"{disp} has no {s.kv_cache} KV cache", f"use {alt}")
     if engine in ("vllm", "sglang") and kv.startswith("fp8") and not gpu.is_cpu:
-        if not gpu.fp8 and not (engine == "vllm" and gpu.cc and gpu.cc >= (8, 9)):
-            ctx.error(("kv_cache",), f"fp8 KV cache needs an sm89+ GPU with fp8 support; {gpu.describe()}",
+        # vLLM 0.32: FlashInfer stores fp8/fp8_e4m3/fp8_e5m2 KV on sm80-sm121 (v1/attention/backends/
+        # flashinfer.py supported_kv_cache_dtypes, supports_compute_capability) and the selector skips the
+        # backends that cannot; Triton needs sm89 for it. SGLang's rule is kept at sm89 (not verified lower).
+        floor = (8, 0) if engine == "vllm" else (8, 9)
+        if not gpu.fp8 and not (gpu.cc and gpu.cc >= floor) and gpu.vendor == "nvidia":
+            need = "sm80+ (FlashInfer)" if engine == "vllm" else "sm89+ with fp8 support"
+            ctx.error(("kv_cache",), f"{disp}'s fp8 KV cache needs an {need} GPU; {gpu.describe()}",
                       "use kv_cache: auto on this GPU")
+        elif not gpu.fp8 and gpu.vendor != "nvidia":
+            ctx.error(("kv_cache",), f"fp8 KV cache needs a GPU with fp8 support; {gpu.describe()}",
+                      "use kv_cache: auto on this GPU")
+    if engine in ("vllm", "sglang") and kv == "bf16" and not gpu.is_cpu and not gpu.bf16:
+        # vLLM 0.32 v1/attention/backends/triton_attn.py: "bfloat16 KV cache is not supported ... requires SM80+"
+        ctx.error(("kv_cache",), f"a bf16 KV cache needs bf16 arithmetic (sm80+); {gpu.describe()}, where "
+                  f"{disp} runs fp16 weights and attention",
+                  "use kv_cache: auto (fp16 here) or f16")
 
 
 def check_speculative(ctx: Ctx) -> None:

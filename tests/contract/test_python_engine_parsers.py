@@ -80,13 +80,17 @@ def runs_on(engine: str, gpu: Gpu) -> bool:
 
 def features_for(engine: str, gpu: Gpu) -> list[str]:
     out = [f for f in FEATURES if not (gpu.is_cpu and f in ("tensor-parallel", "multi-node"))]
-    if engine != "vllm" or not gpu.is_cpu:
+    if not gpu.is_cpu:
         out.remove("threads")
     return out
 
 
 def fp8_allowed(engine: str, gpu: Gpu) -> bool:
-    return gpu.is_cpu or gpu.fp8 or (engine == "vllm" and gpu.cc is not None and gpu.cc >= (8, 9))
+    return gpu.is_cpu or gpu.fp8 or (engine == "vllm" and gpu.cc is not None and gpu.cc >= (8, 0))
+
+
+def bf16_kv_allowed(gpu: Gpu) -> bool:
+    return gpu.is_cpu or gpu.bf16
 
 
 # --------------------------------------------------------------------------- cases
@@ -276,7 +280,7 @@ def vllm_expected(c: Case, defaults: dict[str, Any]) -> dict[str, Any]:
         "port": s.port, "max_model_len": s.context, "max_num_seqs": s.parallel,
         "tensor_parallel_size": max(c.gpu_count, 1), "enable_prefix_caching": s.prefix_cache,
         "kv_cache_dtype": VLLM_KV[s.kv_cache], "trust_remote_code": s.model.trust_remote_code, "api_key": None,
-        "attention_backend": "TRITON_ATTN" if gpu.vendor == "nvidia" and gpu.cc and gpu.cc < (8, 0) else None,
+        "attention_backend": None,   # vLLM's own selector picks it (Triton below sm80, TRITON_MLA for MLA)
         "dtype": "float16" if not gpu.is_cpu and not gpu.bf16 else "auto",
         "gpu_memory_utilization": (defaults["gpu_memory_utilization"] if gpu.is_cpu
                                    else intended_fraction(c, 0.90)),
@@ -372,7 +376,7 @@ def sglang_expected(c: Case, defaults: dict[str, Any]) -> dict[str, Any]:
         "nnodes": s.nodes, "node_rank": c.rank,
         "dist_init_addr": f"{LEADER_ADDRESS}:20000" if s.nodes > 1 else None,
         "mem_fraction_static": defaults["mem_fraction_static"] if gpu.is_cpu else intended_fraction(c, 0.85),
-        "attention_backend": "fa3" if gpu.cc and gpu.cc[0] == 9 else None,
+        "attention_backend": None,   # SGLang's per-model default (fa3 on Hopper already)
         "kv_cache_dtype": SGLANG_KV[s.kv_cache], "disable_radix_cache": not s.prefix_cache,
         "enable_metrics": True, "api_key": API_KEY if s.api_key_env else None,
         "trust_remote_code": s.model.trust_remote_code,
@@ -398,6 +402,11 @@ def check_sglang_case(c: Case, result: dict[str, Any], defaults: dict[str, Any],
     bad = [f"{k} = {args.get(k)!r}, intended {v!r}" for k, v in sglang_expected(c, defaults).items()
            if args.get(k) != v]
     bad += check_parser_names(c, args, facts)
+    if c.gpu.is_cpu:
+        threads = c.server.threads
+        bind = c.env.get("SGLANG_CPU_OMP_THREADS_BIND")
+        if bind != (f"0-{threads - 1}" if threads else None):
+            bad.append(f"SGLANG_CPU_OMP_THREADS_BIND={bind!r} for threads {threads}")
     if "--api-key" in c.argv or API_KEY in c.argv:
         bad.append("the API key is in argv")
     return bad
@@ -408,6 +417,8 @@ def check_case(c: Case, out: dict[str, Any], tiny: Path | None = None) -> list[s
     must parse into the intended values."""
     if c.server.kv_cache.startswith("fp8") and not fp8_allowed(c.engine, c.gpu):
         return [] if c.refused and "fp8" in c.refused else [f"expected an fp8 refusal, got {c.refused!r}"]
+    if c.server.kv_cache == "bf16" and not bf16_kv_allowed(c.gpu):
+        return [] if c.refused and "bf16" in c.refused else [f"expected a bf16 KV refusal, got {c.refused!r}"]
     if c.refused:
         return [f"planner refused: {c.refused}"]
     results = out["results"]
@@ -481,7 +492,7 @@ def test_every_feature_reaches_the_parsers(vllm_results, sglang_results) -> None
     for engine, (cases, out) in (("vllm", vllm_results), ("sglang", sglang_results)):
         parsed = {n.split(":")[1].split("/")[0] for n, r in out["results"].items()
                   if r["ok"] and ":" in n and not n.startswith("profile:")}
-        wanted = set(FEATURES) - ({"threads"} if engine == "sglang" else set())
+        wanted = set(FEATURES)
         assert wanted <= parsed, f"{engine}: features never parsed: {sorted(wanted - parsed)}"
     vllm_cases, vllm_out = vllm_results
     configs = [n for n, c in vllm_cases.items() if c.engine_config and vllm_out["results"][n]["config"]]

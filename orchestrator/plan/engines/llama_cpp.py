@@ -70,7 +70,14 @@ def flash_attention(ctx: Ctx) -> Flag:
     if ctx.on_cpu:
         return Flag("-fa", "on", f"CPU backend has FlashAttention kernels{need}; it keeps the KV working set small")
     if acc == "cuda":
-        tc = "with tensor-core kernels" if ctx.gpu.tensor_cores else "with the FP32 vector kernel (no fast FP16)"
+        # ggml-cuda/fattn.cu: tensor-core kernels where the GPU has them, else the tile kernel (the vector
+        # kernel for small batches); common.cuh treats every GPU but sm_61 as fast-FP16.
+        if ctx.gpu.tensor_cores:
+            tc = "with tensor-core kernels"
+        elif ctx.cc is not None and (ctx.cc < (6, 0) or ctx.cc == (6, 1)):
+            tc = f"with the tile and vector kernels in FP32 ({ctx.gpu.sm} has no fast FP16)"
+        else:
+            tc = "with the FP16 tile and vector kernels (no tensor cores)"
         return Flag("-fa", "on", f"{ctx.gpu.describe()}; FlashAttention kernels are supported {tc}{need}")
     if acc in ("metal", "rocm"):
         return Flag("-fa", "on", f"{ctx.gpu.describe()}; FlashAttention is supported on this backend{need}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from orchestrator.plan.engines import base
 from orchestrator.plan.engines.base import Ctx, Rule, api_key_file, bind_host, port, user_args
-from orchestrator.plan.model import Flag
+from orchestrator.plan.model import EnvVar, Flag
 
 KV_DTYPES = {"f16": "auto", "bf16": "bf16", "fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
 
@@ -46,15 +46,6 @@ def memory_fraction(ctx: Ctx) -> Flag | None:
     return base.memory_fraction(ctx, "--mem-fraction-static", 0.85,
                                 "weights + KV pool take 85% of GPU memory; the rest holds activations and CUDA "
                                 "graphs")
-
-
-def attention_backend(ctx: Ctx) -> Flag | None:
-    cc = ctx.cc
-    if cc is None:
-        return None
-    if cc[0] == 9:
-        return Flag("--attention-backend", "fa3", f"{ctx.gpu.describe()}: FlashAttention-3 is the fastest on Hopper")
-    return None
 
 
 def kv_cache(ctx: Ctx) -> Flag | None:
@@ -106,6 +97,17 @@ def tool_calls(ctx: Ctx) -> list[Flag] | None:
     return out or None
 
 
+def cpu_threads(ctx: Ctx) -> EnvVar | None:
+    """SGLang's CPU backend binds its OpenMP threads from SGLANG_CPU_OMP_THREADS_BIND (srt/utils/
+    numa_utils.py init_threads_binding; default "all": one rank per NUMA node)."""
+    threads = ctx.server.threads
+    if not ctx.on_cpu or threads is None:
+        return None
+    cores = "0" if threads == 1 else f"0-{threads - 1}"
+    return EnvVar("SGLANG_CPU_OMP_THREADS_BIND", cores,
+                  f"threads: {threads}: SGLang's CPU worker runs {threads} OpenMP thread(s) bound to cores {cores}")
+
+
 def metrics(ctx: Ctx) -> Flag:
     return Flag("--enable-metrics", None, "expose Prometheus /metrics for status and bench")
 
@@ -118,5 +120,5 @@ def trust_remote_code(ctx: Ctx) -> Flag | None:
 
 RULES: list[Rule] = [
     model, served_name, bind_host, port, api_key_file, context_length, max_running, tensor_parallel, memory_fraction,
-    attention_backend, kv_cache, radix_cache, speculative, tool_calls, metrics, trust_remote_code, user_args,
+    kv_cache, radix_cache, speculative, tool_calls, cpu_threads, metrics, trust_remote_code, user_args,
 ]

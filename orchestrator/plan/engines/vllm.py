@@ -71,16 +71,6 @@ def dtype(ctx: Ctx) -> Flag | None:
     return None
 
 
-def attention_backend(ctx: Ctx) -> Flag | None:
-    cc = ctx.cc
-    if cc is None:
-        return None
-    if cc < (8, 0):
-        return Flag("--attention-backend", "TRITON_ATTN",
-                    f"{ctx.gpu.describe()}: FLASH_ATTN and FLASHINFER need sm80+, Triton runs everywhere")
-    return None
-
-
 def kv_cache(ctx: Ctx) -> Flag | None:
     value = KV_DTYPES[ctx.kv_cache]
     if value == "auto":
@@ -176,6 +166,6 @@ def tool_calls(ctx: Ctx) -> list[Flag] | None:
 
 RULES: list[Rule] = [
     model, served_name, bind_host, port, api_key_env, max_model_len, max_num_seqs, tensor_parallel, memory_fraction,
-    dtype, attention_backend, kv_cache, cpu_kv_cache, cpu_threads, prefix_caching, speculative, tool_calls,
+    dtype, kv_cache, cpu_kv_cache, cpu_threads, prefix_caching, speculative, tool_calls,
     trust_remote_code, user_args,
 ]

@@ -1,0 +1,67 @@
+"""Rules the engines' own source decided (issue: plans that are wrong today). Each case states what
+the engine's source says, and fails on the rule it replaced."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+
+from orchestrator.errors import ProfileError
+from orchestrator.pipeline import build_plan
+from orchestrator.profile import load_text
+
+
+def _plan(engine: str, gpu: str, path: str = "/m/Meta-Llama-3.1-8B-Instruct", **server: Any):
+    doc = {"name": "p", "hardware": {"gpu": gpu},
+           "servers": [{"name": "s", "engine": engine, "model": {"path": path}, **server}]}
+    return build_plan(load_text(yaml.safe_dump(doc), "t.yaml"), environ={"HOME": "/h"}, detect=False,
+                      enforce_fit=False).servers[0]
+
+
+def _flags(sp: Any) -> dict[str, str | None]:
+    return {f.name: f.value for f in sp.flags}
+
+
+@pytest.mark.parametrize("gpu", ["a100-80gb", "a10", "rtx-3090"])
+def test_vllm_fp8_kv_runs_on_ampere(gpu: str) -> None:
+    """vLLM 0.32 FlashInfer takes fp8 KV on sm80-sm121 (v1/attention/backends/flashinfer.py)."""
+    assert _flags(_plan("vllm", gpu, kv_cache="fp8"))["--kv-cache-dtype"] == "fp8_e4m3"
+
+
+@pytest.mark.parametrize("gpu", ["tesla-v100-sxm2-32gb", "tesla-t4", "rtx-2080-ti"])
+def test_bf16_kv_without_bf16_is_refused_with_the_reason(gpu: str) -> None:
+    """vLLM 0.32 triton_attn.py: 'bfloat16 KV cache is not supported ... requires SM80+'."""
+    with pytest.raises(ProfileError) as exc:
+        _plan("vllm", gpu, kv_cache="bf16")
+    assert "bf16 KV cache needs bf16 arithmetic (sm80+)" in str(exc.value) and "kv_cache: auto" in str(exc.value)
+
+
+@pytest.mark.parametrize("gpu", ["tesla-v100-sxm2-32gb", "tesla-t4"])
+def test_vllm_picks_its_own_attention_backend_below_sm80(gpu: str) -> None:
+    """TRITON_ATTN was forced: redundant for MHA models (FA and FlashInfer need sm80, so vLLM picks
+    Triton) and rejected for MLA models, where vLLM would pick TRITON_MLA."""
+    assert "--attention-backend" not in _flags(_plan("vllm", gpu))
+
+
+def test_sglang_keeps_its_per_model_backend_on_hopper() -> None:
+    """SGLang 0.5.23 already picks fa3 on Hopper (model_override_base.py) and silently falls back to
+    triton for fp8_e5m2 (overrides.py); a forced fa3 overrode per-model defaults."""
+    for kv in ("auto", "fp8_e5m2"):
+        assert "--attention-backend" not in _flags(_plan("sglang", "h100-sxm", kv_cache=kv))
+
+
+def test_sglang_on_cpu_binds_the_profiles_threads() -> None:
+    """SGLang reads SGLANG_CPU_OMP_THREADS_BIND (srt/utils/numa_utils.py); the profile's threads were dropped."""
+    sp = _plan("sglang", "cpu", threads=4)
+    assert {e.name: e.value for e in sp.env}["SGLANG_CPU_OMP_THREADS_BIND"] == "0-3"
+
+
+@pytest.mark.parametrize("gpu,text", [
+    ("tesla-p100-16gb", "FP16 tile and vector kernels"),   # sm_60 is fast-FP16 in ggml-cuda/common.cuh
+    ("tesla-p40", "sm_61 has no fast FP16"),
+])
+def test_pascal_flash_attention_reason(gpu: str, text: str) -> None:
+    fa = next(f for f in _plan("llama.cpp", gpu, path="/m/x-7B-Q4_K_M.gguf").flags if f.name == "-fa")
+    assert text in fa.reason
