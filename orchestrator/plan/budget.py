@@ -21,8 +21,10 @@ from orchestrator.plan.model import GIB, GpuBudget, GpuShare, ServerPlan
 from orchestrator.profile import Server
 
 POOL_ENGINES = ("vllm", "sglang")
-# The share of each GPU vLLM / SGLang take when they have it to themselves (the planner's default).
-POOL_DEFAULT = {"vllm": 0.90, "sglang": 0.85}
+# The share of each GPU that vLLM / SGLang servers sharing it split between them: vLLM's default
+# --gpu-memory-utilization (0.92 in 0.32.0); SGLang's fraction is what is left of that after the
+# activations and CUDA graphs it keeps outside it (fit.sglang_reserved_bytes).
+POOL_SHARE = 0.92
 
 
 @dataclass(frozen=True)
@@ -44,16 +46,23 @@ def gpus_of(server: Server, gpu: Gpu, gpu_count: int) -> tuple[int, ...]:
     return tuple(g for g in server.gpus if g < gpu_count)
 
 
-def pool_minimum(server: Server, kv: str, gpu: Gpu, model: ModelFacts, gpus: int) -> int:
+def sglang_reserve(server: Server, gpu: Gpu, gpus: int) -> int:
+    """Bytes SGLang keeps outside --mem-fraction-static on each GPU."""
+    return fit.sglang_reserved_bytes(int(gpu.vram_gb * GIB), max(gpus, 1), server.parallel)
+
+
+def pool_minimum(server: Server, kv: str, gpu: Gpu, model: ModelFacts, gpus: int, engine: str = "vllm") -> int:
     """Bytes per GPU a vLLM/SGLang server cannot start with less of: weights + activations + the KV of one
     sequence of the profile's context (both engines refuse to start when the pool cannot hold it), and
     the fit margin beside it (vLLM checks at start that its whole share is free)."""
     device = int(gpu.vram_gb * GIB) * max(gpus, 1)
-    need = fit.hf_required_fraction(model, server.context, kv, device, gpus)
+    sglang = engine == "sglang"
+    need = fit.hf_required_fraction(model, server.context, kv, device, gpus, activations_inside=not sglang)
     if need is None:
         return 0
     frac = math.ceil(need * 100 + 1) / 100   # the fraction is written in hundredths, rounded down from what is left
-    return math.ceil(frac * device / max(gpus, 1)) + fit.FIT_MARGIN_BYTES
+    outside = sglang_reserve(server, gpu, gpus) if sglang else 0
+    return math.ceil(frac * device / max(gpus, 1)) + outside + fit.FIT_MARGIN_BYTES
 
 
 class Ledger:
@@ -91,18 +100,18 @@ class Ledger:
         return Budget(sum(max(self.left(g, index), 0) for g in self.used[index]), None, self.where(index))
 
     def pool_budget(self, index: int, engine: str, engines: list[str]) -> Budget:
-        """Split what is left of the default share of each GPU between the vLLM/SGLang servers on it."""
-        default = POOL_DEFAULT[engine]
+        """Split what is left of the pool share of each GPU between the vLLM/SGLang servers on it."""
+        gpus = self.used[index]
+        outside = sglang_reserve(self.servers[index], self.gpu, len(gpus)) if engine == "sglang" else 0
         shares = []
-        for g in self.used[index]:
+        for g in gpus:
             total = self.gpus[g].total_bytes
             held = sum(s.bytes + s.margin_bytes for s in self.gpus[g].shares
                        if engines[self._index(s.server)] not in POOL_ENGINES)
             pools = sum(1 for j, gs in enumerate(self.used) if g in gs and engines[j] in POOL_ENGINES)
-            room = min(default * total, total - held - fit.FIT_MARGIN_BYTES) if held else default * total
-            shares.append(room / max(pools, 1) / total)
+            room = min(POOL_SHARE * total, total - held - fit.FIT_MARGIN_BYTES) if held else POOL_SHARE * total
+            shares.append((room / max(pools, 1) - outside) / total)
         frac = math.floor(max(min(shares), 0.0) * 100) / 100
-        gpus = self.used[index]
         names = ", ".join(self.servers[j].name for j in self.sharing(index))
         return Budget(None, frac, f"shares GPU{'s' if len(gpus) > 1 else ''} {', '.join(map(str, gpus))} with {names}")
 
@@ -125,8 +134,11 @@ class Ledger:
         est = sp.estimate
         assert est is not None
         if sp.engine not in GGUF_ENGINES:
-            frac = sp.settings.memory_fraction if sp.settings and sp.settings.memory_fraction else 0.9
-            return {g: (int(frac * self.gpus[g].total_bytes), 0) for g in gpus}
+            frac = sp.settings.memory_fraction if sp.settings and sp.settings.memory_fraction else POOL_SHARE
+            outside = est.compute_bytes // max(len(gpus), 1) if sp.engine == "sglang" else 0
+            # SGLang rounds its own default to 3 decimals, which can pass the card by a few MiB
+            return {g: (min(int(frac * self.gpus[g].total_bytes) + outside, self.gpus[g].total_bytes), 0)
+                    for g in gpus}
         room = {g: max(self.left(g, index), 1) for g in gpus}
         total = sum(room.values())
         return {g: (est.total_bytes * room[g] // total, fit.FIT_MARGIN_BYTES * room[g] // total) for g in gpus}

@@ -181,7 +181,7 @@ def plan_server(profile: Profile, index: int, facts: Facts, enforce_fit: bool = 
     total_gpus = ctx.gpu_count * server.nodes
     estimate = estimate_memory(server, engine, facts.gpu, facts.host_ram_bytes, model, total_gpus, ctx.kv_cache,
                                ctx.offload, ctx.fa_on, ctx.mem_fraction, bool(ctx.swa_full),
-                               share.available_bytes if share else None)
+                               share.available_bytes if share else None, ctx.mem_reserve)
     if server.nodes > 1:
         estimate.device = f"{total_gpus} GPUs of {server.nodes} nodes"
     if enforce_fit and estimate.verdict == "does not fit":
@@ -218,7 +218,8 @@ def _planning_order(profile: Profile, facts: Facts, ledger: budget.Ledger) -> li
         if engine in budget.POOL_ENGINES and model is not None and ledger.sharing(i):
             kv, _ = resolve_kv(server, engine, facts.gpu)
             gpus = ledger.used[i]
-            ledger.reserved[i] = {g: budget.pool_minimum(server, kv, facts.gpu, model, len(gpus)) for g in gpus}
+            ledger.reserved[i] = {g: budget.pool_minimum(server, kv, facts.gpu, model, len(gpus), engine)
+                                  for g in gpus}
     return engines
 
 

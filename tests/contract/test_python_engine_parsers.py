@@ -230,24 +230,30 @@ def _served(s: Server) -> str:
     return s.model.served_name or Path(_model_path(s)).name
 
 
-def intended_fraction(c: Case, default: float) -> float:
-    """The engine's default share, split between servers on the same GPUs, or raised (to at most 0.95)
-    when weights + activations + one full-length sequence of KV need more (orchestrator.fit)."""
+def intended_fraction(c: Case, defaults: dict[str, Any]) -> float | None:
+    """Alone on its GPUs: the engine's own default (no flag: vLLM 0.92, SGLang computes one from the GPU's
+    memory), raised (to at most 0.95) when weights (+ vLLM's activations) + one full-length sequence of
+    KV need more. Two servers on the same GPUs: half of 0.92 of it each, less what SGLang keeps outside
+    its fraction (orchestrator.fit)."""
     import math as _math
 
     from orchestrator.facts.model import gather
     from orchestrator.plan import fit
 
-    if c.gpu_servers > 1:
-        return round(default / c.gpu_servers, 2)
     s = c.server
-    facts = gather(s.model.hf, is_hf=True) if s.model.hf else gather(_model_path(s))
     gpus = max(c.gpu_count, 1) * s.nodes
-    device = int(c.gpu.vram_gb * fit.GIB) * gpus
-    need = fit.hf_required_fraction(facts, s.context, s.kv_cache, device, gpus)
+    gpu_bytes = int(c.gpu.vram_gb * fit.GIB)
+    sglang = c.engine == "sglang"
+    if c.gpu_servers > 1:
+        outside = fit.sglang_reserved_bytes(gpu_bytes, gpus, s.parallel) if sglang else 0
+        return _math.floor((0.92 * gpu_bytes / c.gpu_servers - outside) / gpu_bytes * 100) / 100
+    facts = gather(s.model.hf, is_hf=True) if s.model.hf else gather(_model_path(s))
+    device = gpu_bytes * gpus
+    default = fit.sglang_default_fraction(gpu_bytes, gpus, s.parallel) if sglang else 0.92
+    need = fit.hf_required_fraction(facts, s.context, s.kv_cache, device, gpus, activations_inside=not sglang)
     if need is not None and default < need + 0.01 <= 0.95:
         return _math.ceil((need + 0.01) * 100) / 100
-    return default
+    return defaults["mem_fraction_static" if sglang else "gpu_memory_utilization"]   # left to the engine
 
 
 def intended_parsers(c: Case) -> tuple[str | None, str | None]:
@@ -283,7 +289,7 @@ def vllm_expected(c: Case, defaults: dict[str, Any]) -> dict[str, Any]:
         "attention_backend": None,   # vLLM's own selector picks it (Triton below sm80, TRITON_MLA for MLA)
         "dtype": "float16" if not gpu.is_cpu and not gpu.bf16 else "auto",
         "gpu_memory_utilization": (defaults["gpu_memory_utilization"] if gpu.is_cpu
-                                   else intended_fraction(c, 0.90)),
+                                   else intended_fraction(c, defaults)),
     }
     tool, reasoning = intended_parsers(c)
     exp |= {"tool_call_parser": tool, "enable_auto_tool_choice": tool is not None,
@@ -375,7 +381,7 @@ def sglang_expected(c: Case, defaults: dict[str, Any]) -> dict[str, Any]:
         "context_length": s.context, "max_running_requests": s.parallel, "tp_size": max(c.gpu_count, 1) * s.nodes,
         "nnodes": s.nodes, "node_rank": c.rank,
         "dist_init_addr": f"{LEADER_ADDRESS}:20000" if s.nodes > 1 else None,
-        "mem_fraction_static": defaults["mem_fraction_static"] if gpu.is_cpu else intended_fraction(c, 0.85),
+        "mem_fraction_static": defaults["mem_fraction_static"] if gpu.is_cpu else intended_fraction(c, defaults),
         "attention_backend": None,   # SGLang's per-model default (fa3 on Hopper already)
         "kv_cache_dtype": SGLANG_KV[s.kv_cache], "disable_radix_cache": not s.prefix_cache,
         "enable_metrics": True, "api_key": API_KEY if s.api_key_env else None,

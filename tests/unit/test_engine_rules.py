@@ -65,3 +65,21 @@ def test_sglang_on_cpu_binds_the_profiles_threads() -> None:
 def test_pascal_flash_attention_reason(gpu: str, text: str) -> None:
     fa = next(f for f in _plan("llama.cpp", gpu, path="/m/x-7B-Q4_K_M.gguf").flags if f.name == "-fa")
     assert text in fa.reason
+
+
+@pytest.mark.parametrize("version,default", [("0.32.0", 0.92), ("0.34.0", 1.0)])
+def test_vllm_memory_default_is_the_versions_and_is_not_pinned(version: str, default: float) -> None:
+    """0.32.0: gpu_memory_utilization defaults to 0.92 (config/cache.py:102), not the 0.90 the plan
+    pinned as 'the default'; 0.34.0: unset, 1.0 with the extensible KV cache (cache.py:216-235)."""
+    sp = _plan("vllm", "rtx-4090", path="/m/Qwen2.5-7B-Instruct-AWQ", context=8192, engine_version=version)
+    assert "--gpu-memory-utilization" not in _flags(sp)
+    assert sp.settings is not None and sp.settings.memory_fraction == default
+    assert any(f"its default {default:.2f} in vLLM {version}" in n for n in sp.notes)
+
+
+def test_vllm_on_a_shared_gpu_still_gets_its_share_on_0_34() -> None:
+    doc = {"name": "p", "hardware": {"gpu": "rtx-4090"}, "servers": [
+        {"name": n, "engine": "vllm", "engine_version": "0.34.0", "port": p, "context": 8192,
+         "model": {"path": "/m/Qwen2.5-7B-Instruct-AWQ"}} for n, p in (("a", 8000), ("b", 8001))]}
+    plan = build_plan(load_text(yaml.safe_dump(doc), "t.yaml"), environ={"HOME": "/h"}, detect=False)
+    assert [_flags(sp)["--gpu-memory-utilization"] for sp in plan.servers] == ["0.46", "0.46"]

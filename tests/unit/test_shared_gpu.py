@@ -77,8 +77,9 @@ def test_servers_on_different_gpus_each_have_their_own(tmp_path: Path) -> None:
     a = {**VLLM, "name": "a", "gpus": [0], "port": 8000}
     b = {**VLLM, "name": "b", "gpus": [1], "port": 8001}
     plan = build_plan(load(_write(tmp_path, "rtx-4090", [a, b], count=2)), detect=False)
-    for sp in plan.servers:
-        assert {f.name: f.value for f in sp.flags}["--gpu-memory-utilization"] == "0.90"
+    for sp in plan.servers:   # alone on its GPU: vLLM's own default, no flag
+        assert "--gpu-memory-utilization" not in {f.name for f in sp.flags}
+        assert sp.settings is not None and sp.settings.memory_fraction == 0.92
     assert all(len(g.shares) == 1 for g in plan.gpus)
 
 
@@ -86,7 +87,19 @@ def test_two_vllm_servers_on_one_gpu_split_the_default_share(tmp_path: Path) -> 
     a = {**VLLM, "name": "a", "port": 8000}
     b = {**VLLM, "name": "b", "port": 8001}
     plan = build_plan(load(_write(tmp_path, "rtx-4090", [a, b])), detect=False)
-    assert [{f.name: f.value for f in sp.flags}["--gpu-memory-utilization"] for sp in plan.servers] == ["0.45"] * 2
+    assert [{f.name: f.value for f in sp.flags}["--gpu-memory-utilization"] for sp in plan.servers] == ["0.46"] * 2
+
+
+def test_sglang_beside_llama_cpp_counts_what_it_keeps_outside_its_fraction(tmp_path: Path) -> None:
+    coder = {**CODER, "model": {"path": "/models/Qwen3.6-35B-A3B-UD-Q4_K_XL.gguf"}, "context": 32768, "parallel": 1}
+    sg = {**VLLM, "engine": "sglang"}
+    plan = build_plan(load(_write(tmp_path, "rtx-4090", [coder, sg])), detect=False)
+    (gpu,) = plan.gpus
+    sglang = plan.servers[1]
+    frac = float({f.name: f.value for f in sglang.flags}["--mem-fraction-static"] or 0)
+    reserve = fit.sglang_reserved_bytes(24 * GIB, 1, 4)
+    share = next(s for s in gpu.shares if s.server == "chat")
+    assert share.bytes == int(frac * 24 * GIB) + reserve and gpu.used_bytes <= gpu.total_bytes
 
 
 @pytest.mark.parametrize("profile", sorted([*ROOT.glob("profiles/*.yaml"), *ROOT.glob("examples/*.yaml")]),

@@ -43,9 +43,21 @@ def tensor_parallel(ctx: Ctx) -> list[Flag]:
 
 
 def memory_fraction(ctx: Ctx) -> Flag | None:
-    return base.memory_fraction(ctx, "--mem-fraction-static", 0.85,
-                                "weights + KV pool take 85% of GPU memory; the rest holds activations and CUDA "
-                                "graphs")
+    """SGLang 0.5.23 computes its default from the GPU's memory at start (srt/arg_groups/memory_hook.py):
+    the plan leaves it to SGLang unless the GPU is shared or the model needs more, and counts what SGLang
+    keeps outside the fraction (activations, CUDA graphs) on top of it."""
+    if ctx.on_cpu:
+        return None
+    from orchestrator.plan import fit
+    from orchestrator.plan.model import GIB
+
+    gpu_bytes = int(ctx.gpu.vram_gb * GIB)
+    tp = max(ctx.total_gpus, 1)
+    default = fit.sglang_default_fraction(gpu_bytes, tp, ctx.server.parallel)
+    ctx.mem_reserve = fit.sglang_reserved_bytes(gpu_bytes, tp, ctx.server.parallel) * tp
+    why = (f"≈{default:.2f}, which SGLang {ctx.caps['verified_version']} computes from {ctx.gpu.vram_gb:g} GB "
+           "at start")
+    return base.memory_fraction(ctx, "--mem-fraction-static", default, why, inside=False)
 
 
 def kv_cache(ctx: Ctx) -> Flag | None:

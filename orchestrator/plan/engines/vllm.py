@@ -59,10 +59,24 @@ def tensor_parallel(ctx: Ctx) -> list[Flag]:
     return out
 
 
+def default_utilization(ctx: Ctx) -> tuple[float, str]:
+    """vLLM's own --gpu-memory-utilization when none is given, for the targeted version (catalog
+    memory_default): 0.92 in 0.32.0/0.33.0 (vllm/config/cache.py:102), 1.0 from 0.34.0 (cache.py:216)."""
+    from orchestrator.plan.versions import at_least
+
+    version = ctx.version.version if ctx.version else str(ctx.caps["verified_version"])
+    chosen: dict[str, object] = {"value": 0.92}
+    for entry in ctx.caps.get("memory_default") or []:
+        if at_least("vllm", version, str(entry["since"]), ctx.caps) is not False:
+            chosen = entry
+    value = float(str(chosen["value"]))
+    note = f"; from {chosen['since']}: {chosen['note']}" if chosen.get("note") else ""
+    return value, f"{value:.2f} in vLLM {version}{note}"
+
+
 def memory_fraction(ctx: Ctx) -> Flag | None:
-    return base.memory_fraction(ctx, "--gpu-memory-utilization", 0.90,
-                                "weights + KV pool may use 90% of each GPU's memory, leaving room for the CUDA "
-                                "context and graphs")
+    default, why = default_utilization(ctx)
+    return base.memory_fraction(ctx, "--gpu-memory-utilization", default, why)
 
 
 def dtype(ctx: Ctx) -> Flag | None:
