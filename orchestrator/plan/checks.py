@@ -104,6 +104,12 @@ def check_hardware(ctx: Ctx) -> None:
     if acc not in caps["accelerators"]:
         ctx.error(("engine",), f"{disp} does not run on {gpu.name} ({acc})",
                   "pick llama.cpp, which runs on CUDA, ROCm, Vulkan, Metal, SYCL and CPU")
+    gfx = caps.get("rocm_gfx")
+    if gfx and gpu.vendor == "amd" and gpu.gfx_target not in gfx:
+        ctx.error(("engine",), f"{disp} {caps['verified_version']} runs on AMD Instinct CDNA3 and newer only "
+                  f"({', '.join(gfx)} in its kernels); {gpu.describe()}",
+                  "use engine: vllm (its ROCm build covers MI250 and Radeon RX 7000/9000) or llama.cpp with a "
+                  "GGUF model")
     if gpu.cc and engine in ("vllm", "sglang", "ik_llama"):
         minimum = catalog.parse_cc(caps["min_compute_capability"])
         legacy = caps.get("legacy_compute_capability")

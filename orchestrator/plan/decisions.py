@@ -139,6 +139,8 @@ def choose_image(server: Server, engine: str, gpu: Gpu, caps: dict[str, object])
         return None, f"{disp} publishes no {acc} container image{offer}"
     for _key, spec in candidates:
         ref = spec if isinstance(spec, str) else spec["ref"]
+        if isinstance(spec, dict) and spec.get("gfx") and gpu.gfx_target not in spec["gfx"]:
+            continue
         if isinstance(spec, dict) and gpu.cc:
             lo = catalog.parse_cc(str(spec.get("min_cc", "0.0")))
             hi = catalog.parse_cc(str(spec.get("max_cc", "99.9")))
@@ -146,7 +148,8 @@ def choose_image(server: Server, engine: str, gpu: Gpu, caps: dict[str, object])
                 continue
             return ref, f"official {disp} image for {acc} (built for {_span(spec)}; this GPU is {gpu.sm})"
         return ref, f"official {disp} image for {acc}"
-    cover = ", ".join(f"{spec['ref']} ({_span(spec)})" for _, spec in candidates if isinstance(spec, dict))
+    cover = ", ".join(f"{spec['ref']} ({'/'.join(spec['gfx']) if spec.get('gfx') else _span(spec)})"
+                      for _, spec in candidates if isinstance(spec, dict))
     return None, f"no official {disp} image covers {gpu.describe()} (official: {cover}){offer}"
 
 

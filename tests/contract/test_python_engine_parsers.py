@@ -74,6 +74,8 @@ def runs_on(engine: str, gpu: Gpu) -> bool:
     caps = catalog.engine(engine)
     if gpu.accelerator not in caps["accelerators"]:
         return False
+    if caps.get("rocm_gfx") and gpu.vendor == "amd" and gpu.gfx_target not in caps["rocm_gfx"]:
+        return False
     floor = caps.get("legacy_compute_capability") or caps["min_compute_capability"]
     return gpu.cc is None or gpu.cc >= catalog.parse_cc(floor)
 

@@ -83,3 +83,17 @@ def test_vllm_on_a_shared_gpu_still_gets_its_share_on_0_34() -> None:
          "model": {"path": "/m/Qwen2.5-7B-Instruct-AWQ"}} for n, p in (("a", 8000), ("b", 8001))]}
     plan = build_plan(load_text(yaml.safe_dump(doc), "t.yaml"), environ={"HOME": "/h"}, detect=False)
     assert [_flags(sp)["--gpu-memory-utilization"] for sp in plan.servers] == ["0.46", "0.46"]
+
+
+@pytest.mark.parametrize("gpu", ["rx-7900-xtx", "rx-9070-xt", "mi250"])
+def test_sglang_on_amd_before_cdna3_is_refused_with_vllm_suggested(gpu: str) -> None:
+    """SGLang 0.5.23's srt/ knows gfx942, gfx950 and gfx1250 only; these cards got the MI300 image."""
+    with pytest.raises(ProfileError) as exc:
+        _plan("sglang", gpu)
+    assert "CDNA3 and newer only" in str(exc.value) and "engine: vllm" in str(exc.value)
+
+
+def test_sglang_on_mi300x_keeps_the_mi30x_image() -> None:
+    sp = _plan("sglang", "mi300x")
+    assert sp.image == "lmsysorg/sglang:v0.5.23-rocm720-mi30x"
+    assert _plan("vllm", "rx-7900-xtx").engine == "vllm"
