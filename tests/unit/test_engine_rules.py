@@ -97,3 +97,12 @@ def test_sglang_on_mi300x_keeps_the_mi30x_image() -> None:
     sp = _plan("sglang", "mi300x")
     assert sp.image == "lmsysorg/sglang:v0.5.23-rocm720-mi30x"
     assert _plan("vllm", "rx-7900-xtx").engine == "vllm"
+
+
+def test_ik_ngram_speculation_is_planned_without_a_draft_model() -> None:
+    """ik 55d3c05bf parses --spec-type ngram-simple|ngram-map-k|... (common/common.cpp:1058-1075) and
+    builds n-gram drafters without a draft model; the planner refused 'ngram'. The real parser takes the
+    argv in tests/contract/test_engine_parsers.py (ik_llama-ngram)."""
+    flags = _flags(_plan("ik_llama", "rtx-3090", path="/m/Qwen3-8B-Q4_K_M.gguf",
+                         speculative={"method": "ngram", "tokens": 4}))
+    assert flags["--spec-type"] == "ngram-simple" and flags["--spec-ngram-size-m"] == "4" and "-md" not in flags

@@ -55,6 +55,10 @@ def speculative(ctx: Ctx) -> list[Flag] | None:
         return None
     n = str(sp.tokens)
     out: list[Flag] = []
+    if sp.method == "ngram":   # common/common.cpp --spec-type: drafting from the context, no draft model
+        return [Flag("--spec-type", ctx.caps["spec_methods"]["ngram"],
+                     "drafts from n-grams already in the context (no extra model); pays off on repetitive text"),
+                Flag("--spec-ngram-size-m", n, f"draft m-grams of {n} tokens (profile speculative.tokens)")]
     if sp.method == "mtp":
         out.append(Flag("-mtp", None, "the model's own multi-token-prediction (NextN) layers draft tokens "
                         "(this ik build's syntax; newer ik uses --spec-type mtp:n_max=N)"))
