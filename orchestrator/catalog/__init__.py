@@ -59,6 +59,15 @@ class Gpu:
         """Backend family: cuda | rocm | intel | metal | cpu."""
         return {"nvidia": "cuda", "amd": "rocm", "intel": "intel", "apple": "metal"}.get(self.vendor, "cpu")
 
+    @property
+    def working_set_gb(self) -> float:
+        """Memory one GPU can hold for a server. Apple: macOS's default Metal working set, which llama.cpp
+        reports as the device's total (ggml-metal-device.m: recommendedMaxWorkingSetSize) and only warns
+        past: about 2/3 of unified memory up to 36 GB, 3/4 above (raised with sysctl iogpu.wired_limit_mb)."""
+        if self.vendor == "apple":
+            return round(self.vram_gb * (0.75 if self.vram_gb > 36 else 2 / 3), 2)
+        return self.vram_gb
+
     def describe(self) -> str:
         if self.is_cpu:
             return "CPU"

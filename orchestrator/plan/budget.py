@@ -48,14 +48,14 @@ def gpus_of(server: Server, gpu: Gpu, gpu_count: int) -> tuple[int, ...]:
 
 def sglang_reserve(server: Server, gpu: Gpu, gpus: int) -> int:
     """Bytes SGLang keeps outside --mem-fraction-static on each GPU."""
-    return fit.sglang_reserved_bytes(int(gpu.vram_gb * GIB), max(gpus, 1), server.parallel)
+    return fit.sglang_reserved_bytes(int(gpu.working_set_gb * GIB), max(gpus, 1), server.parallel)
 
 
 def pool_minimum(server: Server, kv: str, gpu: Gpu, model: ModelFacts, gpus: int, engine: str = "vllm") -> int:
     """Bytes per GPU a vLLM/SGLang server cannot start with less of: weights + activations + the KV of one
     sequence of the profile's context (both engines refuse to start when the pool cannot hold it), and
     the fit margin beside it (vLLM checks at start that its whole share is free)."""
-    device = int(gpu.vram_gb * GIB) * max(gpus, 1)
+    device = int(gpu.working_set_gb * GIB) * max(gpus, 1)
     sglang = engine == "sglang"
     need = fit.hf_required_fraction(model, server.context, kv, device, gpus, activations_inside=not sglang)
     if need is None:
@@ -71,7 +71,7 @@ class Ledger:
     def __init__(self, gpu: Gpu, count: int, servers: list[Server]) -> None:
         self.gpu = gpu
         self.servers = servers
-        self.gpus = {i: GpuBudget(i, gpu.name, int(gpu.vram_gb * GIB)) for i in range(count)}
+        self.gpus = {i: GpuBudget(i, gpu.name, int(gpu.working_set_gb * GIB)) for i in range(count)}
         self.used = [gpus_of(s, gpu, count) for s in servers]
         self.reserved: dict[int, dict[int, int]] = {}   # server index -> GPU -> bytes
 

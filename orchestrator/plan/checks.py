@@ -220,6 +220,11 @@ def check_warnings(ctx: Ctx) -> None:
     if not ctx.facts.exists and ctx.facts.location and not s.model.hf:
         ctx.warnings.append(f"model file {ctx.facts.location} is not on this machine (fine for plan/render; "
                             "`up` needs it)")
+    if ctx.gpu.vendor == "apple":
+        ctx.notes.append(f"Apple GPU memory: planned against {ctx.gpu.working_set_gb:g} GB, macOS's default Metal "
+                         f"working set of the {ctx.gpu.vram_gb:g} GB configuration (recommendedMaxWorkingSetSize, "
+                         "which llama.cpp's Metal backend reports as the GPU's memory); with a raised limit (sudo "
+                         "sysctl iogpu.wired_limit_mb=N) the plan leaves the difference unused")
     if s.runtime == "process" and s.image:
         ctx.warnings.append("image is used only by the docker runtime and the docker/compose/k8s renderers")
 

@@ -68,8 +68,10 @@ def decide_offload(server: Server, engine: str, gpu: Gpu, gpu_count: int, facts:
         return Offload("all", "engine holds the whole model on the GPU")
     if gpu.is_cpu:
         return Offload("cpu", "CPU-only: every layer runs on the CPU")
-    vram = gpu.vram_gb * gpu_count if available is None else round(available / GIB, 2)
+    vram = gpu.working_set_gb * gpu_count if available is None else round(available / GIB, 2)
     room = "VRAM" if available is None else f"VRAM {where}"
+    if gpu.vendor == "apple":
+        room = f"Metal working set (macOS default for {gpu.vram_gb:g} GB)" + (f" {where}" if available is not None else "")
     size = facts.size_gib
     if size is None:
         return Offload("all", f"all layers on {gpu.name} (model size unknown: no file and no size in its name)")
@@ -231,10 +233,10 @@ def estimate_memory(server: Server, engine: str, gpu: Gpu, host_ram: int | None,
         elif available is not None:
             device = available
         else:
-            device = int(gpu.vram_gb * GIB) * max(gpu_count, 1)
+            device = int(gpu.working_set_gb * GIB) * max(gpu_count, 1)
         return fit.estimate_gguf(model, engine, server.context, server.parallel, kv, gpu.is_cpu, device,
                                  offload.mode, offload.layers, fa_on, swa_full)
-    device = host_ram if gpu.is_cpu else int(gpu.vram_gb * GIB) * max(gpu_count, 1)
+    device = host_ram if gpu.is_cpu else int(gpu.working_set_gb * GIB) * max(gpu_count, 1)
     return fit.estimate_hf(model, server.context, server.parallel, kv, device, gpu_count,
                            0.92 if fraction is None else fraction, on_cpu=gpu.is_cpu, reserve_bytes=reserve)
 

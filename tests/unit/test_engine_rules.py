@@ -106,3 +106,12 @@ def test_ik_ngram_speculation_is_planned_without_a_draft_model() -> None:
     flags = _flags(_plan("ik_llama", "rtx-3090", path="/m/Qwen3-8B-Q4_K_M.gguf",
                          speculative={"method": "ngram", "tokens": 4}))
     assert flags["--spec-type"] == "ngram-simple" and flags["--spec-ngram-size-m"] == "4" and "-md" not in flags
+
+
+def test_apple_memory_is_the_metal_working_set_not_the_whole_ram() -> None:
+    """llama.cpp Metal reports recommendedMaxWorkingSetSize as the device's memory (ggml-metal-device.m)
+    and only warns past it: a 107 GiB model did 'fit in 128 GiB' with all layers on the GPU."""
+    sp = _plan("llama.cpp", "apple-m4-max", path="/m/Qwen3-235B-A22B-Q3_K_M.gguf", context=16384)
+    assert sp.estimate is not None and sp.estimate.available_bytes == 96 * 2**30
+    assert sp.settings is not None and sp.settings.offload != "all"
+    assert any("Metal" in n and "96 GB" in n for n in sp.notes)
