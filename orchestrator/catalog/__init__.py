@@ -56,8 +56,9 @@ class Gpu:
 
     @property
     def accelerator(self) -> str:
-        """Backend family: cuda | rocm | intel | metal | cpu."""
-        return {"nvidia": "cuda", "amd": "rocm", "intel": "intel", "apple": "metal"}.get(self.vendor, "cpu")
+        """Backend family: cuda | rocm | sycl (Intel GPUs: llama.cpp's SYCL backend, vLLM's XPU platform) |
+        metal | cpu."""
+        return {"nvidia": "cuda", "amd": "rocm", "intel": "sycl", "apple": "metal"}.get(self.vendor, "cpu")
 
     @property
     def working_set_gb(self) -> float:

@@ -193,7 +193,7 @@ class ServerPlan:
     engine_version: str
     engine_reason: str
     runtime: str
-    accelerator: str                   # cuda | rocm | intel | metal | cpu
+    accelerator: str                   # cuda | rocm | sycl (Intel) | metal | cpu
     image: str | None
     image_reason: str
     host: str                          # address clients reach it on
@@ -238,7 +238,7 @@ class ServerPlan:
             return GpuAccess(nvidia=True, device_ids=self.gpu_ids, k8s_resource="nvidia.com/gpu")
         if self.accelerator == "rocm":
             return GpuAccess(devices=("/dev/kfd", "/dev/dri"), groups=("video",), k8s_resource="amd.com/gpu")
-        if self.accelerator == "intel":
+        if self.accelerator == "sycl":
             return GpuAccess(devices=("/dev/dri",), k8s_resource="gpu.intel.com/i915")
         return GpuAccess()
 

@@ -289,7 +289,7 @@ def vllm_expected(c: Case, defaults: dict[str, Any]) -> dict[str, Any]:
         "tensor_parallel_size": max(c.gpu_count, 1), "enable_prefix_caching": s.prefix_cache,
         "kv_cache_dtype": VLLM_KV[s.kv_cache], "trust_remote_code": s.model.trust_remote_code, "api_key": None,
         "attention_backend": None,   # vLLM's own selector picks it (Triton below sm80, TRITON_MLA for MLA)
-        "dtype": "float16" if not gpu.is_cpu and not gpu.bf16 else "auto",
+        "dtype": "float16" if (not gpu.is_cpu and not gpu.bf16) or "a770" in gpu.id else "auto",
         "gpu_memory_utilization": (defaults["gpu_memory_utilization"] if gpu.is_cpu
                                    else intended_fraction(c, defaults)),
     }

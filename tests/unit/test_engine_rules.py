@@ -115,3 +115,29 @@ def test_apple_memory_is_the_metal_working_set_not_the_whole_ram() -> None:
     assert sp.estimate is not None and sp.estimate.available_bytes == 96 * 2**30
     assert sp.settings is not None and sp.settings.offload != "all"
     assert any("Metal" in n and "96 GB" in n for n in sp.notes)
+
+
+@pytest.mark.parametrize("gpu", ["arc-a770-16gb", "arc-b580"])
+def test_intel_arc_runs_llama_cpp_through_sycl(gpu: str) -> None:
+    """Gpu.accelerator was 'intel', which no engine lists: every engine was refused, with a hint naming
+    llama.cpp's SYCL backend. llama.cpp b11434 publishes server-intel (.devops/intel.Dockerfile, SYCL)."""
+    sp = _plan("llama.cpp", gpu, path="/m/Qwen3-8B-Q4_K_M.gguf", runtime="docker")
+    assert sp.accelerator == "sycl" and sp.image == "ghcr.io/ggml-org/llama.cpp:server-intel"
+    assert sp.gpu_access().devices == ("/dev/dri",)
+    assert "SYCL" in next(f for f in sp.flags if f.name == "-fa").reason
+
+
+def test_vllm_on_intel_uses_its_xpu_platform_and_fp16_on_the_a770() -> None:
+    """vllm/platforms/xpu.py (0.32.0) refuses bf16 on the Arc A770 and asks for --dtype=half."""
+    assert _flags(_plan("vllm", "arc-a770-16gb"))["--dtype"] == "float16"
+    b580 = _plan("vllm", "arc-b580", path="/m/Qwen2.5-7B-Instruct-AWQ", context=4096)
+    assert "--dtype" not in _flags(b580) and any("XPU" in n for n in b580.notes)
+
+
+def test_the_sycl_build_uses_oneapi_compilers() -> None:
+    from orchestrator.provision.builds import ProvisionError, cmake_options
+
+    opts = cmake_options("llama.cpp", "sycl", None, portable=True)
+    assert "-DGGML_SYCL=ON" in opts and "-DCMAKE_CXX_COMPILER=icpx" in opts
+    with pytest.raises(ProvisionError):
+        cmake_options("ik_llama", "sycl", None, portable=True)

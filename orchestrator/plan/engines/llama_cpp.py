@@ -81,6 +81,9 @@ def flash_attention(ctx: Ctx) -> Flag:
         return Flag("-fa", "on", f"{ctx.gpu.describe()}; FlashAttention kernels are supported {tc}{need}")
     if acc in ("metal", "rocm"):
         return Flag("-fa", "on", f"{ctx.gpu.describe()}; FlashAttention is supported on this backend{need}")
+    if acc == "sycl":
+        return Flag("-fa", "on" if quantized_v else "auto", f"{ctx.gpu.name} through the SYCL backend; FA kernels "
+                    "depend on the build and device" + (need or ", so let the engine decide"))
     value = "on" if quantized_v else "auto"
     return Flag("-fa", value, f"{ctx.gpu.describe()}; FA support depends on the driver (coopmat2/subgroup ops)"
                 + (need or ", so let the engine decide"))

@@ -80,6 +80,14 @@ def memory_fraction(ctx: Ctx) -> Flag | None:
 
 
 def dtype(ctx: Ctx) -> Flag | None:
+    if ctx.gpu.vendor == "intel" and "a770" in ctx.gpu.id:
+        # vllm/platforms/xpu.py check_if_supports_dtype: "Intel Arc A770 have bfloat16 accuracy known issue"
+        return Flag("--dtype", "float16", f"{ctx.gpu.name}: vLLM's XPU platform refuses bf16 on the A770 "
+                    "(known accuracy issue) and asks for fp16")
+    if ctx.gpu.vendor == "intel":
+        ctx.notes.append("Intel GPU: vLLM runs on its XPU platform with an XPU build of vLLM (PyTorch XPU); "
+                         "orchestrate engines install vllm installs the CPU build only")
+        return None
     if not ctx.on_cpu and not ctx.gpu.bf16:
         return Flag("--dtype", "float16", f"{ctx.gpu.describe()}: no bf16 (needs sm80), run weights in fp16")
     return None
