@@ -141,3 +141,31 @@ def test_the_sycl_build_uses_oneapi_compilers() -> None:
     assert "-DGGML_SYCL=ON" in opts and "-DCMAKE_CXX_COMPILER=icpx" in opts
     with pytest.raises(ProvisionError):
         cmake_options("ik_llama", "sycl", None, portable=True)
+
+
+@pytest.mark.parametrize("method,extra,want", [
+    ("mtp", {}, "mtp:n_max=2"),
+    ("ngram", {}, "ngram-simple:ngram_size_m=2"),
+    ("draft", {"draft_model": "/m/Qwen3-0.6B-Q8_0.gguf"}, "draft:n_max=2"),
+])
+def test_ik_from_2026_06_gets_the_staged_spec_syntax(method: str, extra: dict[str, str], want: str) -> None:
+    """ik 007d64009 (2026-06) refuses -mtp/--draft-max/--spec-ngram-size-* and takes repeated --spec-type
+    TYPE:key=value stages (common/common.cpp @ 8337e4c); every newer ik with speculation was refused."""
+    sp = _plan("ik_llama", "rtx-3090", path="/m/Qwen3.6-35B-A3B-UD-Q4_K_XL.gguf", engine_version="8337e4c",
+               speculative={"method": method, "tokens": 2, **extra})
+    flags = _flags(sp)
+    assert flags["--spec-type"] == want
+    assert not {"-mtp", "--draft-max", "--spec-ngram-size-m"} & set(flags)
+    old = _flags(_plan("ik_llama", "rtx-3090", path="/m/Qwen3.6-35B-A3B-UD-Q4_K_XL.gguf",
+                       speculative={"method": "mtp", "tokens": 2}))
+    assert "-mtp" in old and old["--draft-max"] == "2"
+
+
+@pytest.mark.parametrize("arg", ["--no-mmap", "--mlock"])
+def test_llama_cpp_load_flags_removed_in_b11434_are_caught(arg: str) -> None:
+    """b11434 replaced --mmap/--no-mmap/--mlock/-dio with -lm/--load-mode (common/arg.cpp); b9093 has them."""
+    with pytest.raises(ProfileError) as exc:
+        _plan("llama.cpp", "rtx-3090", path="/m/Qwen3-8B-Q4_K_M.gguf", extra_args=[arg])
+    assert "removed by b11434" in str(exc.value) and "-lm" in str(exc.value)
+    assert _plan("llama.cpp", "rtx-3090", path="/m/Qwen3-8B-Q4_K_M.gguf", extra_args=[arg],
+                 engine_version="b9093") is not None
