@@ -223,7 +223,7 @@ def api_key(server: Server, engine: str, profile: Profile, state_dir: str) -> Ap
 def estimate_memory(server: Server, engine: str, gpu: Gpu, host_ram: int | None, model: ModelFacts, gpu_count: int,
                     kv: str, offload: Offload, fa_on: bool, fraction: float | None,
                     swa_full: bool = False, available: int | None = None,
-                    reserve: int | None = None) -> FitEstimate:
+                    reserve: int | None = None, ubatch: int = fit.N_UBATCH) -> FitEstimate:
     """The memory estimate of one server: weights + KV + compute against VRAM (RAM on CPU).
     fraction: the vLLM/SGLang memory share the rules chose (None: the engines' 0.9 default);
     available: GGUF engines on shared GPUs: the GPU memory the other servers leave."""
@@ -235,7 +235,7 @@ def estimate_memory(server: Server, engine: str, gpu: Gpu, host_ram: int | None,
         else:
             device = int(gpu.working_set_gb * GIB) * max(gpu_count, 1)
         return fit.estimate_gguf(model, engine, server.context, server.parallel, kv, gpu.is_cpu, device,
-                                 offload.mode, offload.layers, fa_on, swa_full)
+                                 offload.mode, offload.layers, fa_on, swa_full, ubatch)
     device = host_ram if gpu.is_cpu else int(gpu.working_set_gb * GIB) * max(gpu_count, 1)
     return fit.estimate_hf(model, server.context, server.parallel, kv, device, gpu_count,
                            0.92 if fraction is None else fraction, on_cpu=gpu.is_cpu, reserve_bytes=reserve)

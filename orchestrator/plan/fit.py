@@ -174,11 +174,12 @@ def compute_bytes(facts: ModelFacts, engine: str, n_ctx_seq: int, n_seq: int, fl
 
 def estimate_gguf(facts: ModelFacts, engine: str, context: int, parallel: int, kv: str, on_cpu: bool,
                   device_bytes: int | None, offload_mode: str, offload_layers: int | None,
-                  flash_attention: bool = True, swa_full: bool = False) -> FitEstimate:
+                  flash_attention: bool = True, swa_full: bool = False, n_ubatch: int = N_UBATCH) -> FitEstimate:
     weights = facts.size_bytes or 0
     have_shape = bool(facts.metadata.get("block_count"))
-    kv_b = kv_cache_bytes(facts, engine, context, parallel, kv, swa_full=swa_full) if have_shape else 0
-    comp = compute_bytes(facts, engine, context, parallel, flash_attention, swa_full=swa_full) if have_shape else 0
+    kv_b = kv_cache_bytes(facts, engine, context, parallel, kv, n_ubatch, swa_full=swa_full) if have_shape else 0
+    comp = (compute_bytes(facts, engine, context, parallel, flash_attention, n_ubatch, swa_full=swa_full)
+            if have_shape else 0)
     overhead = 0 if on_cpu else GPU_RUNTIME_BYTES
     host = 0
     moved = ""

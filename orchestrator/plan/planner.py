@@ -8,6 +8,7 @@ plan/checks.py, engine-specific flags in the rule lists of plan/engines/.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 
 from orchestrator import catalog
@@ -32,7 +33,7 @@ from orchestrator.plan.decisions import (
     tool_parsers,
 )
 from orchestrator.plan.engines import ik_llama, llama_cpp, sglang, vllm
-from orchestrator.plan.engines.base import Ctx, run_rules
+from orchestrator.plan.engines.base import Ctx, Offload, run_rules
 from orchestrator.plan.model import (
     EnvVar,
     Executable,
@@ -56,12 +57,29 @@ def flash_attention_on(engine: str, on_cpu: bool, parallel: int, model: ModelFac
     return not (breaks is not None and breaks(on_cpu, parallel, model))
 
 
-def _runtime_gib(server: Server, engine: str, model: ModelFacts, kv: str, fa_on: bool, swa_full: bool) -> float:
+def _runtime_gib(server: Server, engine: str, model: ModelFacts, kv: str, fa_on: bool, swa_full: bool,
+                 n_ubatch: int = fit.N_UBATCH) -> float:
     """KV cache + compute buffers that must sit beside the weights (GGUF engines)."""
     if engine not in GGUF_ENGINES or not model.metadata.get("block_count"):
         return 0.0
-    return (fit.kv_cache_bytes(model, engine, server.context, server.parallel, kv, swa_full=swa_full)
-            + fit.compute_bytes(model, engine, server.context, server.parallel, fa_on, swa_full=swa_full)) / GIB
+    return (fit.kv_cache_bytes(model, engine, server.context, server.parallel, kv, n_ubatch, swa_full=swa_full)
+            + fit.compute_bytes(model, engine, server.context, server.parallel, fa_on, n_ubatch,
+                                swa_full=swa_full)) / GIB
+
+
+OFFLOAD_UBATCH = 2048
+
+
+def _offload_ubatch(server: Server, engine: str, model: ModelFacts, kv: str, fa_on: bool, offload: Offload,
+                    decide: Callable[[float], Offload]) -> int:
+    """With experts or layers in system RAM, prefill copies those weights to the GPU once per micro-batch
+    (llama.cpp PR #13386, ik PR #520): a 2048-token -ub spreads that copy over 4x the tokens. Taken only
+    when its larger compute buffer still fits the same placement (decide: the offload decision for a
+    given KV + compute size)."""
+    if offload.mode not in ("moe_all", "moe_layers", "layers"):
+        return fit.N_UBATCH
+    wider = decide(_runtime_gib(server, engine, model, kv, fa_on, False, OFFLOAD_UBATCH))
+    return OFFLOAD_UBATCH if (wider.mode, wider.layers) == (offload.mode, offload.layers) else fit.N_UBATCH
 
 
 def _default_name(server: Server, facts: Facts) -> str:
@@ -97,9 +115,13 @@ def _context(profile: Profile, index: int, facts: Facts, engine: str, version: E
     kv, kv_reason = resolve_kv(server, engine, gpu)
     fa_on = flash_attention_on(engine, gpu.is_cpu, server.parallel, model)
     available = share.available_bytes if share else None
-    offload = decide_offload(server, engine, gpu, max(gpu_count, 1), model,
-                             _runtime_gib(server, engine, model, kv, fa_on, False), available,
-                             share.why if share else "")
+
+    def decide(runtime: float) -> Offload:
+        return decide_offload(server, engine, gpu, max(gpu_count, 1), model, runtime, available,
+                              share.why if share else "")
+
+    offload = decide(_runtime_gib(server, engine, model, kv, fa_on, False))
+    ubatch = _offload_ubatch(server, engine, model, kv, fa_on, offload, decide)
     full = _runtime_gib(server, engine, model, kv, fa_on, True)
     swa_full = decide_swa_full(server, engine, gpu, facts.host_ram_bytes, model, gpu_count, kv, fa_on, offload, full,
                                full - _runtime_gib(server, engine, model, kv, fa_on, False), available)
@@ -115,7 +137,8 @@ def _context(profile: Profile, index: int, facts: Facts, engine: str, version: E
                draft_arg=draft.location if draft else None, draft_container=draft_c, kv_cache=kv,
                kv_reason=kv_reason, offload=offload, served_name=served,
                api_key=api_key(server, engine, profile, facts.state_dir), version=version, swa_full=swa_full,
-               fa_on=fa_on, mounts=mounts, share=share, tools=tools, notes=[tools_note] if tools_note else [])
+               fa_on=fa_on, mounts=mounts, share=share, tools=tools, notes=[tools_note] if tools_note else [],
+               ubatch=ubatch)
 
 
 def _executable_warnings(ctx: Ctx, facts: Facts) -> None:
@@ -181,7 +204,7 @@ def plan_server(profile: Profile, index: int, facts: Facts, enforce_fit: bool = 
     total_gpus = ctx.gpu_count * server.nodes
     estimate = estimate_memory(server, engine, facts.gpu, facts.host_ram_bytes, model, total_gpus, ctx.kv_cache,
                                ctx.offload, ctx.fa_on, ctx.mem_fraction, bool(ctx.swa_full),
-                               share.available_bytes if share else None, ctx.mem_reserve)
+                               share.available_bytes if share else None, ctx.mem_reserve, ctx.ubatch)
     if server.nodes > 1:
         estimate.device = f"{total_gpus} GPUs of {server.nodes} nodes"
     if enforce_fit and estimate.verdict == "does not fit":

@@ -169,3 +169,20 @@ def test_llama_cpp_load_flags_removed_in_b11434_are_caught(arg: str) -> None:
     assert "removed by b11434" in str(exc.value) and "-lm" in str(exc.value)
     assert _plan("llama.cpp", "rtx-3090", path="/m/Qwen3-8B-Q4_K_M.gguf", extra_args=[arg],
                  engine_version="b9093") is not None
+
+
+def test_a_larger_micro_batch_when_experts_sit_in_system_ram() -> None:
+    """Prefill copies CPU-resident weights to the GPU once per micro-batch (llama.cpp PR #13386): with
+    -ncmoe the plan takes -ub 2048 when its compute buffer fits the same placement, and counts it."""
+    path = "/m/Qwen3.6-35B-A3B-UD-Q4_K_XL.gguf"
+    sp = _plan("llama.cpp", "rtx-4060", path=path, context=32768, kv_cache="q8_0")
+    assert _flags(sp)["-ub"] == "2048" and "-ncmoe" in _flags(sp)
+    from orchestrator.facts.model import gather
+    from orchestrator.plan import fit
+
+    model = gather(path.replace("/m/", "/nonexistent/"))
+    assert sp.estimate is not None
+    assert sp.estimate.compute_bytes == fit.compute_bytes(model, "llama.cpp", 32768, 1, True, 2048)
+    # f16 KV at the same context leaves no room for the larger buffer without moving more experts
+    assert "-ub" not in _flags(_plan("llama.cpp", "rtx-4060", path=path, context=32768))
+    assert "-ub" not in _flags(_plan("llama.cpp", "rtx-4090", path="/m/Qwen3-8B-Q4_K_M.gguf"))   # all on the GPU

@@ -53,6 +53,7 @@ class Ctx:
     fa_on: bool = True             # GGUF engines: FlashAttention on (decided by the planner, read by rules)
     mem_fraction: float | None = None  # vLLM/SGLang: the share of GPU memory, set by the memory_fraction rule
     mem_reserve: int | None = None     # SGLang: bytes it keeps outside that share on all its GPUs (None: inside)
+    ubatch: int = 512              # GGUF engines: the micro-batch (-ub) the planner chose and the fit counts
     mounts: list[Mount] = field(default_factory=list)  # host folders a container needs (model, draft)
     share: Budget | None = None    # what the other servers on its GPUs leave it (None: it has them to itself)
     tools: Any = None              # plan.decisions.ToolParsers: vLLM/SGLang tool-call/reasoning parsers (None: none)

@@ -129,6 +129,6 @@ def jinja(ctx: Ctx) -> Flag | None:
 
 RULES: list[Rule] = [
     model, alias, bind_host, port, api_key_file, mainline.context, mainline.slots, mainline.threads, gpu_layers,
-    mainline.moe_offload, flash_attention, mainline.kv_types, mla,
+    mainline.moe_offload, mainline.micro_batch, flash_attention, mainline.kv_types, mla,
     speculative, prompt_cache, jinja, mainline.metrics, user_args,
 ]

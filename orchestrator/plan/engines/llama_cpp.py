@@ -54,6 +54,16 @@ def gpu_layers(ctx: Ctx, all_value: str = "all") -> Flag | None:
     return Flag("-ngl", all_value, off.reason)
 
 
+def micro_batch(ctx: Ctx) -> Flag | None:
+    """-ub: the planner's micro-batch (plan/planner.py _offload_ubatch); -b stays at its default 2048
+    (common.h n_batch), which a 2048-token micro-batch does not exceed."""
+    if ctx.ubatch == 512:
+        return None
+    return Flag("-ub", str(ctx.ubatch), "weights in system RAM are copied to the GPU once per micro-batch during "
+                f"prefill: a {ctx.ubatch}-token micro-batch (default 512) spreads that copy over 4x the tokens; its larger "
+                "compute buffer is counted in memory and keeps the same placement")
+
+
 def moe_offload(ctx: Ctx) -> Flag | None:
     off = ctx.offload
     if off.mode == "moe_all":
@@ -179,6 +189,6 @@ def metrics(ctx: Ctx) -> Flag:
 
 
 RULES: list[Rule] = [
-    model, alias, bind_host, port, api_key_env, context, slots, threads, gpu_layers, moe_offload, fit_off,
+    model, alias, bind_host, port, api_key_env, context, slots, threads, gpu_layers, moe_offload, micro_batch, fit_off,
     flash_attention, kv_types, speculative, prompt_cache, metrics, user_args,
 ]
