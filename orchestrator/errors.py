@@ -5,6 +5,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+# Deployment and server names: lowercase DNS labels without '--'. They are joined by '--' (container,
+# k8s and log names), so two names never make the same joined name (deployment lc + server a-b vs
+# lc-a + b). The profile schema validates them; the state folder accepts nothing else.
+NAME_RE = r"^[a-z0-9]+(-[a-z0-9]+)*$"
+
 # Characters that end a line or steer a terminal: C0 and C1 controls, DEL, the Unicode line and
 # paragraph separators (YAML 1.1 and some terminals break lines on them) and the bidirectional
 # overrides that reorder what a reader sees.

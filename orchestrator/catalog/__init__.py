@@ -56,8 +56,18 @@ class Gpu:
 
     @property
     def accelerator(self) -> str:
-        """Backend family: cuda | rocm | intel | metal | cpu."""
-        return {"nvidia": "cuda", "amd": "rocm", "intel": "intel", "apple": "metal"}.get(self.vendor, "cpu")
+        """Backend family: cuda | rocm | sycl (Intel GPUs: llama.cpp's SYCL backend, vLLM's XPU platform) |
+        metal | cpu."""
+        return {"nvidia": "cuda", "amd": "rocm", "intel": "sycl", "apple": "metal"}.get(self.vendor, "cpu")
+
+    @property
+    def working_set_gb(self) -> float:
+        """Memory one GPU can hold for a server. Apple: macOS's default Metal working set, which llama.cpp
+        reports as the device's total (ggml-metal-device.m: recommendedMaxWorkingSetSize) and only warns
+        past: about 2/3 of unified memory up to 36 GB, 3/4 above (raised with sysctl iogpu.wired_limit_mb)."""
+        if self.vendor == "apple":
+            return round(self.vram_gb * (0.75 if self.vram_gb > 36 else 2 / 3), 2)
+        return self.vram_gb
 
     def describe(self) -> str:
         if self.is_cpu:
@@ -190,3 +200,23 @@ def find_model(name: str) -> ModelEntry | None:
             if frag in key and (best is None or len(frag) > best[0]):
                 best = (len(frag), entry)
     return best[1] if best else None
+
+
+@lru_cache(maxsize=1)
+def parsers() -> dict[str, Any]:
+    """parsers.yaml: tool-call and reasoning parser names by model family, per engine."""
+    data: dict[str, Any] = _load_yaml("parsers.yaml")
+    return data
+
+
+def _alnum(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+def parser_family(*names: str | None) -> dict[str, Any] | None:
+    """The first family of parsers.yaml whose match fragment is in one of the model's names."""
+    keys = [_alnum(n) for n in names if n]
+    for family in parsers()["families"]:
+        if any(fragment in key for fragment in family["match"] for key in keys):
+            return dict(family)
+    return None

@@ -21,7 +21,8 @@ def engines() -> None:
 
 @engines.command("install")
 @click.argument("engine", type=click.Choice(["llama.cpp", "ik_llama", *PY_ENGINES]))
-@click.option("--backend", type=click.Choice(["cpu", "cuda", "rocm", "vulkan"]), default="cpu", show_default=True)
+@click.option("--backend", type=click.Choice(["cpu", "cuda", "rocm", "vulkan", "sycl"]), default="cpu",
+              show_default=True)
 @click.option("--gpu-arch", help="CUDA architectures (e.g. 86, 89;90) or AMD gfx target.")
 @click.option("--source", type=click.Path(exists=True), help="Source tarball or tree instead of the PyPI sdist.")
 @click.option("--portable", is_flag=True, help="Build for any x86-64 CPU instead of this one.")
@@ -61,7 +62,8 @@ def engines_install(engine: str, backend: str, gpu_arch: str | None, source: str
 
 @engines.command("image")
 @click.argument("engine", type=click.Choice(["llama.cpp", "ik_llama"]))
-@click.option("--backend", type=click.Choice(["cpu", "cuda", "rocm", "vulkan"]), default="cpu", show_default=True)
+@click.option("--backend", type=click.Choice(["cpu", "cuda", "rocm", "vulkan", "sycl"]), default="cpu",
+              show_default=True)
 @click.option("--gpu-arch", help="The --gpu-arch the engine was installed with.")
 @click.option("--tag", help="Image name:tag (default: localhost/orchestrator/ENGINE:VERSION-BACKEND).")
 def engines_image(engine: str, backend: str, gpu_arch: str | None, tag: str | None) -> None:

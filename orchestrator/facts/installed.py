@@ -86,7 +86,7 @@ def installed(engine: str, backend: str = "cpu", gpu_arch: str | None = None,
 
 
 def backend_for(accelerator: str) -> str:
-    return {"cuda": "cuda", "rocm": "rocm"}.get(accelerator, "cpu")
+    return {"cuda": "cuda", "rocm": "rocm", "sycl": "sycl"}.get(accelerator, "cpu")
 
 
 

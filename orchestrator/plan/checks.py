@@ -103,7 +103,8 @@ def check_nodes(ctx: Ctx) -> None:
 
 def check_server(ctx: Ctx) -> None:
     """Every check of one server, in the order the user reads them."""
-    for check in (check_owned, check_hardware, check_nodes, check_model, check_kv, check_speculative, check_warnings):
+    for check in (check_owned, check_hardware, check_nodes, check_model, check_kv, check_speculative, check_tools,
+                  check_warnings):
         check(ctx)
 
 
@@ -148,6 +149,16 @@ def check_owned(ctx: Ctx) -> None:
                       _owned_hint(name, owned_env[name]))
 
 
+def check_tools(ctx: Ctx) -> None:
+    """A `tools: NAME` the engine cannot take (plan/decisions.py)."""
+    from orchestrator.plan.decisions import check_tools as tools_problem
+
+    version = ctx.version.version if ctx.version else str(ctx.caps["verified_version"])
+    found = tools_problem(ctx.server, ctx.engine, version, ctx.caps)
+    if found:
+        ctx.error(("tools",), *found)
+
+
 def check_hardware(ctx: Ctx) -> None:
     """The engine runs on this accelerator and GPU generation."""
     caps, gpu, engine = ctx.caps, ctx.gpu, ctx.engine
@@ -156,6 +167,12 @@ def check_hardware(ctx: Ctx) -> None:
     if acc not in caps["accelerators"]:
         ctx.error(("engine",), f"{disp} does not run on {gpu.name} ({acc})",
                   "pick llama.cpp, which runs on CUDA, ROCm, Vulkan, Metal, SYCL and CPU")
+    gfx = caps.get("rocm_gfx")
+    if gfx and gpu.vendor == "amd" and gpu.gfx_target not in gfx:
+        ctx.error(("engine",), f"{disp} {caps['verified_version']} runs on AMD Instinct CDNA3 and newer only "
+                  f"({', '.join(gfx)} in its kernels); {gpu.describe()}",
+                  "use engine: vllm (its ROCm build covers MI250 and Radeon RX 7000/9000) or llama.cpp with a "
+                  "GGUF model")
     if gpu.cc and engine in ("vllm", "sglang", "ik_llama"):
         minimum = catalog.parse_cc(caps["min_compute_capability"])
         legacy = caps.get("legacy_compute_capability")
@@ -216,9 +233,22 @@ def check_kv(ctx: Ctx) -> None:
         alt = "q8_0 (half of f16)" if engine in GGUF_ENGINES else "fp8 (half of bf16) or auto"
         ctx.error(("kv_cache",), f"{disp} has no {s.kv_cache} KV cache", f"use {alt}")
     if engine in ("vllm", "sglang") and kv.startswith("fp8") and not gpu.is_cpu:
-        if not gpu.fp8 and not (engine == "vllm" and gpu.cc and gpu.cc >= (8, 9)):
-            ctx.error(("kv_cache",), f"fp8 KV cache needs an sm89+ GPU with fp8 support; {gpu.describe()}",
+        # vLLM 0.32: FlashInfer stores fp8/fp8_e4m3/fp8_e5m2 KV on sm80-sm121 (v1/attention/backends/
+        # flashinfer.py supported_kv_cache_dtypes, supports_compute_capability) and the selector skips the
+        # backends that cannot; Triton needs sm89 for it. SGLang's rule is kept at sm89 (not verified lower).
+        floor = (8, 0) if engine == "vllm" else (8, 9)
+        if not gpu.fp8 and not (gpu.cc and gpu.cc >= floor) and gpu.vendor == "nvidia":
+            need = "sm80+ (FlashInfer)" if engine == "vllm" else "sm89+ with fp8 support"
+            ctx.error(("kv_cache",), f"{disp}'s fp8 KV cache needs an {need} GPU; {gpu.describe()}",
                       "use kv_cache: auto on this GPU")
+        elif not gpu.fp8 and gpu.vendor != "nvidia":
+            ctx.error(("kv_cache",), f"fp8 KV cache needs a GPU with fp8 support; {gpu.describe()}",
+                      "use kv_cache: auto on this GPU")
+    if engine in ("vllm", "sglang") and kv == "bf16" and not gpu.is_cpu and not gpu.bf16:
+        # vLLM 0.32 v1/attention/backends/triton_attn.py: "bfloat16 KV cache is not supported ... requires SM80+"
+        ctx.error(("kv_cache",), f"a bf16 KV cache needs bf16 arithmetic (sm80+); {gpu.describe()}, where "
+                  f"{disp} runs fp16 weights and attention",
+                  "use kv_cache: auto (fp16 here) or f16")
 
 
 def check_speculative(ctx: Ctx) -> None:
@@ -266,6 +296,11 @@ def check_warnings(ctx: Ctx) -> None:
     if not ctx.facts.exists and ctx.facts.location and not s.model.hf:
         ctx.warnings.append(f"model file {ctx.facts.location} is not on this machine (fine for plan/render; "
                             "`up` needs it)")
+    if ctx.gpu.vendor == "apple":
+        ctx.notes.append(f"Apple GPU memory: planned against {ctx.gpu.working_set_gb:g} GB, macOS's default Metal "
+                         f"working set of the {ctx.gpu.vram_gb:g} GB configuration (recommendedMaxWorkingSetSize, "
+                         "which llama.cpp's Metal backend reports as the GPU's memory); with a raised limit (sudo "
+                         "sysctl iogpu.wired_limit_mb=N) the plan leaves the difference unused")
     if s.runtime == "process" and s.image:
         ctx.warnings.append("image is used only by the docker runtime and the docker/compose/k8s renderers")
 

@@ -4,13 +4,15 @@ paths. Pure functions of the profile and the facts."""
 
 from __future__ import annotations
 
+import difflib
 import math
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from orchestrator import catalog
-from orchestrator.catalog import GGUF_ENGINES, LOCAL_IMAGE_PREFIX, Gpu
+from orchestrator.catalog import GGUF_ENGINES, Gpu
 from orchestrator.facts.types import ModelFacts
-from orchestrator.plan import fit
+from orchestrator.plan import fit, versions
 from orchestrator.plan.engines.base import Offload
 from orchestrator.plan.model import GIB, ApiKey, FitEstimate, Mount
 from orchestrator.profile import Profile, Server
@@ -58,13 +60,17 @@ def resolve_kv(server: Server, engine: str, gpu: Gpu) -> tuple[str, str]:
 
 
 def decide_offload(server: Server, engine: str, gpu: Gpu, gpu_count: int, facts: ModelFacts,
-                   runtime_gib: float = 0.0) -> Offload:
-    """Where GGUF weights go. runtime_gib: KV cache + compute buffers that must sit on the GPU too."""
+                   runtime_gib: float = 0.0, available: int | None = None, where: str = "") -> Offload:
+    """Where GGUF weights go. runtime_gib: KV cache + compute buffers that must sit on the GPU too;
+    available: the GPU memory left for this server where it shares GPUs (where: beside whom)."""
     if engine not in GGUF_ENGINES:
         return Offload("all", "engine holds the whole model on the GPU")
     if gpu.is_cpu:
         return Offload("cpu", "CPU-only: every layer runs on the CPU")
-    vram = gpu.vram_gb * gpu_count
+    vram = gpu.working_set_gb * gpu_count if available is None else round(available / GIB, 2)
+    room = "VRAM" if available is None else f"VRAM {where}"
+    if gpu.vendor == "apple":
+        room = f"Metal working set (macOS default for {gpu.vram_gb:g} GB)" + (f" {where}" if available is not None else "")
     size = facts.size_gib
     if size is None:
         return Offload("all", f"all layers on {gpu.name} (model size unknown: no file and no size in its name)")
@@ -73,7 +79,7 @@ def decide_offload(server: Server, engine: str, gpu: Gpu, gpu_count: int, facts:
             "estimated from the name" if facts.size_is_estimate else "from the file's tensors")
     extra = f" + KV/compute {runtime_gib:.1f} GiB" if runtime_gib else ""
     if size <= budget:
-        return Offload("all", f"weights {size:.1f} GiB ({kind}){extra} fit in {vram:g} GiB VRAM: all layers on the GPU")
+        return Offload("all", f"weights {size:.1f} GiB ({kind}){extra} fit in {vram:g} GiB {room}: all layers on the GPU")
     if server.offload == "none":
         return Offload("all", f"offload: none in the profile (weights {size:.1f} GiB > {budget:.1f} GiB usable)")
     layers = facts.n_layers
@@ -87,17 +93,17 @@ def decide_offload(server: Server, engine: str, gpu: Gpu, gpu_count: int, facts:
             if expert_layers:
                 n = math.ceil(need / (experts / expert_layers))
                 if n < expert_layers:
-                    return Offload("moe_layers", f"MoE weights {size:.1f} GiB{extra} > {vram:g} GiB VRAM: keep the "
+                    return Offload("moe_layers", f"MoE weights {size:.1f} GiB{extra} > {vram:g} GiB {room}: keep the "
                                    f"expert tensors of the first {n} of {expert_layers} layers on CPU (~{need:.1f} GiB), "
                                    "everything else on the GPU", n)
             return Offload("moe_all", f"MoE weights {size:.1f} GiB ({kind}){extra} > {budget + runtime_gib:.1f} GiB "
-                           f"usable VRAM: all expert tensors (~{experts:.1f} GiB) stay in system RAM, attention and "
+                           f"usable {room}: all expert tensors (~{experts:.1f} GiB) stay in system RAM, attention and "
                            f"shared weights (~{dense:.1f} GiB) on the GPU")
     if layers:
         n = max(0, int(budget / (size / layers)))
-        return Offload("layers", f"weights {size:.1f} GiB{extra} > {vram:g} GiB VRAM: {n} of {layers} layers on "
+        return Offload("layers", f"weights {size:.1f} GiB{extra} > {vram:g} GiB {room}: {n} of {layers} layers on "
                                  "the GPU, the rest on CPU", n)
-    return Offload("all", f"weights {size:.1f} GiB ({kind}) exceed {budget:.1f} GiB usable VRAM and the layer "
+    return Offload("all", f"weights {size:.1f} GiB ({kind}) exceed {budget:.1f} GiB usable {room} and the layer "
                           "count is unknown: all layers requested on the GPU; the engine may fail to load")
 
 
@@ -134,6 +140,8 @@ def choose_image(server: Server, engine: str, gpu: Gpu, caps: dict[str, object])
         return None, f"{disp} publishes no {acc} container image{offer}"
     for _key, spec in candidates:
         ref = spec if isinstance(spec, str) else spec["ref"]
+        if isinstance(spec, dict) and spec.get("gfx") and gpu.gfx_target not in spec["gfx"]:
+            continue
         if isinstance(spec, dict) and gpu.cc:
             lo = catalog.parse_cc(str(spec.get("min_cc", "0.0")))
             hi = catalog.parse_cc(str(spec.get("max_cc", "99.9")))
@@ -141,7 +149,8 @@ def choose_image(server: Server, engine: str, gpu: Gpu, caps: dict[str, object])
                 continue
             return ref, f"official {disp} image for {acc} (built for {_span(spec)}; this GPU is {gpu.sm})"
         return ref, f"official {disp} image for {acc}"
-    cover = ", ".join(f"{spec['ref']} ({_span(spec)})" for _, spec in candidates if isinstance(spec, dict))
+    cover = ", ".join(f"{spec['ref']} ({'/'.join(spec['gfx']) if spec.get('gfx') else _span(spec)})"
+                      for _, spec in candidates if isinstance(spec, dict))
     return None, f"no official {disp} image covers {gpu.describe()} (official: {cover}){offer}"
 
 
@@ -152,10 +161,24 @@ def _span(spec: dict[str, object]) -> str:
 
 
 def choose_probe_tool(image: str | None, caps: dict[str, object]) -> str:
-    """What a container healthcheck can run inside the image: images we build carry busybox wget."""
-    if image and image.startswith(LOCAL_IMAGE_PREFIX):
-        return "wget"
-    return str(caps["probe_tool"])
+    """What a container healthcheck runs inside the image. Images of the repositories the catalog lists
+    for this engine are known to carry its tool (catalog `probe_tool`); any other image (one built by
+    `orchestrate engines image`, whatever its tag, or the profile's own) keeps its own HEALTHCHECK:
+    "image". Never inferred from a tag."""
+    if image is None:
+        return str(caps["probe_tool"])
+    images = caps["images"]
+    assert isinstance(images, dict)
+    known = {_repository(spec if isinstance(spec, str) else spec["ref"]) for spec in images.values() if spec}
+    return str(caps["probe_tool"]) if _repository(image) in known else "image"
+
+
+def _repository(ref: str) -> str:
+    """ghcr.io/ggml-org/llama.cpp:server-cuda -> ghcr.io/ggml-org/llama.cpp (a digest or tag removed)."""
+    ref = ref.split("@", 1)[0]
+    slash = ref.rfind("/")
+    colon = ref.rfind(":")
+    return ref[:colon] if colon > slash else ref
 
 
 def container_paths(server: Server, facts: ModelFacts, draft: ModelFacts | None) -> tuple[str | None, str | None, list[Mount]]:
@@ -198,23 +221,28 @@ def api_key(server: Server, engine: str, profile: Profile, state_dir: str) -> Ap
 
 def estimate_memory(server: Server, engine: str, gpu: Gpu, host_ram: int | None, model: ModelFacts, gpu_count: int,
                     kv: str, offload: Offload, fa_on: bool, fraction: float | None,
-                    swa_full: bool = False) -> FitEstimate:
+                    swa_full: bool = False, available: int | None = None,
+                    reserve: int | None = None, ubatch: int = fit.N_UBATCH) -> FitEstimate:
     """The memory estimate of one server: weights + KV + compute against VRAM (RAM on CPU).
-    fraction: the vLLM/SGLang memory share the rules chose (None: the engines' 0.9 default)."""
+    fraction: the vLLM/SGLang memory share the rules chose (None: the engines' 0.9 default);
+    available: GGUF engines on shared GPUs: the GPU memory the other servers leave."""
     if engine in GGUF_ENGINES:
         if gpu.is_cpu:
             device = host_ram
+        elif available is not None:
+            device = available
         else:
-            device = int(gpu.vram_gb * GIB) * max(gpu_count, 1)
+            device = int(gpu.working_set_gb * GIB) * max(gpu_count, 1)
         return fit.estimate_gguf(model, engine, server.context, server.parallel, kv, gpu.is_cpu, device,
-                                 offload.mode, offload.layers, fa_on, swa_full)
-    device = host_ram if gpu.is_cpu else int(gpu.vram_gb * GIB) * max(gpu_count, 1)
-    return fit.estimate_hf(model, server.context, server.parallel, kv, device, gpu_count, 0.9 if fraction is None else fraction,
-                           on_cpu=gpu.is_cpu)
+                                 offload.mode, offload.layers, fa_on, swa_full, ubatch)
+    device = host_ram if gpu.is_cpu else int(gpu.working_set_gb * GIB) * max(gpu_count, 1)
+    return fit.estimate_hf(model, server.context, server.parallel, kv, device, gpu_count,
+                           0.92 if fraction is None else fraction, on_cpu=gpu.is_cpu, reserve_bytes=reserve)
 
 
 def decide_swa_full(server: Server, engine: str, gpu: Gpu, host_ram: int | None, model: ModelFacts, gpu_count: int,
-                    kv: str, fa_on: bool, offload: Offload, runtime_full_gib: float, extra_gib: float) -> str | None:
+                    kv: str, fa_on: bool, offload: Offload, runtime_full_gib: float, extra_gib: float,
+                    available: int | None = None) -> str | None:
     """llama.cpp keeps only the window of a sliding-window layer's KV, so a request that diverges
     from a cached prompt inside the window re-processes the whole prompt, and --cache-reuse is
     disabled. With prefix caching wanted, --swa-full keeps those layers whole when the memory it
@@ -223,10 +251,11 @@ def decide_swa_full(server: Server, engine: str, gpu: Gpu, host_ram: int | None,
         return None
     if offload.mode not in ("all", "cpu"):
         return None
-    with_full = decide_offload(server, engine, gpu, max(gpu_count, 1), model, runtime_full_gib)
+    with_full = decide_offload(server, engine, gpu, max(gpu_count, 1), model, runtime_full_gib, available)
     if with_full.mode != offload.mode:
         return None
-    est = estimate_memory(server, engine, gpu, host_ram, model, gpu_count, kv, offload, fa_on, None, swa_full=True)
+    est = estimate_memory(server, engine, gpu, host_ram, model, gpu_count, kv, offload, fa_on, None, swa_full=True,
+                          available=available)
     if est.verdict not in ("fits", "unknown"):
         return None
     n = fit.swa_layers(model)
@@ -234,3 +263,65 @@ def decide_swa_full(server: Server, engine: str, gpu: Gpu, host_ram: int | None,
             f"{model.metadata.get('attention.sliding_window')}-token window): keep their KV whole (+{extra_gib:.2f} "
             "GiB, counted in memory) so a new request that shares a prompt prefix reuses it; without it "
             "llama-server re-processes the prompt and disables --cache-reuse")
+
+
+@dataclass(frozen=True)
+class ToolParsers:
+    """vLLM/SGLang: the parsers that turn a model's tool-call and thinking output into the API's fields."""
+
+    tool: str | None           # --tool-call-parser
+    reasoning: str | None      # --reasoning-parser
+    reason: str                # where the names come from
+
+
+def _family(server: Server, model: ModelFacts) -> dict[str, object] | None:
+    return catalog.parser_family(model.name, server.model.hf, PurePosixPath(model.location).name)
+
+
+def tool_parsers(server: Server, engine: str, model: ModelFacts, version: str,
+                 caps: dict[str, object]) -> tuple[ToolParsers | None, str | None]:
+    """The profile's `tools`: auto looks the model's family up in catalog/parsers.yaml; an unknown family
+    or an engine version older than the names were read in gets no parser flags and a note saying how
+    to set one. Returns (parsers, note)."""
+    if engine not in ("vllm", "sglang") or server.tools == "off":
+        return None, None
+    disp = caps["display"]
+    family = _family(server, model)
+    entry = family.get(engine) if family else None
+    assert entry is None or isinstance(entry, dict)
+    if server.tools != "auto":
+        reasoning = entry.get("reasoning") if entry else None
+        why = f"tools: {server.tools} from the profile" + (
+            f"; reasoning parser of the {family['family']} family (catalog/parsers.yaml)" if reasoning and family
+            else "")
+        return ToolParsers(server.tools, reasoning, why), None
+    how = (f"set tools: NAME (one of {disp}'s --tool-call-parser names) to accept tool_choice \"auto\", "
+           "or tools: off")
+    if entry is None:
+        return None, (f"tools: auto: no tool-call or reasoning parser is known for {model.name} (no family in "
+                      f"catalog/parsers.yaml matches it), so none is set and {disp} refuses tool_choice "
+                      f"\"auto\"; {how}")
+    since = str(entry["since"])
+    if versions.at_least(engine, version, since, caps) is False:
+        return None, (f"tools: auto: the {family['family'] if family else ''} parsers "
+                      f"({entry.get('tool')}, {entry.get('reasoning')}) were read in {disp} {since}; this plan "
+                      f"targets {version}, so none is set; {how}")
+    why = f"{family['family'] if family else ''} family (catalog/parsers.yaml; names read in {disp} {since})"
+    return ToolParsers(entry.get("tool"), entry.get("reasoning"), why), None  # type: ignore[arg-type]
+
+
+def check_tools(server: Server, engine: str, version: str, caps: dict[str, object]) -> tuple[str, str] | None:
+    """A `tools: NAME` the engine cannot take: (what, fix), or None."""
+    if server.tools in ("auto", "off"):
+        return None
+    disp = caps["display"]
+    if engine in GGUF_ENGINES:
+        return (f"{disp} reads the tool-call format from the model's chat template and takes no parser name",
+                "use tools: auto (or off)")
+    known = catalog.parsers()["known"].get(engine) or {}
+    names = [str(n) for n in known.get("tool") or []]
+    if names and str(known.get("version")) == version and server.tools not in names:
+        close = difflib.get_close_matches(server.tools, names, n=3)
+        return (f"{disp} {version} has no tool-call parser {server.tools!r}",
+                f"use one of: {', '.join(close) if close else ', '.join(names[:12]) + ', ...'}; or tools: auto")
+    return None

@@ -33,6 +33,7 @@ def explain_fit(plan: Plan) -> str:
             lines.append("  to make it fit, cheapest first:")
             for c in e.changes:
                 lines.append(f"    {c.change}: saves {c.saves_bytes / GIB:.2f} GiB")
+    lines += [f"{g.summary()}" for g in plan.gpus]
     return "\n".join(lines) + "\n"
 
 
@@ -81,6 +82,9 @@ def explain(plan: Plan) -> str:
     hw = plan.hardware
     gpu = hw.name if hw.gpu == "cpu" else f"{hw.count}× {hw.name} ({hw.vram_gb:g} GB, {hw.arch})"
     lines = [f"deployment {plan.name} on {gpu}"]
+    for g in plan.gpus:
+        if len(g.shares) > 1:
+            lines.append(f"shared memory: {g.summary()}")
     for w in plan.warnings:
         lines.append(f"warning: {w}")
     for s in plan.servers:

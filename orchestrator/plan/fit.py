@@ -174,11 +174,12 @@ def compute_bytes(facts: ModelFacts, engine: str, n_ctx_seq: int, n_seq: int, fl
 
 def estimate_gguf(facts: ModelFacts, engine: str, context: int, parallel: int, kv: str, on_cpu: bool,
                   device_bytes: int | None, offload_mode: str, offload_layers: int | None,
-                  flash_attention: bool = True, swa_full: bool = False) -> FitEstimate:
+                  flash_attention: bool = True, swa_full: bool = False, n_ubatch: int = N_UBATCH) -> FitEstimate:
     weights = facts.size_bytes or 0
     have_shape = bool(facts.metadata.get("block_count"))
-    kv_b = kv_cache_bytes(facts, engine, context, parallel, kv, swa_full=swa_full) if have_shape else 0
-    comp = compute_bytes(facts, engine, context, parallel, flash_attention, swa_full=swa_full) if have_shape else 0
+    kv_b = kv_cache_bytes(facts, engine, context, parallel, kv, n_ubatch, swa_full=swa_full) if have_shape else 0
+    comp = (compute_bytes(facts, engine, context, parallel, flash_attention, n_ubatch, swa_full=swa_full)
+            if have_shape else 0)
     overhead = 0 if on_cpu else GPU_RUNTIME_BYTES
     host = 0
     moved = ""
@@ -253,17 +254,45 @@ def hf_kv_per_sequence(facts: ModelFacts, context: int, kv: str) -> int:
     return int(per_token * context) + recurrent_state_bytes(facts, 1)
 
 
-def hf_required_fraction(facts: ModelFacts, context: int, kv: str, device_bytes: int, gpu_count: int) -> float | None:
+def hf_required_fraction(facts: ModelFacts, context: int, kv: str, device_bytes: int, gpu_count: int,
+                         activations_inside: bool = True) -> float | None:
     """The smallest memory fraction with which vLLM/SGLang can start: weights + activations + the KV of
-    one full-length sequence (both engines refuse to start when the pool cannot hold max_model_len)."""
+    one full-length sequence (both engines refuse to start when the pool cannot hold max_model_len).
+    SGLang's fraction holds weights and the KV pool only (activations_inside=False)."""
     if not facts.size_bytes or not device_bytes:
         return None
-    need = facts.size_bytes + ACTIVATION_BYTES * max(gpu_count, 1) + hf_kv_per_sequence(facts, context, kv)
+    activations = ACTIVATION_BYTES * max(gpu_count, 1) if activations_inside else 0
+    need = facts.size_bytes + activations + hf_kv_per_sequence(facts, context, kv)
     return need / device_bytes
 
 
+# SGLang 0.5.23 srt/arg_groups/memory_hook.py _handle_gpu_memory_settings: by GPU memory (MiB), the
+# chunked-prefill size and the decode CUDA-graph batch cap (tp < 4, tp >= 4).
+SGLANG_CAPACITY = ((20 * 1024, 2048, 8, 8), (35 * 1024, 4096, 48, 160), (60 * 1024, 4096, 32, 160),
+                   (90 * 1024, 8192, 256, 512), (160 * 1024, 8192, 256, 512), (math.inf, 16384, 512, 512))
+
+
+def sglang_reserved_bytes(gpu_bytes: int, tp: int, parallel: int) -> int:
+    """What SGLang 0.5.23 keeps outside --mem-fraction-static on each GPU when it computes the default:
+    512 MiB + 1.5 MiB per activation token (max(chunked prefill, 2048)) + tp/8 GiB + 2 MiB per decode
+    CUDA-graph batch size (capped at --max-running-requests), at least 10 GiB on GPUs over 60 GiB
+    (memory_hook.py:281-342, reserve_for_graph_mb). Prefill-graph and DeepEP reserves are left out."""
+    mib = gpu_bytes / MIB
+    _, chunk, bs_small, bs_large = next(row for row in SGLANG_CAPACITY if mib < row[0])
+    max_bs = min(bs_small if tp < 4 else bs_large, max(parallel, 1))
+    reserved = 512 + 1.5 * max(chunk, 2048) + tp / 8 * 1024 + 2 * max_bs
+    if mib > 60 * 1024:
+        reserved = max(reserved, 10 * 1024)
+    return int(reserved * MIB)
+
+
+def sglang_default_fraction(gpu_bytes: int, tp: int, parallel: int) -> float:
+    """SGLang 0.5.23's own --mem-fraction-static when none is given: (gpu - reserved) / gpu, 3 decimals."""
+    return round((gpu_bytes - sglang_reserved_bytes(gpu_bytes, tp, parallel)) / gpu_bytes, 3)
+
+
 def estimate_hf(facts: ModelFacts, context: int, parallel: int, kv: str, device_bytes: int | None,
-                gpu_count: int, fraction: float, on_cpu: bool = False) -> FitEstimate:
+                gpu_count: int, fraction: float, on_cpu: bool = False, reserve_bytes: int | None = None) -> FitEstimate:
     """vLLM/SGLang on GPUs take fraction x VRAM up front: weights and activations first, and whatever
     remains becomes the KV pool. It must hold at least one sequence of `context` tokens; `parallel`
     sequences of full length need `parallel` times that, and beyond the pool the engine queues
@@ -271,7 +300,7 @@ def estimate_hf(facts: ModelFacts, context: int, parallel: int, kv: str, device_
     weights = facts.size_bytes or 0
     one_seq = hf_kv_per_sequence(facts, context, kv)
     known = bool(_int(facts.metadata, "block_count"))
-    activations = ACTIVATION_BYTES * max(gpu_count, 1)
+    activations = ACTIVATION_BYTES * max(gpu_count, 1) if reserve_bytes is None else reserve_bytes
     notes = list(facts.notes)
     if not known:
         notes.append("layer/head counts unknown (no config.json and not in the catalog): KV per sequence not counted")
@@ -288,22 +317,28 @@ def estimate_hf(facts: ModelFacts, context: int, parallel: int, kv: str, device_
             ) if c is not None]
         return est
     budget = int(device_bytes * fraction) if device_bytes else None
-    notes.append(f"vLLM/SGLang take {fraction:.2f} of GPU memory up front; the KV pool is what remains after "
-                 "weights and activations")
+    inside = reserve_bytes is None
+    if inside:
+        notes.append(f"vLLM takes {fraction:.2f} of GPU memory up front; the KV pool is what remains after "
+                     "weights and activations")
+    else:
+        notes.append(f"SGLang's --mem-fraction-static {fraction:.2f} holds weights and the KV pool; activations "
+                     f"and CUDA graphs ({activations / GIB:.2f} GiB) come on top")
     if budget is None:
         kv_b, verdict = one_seq * parallel, "unknown"
     else:
-        pool = budget - weights - activations
+        pool = budget - weights - (activations if inside else 0)
         kv_b = max(pool, 0)
-        verdict = "fits" if pool > 0 and pool >= one_seq else "does not fit"
+        room = inside or device_bytes is None or budget + activations <= device_bytes * 1.0005  # 3-decimal rounding
+        verdict = "fits" if pool > 0 and pool >= one_seq and room else "does not fit"
         if verdict == "fits" and one_seq:
             seqs = pool // one_seq
             notes.append(f"KV pool {pool / GIB:.2f} GiB holds {seqs} sequence(s) of {context} tokens"
                          + (f" at once; with parallel {parallel} the engine queues the rest when all are long"
                             if seqs < parallel else ""))
     total = weights + kv_b + activations
-    est = FitEstimate(weights, kv_b, activations, 0, total, budget, "GPU", verdict, "", 0, _source(facts),
-                      notes=notes)
+    est = FitEstimate(weights, kv_b, activations, 0, total, budget if inside else device_bytes, "GPU", verdict,
+                      "", 0, _source(facts), notes=notes)
     if verdict == "does not fit" and known:
         est.changes = [c for c in (
             Change("kv_cache: fp8", one_seq // 2) if not kv.startswith("fp8") else None,

@@ -41,7 +41,7 @@ def client_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)  # noqa: S104
 
 
-NAME_SEPARATOR = "--"   # cannot occur in a deployment or server name (profile.schema.NAME_RE)
+NAME_SEPARATOR = "--"   # cannot occur in a deployment or server name (errors.NAME_RE)
 K8S_NAME_MAX = 63       # a Service name is a DNS label
 
 
@@ -198,7 +198,7 @@ class ServerPlan:
     engine_version: str
     engine_reason: str
     runtime: str
-    accelerator: str                   # cuda | rocm | intel | metal | cpu
+    accelerator: str                   # cuda | rocm | sycl (Intel) | metal | cpu
     image: str | None
     image_reason: str
     host: str                          # address clients reach it on
@@ -225,7 +225,8 @@ class ServerPlan:
     executable: Executable | None = None  # what up will run and how it was found (None when not looked up)
     engine_version_source: str = ""    # how engine_version was determined
     depends_on: list[str] = field(default_factory=list)  # servers that must be healthy before this one starts
-    probe_tool: str = "curl"           # what a container healthcheck runs inside the image (curl | wget | python3)
+    probe_tool: str = "curl"           # what a container healthcheck runs inside the image (curl | python3), or
+    #                                    "image": the image's own HEALTHCHECK (an image the catalog does not list)
     nodes: int = 1                     # machines the server spans (vLLM/SGLang multi-node: k8s LeaderWorkerSet)
     settings: Settings | None = None   # resolved settings (None only in plans cached by an older version)
     private_host: str = "127.0.0.1"    # where it binds behind a front door that holds the keys (llama-swap)
@@ -242,7 +243,7 @@ class ServerPlan:
             return GpuAccess(nvidia=True, device_ids=self.gpu_ids, k8s_resource="nvidia.com/gpu")
         if self.accelerator == "rocm":
             return GpuAccess(devices=("/dev/kfd", "/dev/dri"), groups=("video",), k8s_resource="amd.com/gpu")
-        if self.accelerator == "intel":
+        if self.accelerator == "sycl":
             return GpuAccess(devices=("/dev/dri",), k8s_resource="gpu.intel.com/i915")
         return GpuAccess()
 
@@ -258,6 +259,38 @@ class ServerPlan:
     def argv(self, container: bool = False) -> list[str]:
         prefix = self.container_command if container else self.command
         return [*prefix, *self.args(container)]
+
+
+@dataclass(frozen=True)
+class GpuShare:
+    """What one server takes on one GPU."""
+
+    server: str
+    bytes: int                         # weights + KV + compute + runtime on this GPU (vLLM/SGLang: fraction x VRAM)
+    margin_bytes: int = 0              # headroom kept beside it (GGUF engines: the fit margin)
+
+
+@dataclass
+class GpuBudget:
+    """One GPU's memory and the servers that share it, in the order they were planned (profile order)."""
+
+    index: int
+    name: str
+    total_bytes: int
+    shares: list[GpuShare] = field(default_factory=list)
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(s.bytes + s.margin_bytes for s in self.shares)
+
+    def summary(self) -> str:
+        parts = " + ".join(f"{s.server} {(s.bytes + s.margin_bytes) / GIB:.2f} GiB" for s in self.shares)
+        left = self.total_bytes - self.used_bytes
+        state = f"{left / GIB:.2f} GiB left" if left >= 0 else f"over by {-left / GIB:.2f} GiB"
+        margins = sum(s.margin_bytes for s in self.shares)
+        with_margin = f" (with {margins / GIB:.2f} GiB of fit margin)" if margins else ""
+        return (f"GPU {self.index} ({self.name}, {self.total_bytes / GIB:.2f} GiB): {parts} = "
+                f"{self.used_bytes / GIB:.2f} GiB{with_margin}; {state}")
 
 
 @dataclass(frozen=True)
@@ -280,6 +313,7 @@ class Plan:
     hardware: HardwareSummary
     servers: list[ServerPlan]
     warnings: list[str] = field(default_factory=list)
+    gpus: list[GpuBudget] = field(default_factory=list)   # per-GPU memory of the servers on each GPU
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -329,5 +363,10 @@ def plan_from_dict(data: dict[str, Any]) -> Plan:
         else:
             s["estimate"] = None
         servers.append(_build(ServerPlan, s))
+    gpus = []
+    for g in data.get("gpus", []):
+        g = dict(g)
+        g["shares"] = [_build(GpuShare, x) for x in g.get("shares", [])]
+        gpus.append(_build(GpuBudget, g))
     return Plan(data["name"], data["profile_file"], _build(HardwareSummary, data["hardware"]), servers,
-                list(data.get("warnings", [])))
+                list(data.get("warnings", [])), gpus)

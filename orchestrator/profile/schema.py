@@ -9,15 +9,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from orchestrator.errors import NAME_RE
 from orchestrator.profile.secrets import NAME_RE as VAR_NAME_RE
 from orchestrator.profile.secrets import describe_secret, looks_like_secret
 
 Engine = Literal["llama.cpp", "ik_llama", "vllm", "sglang", "auto"]
 KvCache = Literal["auto", "f16", "bf16", "q8_0", "q4_0", "fp8", "fp8_e4m3", "fp8_e5m2"]
 SpecMethod = Literal["none", "draft", "eagle", "eagle3", "mtp", "ngram"]
-# Lowercase DNS labels without '--': joined by '--' (container, k8s and log names), two names never
-# make the same joined name (deployment lc + server a-b vs lc-a + b).
-NAME_RE = r"^[a-z0-9]+(-[a-z0-9]+)*$"
 VERSION_RE = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"
 _HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                           r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
@@ -101,6 +99,10 @@ class Server(Strict):
     speculative: Speculative = Speculative()
     prefix_cache: bool = True
     offload: Literal["auto", "none"] = "auto"
+    tools: str = Field("auto", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$",
+                       description="Tool calls and reasoning output: auto (the parsers catalog/parsers.yaml names "
+                                   "for the model's family), off, or a tool-call parser name of the engine "
+                                   "(vLLM/SGLang --tool-call-parser)")
     runtime: Literal["process", "docker"] = "process"
     image: str | None = None
     host: str = "127.0.0.1"

@@ -168,8 +168,12 @@ def cmake_options(engine: str, backend: str, gpu_arch: str | None, portable: boo
             opts.append(f"-DAMDGPU_TARGETS={gpu_arch}")
     elif backend == "vulkan":
         opts.append("-DGGML_VULKAN=ON")
+    elif backend == "sycl":   # llama.cpp docs/backend/SYCL.md: oneAPI's icx/icpx (source setvars.sh first)
+        if engine != "llama.cpp":
+            raise ProvisionError(f"{engine} has no SYCL backend: use llama.cpp on Intel GPUs")
+        opts += ["-DGGML_SYCL=ON", "-DCMAKE_C_COMPILER=icx", "-DCMAKE_CXX_COMPILER=icpx"]
     elif backend != "cpu":
-        raise ProvisionError(f"unknown backend {backend!r}: use cpu, cuda, rocm or vulkan")
+        raise ProvisionError(f"unknown backend {backend!r}: use cpu, cuda, rocm, vulkan or sycl")
     if shutil.which("ccache"):
         opts.append("-DGGML_CCACHE=ON")
     return opts

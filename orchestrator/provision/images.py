@@ -3,8 +3,9 @@
 For machines that cannot pull from a registry, and for accelerators or GPU architectures the official
 images do not cover. The image is `FROM scratch`: the statically linked llama-server that
 `orchestrate engines install` built, the shared libraries `ldd` lists for it (driver libraries
-excepted: the NVIDIA container runtime mounts those), the dynamic loader, and a static busybox for
-the `wget` the compose healthcheck runs. It runs as nobody (65534), from /tmp, with the same
+excepted: the NVIDIA container runtime mounts those), the dynamic loader, a static busybox, and the image's own
+HEALTHCHECK (/bin/healthcheck: busybox wget on the port the server was started with), which compose
+and docker inherit. It runs as nobody (65534), from /tmp, with the same
 entrypoint as the official images (/app/llama-server).
 """
 
@@ -24,7 +25,7 @@ from orchestrator import catalog
 from orchestrator.errors import OrchestratorError
 from orchestrator.facts.installed import InstalledEngine, installed
 
-PREFIX = catalog.LOCAL_IMAGE_PREFIX   # the planner probes such images with wget
+PREFIX = catalog.LOCAL_IMAGE_PREFIX   # default tags; the healthcheck travels in the image, not in its name
 USER = "65534:65534"
 # Supplied by the host's driver through the container runtime, never copied into an image.
 DRIVER_LIBS = re.compile(r"^(libcuda\.so|libnvidia-|libnvcuvid)")
@@ -82,6 +83,24 @@ def _add_dir(tf: tarfile.TarFile, arcname: str, mode: int = 0o755) -> None:
     tf.addfile(info)
 
 
+# The image's own HEALTHCHECK (busybox sh): GET /health of the llama-server this container runs, on the
+# port it was started with (--port in its command line; else LLAMA_ARG_PORT, else 8080). It reads every
+# process's command line, as the server is PID 1 or the child of an init (docker run --init).
+HEALTHCHECK_SCRIPT = """#!/bin/sh
+port="${LLAMA_ARG_PORT:-8080}"
+for f in /proc/[0-9]*/cmdline; do
+  set -f
+  set -- $(tr '\\000' ' ' < "$f" 2>/dev/null)
+  while [ "$#" -gt 1 ]; do
+    if [ "$1" = "--port" ]; then port="$2"; fi
+    shift
+  done
+done
+exec wget -q -O /dev/null "http://127.0.0.1:${port}/health"
+"""
+BUSYBOX_APPLETS = ("wget", "sh", "tr")
+
+
 def dockerfile(inst: InstalledEngine) -> str:
     lines = [
         "FROM scratch",
@@ -93,6 +112,8 @@ def dockerfile(inst: InstalledEngine) -> str:
         f"USER {USER}",
         "WORKDIR /tmp",
         "EXPOSE 8080",
+        # no -T for wget: Debian's static busybox 1.35 segfaults with it; the healthcheck timeout bounds it
+        'HEALTHCHECK --interval=10s --timeout=5s --start-period=600s --retries=3 CMD ["/bin/healthcheck"]',
         'ENTRYPOINT ["/app/llama-server"]',
     ]
     return "\n".join(lines) + "\n"
@@ -122,7 +143,11 @@ def build_context(inst: InstalledEngine) -> bytes:
         for lib in libs:
             _add_file(tf, lib, "rootfs" + str(lib), 0o755)
         _add_file(tf, busybox, "rootfs/bin/busybox")
-        for applet in ("wget", "sh"):
+        script = HEALTHCHECK_SCRIPT.encode()
+        info = tarfile.TarInfo("rootfs/bin/healthcheck")
+        info.size, info.mode, info.mtime = len(script), 0o755, int(time.time())
+        tf.addfile(info, io.BytesIO(script))
+        for applet in BUSYBOX_APPLETS:
             link = tarfile.TarInfo(f"rootfs/bin/{applet}")
             link.type, link.linkname, link.mtime = tarfile.SYMTYPE, "busybox", int(time.time())
             tf.addfile(link)

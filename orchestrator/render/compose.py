@@ -48,18 +48,17 @@ def _probe_cmd(s: ServerPlan, tool: str) -> list[str]:
     url = f"http://127.0.0.1:{s.port}{s.health.ready_path}"
     if tool == "curl":
         return ["CMD", "curl", "-fsS", "-o", "/dev/null", url]
-    if tool == "wget":   # busybox wget in images built by `orchestrate engines image`
-        return ["CMD", "wget", "-q", "-O", "/dev/null", url]   # no -T: Debian's static busybox 1.35 segfaults with it; the healthcheck timeout bounds it
     code = f"import urllib.request; urllib.request.urlopen({url!r}, timeout=5)"
     return ["CMD", "python3", "-c", code]
 
 
 def compose_healthcheck(s: ServerPlan) -> dict[str, Any]:
     """Probe every interval (also during start_period, whose failures do not count) and allow the
-    planned load time: the start period is the health timeout, derived from the model size."""
+    planned load time: the start period is the health timeout, derived from the model size. An image
+    whose contents the catalog does not know (probe_tool "image") keeps its own HEALTHCHECK test."""
     assert s.health is not None
-    return {"test": _probe_cmd(s, s.probe_tool),
-            "interval": f"{s.health.interval_s}s", "timeout": "5s", "retries": 3,
+    test = {} if s.probe_tool == "image" else {"test": _probe_cmd(s, s.probe_tool)}
+    return {**test, "interval": f"{s.health.interval_s}s", "timeout": "5s", "retries": 3,
             "start_period": f"{s.health.timeout_s}s"}
 
 

@@ -53,6 +53,20 @@ def _model(s: ServerPlan) -> dict[str, Any]:
     return entry
 
 
+def _unique_names(plan: Plan) -> None:
+    """llama-swap routes a request by its model name (a served name or an alias): two servers under one
+    name would leave one of them unreachable, silently."""
+    seen: dict[str, str] = {}
+    for s in plan.servers:
+        for name in dict.fromkeys([s.served_name, *([s.name] if s.served_name != s.name else [])]):
+            other = seen.setdefault(name, s.name)
+            if other != s.name:
+                raise OrchestratorError(
+                    f"servers {other} and {s.name} are both reached as model {name!r}: llama-swap routes requests "
+                    "by model name, so one of them would never be served",
+                    f"give {s.name} its own model.served_name (or rename the server)")
+
+
 def llama_swap_data(plan: Plan) -> dict[str, Any]:
     """A llama-swap config: one model per server, started by llama-swap with the planned command. API keys
     move to llama-swap's apiKeys (${env.VAR} references); the upstreams listen on loopback without one."""
@@ -60,6 +74,7 @@ def llama_swap_data(plan: Plan) -> dict[str, Any]:
     for s in plan.servers:
         if s.api_key and f"${{env.{s.api_key.env_var}}}" not in keys:
             keys.append(f"${{env.{s.api_key.env_var}}}")
+    _unique_names(plan)
     models = {s.served_name: _model(s) for s in plan.servers}
     doc: dict[str, Any] = {"healthCheckTimeout": max(15, *(s.health.timeout_s for s in plan.servers if s.health))}
     if keys:

@@ -17,10 +17,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import OrchestratorError, shown
+from orchestrator.errors import NAME_RE, OrchestratorError, shown
 from orchestrator.paths import private_dir
 from orchestrator.plan.model import container_name
-from orchestrator.profile.schema import NAME_RE
 
 STATE_VERSION = 1
 

@@ -9,6 +9,7 @@ SGLang itself. OUT.json: {"facts": {...}, "results": {name: {"ok", "error", "arg
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.metadata
 import io
@@ -20,7 +21,8 @@ FIELDS = ("model_path", "served_model_name", "host", "port", "context_length", "
           "mem_fraction_static", "attention_backend", "kv_cache_dtype", "disable_radix_cache",
           "speculative_algorithm", "speculative_draft_model_path", "speculative_num_steps",
           "speculative_eagle_topk", "speculative_num_draft_tokens", "enable_metrics", "api_key",
-          "trust_remote_code", "device", "nnodes", "node_rank", "dist_init_addr")
+          "trust_remote_code", "device", "nnodes", "node_rank", "dist_init_addr", "tool_call_parser",
+          "reasoning_parser")
 
 
 def main(cases_path: str, out_path: str) -> None:
@@ -46,8 +48,16 @@ def main(cases_path: str, out_path: str) -> None:
             result["error"] = f"{type(exc).__name__}: {exc}"
         results[name] = result
     logging.shutdown()
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    choices = {a.dest: [c for c in (a.choices or []) if c != "auto"] for a in parser._actions
+               if a.dest in ("tool_call_parser", "reasoning_parser")}
     facts = {"version": importlib.metadata.version("sglang"),
-             "spec_algorithms": [a.name for a in SpeculativeAlgorithm]}
+             "spec_algorithms": [a.name for a in SpeculativeAlgorithm],
+             "tool_parsers": sorted(choices.get("tool_call_parser") or []),
+             "reasoning_parsers": sorted(choices.get("reasoning_parser") or [])}
     with open(out_path, "w") as fh:
         json.dump({"facts": facts, "results": results}, fh, default=str)
 

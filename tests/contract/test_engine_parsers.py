@@ -149,6 +149,7 @@ MATRIX = {
         ("cuda-q4", "rtx-3090", DENSE, {"kv_cache": "q4_0", "parallel": 2}),
         ("moe-cpu-experts-mtp", "rtx-4060", MOE, {"speculative": {"method": "mtp", "tokens": 2}}),
         ("draft", "rtx-3090", DENSE, {"speculative": {"method": "draft", "draft_model": "/m/Qwen3-0.6B-Q8_0.gguf"}}),
+        ("ngram", "rtx-3090", DENSE, {"speculative": {"method": "ngram", "tokens": 4}}),
         ("no-prefix-cache-key", "rtx-3090", DENSE, {"prefix_cache": False, "api_key_env": "K"}),
         ("mla", "rtx-3090", "/m/DeepSeek-V2-Lite-Q4_K_M.gguf", {"kv_cache": "q8_0"}),
     ],

@@ -62,6 +62,7 @@ FEATURES: dict[str, dict[str, Any]] = {
     "key-remote-code": {"api_key_env": "CONTRACT_KEY", "host": "0.0.0.0",
                         "model": {"trust_remote_code": True}},
     "threads": {"threads": 2},
+    "tools-off": {"tools": "off"},
 }
 # CPU cases that also build vLLM's full engine config with the tiny model (no draft model needed).
 ENGINE_CONFIG = {"base", "fp8-kv", "fp8-e5m2-kv", "ngram", "no-prefix-cache", "key-remote-code", "threads",
@@ -73,19 +74,25 @@ def runs_on(engine: str, gpu: Gpu) -> bool:
     caps = catalog.engine(engine)
     if gpu.accelerator not in caps["accelerators"]:
         return False
+    if caps.get("rocm_gfx") and gpu.vendor == "amd" and gpu.gfx_target not in caps["rocm_gfx"]:
+        return False
     floor = caps.get("legacy_compute_capability") or caps["min_compute_capability"]
     return gpu.cc is None or gpu.cc >= catalog.parse_cc(floor)
 
 
 def features_for(engine: str, gpu: Gpu) -> list[str]:
     out = [f for f in FEATURES if not (gpu.is_cpu and f in ("tensor-parallel", "multi-node"))]
-    if engine != "vllm" or not gpu.is_cpu:
+    if not gpu.is_cpu:
         out.remove("threads")
     return out
 
 
 def fp8_allowed(engine: str, gpu: Gpu) -> bool:
-    return gpu.is_cpu or gpu.fp8 or (engine == "vllm" and gpu.cc is not None and gpu.cc >= (8, 9))
+    return gpu.is_cpu or gpu.fp8 or (engine == "vllm" and gpu.cc is not None and gpu.cc >= (8, 0))
+
+
+def bf16_kv_allowed(gpu: Gpu) -> bool:
+    return gpu.is_cpu or gpu.bf16
 
 
 # --------------------------------------------------------------------------- cases
@@ -225,25 +232,54 @@ def _served(s: Server) -> str:
     return s.model.served_name or Path(_model_path(s)).name
 
 
-def intended_fraction(c: Case, default: float) -> float:
-    """The engine's default share, split between servers on the same GPUs, or raised (to at most 0.95)
-    when weights + activations + one full-length sequence of KV need more (orchestrator.fit)."""
+def intended_fraction(c: Case, defaults: dict[str, Any]) -> float | None:
+    """Alone on its GPUs: the engine's own default (no flag: vLLM 0.92, SGLang computes one from the GPU's
+    memory), raised (to at most 0.95) when weights (+ vLLM's activations) + one full-length sequence of
+    KV need more. Two servers on the same GPUs: half of 0.92 of it each, less what SGLang keeps outside
+    its fraction (orchestrator.fit)."""
     import math as _math
 
     from orchestrator.facts.model import gather
     from orchestrator.plan import fit
     from orchestrator.plan.model import GIB
 
-    if c.gpu_servers > 1:
-        return round(default / c.gpu_servers, 2)
     s = c.server
-    facts = gather(s.model.hf, is_hf=True) if s.model.hf else gather(_model_path(s))
     gpus = max(c.gpu_count, 1) * s.nodes
-    device = int(c.gpu.vram_gb * GIB) * gpus
-    need = fit.hf_required_fraction(facts, s.context, s.kv_cache, device, gpus)
+    gpu_bytes = int(c.gpu.vram_gb * GIB)
+    sglang = c.engine == "sglang"
+    if c.gpu_servers > 1:
+        outside = fit.sglang_reserved_bytes(gpu_bytes, gpus, s.parallel) if sglang else 0
+        return _math.floor((0.92 * gpu_bytes / c.gpu_servers - outside) / gpu_bytes * 100) / 100
+    facts = gather(s.model.hf, is_hf=True) if s.model.hf else gather(_model_path(s))
+    device = gpu_bytes * gpus
+    default = fit.sglang_default_fraction(gpu_bytes, gpus, s.parallel) if sglang else 0.92
+    need = fit.hf_required_fraction(facts, s.context, s.kv_cache, device, gpus, activations_inside=not sglang)
     if need is not None and default < need + 0.01 <= 0.95:
         return _math.ceil((need + 0.01) * 100) / 100
-    return default
+    return defaults["mem_fraction_static" if sglang else "gpu_memory_utilization"]   # left to the engine
+
+
+def intended_parsers(c: Case) -> tuple[str | None, str | None]:
+    """(tool-call parser, reasoning parser) the profile asks for: none with tools: off, else the names
+    catalog/parsers.yaml gives the model's family (a named tools: replaces the tool parser)."""
+    s = c.server
+    if s.tools == "off":
+        return None, None
+    family = catalog.parser_family(Path(_model_path(s)).name, s.model.hf) or {}
+    entry = family.get(c.engine) or {}
+    return (s.tools if s.tools != "auto" else entry.get("tool")), entry.get("reasoning")
+
+
+def check_parser_names(c: Case, args: dict[str, Any], facts: dict[str, Any]) -> list[str]:
+    """Every parser name in the argv is one the engine registers (vLLM also imported its class)."""
+    bad = []
+    for key, table in (("tool_call_parser", "tool_parsers"), ("reasoning_parser", "reasoning_parsers")):
+        name = args.get(key)
+        if name and name not in facts[table]:
+            bad.append(f"{key} {name!r} is not one of {c.engine} {facts['version']}'s {table}")
+    if c.engine == "vllm" and args.get("tool_call_parser") and not args.get("tool_call_parser_class"):
+        bad.append(f"vLLM did not resolve tool_call_parser {args.get('tool_call_parser')!r} to a class")
+    return bad
 
 
 def vllm_expected(c: Case, defaults: dict[str, Any]) -> dict[str, Any]:
@@ -253,11 +289,14 @@ def vllm_expected(c: Case, defaults: dict[str, Any]) -> dict[str, Any]:
         "port": s.port, "max_model_len": s.context, "max_num_seqs": s.parallel,
         "tensor_parallel_size": max(c.gpu_count, 1), "enable_prefix_caching": s.prefix_cache,
         "kv_cache_dtype": VLLM_KV[s.kv_cache], "trust_remote_code": s.model.trust_remote_code, "api_key": None,
-        "attention_backend": "TRITON_ATTN" if gpu.vendor == "nvidia" and gpu.cc and gpu.cc < (8, 0) else None,
-        "dtype": "float16" if not gpu.is_cpu and not gpu.bf16 else "auto",
+        "attention_backend": None,   # vLLM's own selector picks it (Triton below sm80, TRITON_MLA for MLA)
+        "dtype": "float16" if (not gpu.is_cpu and not gpu.bf16) or "a770" in gpu.id else "auto",
         "gpu_memory_utilization": (defaults["gpu_memory_utilization"] if gpu.is_cpu
-                                   else intended_fraction(c, 0.90)),
+                                   else intended_fraction(c, defaults)),
     }
+    tool, reasoning = intended_parsers(c)
+    exp |= {"tool_call_parser": tool, "enable_auto_tool_choice": tool is not None,
+            "reasoning_parser": reasoning or defaults["reasoning_parser"]}
     if not gpu.is_cpu:
         exp["kv_cache_memory_bytes"] = None
     # Across nodes: tensor parallel inside a node, one pipeline stage per node, multiprocessing
@@ -305,6 +344,7 @@ def check_vllm_case(c: Case, result: dict[str, Any], facts: dict[str, Any], defa
     bad = [f"{k} = {args.get(k)!r}, intended {v!r}" for k, v in vllm_expected(c, defaults).items()
            if args.get(k) != v]
     bad += check_vllm_spec(c, args.get("speculative_config"), facts)
+    bad += check_parser_names(c, args, facts)
     if args.get("attention_backend") and args["attention_backend"] not in facts["attention_backends"]:
         bad.append(f"attention backend {args['attention_backend']} unknown to vLLM {facts['version']}")
     if args.get("kv_cache_dtype") not in facts["kv_cache_dtypes"]:
@@ -344,12 +384,13 @@ def sglang_expected(c: Case, defaults: dict[str, Any]) -> dict[str, Any]:
         "context_length": s.context, "max_running_requests": s.parallel, "tp_size": max(c.gpu_count, 1) * s.nodes,
         "nnodes": s.nodes, "node_rank": c.rank,
         "dist_init_addr": f"{LEADER_ADDRESS}:20000" if s.nodes > 1 else None,
-        "mem_fraction_static": defaults["mem_fraction_static"] if gpu.is_cpu else intended_fraction(c, 0.85),
-        "attention_backend": "fa3" if gpu.cc and gpu.cc[0] == 9 else None,
+        "mem_fraction_static": defaults["mem_fraction_static"] if gpu.is_cpu else intended_fraction(c, defaults),
+        "attention_backend": None,   # SGLang's per-model default (fa3 on Hopper already)
         "kv_cache_dtype": SGLANG_KV[s.kv_cache], "disable_radix_cache": not s.prefix_cache,
         "enable_metrics": True, "api_key": API_KEY if s.api_key_env else None,
         "trust_remote_code": s.model.trust_remote_code,
     }
+    exp["tool_call_parser"], exp["reasoning_parser"] = intended_parsers(c)
     sp = s.speculative
     if sp.method == "none":
         exp["speculative_algorithm_resolved"] = "NONE"
@@ -363,12 +404,18 @@ def sglang_expected(c: Case, defaults: dict[str, Any]) -> dict[str, Any]:
     return exp
 
 
-def check_sglang_case(c: Case, result: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
+def check_sglang_case(c: Case, result: dict[str, Any], defaults: dict[str, Any], facts: dict[str, Any]) -> list[str]:
     if not result["ok"]:
         return [f"SGLang rejected {c.argv}: {result['error']}"]
     args = result["args"]
     bad = [f"{k} = {args.get(k)!r}, intended {v!r}" for k, v in sglang_expected(c, defaults).items()
            if args.get(k) != v]
+    bad += check_parser_names(c, args, facts)
+    if c.gpu.is_cpu:
+        threads = c.server.threads
+        bind = c.env.get("SGLANG_CPU_OMP_THREADS_BIND")
+        if bind != (f"0-{threads - 1}" if threads else None):
+            bad.append(f"SGLANG_CPU_OMP_THREADS_BIND={bind!r} for threads {threads}")
     if "--api-key" in c.argv or API_KEY in c.argv:
         bad.append("the API key is in argv")
     return bad
@@ -379,6 +426,8 @@ def check_case(c: Case, out: dict[str, Any], tiny: Path | None = None) -> list[s
     must parse into the intended values."""
     if c.server.kv_cache.startswith("fp8") and not fp8_allowed(c.engine, c.gpu):
         return [] if c.refused and "fp8" in c.refused else [f"expected an fp8 refusal, got {c.refused!r}"]
+    if c.server.kv_cache == "bf16" and not bf16_kv_allowed(c.gpu):
+        return [] if c.refused and "bf16" in c.refused else [f"expected a bf16 KV refusal, got {c.refused!r}"]
     if c.refused:
         return [f"planner refused: {c.refused}"]
     results = out["results"]
@@ -386,7 +435,7 @@ def check_case(c: Case, out: dict[str, Any], tiny: Path | None = None) -> list[s
     if c.engine == "vllm":
         assert tiny is not None
         return check_vllm_case(c, results[c.name], out["facts"], defaults, tiny)
-    return check_sglang_case(c, results[c.name], defaults)
+    return check_sglang_case(c, results[c.name], defaults, out["facts"])
 
 
 # --------------------------------------------------------------------------- tests
@@ -452,7 +501,7 @@ def test_every_feature_reaches_the_parsers(vllm_results, sglang_results) -> None
     for engine, (cases, out) in (("vllm", vllm_results), ("sglang", sglang_results)):
         parsed = {n.split(":")[1].split("/")[0] for n, r in out["results"].items()
                   if r["ok"] and ":" in n and not n.startswith("profile:")}
-        wanted = set(FEATURES) - ({"threads"} if engine == "sglang" else set())
+        wanted = set(FEATURES)
         assert wanted <= parsed, f"{engine}: features never parsed: {sorted(wanted - parsed)}"
     vllm_cases, vllm_out = vllm_results
     configs = [n for n, c in vllm_cases.items() if c.engine_config and vllm_out["results"][n]["config"]]
@@ -464,6 +513,24 @@ def test_contract_versions_are_the_catalogs(vllm_results, sglang_results) -> Non
     assert vllm_results[1]["facts"]["version"] == catalog.engine("vllm")["verified_version"]
     assert sglang_results[1]["facts"]["version"] == catalog.engine("sglang")["verified_version"]
     assert vllm_results[1]["facts"]["process_module"], "vllm.entrypoints.openai.api_server is gone"
+
+
+def test_every_catalog_parser_name_is_the_engines(vllm_results, sglang_results) -> None:
+    """Every name catalog/parsers.yaml maps a family to exists in the engine's registry (vLLM's
+    ToolParserManager / ReasoningParserManager, SGLang's --tool-call-parser / --reasoning-parser
+    choices), and the catalog's full list of tool-call parsers is the verified version's."""
+    for engine, (_, out) in (("vllm", vllm_results), ("sglang", sglang_results)):
+        facts = out["facts"]
+        missing = []
+        for family in catalog.parsers()["families"]:
+            entry = family.get(engine) or {}
+            for key, table in (("tool", "tool_parsers"), ("reasoning", "reasoning_parsers")):
+                if entry.get(key) and entry[key] not in facts[table]:
+                    missing.append(f"{family['family']}: {key} {entry[key]}")
+        assert not missing, f"{engine} {facts['version']} lacks {missing}"
+        known = catalog.parsers()["known"][engine]
+        if str(known["version"]) == facts["version"]:
+            assert sorted(known["tool"]) == facts["tool_parsers"], engine
 
 
 # --------------------------------------------------------------------------- the checks can fail

@@ -43,8 +43,23 @@ def literal_values(tp: object) -> list[str]:
 ARGS = ("model", "served_model_name", "max_model_len", "max_num_seqs", "tensor_parallel_size",
         "gpu_memory_utilization", "kv_cache_dtype", "enable_prefix_caching", "speculative_config",
         "attention_backend", "dtype", "trust_remote_code", "kv_cache_memory_bytes", "enforce_eager",
-        "pipeline_parallel_size", "nnodes", "node_rank", "master_addr")
-NAMESPACE = ("host", "port", "api_key", "model_tag", "headless")
+        "pipeline_parallel_size", "nnodes", "node_rank", "master_addr", "reasoning_parser")
+NAMESPACE = ("host", "port", "api_key", "model_tag", "headless", "enable_auto_tool_choice", "tool_call_parser")
+
+
+def load_parsers(ns: object) -> dict[str, object]:
+    """Import the classes the named tool-call and reasoning parsers resolve to, as the server does at
+    start: a name the registry does not have raises here."""
+    from vllm.reasoning import ReasoningParserManager
+    from vllm.tool_parsers import ToolParserManager
+
+    out: dict[str, object] = {}
+    tool, reasoning = getattr(ns, "tool_call_parser", None), getattr(ns, "reasoning_parser", None)
+    if tool:
+        out["tool_call_parser_class"] = ToolParserManager.get_tool_parser(tool).__name__
+    if reasoning:
+        out["reasoning_parser_class"] = ReasoningParserManager.get_reasoning_parser(reasoning).__name__
+    return out
 
 
 def engine_config(engine_args: object) -> dict[str, object]:
@@ -70,7 +85,10 @@ def main(cases_path: str, out_path: str) -> None:
     from vllm.config.cache import CacheDType
     from vllm.config.speculative import SpeculativeConfig, SpeculativeMethod
     from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    try:   # 0.32.0; 0.34.0 moved them to vllm.entrypoints.common.cli_args
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    except ImportError:
+        from vllm.entrypoints.common.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
@@ -86,7 +104,7 @@ def main(cases_path: str, out_path: str) -> None:
                 validate_parsed_serve_args(ns)
                 engine_args = AsyncEngineArgs.from_cli_args(ns)
             result["args"] = {**{k: plain(getattr(engine_args, k, None)) for k in ARGS},
-                              **{k: plain(getattr(ns, k, None)) for k in NAMESPACE}}
+                              **{k: plain(getattr(ns, k, None)) for k in NAMESPACE}, **load_parsers(ns)}
             if case.get("engine_config"):
                 result["config"] = engine_config(engine_args)
             result["ok"] = True
@@ -95,8 +113,13 @@ def main(cases_path: str, out_path: str) -> None:
         except Exception as exc:  # the engine refused the values: report, don't stop the batch
             result["error"] = f"{type(exc).__name__}: {exc}"
         results[name] = result
+    from vllm.reasoning import ReasoningParserManager
+    from vllm.tool_parsers import ToolParserManager
+
     facts = {
         "version": vllm.__version__,
+        "tool_parsers": sorted(ToolParserManager.list_registered()),
+        "reasoning_parsers": sorted(ReasoningParserManager.list_registered()),
         "spec_methods": literal_values(SpeculativeMethod),
         "spec_config_fields": [f.name for f in dataclasses.fields(SpeculativeConfig)],
         "attention_backends": list(AttentionBackendEnum.__members__),

@@ -253,3 +253,44 @@ def test_gpu_server_without_nvidia_runtime_is_one_line(env, gemma: Path, images,
     lines = up.stderr.strip().splitlines()
     assert len(lines) == 1 and "no NVIDIA container runtime" in lines[0] and "nvidia-ctk" in lines[0], up.stderr
     assert ours(docker_client, name) == []
+
+
+def test_compose_up_wait_with_an_image_under_a_custom_tag(env, gemma: Path, docker_client, tmp_path: Path) -> None:
+    """`orchestrate engines image llama.cpp --tag NAME` (a documented option) gives an image whose name
+    says nothing of what is inside: the rendered compose file keeps the image's own HEALTHCHECK, and
+    `docker compose up --wait` turns healthy (with a curl probe inferred from the tag it never did)."""
+    from orchestrator.provision import builds as provision
+
+    provision.build("llama.cpp", "cpu")
+    tag = "dk-homelab/llama.cpp:cpu"
+    p = subprocess.run([sys.executable, "-m", "orchestrator", "engines", "image", "llama.cpp", "--tag", tag],
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0 and p.stdout.strip().splitlines()[-1] == tag, p.stdout + p.stderr
+    assert docker_client.images.get(tag).attrs["Config"]["Healthcheck"]["Test"] == ["CMD", "/bin/healthcheck"]
+    name = f"{PREFIX}customtag"
+    port = _free_port()
+    doc = {"name": name, "hardware": {"gpu": "cpu"}, "servers": [
+        {"name": "main", "engine": "llama.cpp", "runtime": "docker", "image": tag, "port": port, "context": 2048,
+         "model": {"path": str(gemma), "served_name": "gemma"}, "health": {"timeout": 120, "interval": 1},
+         # the b11434 CPU build here (GGML_NATIVE) segfaults while repacking weights at start (seen on
+         # this machine, with and without a container); --no-repack runs the same weights unpacked
+         "extra_args": ["--no-repack"]}]}
+    profile = tmp_path / "custom.yaml"
+    profile.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "deploy" / "compose.yaml"
+    out.parent.mkdir()
+    r = env.run("render", str(profile), "-t", "compose", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "test" not in yaml.safe_load(out.read_text())["services"]["main"]["healthcheck"]
+    compose = [compose_binary(), "-f", str(out)]
+    try:
+        up = subprocess.run([*compose, "up", "-d", "--wait", "--wait-timeout", "180"], capture_output=True,
+                            text=True, timeout=300, cwd=out.parent)
+        assert up.returncode == 0, up.stdout + up.stderr
+        (ct,) = ours(docker_client, name)
+        assert ct.attrs["State"]["Health"]["Status"] == "healthy"
+        assert chat(port).status_code == 200
+    finally:
+        down = subprocess.run([*compose, "down"], capture_output=True, text=True, timeout=180, cwd=out.parent)
+        docker_client.images.remove(tag, force=True)
+    assert down.returncode == 0, down.stderr

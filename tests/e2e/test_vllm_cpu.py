@@ -155,3 +155,38 @@ def test_flag_this_vllm_rejects_is_classified_with_the_log_tail(env, vllm_env, t
     assert "cause: bad_flag" in up.stderr
     assert "error: ambiguous option: --device could match" in up.stderr     # the log tail, shown
     assert env.records("vllm-badflag") == {}
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                           "parameters": {"type": "object", "required": ["city"],
+                                                          "properties": {"city": {"type": "string"}}}}}]
+
+
+def _tool_chat(port: int) -> requests.Response:
+    return requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120, json={
+        "model": "tiny", "messages": [{"role": "user", "content": "Weather in Oslo?"}], "max_tokens": 8,
+        "tools": TOOLS, "tool_choice": "auto"})
+
+
+def test_tool_choice_auto_is_accepted_with_the_planned_parser(env, vllm_env, tiny_llama: Path) -> None:
+    """An agent's request (tools + tool_choice "auto") gets 200 from the planned server; the same server
+    planned with tools: off answers 400, which is what every plan got before. The tiny model's name
+    matches no family, so the parser is named in the profile (llama3_json: it is a Llama)."""
+    for tools, status in (("llama3_json", 200), ("off", 400)):
+        name = f"vllm-tools-{tools.replace('_', '')}"
+        profile = env.profile(name, engine="vllm", context=2048, tools=tools,
+                              model={"path": str(tiny_llama), "served_name": "tiny"},
+                              health={"timeout": 900, "interval": 1})
+        up = env.run("up", str(profile), "--json", timeout=1200)
+        assert up.returncode == 0, up.stdout + up.stderr
+        port = env.records(name)["s"].port
+        try:
+            resp = _tool_chat(port)
+            assert resp.status_code == status, resp.text
+            if status == 200:
+                assert resp.json()["choices"][0]["message"] is not None
+            else:
+                assert "tool" in resp.text and "auto" in resp.text
+        finally:
+            down = env.run("down", str(profile), env={"ORCHESTRATOR_STOP_GRACE": "10"})
+        assert down.returncode == 0, down.stdout + down.stderr

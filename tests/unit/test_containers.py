@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -65,11 +67,81 @@ def test_no_fitting_image_is_a_one_line_render_error() -> None:
     assert "\n" not in msg and "engines image ik_llama" in msg and "set image:" in msg
 
 
-def test_locally_built_images_are_probed_with_wget() -> None:
-    plan = plan_of({"name": "p", "hardware": {"gpu": "cpu"},
-                    "servers": [server(image="localhost/orchestrator/llama.cpp:b11434-cpu")]})
+@pytest.mark.parametrize("image", ["localhost/orchestrator/llama.cpp:b11434-cpu", "homelab/llama.cpp:cpu",
+                                   "registry.example:5000/team/llama-server@sha256:" + "0" * 64])
+def test_an_image_the_catalog_does_not_list_keeps_its_own_healthcheck(image: str) -> None:
+    """Whatever the tag says, compose writes no probe command into an image it does not know: the
+    healthcheck is the image's own (images from `orchestrate engines image` carry one)."""
+    plan = plan_of({"name": "p", "hardware": {"gpu": "cpu"}, "servers": [server(image=image)]})
+    assert plan.servers[0].probe_tool == "image"
     hc = yaml.safe_load(render(plan, "compose"))["services"]["s"]["healthcheck"]
-    assert hc["test"][:2] == ["CMD", "wget"]
+    assert "test" not in hc and hc["start_period"] and hc["interval"]
+
+
+@pytest.mark.parametrize("engine,image,tool", [
+    ("llama.cpp", "ghcr.io/ggml-org/llama.cpp:server", "curl"),
+    ("llama.cpp", "ghcr.io/ggml-org/llama.cpp:server-b11434", "curl"),   # another tag of the official repository
+    ("vllm", "vllm/vllm-openai:v0.32.0", "python3"),
+])
+def test_official_repositories_are_probed_with_what_they_ship(engine: str, image: str, tool: str) -> None:
+    model = {"path": "/models/Llama-3.1-8B-Instruct"} if engine == "vllm" else server()["model"]
+    plan = plan_of({"name": "p", "hardware": {"gpu": "rtx-4090"},
+                    "servers": [server(engine=engine, image=image, model=model)]})
+    hc = yaml.safe_load(render(plan, "compose"))["services"]["s"]["healthcheck"]
+    assert hc["test"][:2] == ["CMD", tool]
+
+
+def test_the_built_image_carries_its_healthcheck() -> None:
+    from orchestrator.facts.installed import InstalledEngine
+    from orchestrator.provision import images
+
+    inst = InstalledEngine("llama.cpp", "b11434", "cpu", None, "/nonexistent", "sdist", "0", "/nonexistent/log")
+    text = images.dockerfile(inst)
+    assert 'HEALTHCHECK --interval=10s --timeout=5s --start-period=600s --retries=3 CMD ["/bin/healthcheck"]' in text
+    assert {"sh", "tr", "wget"} <= set(images.BUSYBOX_APPLETS)
+
+
+def _unshare_works() -> bool:
+    if not (shutil.which("unshare") and shutil.which("wget") and shutil.which("tr")):
+        return False
+    p = subprocess.run(["unshare", "-pf", "--mount-proc", "true"], capture_output=True, timeout=30)
+    return p.returncode == 0
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="needs wget, tr and unshare (root) for a PID namespace")
+def test_the_image_healthcheck_probes_the_port_the_server_was_started_with(tmp_path: Path) -> None:
+    """The script as the image runs it, in a PID namespace of its own as in a container, with this
+    machine's sh, tr and wget: it finds --port in the command line of the server process and gets
+    /health there (200 from a server that answers; failure once it is gone)."""
+    import http.server
+    import threading
+
+    from orchestrator.provision.images import HEALTHCHECK_SCRIPT
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    script = tmp_path / "healthcheck"
+    script.write_text(HEALTHCHECK_SCRIPT)
+    port = srv.server_address[1]
+    # PID 1 of the namespace is an init-like sh; the "server" is its child, started with --port
+    inner = (f"{shlex.quote(sys.executable)} -c 'import time; time.sleep(30)' -m /models/x.gguf --port {port} & "
+             f"sleep 0.5; sh {shlex.quote(str(script))}; rc=$?; kill $!; exit $rc")
+    run = ["unshare", "-pf", "--mount-proc", "sh", "-c", inner]
+    env = {"PATH": "/usr/bin:/bin"}
+    ok = subprocess.run(run, capture_output=True, text=True, timeout=60, env=env)
+    srv.shutdown()
+    srv.server_close()
+    gone = subprocess.run(run, capture_output=True, text=True, timeout=60, env=env)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert gone.returncode != 0
 
 
 @pytest.mark.parametrize("deps,message", [
@@ -138,6 +210,26 @@ def test_llama_swap_config(tmp_path: Path) -> None:
     assert alpha["checkEndpoint"] == "/health" and alpha["ttl"] > 0 and alpha["aliases"] == ["a"]
     assert b["env"] == ["CUDA_VISIBLE_DEVICES=0"]
     assert doc["healthCheckTimeout"] >= max(s.health.timeout_s for s in plan.servers)
+
+
+def test_two_servers_of_one_file_get_distinct_default_names_and_both_reach_llama_swap() -> None:
+    plan = plan_of({"name": "p", "hardware": {"gpu": "cpu"}, "servers": [
+        server(name="fast", parallel=1), server(name="wide", port=8090, parallel=4)]})
+    assert [s.served_name for s in plan.servers] == ["m-Q4_K_M", "m-Q4_K_M-wide"]
+    models = yaml.safe_load(render(plan, "llama-swap"))["models"]
+    assert sorted(models) == ["m-Q4_K_M", "m-Q4_K_M-wide"]
+    assert "-a m-Q4_K_M-wide" in models["m-Q4_K_M-wide"]["cmd"]
+
+
+@pytest.mark.parametrize("second", [{"served_name": "same"}, {"served_name": "first"}])
+def test_one_name_for_two_servers_is_a_llama_swap_error_naming_both(second: dict) -> None:
+    plan = plan_of({"name": "p", "hardware": {"gpu": "cpu"}, "servers": [
+        server(name="first", model={"path": "/models/a-Q4_K_M.gguf", "served_name": "same"}),
+        server(name="second", port=8090, model={"path": "/models/b-Q4_K_M.gguf", **second})]})
+    with pytest.raises(Exception) as exc:
+        render(plan, "llama-swap")
+    msg = str(exc.value)
+    assert "servers first and second" in msg and "model.served_name" in msg
 
 
 def test_container_spec_from_the_plan() -> None:

@@ -92,8 +92,11 @@ def test_pinned_old_llama_cpp_drafts_without_spec_type(tmp_path: Path) -> None:
     assert new.args()[new.args().index("--spec-type") + 1] == "draft-simple"
 
 
-def test_pinned_newer_ik_llama_rejects_the_old_mtp_flag(tmp_path: Path) -> None:
+def test_pinned_newer_ik_llama_gets_the_staged_syntax_and_rejects_the_old_mtp_flag(tmp_path: Path) -> None:
     p = _profile(tmp_path, engine="ik_llama", engine_version="2026-08-15", speculative={"method": "mtp"})
+    sp = build_plan(load(p), detect=False).servers[0]
+    assert "-mtp" not in sp.args() and sp.args()[sp.args().index("--spec-type") + 1].startswith("mtp:n_max=")
+    p = _profile(tmp_path, engine="ik_llama", engine_version="2026-08-15", extra_args=["-mtp"])
     with pytest.raises(ProfileError) as exc:
         build_plan(load(p), detect=False)
     msg = str(exc.value)

@@ -54,7 +54,7 @@ BASE: dict[str, Any] = {
 }
 
 # Every string field of the profile, as (path into BASE, how to set it).
-FIELDS: list[tuple[str, ...]] = [
+FIELDS: list[tuple[str | int, ...]] = [
     ("name",), ("hardware", "gpu"), ("servers", "name"), ("servers", "engine_version"),
     ("servers", "model", "path"), ("servers", "model", "quant"), ("servers", "model", "served_name"),
     ("servers", "model", "pypi"), ("servers", "model", "k8s_claim"), ("servers", "speculative", "draft_model"),

@@ -261,7 +261,7 @@ def test_planned_settings_come_from_the_plan_settings(engine: str, expect: dict[
     ("cuda", [1, 3], 2, {"device_requests": [{"Driver": "nvidia", "Count": 0, "DeviceIDs": ["1", "3"],
                                               "Capabilities": [["gpu"]], "Options": {}}]}),
     ("rocm", None, 1, {"devices": ["/dev/kfd:/dev/kfd:rwm", "/dev/dri:/dev/dri:rwm"], "group_add": ["video"]}),
-    ("intel", None, 1, {"devices": ["/dev/dri:/dev/dri:rwm"]}),
+    ("sycl", None, 1, {"devices": ["/dev/dri:/dev/dri:rwm"]}),
     ("cpu", None, 0, {}),
     ("cuda", None, 0, {}),
 ])

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from tests.unit.test_fit import write_gguf
+
 ROOT = Path(__file__).resolve().parents[2]
 FAKE = ROOT / "tests" / "fake_engine.py"
 
@@ -39,8 +41,7 @@ NOT_BEFORE_SPAWN = ("pydantic", "yaml", "psutil", "orchestrator.profile", "orche
 
 
 def test_up_on_a_plan_cache_hit_spawns_before_the_heavy_imports(tmp_path: Path) -> None:
-    model = tmp_path / "m.gguf"
-    model.write_bytes(b"GGUF" + b"\0" * 64)
+    model = write_gguf(tmp_path / "m.gguf", "llama", layers=2, embd=32, heads=4, kv_heads=2, head_dim=8)
     launcher = tmp_path / "fake-llama-server"
     launcher.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE} \"$@\"\n")
     launcher.chmod(0o755)

@@ -14,6 +14,7 @@ from typing import Any
 from orchestrator.catalog import Gpu
 from orchestrator.errors import Problem
 from orchestrator.facts.types import EngineVersion, ModelFacts
+from orchestrator.plan.budget import Budget
 from orchestrator.plan.model import ApiKey, EnvVar, Flag, Mount
 from orchestrator.profile import Profile, Server
 
@@ -51,7 +52,11 @@ class Ctx:
     swa_full: str | None = None    # llama.cpp: keep sliding-window layers' KV whole (the reason), or None
     fa_on: bool = True             # GGUF engines: FlashAttention on (decided by the planner, read by rules)
     mem_fraction: float | None = None  # vLLM/SGLang: the share of GPU memory, set by the memory_fraction rule
+    mem_reserve: int | None = None     # SGLang: bytes it keeps outside that share on all its GPUs (None: inside)
+    ubatch: int = 512              # GGUF engines: the micro-batch (-ub) the planner chose and the fit counts
     mounts: list[Mount] = field(default_factory=list)  # host folders a container needs (model, draft)
+    share: Budget | None = None    # what the other servers on its GPUs leave it (None: it has them to itself)
+    tools: Any = None              # plan.decisions.ToolParsers: vLLM/SGLang tool-call/reasoning parsers (None: none)
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
@@ -144,10 +149,12 @@ def port(ctx: Ctx) -> Flag:
     return Flag("--port", str(ctx.server.port), "from the profile" if ctx.server.port else "default")
 
 
-def memory_fraction(ctx: Ctx, flag: str, default: float, default_why: str) -> Flag | None:
-    """vLLM --gpu-memory-utilization / SGLang --mem-fraction-static, from the memory estimate: the
-    engine's default share, split between vLLM/SGLang servers that share the GPUs, and raised (up to
-    0.95) when weights + activations + one full-length sequence of KV would not fit in the default."""
+def memory_fraction(ctx: Ctx, flag: str, default: float, default_why: str, inside: bool = True) -> Flag | None:
+    """vLLM --gpu-memory-utilization / SGLang --mem-fraction-static, from the memory estimate. Alone on its
+    GPUs: nothing, when the engine's own default (default, described by default_why) holds weights +
+    activations (vLLM; SGLang keeps those outside: inside=False) + one full-length sequence of KV; else
+    raised to what that needs (up to 0.95). Sharing GPUs: what the per-GPU budget leaves it
+    (plan/budget.py), and the fit estimate says when that cannot hold one sequence."""
     import math
 
     from orchestrator.plan.fit import hf_required_fraction
@@ -155,18 +162,24 @@ def memory_fraction(ctx: Ctx, flag: str, default: float, default_why: str) -> Fl
 
     if ctx.on_cpu:
         return None
-    sharing = [s for s in ctx.profile.servers if s.engine in ("vllm", "sglang") and s is not ctx.server]
-    if sharing:
-        frac = round(default / (len(sharing) + 1), 2)
-        why = f"{len(sharing) + 1} vLLM/SGLang servers share the GPUs: each gets {frac:.2f} of their memory"
-    else:
-        device = int(ctx.gpu.vram_gb * GIB) * max(ctx.total_gpus, 1)
-        need = hf_required_fraction(ctx.facts, ctx.server.context, ctx.kv_cache, device, ctx.total_gpus)
-        if need is not None and default < need + 0.01 <= 0.95:
-            frac = math.ceil((need + 0.01) * 100) / 100
-            why = (f"weights, activations and the KV of one {ctx.server.context}-token sequence need {need:.0%} "
-                   f"of {device / GIB:.0f} GiB: raised from the default {default:.2f}")
-        else:
-            frac, why = default, default_why
-    ctx.mem_fraction = float(f"{frac:.2f}")
-    return Flag(flag, f"{frac:.2f}", why)
+    if ctx.share is not None and ctx.share.pool_fraction is not None:
+        frac = min(default, ctx.share.pool_fraction)
+        ctx.mem_fraction = frac
+        return Flag(flag, f"{frac:.2f}", f"{ctx.share.why}: {frac:.2f} of each GPU's memory, its part of the "
+                    f"default share ({default_why}) after the other servers on them")
+    device = int(ctx.gpu.vram_gb * GIB) * max(ctx.total_gpus, 1)
+    need = hf_required_fraction(ctx.facts, ctx.server.context, ctx.kv_cache, device, ctx.total_gpus, inside)
+    if need is not None and default < need + 0.01 <= 0.95:
+        frac = math.ceil((need + 0.01) * 100) / 100
+        ctx.mem_fraction = frac
+        if not inside:   # a pinned fraction: SGLang sizes nothing else; count the activations planned for vLLM
+            from orchestrator.plan.fit import ACTIVATION_BYTES
+
+            ctx.mem_reserve = ACTIVATION_BYTES * max(ctx.total_gpus, 1)
+        return Flag(flag, f"{frac:.2f}", f"weights{', activations' if inside else ''} and the KV of one "
+                    f"{ctx.server.context}-token sequence need {need:.0%} of {device / GIB:.0f} GiB: raised from "
+                    f"the default {default_why}")
+    ctx.mem_fraction = default
+    ctx.notes.append(f"{flag} left to {ctx.caps['display']}: its default {default_why} holds the weights and "
+                     f"the KV of a {ctx.server.context}-token sequence")
+    return None

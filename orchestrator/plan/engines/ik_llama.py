@@ -49,12 +49,45 @@ def gpu_layers(ctx: Ctx) -> Flag | None:
     return mainline.gpu_layers(ctx, all_value="999")
 
 
+def staged_syntax(ctx: Ctx) -> bool:
+    """ik from 2026-06 (007d64009, PR #1908) takes repeated --spec-type TYPE:key=value stages and refuses
+    -mtp, --draft-max and --spec-ngram-size-* (common/common.cpp @ 8337e4c)."""
+    from orchestrator.plan.versions import supports
+
+    return ctx.version is not None and supports(ctx.caps, ctx.version, "-mtp") is False
+
+
+def speculative_stages(ctx: Ctx) -> list[Flag]:
+    """--spec-type mtp:n_max=N / draft:n_max=N (with -md) / ngram-simple:ngram_size_m=N."""
+    sp = ctx.server.speculative
+    n = str(sp.tokens)
+    why = f"this ik build's staged syntax (--spec-type TYPE:key=value, from 2026-06); up to {n} draft tokens"
+    if sp.method == "ngram":
+        return [Flag("--spec-type", f"{ctx.caps['spec_methods']['ngram']}:ngram_size_m={n}",
+                     f"drafts from n-grams already in the context (no extra model); {why}")]
+    out: list[Flag] = []
+    if sp.method == "draft":
+        out.append(Flag("-md", ctx.draft_arg, "draft model from the profile", container_value=ctx.draft_container))
+        if ctx.offload.mode != "cpu":
+            out.append(Flag("-ngld", "999", "keep the draft model on the GPU: it runs every step"))
+    what = "the model's own multi-token-prediction (NextN) layers draft tokens" if sp.method == "mtp" else \
+        "a small draft model proposes tokens the main model verifies"
+    out.append(Flag("--spec-type", f"{sp.method}:n_max={n}", f"{what}; {why}"))
+    return out
+
+
 def speculative(ctx: Ctx) -> list[Flag] | None:
     sp = ctx.server.speculative
     if sp.method == "none":
         return None
+    if staged_syntax(ctx):
+        return speculative_stages(ctx)
     n = str(sp.tokens)
     out: list[Flag] = []
+    if sp.method == "ngram":   # common/common.cpp --spec-type: drafting from the context, no draft model
+        return [Flag("--spec-type", ctx.caps["spec_methods"]["ngram"],
+                     "drafts from n-grams already in the context (no extra model); pays off on repetitive text"),
+                Flag("--spec-ngram-size-m", n, f"draft m-grams of {n} tokens (profile speculative.tokens)")]
     if sp.method == "mtp":
         out.append(Flag("-mtp", None, "the model's own multi-token-prediction (NextN) layers draft tokens "
                         "(this ik build's syntax; newer ik uses --spec-type mtp:n_max=N)"))
@@ -85,8 +118,17 @@ def mla(ctx: Ctx) -> list[Flag] | None:
     return None
 
 
+def jinja(ctx: Ctx) -> Flag | None:
+    """Tool calls and reasoning output come from the model's Jinja chat template (common/chat.cpp); this
+    build renders prompts with its built-in templates unless --jinja (common.h: use_jinja = false)."""
+    if ctx.server.tools == "off":
+        return None
+    return Flag("--jinja", None, "tools: auto: OpenAI-style tool calls and reasoning_content need the model's "
+                "Jinja chat template, which this ik_llama.cpp build uses only with --jinja")
+
+
 RULES: list[Rule] = [
     model, alias, bind_host, port, api_key_file, mainline.context, mainline.slots, mainline.threads, gpu_layers,
-    mainline.moe_offload, flash_attention, mainline.kv_types, mla,
-    speculative, prompt_cache, mainline.metrics, user_args,
+    mainline.moe_offload, mainline.micro_batch, flash_attention, mainline.kv_types, mla,
+    speculative, prompt_cache, jinja, mainline.metrics, user_args,
 ]

@@ -54,6 +54,16 @@ def gpu_layers(ctx: Ctx, all_value: str = "all") -> Flag | None:
     return Flag("-ngl", all_value, off.reason)
 
 
+def micro_batch(ctx: Ctx) -> Flag | None:
+    """-ub: the planner's micro-batch (plan/planner.py _offload_ubatch); -b stays at its default 2048
+    (common.h n_batch), which a 2048-token micro-batch does not exceed."""
+    if ctx.ubatch == 512:
+        return None
+    return Flag("-ub", str(ctx.ubatch), "weights in system RAM are copied to the GPU once per micro-batch during "
+                f"prefill: a {ctx.ubatch}-token micro-batch (default 512) spreads that copy over 4x the tokens; its larger "
+                "compute buffer is counted in memory and keeps the same placement")
+
+
 def moe_offload(ctx: Ctx) -> Flag | None:
     off = ctx.offload
     if off.mode == "moe_all":
@@ -70,10 +80,20 @@ def flash_attention(ctx: Ctx) -> Flag:
     if ctx.on_cpu:
         return Flag("-fa", "on", f"CPU backend has FlashAttention kernels{need}; it keeps the KV working set small")
     if acc == "cuda":
-        tc = "with tensor-core kernels" if ctx.gpu.tensor_cores else "with the FP32 vector kernel (no fast FP16)"
+        # ggml-cuda/fattn.cu: tensor-core kernels where the GPU has them, else the tile kernel (the vector
+        # kernel for small batches); common.cuh treats every GPU but sm_61 as fast-FP16.
+        if ctx.gpu.tensor_cores:
+            tc = "with tensor-core kernels"
+        elif ctx.cc is not None and (ctx.cc < (6, 0) or ctx.cc == (6, 1)):
+            tc = f"with the tile and vector kernels in FP32 ({ctx.gpu.sm} has no fast FP16)"
+        else:
+            tc = "with the FP16 tile and vector kernels (no tensor cores)"
         return Flag("-fa", "on", f"{ctx.gpu.describe()}; FlashAttention kernels are supported {tc}{need}")
     if acc in ("metal", "rocm"):
         return Flag("-fa", "on", f"{ctx.gpu.describe()}; FlashAttention is supported on this backend{need}")
+    if acc == "sycl":
+        return Flag("-fa", "on" if quantized_v else "auto", f"{ctx.gpu.name} through the SYCL backend; FA kernels "
+                    "depend on the build and device" + (need or ", so let the engine decide"))
     value = "on" if quantized_v else "auto"
     return Flag("-fa", value, f"{ctx.gpu.describe()}; FA support depends on the driver (coopmat2/subgroup ops)"
                 + (need or ", so let the engine decide"))
@@ -169,6 +189,6 @@ def metrics(ctx: Ctx) -> Flag:
 
 
 RULES: list[Rule] = [
-    model, alias, bind_host, port, api_key_env, context, slots, threads, gpu_layers, moe_offload, fit_off,
+    model, alias, bind_host, port, api_key_env, context, slots, threads, gpu_layers, moe_offload, micro_batch, fit_off,
     flash_attention, kv_types, speculative, prompt_cache, metrics, user_args,
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from orchestrator.plan.engines import base
 from orchestrator.plan.engines.base import Ctx, Rule, api_key_file, bind_host, port, user_args
-from orchestrator.plan.model import Flag
+from orchestrator.plan.model import EnvVar, Flag
 
 KV_DTYPES = {"f16": "auto", "bf16": "bf16", "fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
 
@@ -43,18 +43,21 @@ def tensor_parallel(ctx: Ctx) -> list[Flag]:
 
 
 def memory_fraction(ctx: Ctx) -> Flag | None:
-    return base.memory_fraction(ctx, "--mem-fraction-static", 0.85,
-                                "weights + KV pool take 85% of GPU memory; the rest holds activations and CUDA "
-                                "graphs")
-
-
-def attention_backend(ctx: Ctx) -> Flag | None:
-    cc = ctx.cc
-    if cc is None:
+    """SGLang 0.5.23 computes its default from the GPU's memory at start (srt/arg_groups/memory_hook.py):
+    the plan leaves it to SGLang unless the GPU is shared or the model needs more, and counts what SGLang
+    keeps outside the fraction (activations, CUDA graphs) on top of it."""
+    if ctx.on_cpu:
         return None
-    if cc[0] == 9:
-        return Flag("--attention-backend", "fa3", f"{ctx.gpu.describe()}: FlashAttention-3 is the fastest on Hopper")
-    return None
+    from orchestrator.plan import fit
+    from orchestrator.plan.model import GIB
+
+    gpu_bytes = int(ctx.gpu.vram_gb * GIB)
+    tp = max(ctx.total_gpus, 1)
+    default = fit.sglang_default_fraction(gpu_bytes, tp, ctx.server.parallel)
+    ctx.mem_reserve = fit.sglang_reserved_bytes(gpu_bytes, tp, ctx.server.parallel) * tp
+    why = (f"≈{default:.2f}, which SGLang {ctx.caps['verified_version']} computes from {ctx.gpu.vram_gb:g} GB "
+           "at start")
+    return base.memory_fraction(ctx, "--mem-fraction-static", default, why, inside=False)
 
 
 def kv_cache(ctx: Ctx) -> Flag | None:
@@ -91,6 +94,32 @@ def speculative(ctx: Ctx) -> list[Flag] | None:
     return out
 
 
+def tool_calls(ctx: Ctx) -> list[Flag] | None:
+    """OpenAI-style tool use and thinking models: SGLang parses tool calls and reasoning only with
+    --tool-call-parser / --reasoning-parser (server_args.py; both default to none)."""
+    tp = ctx.tools
+    if tp is None:
+        return None
+    out: list[Flag] = []
+    if tp.tool:
+        out.append(Flag("--tool-call-parser", tp.tool, f"turns the model's tool-call output into tool_calls: {tp.reason}"))
+    if tp.reasoning:
+        out.append(Flag("--reasoning-parser", tp.reasoning,
+                        f"moves the model's thinking out of content into reasoning_content: {tp.reason}"))
+    return out or None
+
+
+def cpu_threads(ctx: Ctx) -> EnvVar | None:
+    """SGLang's CPU backend binds its OpenMP threads from SGLANG_CPU_OMP_THREADS_BIND (srt/utils/
+    numa_utils.py init_threads_binding; default "all": one rank per NUMA node)."""
+    threads = ctx.server.threads
+    if not ctx.on_cpu or threads is None:
+        return None
+    cores = "0" if threads == 1 else f"0-{threads - 1}"
+    return EnvVar("SGLANG_CPU_OMP_THREADS_BIND", cores,
+                  f"threads: {threads}: SGLang's CPU worker runs {threads} OpenMP thread(s) bound to cores {cores}")
+
+
 def metrics(ctx: Ctx) -> Flag:
     return Flag("--enable-metrics", None, "expose Prometheus /metrics for status and bench")
 
@@ -103,5 +132,5 @@ def trust_remote_code(ctx: Ctx) -> Flag | None:
 
 RULES: list[Rule] = [
     model, served_name, bind_host, port, api_key_file, context_length, max_running, tensor_parallel, memory_fraction,
-    attention_backend, kv_cache, radix_cache, speculative, metrics, trust_remote_code, user_args,
+    kv_cache, radix_cache, speculative, tool_calls, cpu_threads, metrics, trust_remote_code, user_args,
 ]

@@ -58,25 +58,37 @@ def tensor_parallel(ctx: Ctx) -> list[Flag]:
     return out
 
 
+def default_utilization(ctx: Ctx) -> tuple[float, str]:
+    """vLLM's own --gpu-memory-utilization when none is given, for the targeted version (catalog
+    memory_default): 0.92 in 0.32.0/0.33.0 (vllm/config/cache.py:102), 1.0 from 0.34.0 (cache.py:216)."""
+    from orchestrator.plan.versions import at_least
+
+    version = ctx.version.version if ctx.version else str(ctx.caps["verified_version"])
+    chosen: dict[str, object] = {"value": 0.92}
+    for entry in ctx.caps.get("memory_default") or []:
+        if at_least("vllm", version, str(entry["since"]), ctx.caps) is not False:
+            chosen = entry
+    value = float(str(chosen["value"]))
+    note = f"; from {chosen['since']}: {chosen['note']}" if chosen.get("note") else ""
+    return value, f"{value:.2f} in vLLM {version}{note}"
+
+
 def memory_fraction(ctx: Ctx) -> Flag | None:
-    return base.memory_fraction(ctx, "--gpu-memory-utilization", 0.90,
-                                "weights + KV pool may use 90% of each GPU's memory, leaving room for the CUDA "
-                                "context and graphs")
+    default, why = default_utilization(ctx)
+    return base.memory_fraction(ctx, "--gpu-memory-utilization", default, why)
 
 
 def dtype(ctx: Ctx) -> Flag | None:
+    if ctx.gpu.vendor == "intel" and "a770" in ctx.gpu.id:
+        # vllm/platforms/xpu.py check_if_supports_dtype: "Intel Arc A770 have bfloat16 accuracy known issue"
+        return Flag("--dtype", "float16", f"{ctx.gpu.name}: vLLM's XPU platform refuses bf16 on the A770 "
+                    "(known accuracy issue) and asks for fp16")
+    if ctx.gpu.vendor == "intel":
+        ctx.notes.append("Intel GPU: vLLM runs on its XPU platform with an XPU build of vLLM (PyTorch XPU); "
+                         "orchestrate engines install vllm installs the CPU build only")
+        return None
     if not ctx.on_cpu and not ctx.gpu.bf16:
         return Flag("--dtype", "float16", f"{ctx.gpu.describe()}: no bf16 (needs sm80), run weights in fp16")
-    return None
-
-
-def attention_backend(ctx: Ctx) -> Flag | None:
-    cc = ctx.cc
-    if cc is None:
-        return None
-    if cc < (8, 0):
-        return Flag("--attention-backend", "TRITON_ATTN",
-                    f"{ctx.gpu.describe()}: FLASH_ATTN and FLASHINFER need sm80+, Triton runs everywhere")
     return None
 
 
@@ -155,8 +167,26 @@ def trust_remote_code(ctx: Ctx) -> Flag | None:
     return None
 
 
+def tool_calls(ctx: Ctx) -> list[Flag] | None:
+    """OpenAI-style tool use: vLLM answers tool_choice "auto" with 400 unless started with
+    --enable-auto-tool-choice and a --tool-call-parser (validate_parsed_serve_args requires the parser
+    with the switch); --reasoning-parser moves a thinking model's reasoning out of content."""
+    tp = ctx.tools
+    if tp is None:
+        return None
+    out: list[Flag] = []
+    if tp.tool:
+        out += [Flag("--enable-auto-tool-choice", None, "accept tool_choice \"auto\" (OpenAI-style tool use; "
+                     "vLLM answers 400 without it)"),
+                Flag("--tool-call-parser", tp.tool, f"turns the model's tool-call output into tool_calls: {tp.reason}")]
+    if tp.reasoning:
+        out.append(Flag("--reasoning-parser", tp.reasoning,
+                        f"moves the model's thinking out of content into reasoning_content: {tp.reason}"))
+    return out or None
+
+
 RULES: list[Rule] = [
     model, served_name, bind_host, port, api_key_env, max_model_len, max_num_seqs, tensor_parallel, memory_fraction,
-    dtype, attention_backend, kv_cache, cpu_kv_cache, cpu_threads, prefix_caching, speculative, trust_remote_code,
-    user_args,
+    dtype, kv_cache, cpu_kv_cache, cpu_threads, prefix_caching, speculative, tool_calls,
+    trust_remote_code, user_args,
 ]

@@ -3,11 +3,11 @@
 # deployment: homelab-coder
 set -e
 
-# coder: llama.cpp b11434
-LLAMA_API_KEY="${CODER_API_KEY:?set CODER_API_KEY to the API key}" docker run -d --name homelab-coder--coder --restart unless-stopped --init --label orchestrator.profile=homelab-coder --label orchestrator.server=coder -p 0.0.0.0:8080:8080 --stop-timeout 30 --gpus all -v /models:/models:ro -e LLAMA_API_KEY --entrypoint /app/llama-server ghcr.io/ggml-org/llama.cpp:server-cuda -m /models/Qwen3-Coder-30B-A3B-Instruct-Q4_K_M.gguf -a qwen-coder --host 0.0.0.0 --port 8080 -c 131072 -np 2 -ngl all -ncmoe 4 --fit off -fa on -ctk q8_0 -ctv q8_0 --cache-reuse 256 --metrics
-
 # chat: ik_llama.cpp 55d3c05bf
 : "${CHAT_API_KEY:?set CHAT_API_KEY to the API key}"
 mkdir -p -m 700 /var/lib/orchestrator/homelab-coder
 (umask 077 && printf '%s\n' "$CHAT_API_KEY" > /var/lib/orchestrator/homelab-coder/chat.api-key)
-docker run -d --name homelab-coder--chat --restart unless-stopped --init --label orchestrator.profile=homelab-coder --label orchestrator.server=chat -p 127.0.0.1:8081:8081 --stop-timeout 30 --gpus '"device=0"' -v /models:/models:ro -v /var/lib/orchestrator/homelab-coder/chat.api-key:/run/secrets/api_key:ro --entrypoint /app/llama-server ghcr.io/ikawrakow/ik-llama-cpp:cu12-server -m /models/gemma-3-4b-it-Q4_K_M.gguf -a gemma-3-4b-it-Q4_K_M --host 0.0.0.0 --port 8081 --api-key-file /run/secrets/api_key -c 8192 -np 1 -ngl 999 -fa on -ctk q8_0 -ctv q8_0 --metrics
+docker run -d --name homelab-coder--chat --restart unless-stopped --init --label orchestrator.profile=homelab-coder --label orchestrator.server=chat -p 127.0.0.1:8081:8081 --stop-timeout 30 --gpus '"device=0"' -v /models:/models:ro -v /var/lib/orchestrator/homelab-coder/chat.api-key:/run/secrets/api_key:ro --entrypoint /app/llama-server ghcr.io/ikawrakow/ik-llama-cpp:cu12-server -m /models/gemma-3-4b-it-Q4_K_M.gguf -a gemma-3-4b-it-Q4_K_M --host 0.0.0.0 --port 8081 --api-key-file /run/secrets/api_key -c 8192 -np 1 -ngl 999 -fa on -ctk q8_0 -ctv q8_0 --jinja --metrics
+
+# coder: llama.cpp b11434
+LLAMA_API_KEY="${CODER_API_KEY:?set CODER_API_KEY to the API key}" docker run -d --name homelab-coder--coder --restart unless-stopped --init --label orchestrator.profile=homelab-coder --label orchestrator.server=coder -p 0.0.0.0:8080:8080 --stop-timeout 30 --gpus all -v /models:/models:ro -e LLAMA_API_KEY --entrypoint /app/llama-server ghcr.io/ggml-org/llama.cpp:server-cuda -m /models/Qwen3-Coder-30B-A3B-Instruct-Q4_K_M.gguf -a qwen-coder --host 0.0.0.0 --port 8080 -c 131072 -np 2 -ngl all -ncmoe 18 --fit off -fa on -ctk q8_0 -ctv q8_0 --cache-reuse 256 --metrics

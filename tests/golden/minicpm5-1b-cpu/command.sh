@@ -3,4 +3,4 @@
 # deployment: minicpm5-cpu; one server per line, start each in its own terminal or under a supervisor.
 
 # minicpm: ik_llama.cpp 55d3c05bf
-llama-server -m /models/MiniCPM5-1B-Q4_K_M.gguf -a minicpm5-1b --host 127.0.0.1 --port 8080 -c 16384 -np 2 -t 8 -fa on -ctk q8_0 -ctv q8_0 --metrics
+llama-server -m /models/MiniCPM5-1B-Q4_K_M.gguf -a minicpm5-1b --host 127.0.0.1 --port 8080 -c 16384 -np 2 -t 8 -fa on -ctk q8_0 -ctv q8_0 --jinja --metrics

@@ -4,4 +4,4 @@
 set -e
 
 # minicpm: ik_llama.cpp 55d3c05bf
-docker run -d --name minicpm5-cpu--minicpm --restart unless-stopped --init --label orchestrator.profile=minicpm5-cpu --label orchestrator.server=minicpm -p 127.0.0.1:8080:8080 --stop-timeout 30 -v /models:/models:ro --entrypoint /app/llama-server ghcr.io/ikawrakow/ik-llama-cpp:cpu-server -m /models/MiniCPM5-1B-Q4_K_M.gguf -a minicpm5-1b --host 0.0.0.0 --port 8080 -c 16384 -np 2 -t 8 -fa on -ctk q8_0 -ctv q8_0 --metrics
+docker run -d --name minicpm5-cpu--minicpm --restart unless-stopped --init --label orchestrator.profile=minicpm5-cpu --label orchestrator.server=minicpm -p 127.0.0.1:8080:8080 --stop-timeout 30 -v /models:/models:ro --entrypoint /app/llama-server ghcr.io/ikawrakow/ik-llama-cpp:cpu-server -m /models/MiniCPM5-1B-Q4_K_M.gguf -a minicpm5-1b --host 0.0.0.0 --port 8080 -c 16384 -np 2 -t 8 -fa on -ctk q8_0 -ctv q8_0 --jinja --metrics

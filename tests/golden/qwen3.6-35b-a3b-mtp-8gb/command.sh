@@ -3,4 +3,4 @@
 # deployment: qwen36-moe-8gb; one server per line, start each in its own terminal or under a supervisor.
 
 # qwen: llama.cpp b11434
-llama-server -m /models/Qwen3.6-35B-A3B-UD-Q4_K_XL.gguf -a qwen3.6-35b-a3b --host 127.0.0.1 --port 8080 -c 32768 -np 1 -ngl all -ncmoe 32 --fit off -fa on -ctk q8_0 -ctv q8_0 --spec-type draft-mtp --spec-draft-n-max 2 --metrics
+llama-server -m /models/Qwen3.6-35B-A3B-UD-Q4_K_XL.gguf -a qwen3.6-35b-a3b --host 127.0.0.1 --port 8080 -c 32768 -np 1 -ngl all -ncmoe 32 -ub 2048 --fit off -fa on -ctk q8_0 -ctv q8_0 --spec-type draft-mtp --spec-draft-n-max 2 --metrics

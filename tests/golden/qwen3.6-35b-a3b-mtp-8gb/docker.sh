@@ -4,4 +4,4 @@
 set -e
 
 # qwen: llama.cpp b11434
-docker run -d --name qwen36-moe-8gb--qwen --restart unless-stopped --init --label orchestrator.profile=qwen36-moe-8gb --label orchestrator.server=qwen -p 127.0.0.1:8080:8080 --stop-timeout 30 --gpus all -v /models:/models:ro --entrypoint /app/llama-server ghcr.io/ggml-org/llama.cpp:server-cuda -m /models/Qwen3.6-35B-A3B-UD-Q4_K_XL.gguf -a qwen3.6-35b-a3b --host 0.0.0.0 --port 8080 -c 32768 -np 1 -ngl all -ncmoe 32 --fit off -fa on -ctk q8_0 -ctv q8_0 --spec-type draft-mtp --spec-draft-n-max 2 --metrics
+docker run -d --name qwen36-moe-8gb--qwen --restart unless-stopped --init --label orchestrator.profile=qwen36-moe-8gb --label orchestrator.server=qwen -p 127.0.0.1:8080:8080 --stop-timeout 30 --gpus all -v /models:/models:ro --entrypoint /app/llama-server ghcr.io/ggml-org/llama.cpp:server-cuda -m /models/Qwen3.6-35B-A3B-UD-Q4_K_XL.gguf -a qwen3.6-35b-a3b --host 0.0.0.0 --port 8080 -c 32768 -np 1 -ngl all -ncmoe 32 -ub 2048 --fit off -fa on -ctk q8_0 -ctv q8_0 --spec-type draft-mtp --spec-draft-n-max 2 --metrics

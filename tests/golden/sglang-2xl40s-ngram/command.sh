@@ -3,4 +3,4 @@
 # deployment: sglang-2xl40s; one server per line, start each in its own terminal or under a supervisor.
 
 # coder: SGLang 0.5.23
-CUDA_VISIBLE_DEVICES=0,1 python3 -m sglang.launch_server --model-path /models/Qwen3-32B-FP8 --served-model-name qwen3-32b --host 127.0.0.1 --port 30000 --context-length 32768 --max-running-requests 16 --tp-size 2 --mem-fraction-static 0.85 --kv-cache-dtype fp8_e5m2 --disable-radix-cache --speculative-algorithm NGRAM --enable-metrics
+CUDA_VISIBLE_DEVICES=0,1 python3 -m sglang.launch_server --model-path /models/Qwen3-32B-FP8 --served-model-name qwen3-32b --host 127.0.0.1 --port 30000 --context-length 32768 --max-running-requests 16 --tp-size 2 --kv-cache-dtype fp8_e5m2 --disable-radix-cache --speculative-algorithm NGRAM --tool-call-parser qwen --reasoning-parser qwen3 --enable-metrics

@@ -3,4 +3,4 @@
 # deployment: vllm-2x3090; one server per line, start each in its own terminal or under a supervisor.
 
 # qwen: vLLM 0.32.0
-VLLM_API_KEY="${TEAM_API_KEY:?set TEAM_API_KEY to the API key}" CUDA_VISIBLE_DEVICES=0,1 python3 -m vllm.entrypoints.openai.api_server --model /models/Qwen3-32B-AWQ --served-model-name qwen3-32b --host 0.0.0.0 --port 8000 --max-model-len 32768 --max-num-seqs 8 --tensor-parallel-size 2 --gpu-memory-utilization 0.90 --enable-prefix-caching
+VLLM_API_KEY="${TEAM_API_KEY:?set TEAM_API_KEY to the API key}" CUDA_VISIBLE_DEVICES=0,1 python3 -m vllm.entrypoints.openai.api_server --model /models/Qwen3-32B-AWQ --served-model-name qwen3-32b --host 0.0.0.0 --port 8000 --max-model-len 32768 --max-num-seqs 8 --tensor-parallel-size 2 --enable-prefix-caching --enable-auto-tool-choice --tool-call-parser hermes --reasoning-parser qwen3

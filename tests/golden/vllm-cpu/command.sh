@@ -3,4 +3,4 @@
 # deployment: vllm-cpu; one server per line, start each in its own terminal or under a supervisor.
 
 # chat: vLLM 0.32.0
-VLLM_CPU_OMP_THREADS_BIND=0-1 python3 -m vllm.entrypoints.openai.api_server --model /home/user/models/Qwen3-0.6B --served-model-name qwen3-0.6b --host 127.0.0.1 --port 8000 --max-model-len 4096 --max-num-seqs 2 --kv-cache-memory-bytes 4294967296 --enable-prefix-caching
+VLLM_CPU_OMP_THREADS_BIND=0-1 python3 -m vllm.entrypoints.openai.api_server --model /home/user/models/Qwen3-0.6B --served-model-name qwen3-0.6b --host 127.0.0.1 --port 8000 --max-model-len 4096 --max-num-seqs 2 --kv-cache-memory-bytes 4294967296 --enable-prefix-caching --enable-auto-tool-choice --tool-call-parser hermes --reasoning-parser qwen3

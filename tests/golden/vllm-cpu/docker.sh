@@ -4,4 +4,4 @@
 set -e
 
 # chat: vLLM 0.32.0
-docker run -d --name vllm-cpu--chat --restart unless-stopped --init --label orchestrator.profile=vllm-cpu --label orchestrator.server=chat -p 127.0.0.1:8000:8000 --stop-timeout 30 --shm-size 8g -v /home/user/models/Qwen3-0.6B:/models/Qwen3-0.6B:ro -e VLLM_CPU_OMP_THREADS_BIND=0-1 vllm/vllm-openai-cpu:latest-x86_64 --model /models/Qwen3-0.6B --served-model-name qwen3-0.6b --host 0.0.0.0 --port 8000 --max-model-len 4096 --max-num-seqs 2 --kv-cache-memory-bytes 4294967296 --enable-prefix-caching
+docker run -d --name vllm-cpu--chat --restart unless-stopped --init --label orchestrator.profile=vllm-cpu --label orchestrator.server=chat -p 127.0.0.1:8000:8000 --stop-timeout 30 --shm-size 8g -v /home/user/models/Qwen3-0.6B:/models/Qwen3-0.6B:ro -e VLLM_CPU_OMP_THREADS_BIND=0-1 vllm/vllm-openai-cpu:latest-x86_64 --model /models/Qwen3-0.6B --served-model-name qwen3-0.6b --host 0.0.0.0 --port 8000 --max-model-len 4096 --max-num-seqs 2 --kv-cache-memory-bytes 4294967296 --enable-prefix-caching --enable-auto-tool-choice --tool-call-parser hermes --reasoning-parser qwen3

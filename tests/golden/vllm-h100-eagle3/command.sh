@@ -3,4 +3,4 @@
 # deployment: vllm-h100; one server per line, start each in its own terminal or under a supervisor.
 
 # llama: vLLM 0.32.0
-VLLM_API_KEY="${VLLM_KEY:?set VLLM_KEY to the API key}" python3 -m vllm.entrypoints.openai.api_server --model /models/Meta-Llama-3.1-8B-Instruct --served-model-name llama-3.1-8b --host 0.0.0.0 --port 8000 --max-model-len 32768 --max-num-seqs 64 --gpu-memory-utilization 0.90 --kv-cache-dtype fp8_e4m3 --enable-prefix-caching --speculative-config '{"method": "eagle3", "model": "/models/EAGLE3-LLaMA3.1-Instruct-8B", "num_speculative_tokens": 3}'
+VLLM_API_KEY="${VLLM_KEY:?set VLLM_KEY to the API key}" python3 -m vllm.entrypoints.openai.api_server --model /models/Meta-Llama-3.1-8B-Instruct --served-model-name llama-3.1-8b --host 0.0.0.0 --port 8000 --max-model-len 32768 --max-num-seqs 64 --kv-cache-dtype fp8_e4m3 --enable-prefix-caching --speculative-config '{"method": "eagle3", "model": "/models/EAGLE3-LLaMA3.1-Instruct-8B", "num_speculative_tokens": 3}' --enable-auto-tool-choice --tool-call-parser llama3_json

@@ -3,4 +3,4 @@
 # deployment: vllm-h200-mtp; one server per line, start each in its own terminal or under a supervisor.
 
 # qwen-next: vLLM 0.32.0
-python3 -m vllm.entrypoints.openai.api_server --model /models/Qwen3-Next-80B-A3B-Instruct-FP8 --served-model-name qwen3-next --host 127.0.0.1 --port 8000 --max-model-len 65536 --max-num-seqs 32 --gpu-memory-utilization 0.90 --kv-cache-dtype fp8_e4m3 --enable-prefix-caching --speculative-config '{"method": "mtp", "num_speculative_tokens": 2}'
+python3 -m vllm.entrypoints.openai.api_server --model /models/Qwen3-Next-80B-A3B-Instruct-FP8 --served-model-name qwen3-next --host 127.0.0.1 --port 8000 --max-model-len 65536 --max-num-seqs 32 --kv-cache-dtype fp8_e4m3 --enable-prefix-caching --speculative-config '{"method": "mtp", "num_speculative_tokens": 2}' --enable-auto-tool-choice --tool-call-parser hermes --reasoning-parser qwen3

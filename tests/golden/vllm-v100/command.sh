@@ -3,4 +3,4 @@
 # deployment: vllm-v100; one server per line, start each in its own terminal or under a supervisor.
 
 # qwen: vLLM 0.32.0
-python3 -m vllm.entrypoints.openai.api_server --model /models/Qwen2.5-7B-Instruct --served-model-name qwen2.5-7b --host 127.0.0.1 --port 8000 --max-model-len 16384 --max-num-seqs 16 --gpu-memory-utilization 0.90 --dtype float16 --attention-backend TRITON_ATTN --enable-prefix-caching
+python3 -m vllm.entrypoints.openai.api_server --model /models/Qwen2.5-7B-Instruct --served-model-name qwen2.5-7b --host 127.0.0.1 --port 8000 --max-model-len 16384 --max-num-seqs 16 --dtype float16 --enable-prefix-caching --enable-auto-tool-choice --tool-call-parser hermes
