@@ -86,8 +86,12 @@ def test_truncated_gguf(env, gemma: Path, built_engines: None) -> None:
 def test_not_a_gguf_file(env) -> None:
     bogus = env.tmp / "notes.gguf"
     bogus.write_text("this is not a model\n")
-    r = failed(env.run("up", str(env.profile("bogus", model={"path": str(bogus)})), "--json"))
-    assert r["cause"] == "model_corrupt" and r["stage"] == "preflight"
+    # Found while planning, before anything starts: the same FILE:LINE error validate gives.
+    profile = env.profile("bogus", model={"path": str(bogus)})
+    p = env.run("up", str(profile), "--json")
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert f"{profile}:" in p.stderr and "servers[0].model.path" in p.stderr and "not a GGUF file" in p.stderr
+    assert "Traceback" not in p.stderr and env.records("bogus") == {}
 
 
 @pytest.mark.engines
