@@ -252,6 +252,10 @@ def _hint_for(err: Any, model_fields: list[str]) -> tuple[str, str]:
         return (msg.removeprefix("Value error, "),
                 "give the NAME of the variable that holds the key (e.g. LLAMA_API_KEY), never the key itself; export the "
                 "key in that variable, and rotate it if a real key was written here")
+    if kind == "value_error" and last == "env":
+        return (msg.removeprefix("Value error, "),
+                "use variable names (letters, digits and _, not starting with a digit); a secret's value goes in "
+                "your environment, referenced as NAME: '${NAME}'")
     if kind.startswith("int_") or kind.startswith("bool_") or kind.startswith("string_type") or kind.endswith("_type"):
         got = "a value that looks like a secret" if last == "api_key_env" else shown(err.get("input"))
         return msg.lower(), f"write a value of the right type (got {got})"

