@@ -278,7 +278,7 @@ def test_container_gpu_access(accelerator: str, gpu_ids: list[int] | None, gpu_c
 
 def test_down_removes_the_key_files_it_started_with(deployer: Deployer, tmp_path: Path) -> None:
     sp = server_plan()
-    plan = Plan("dep", str(tmp_path / "p.yaml"), {}, [sp])
+    plan = Plan("dep", str(tmp_path / "p.yaml"), HARDWARE, [sp])
     [result] = deployer.up(plan)
     assert result.outcome == "started"
     keys = deployer.store.key_files("dep", "s")
