@@ -31,6 +31,7 @@ from orchestrator.plan.decisions import (
 )
 from orchestrator.plan.engines import ik_llama, llama_cpp, sglang, vllm
 from orchestrator.plan.engines.base import Ctx, run_rules
+from orchestrator.plan.gateway import check_gateway, plan_gateway
 from orchestrator.plan.model import (
     EnvVar,
     Executable,
@@ -176,6 +177,7 @@ def plan_server(profile: Profile, index: int, facts: Facts,
         warnings=ctx.warnings, notes=ctx.notes, estimate=estimate,
         depends_on=list(server.depends_on), probe_tool=choose_probe_tool(image, caps), settings=settings,
         private_host=server.host if is_loopback(server.host) else "127.0.0.1",
+        start=server.start, idle_timeout_s=server.idle_timeout,
     )
     return sp, []
 
@@ -183,16 +185,18 @@ def plan_server(profile: Profile, index: int, facts: Facts,
 def plan(loaded: LoadedProfile, facts: Facts, enforce_fit: bool = True) -> Plan:
     """Pure: (profile, facts) -> Plan, or ProfileError listing every problem with its line."""
     profile = loaded.profile
-    problems = check_profile(profile, facts.gpu, facts.gpu_count)
+    problems = check_profile(profile, facts.gpu, facts.gpu_count) + check_gateway(profile)
     servers: list[ServerPlan] = []
     for i in range(len(profile.servers)):
         sp, probs = plan_server(profile, i, facts, enforce_fit)
         problems += probs
         if sp is not None:
             servers.append(sp)
+    gateway, gateway_problems = plan_gateway(profile, facts, servers) if not problems else (None, [])
+    problems += gateway_problems
     if problems:
         raise ProfileError([loaded.source.locate(p) for p in problems])
     gpu = facts.gpu
     hardware = HardwareSummary(gpu=gpu.id, name=gpu.name, count=facts.gpu_count, reason=facts.gpu_reason,
                                arch=gpu.arch, compute_capability=gpu.compute_capability, vram_gb=gpu.vram_gb)
-    return Plan(profile.name, loaded.file, hardware, servers)
+    return Plan(profile.name, loaded.file, hardware, servers, gateway=gateway)

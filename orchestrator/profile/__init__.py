@@ -2,7 +2,7 @@
 (loader.py). What the rest of the package uses is importable from here."""
 
 from orchestrator.profile.loader import LoadedProfile, Source, expand_path, json_schema, load, load_text, parse_yaml
-from orchestrator.profile.schema import Hardware, Health, Model, Profile, Server, Speculative
+from orchestrator.profile.schema import Gateway, Hardware, Health, MemoryBudget, Model, Profile, Server, Speculative
 
-__all__ = ["Hardware", "Health", "LoadedProfile", "Model", "Profile", "Server", "Source", "Speculative",
+__all__ = ["Gateway", "Hardware", "Health", "LoadedProfile", "MemoryBudget", "Model", "Profile", "Server", "Source", "Speculative",
            "expand_path", "json_schema", "load", "load_text", "parse_yaml"]
