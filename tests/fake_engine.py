@@ -10,6 +10,9 @@ and takes its behaviour from environment variables:
   FAKE_IGNORE_SIGTERM=1  ignore SIGTERM (the runtime must SIGKILL after its grace period)
   FAKE_SPAWN_CHILD=1     start a child in the same process group that also ignores SIGTERM
   FAKE_SPAWN_DETACHED=1  start a child in a session (and process group) of its own
+  FAKE_TOKENS=N          a streamed answer ("stream": true) has N chunks (default 5), FAKE_TOKEN_DELAY=S apart
+                         (default 0.01)
+  FAKE_DIE_MID_STREAM=1  exit (as if killed) after the second chunk of a streamed answer
 """
 
 from __future__ import annotations
@@ -64,11 +67,36 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         length = int(self.headers.get("Content-Length", "0"))
-        self.rfile.read(length)
+        try:
+            body = json.loads(self.rfile.read(length) or b"{}")
+        except ValueError:
+            body = {}
         if not ready():
             self.send(503, {"error": {"code": 503, "message": "Loading model"}})
+        elif body.get("stream"):
+            self.stream(self.path.endswith("/chat/completions"))
+        elif self.path.endswith("/chat/completions"):
+            self.send(200, {"object": "chat.completion", "model": ALIAS, "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": f"fake answer from {ALIAS}"},
+                 "finish_reason": "stop"}]})
         else:
-            self.send(200, {"choices": [{"text": "!", "index": 0}]})
+            self.send(200, {"object": "text_completion", "model": ALIAS, "choices": [{"text": "!", "index": 0}]})
+
+    def stream(self, chat: bool) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for i in range(int(os.environ.get("FAKE_TOKENS", "5"))):
+            if i == 2 and os.environ.get("FAKE_DIE_MID_STREAM"):
+                os._exit(137)
+            choice = ({"index": 0, "delta": {"content": f"t{i} "}} if chat else {"index": 0, "text": f"t{i} "})
+            event = {"object": "chat.completion.chunk" if chat else "text_completion", "model": ALIAS,
+                     "choices": [choice]}
+            self.wfile.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+            self.wfile.flush()
+            time.sleep(float(os.environ.get("FAKE_TOKEN_DELAY", "0.01")))
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
 
 
 def main() -> None:
