@@ -128,3 +128,37 @@ def test_gpu_budget_default_and_needs() -> None:
     assert gw.budget("RAM") is None   # not detected (detect=False): not checked
     a = plan.server("a")
     assert a.estimate is not None and gw.needs["a"]["GPU 0"] == a.estimate.total_bytes
+
+
+def test_render_command_shows_gateway_and_start_modes() -> None:
+    from orchestrator.render import render
+
+    text = two_servers("gateway:\n  port: 9100\n  api_key_env: GW_KEY\n", a="    start: on_demand\n    idle_timeout: 45\n")
+    plan = build_plan(load_text(text, "gw.yaml"), detect=False, environ=ENV)
+    script = render(plan, "command")
+    lines = script.splitlines()
+    a_line = next(i for i, line in enumerate(lines) if "-a gemma-a" in line)
+    assert lines[a_line].startswith("# "), "an on_demand server's launch line is commented out: the gateway starts it"
+    assert "start: on_demand: the gateway starts it on the first request for 'gemma-a'" in lines[a_line - 1]
+    b_line = next(line for line in lines if "-a gemma-b" in line)
+    assert not b_line.startswith("#")
+    assert ': "${GW_KEY:?set GW_KEY to the key clients must send}"' in lines
+    assert lines[-1] == f"orchestrate gateway {Path('gw.yaml').resolve()}"
+    data = json.loads(render(plan, "command", as_json=True))
+    assert [d.get("start") for d in data[:2]] == ["on_demand", "always"]
+    assert data[2]["gateway"] == "127.0.0.1:9100" and data[2]["argv"][:2] == ["orchestrate", "gateway"]
+
+
+def test_compose_and_k8s_say_what_they_cannot_express() -> None:
+    from orchestrator.errors import OrchestratorError
+    from orchestrator.render import render
+
+    on_demand = build_plan(load_text(two_servers("gateway: {port: 9100}\n", a="    start: on_demand\n"), "gw.yaml"),
+                           detect=False, environ=ENV)
+    for target in ("compose", "k8s"):
+        with pytest.raises(OrchestratorError, match=r"cannot express start: on_demand \(a\)"):
+            render(on_demand, target)
+    always = build_plan(load_text(two_servers("gateway: {port: 9100}\n"), "gw.yaml"), detect=False, environ=ENV)
+    text = render(always, "compose")
+    assert "# the profile's gateway (127.0.0.1:9100) is not part of this output" in text
+    assert "orchestrate gateway gw.yaml" in text
