@@ -13,6 +13,8 @@ and takes its behaviour from environment variables:
   FAKE_TOKENS=N          a streamed answer ("stream": true) has N chunks (default 5), FAKE_TOKEN_DELAY=S apart
                          (default 0.01)
   FAKE_DIE_MID_STREAM=1  exit (as if killed) after the second chunk of a streamed answer
+With LLAMA_API_KEY set or --api-key-file given, requests other than /health need that key (401), as
+llama-server's do.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def arg(name: str, default: str) -> str:
 
 HOST, PORT, ALIAS = arg("--host", "127.0.0.1"), int(arg("--port", "8080")), arg("-a", "fake")
 START = time.monotonic()
+KEY = os.environ.get("LLAMA_API_KEY") or (open(arg("--api-key-file", "")).read().strip()
+                                          if "--api-key-file" in sys.argv else "")
 READY_AFTER = float(os.environ.get("FAKE_READY_AFTER", "0"))
 
 
@@ -44,6 +48,7 @@ def ready() -> bool:
 
 
 class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
     def log_message(self, fmt: str, *args: object) -> None:
         print("request:", fmt % args, flush=True)
 
@@ -55,7 +60,15 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def refused(self) -> bool:
+        if KEY and self.path != "/health" and self.headers.get("Authorization") != f"Bearer {KEY}":
+            self.send(401, {"error": {"code": 401, "message": "Invalid API Key", "type": "authentication_error"}})
+            return True
+        return False
+
     def do_GET(self) -> None:  # noqa: N802
+        if self.refused():
+            return
         if not ready():
             self.send(503, {"error": {"code": 503, "message": "Loading model"}})
         elif self.path == "/health":
@@ -71,6 +84,8 @@ class Handler(BaseHTTPRequestHandler):
             body = json.loads(self.rfile.read(length) or b"{}")
         except ValueError:
             body = {}
+        if self.refused():
+            return
         if not ready():
             self.send(503, {"error": {"code": 503, "message": "Loading model"}})
         elif body.get("stream"):
@@ -82,9 +97,15 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self.send(200, {"object": "text_completion", "model": ALIAS, "choices": [{"text": "!", "index": 0}]})
 
+    def chunk(self, data: bytes) -> None:
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
+
     def stream(self, chat: bool) -> None:
+        """Chunked, as llama-server streams: a death mid-stream leaves the body visibly incomplete."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         for i in range(int(os.environ.get("FAKE_TOKENS", "5"))):
             if i == 2 and os.environ.get("FAKE_DIE_MID_STREAM"):
@@ -92,11 +113,10 @@ class Handler(BaseHTTPRequestHandler):
             choice = ({"index": 0, "delta": {"content": f"t{i} "}} if chat else {"index": 0, "text": f"t{i} "})
             event = {"object": "chat.completion.chunk" if chat else "text_completion", "model": ALIAS,
                      "choices": [choice]}
-            self.wfile.write(b"data: " + json.dumps(event).encode() + b"\n\n")
-            self.wfile.flush()
+            self.chunk(b"data: " + json.dumps(event).encode() + b"\n\n")
             time.sleep(float(os.environ.get("FAKE_TOKEN_DELAY", "0.01")))
-        self.wfile.write(b"data: [DONE]\n\n")
-        self.wfile.flush()
+        self.chunk(b"data: [DONE]\n\n")
+        self.chunk(b"")
 
 
 def main() -> None:

@@ -329,10 +329,13 @@ class Gateway:
     async def relay(self, name: str, model: str, endpoint: str, upstream: httpx.Response, hold: Hold,
                     t0: float) -> AsyncIterator[bytes]:
         """The upstream's bytes as they arrive; an upstream failure becomes an error event."""
-        ok, status = False, 200
+        ok, status, last = False, 200, b""
         try:
             async for chunk in upstream.aiter_raw():
+                last = chunk
                 yield chunk
+            if b"[DONE]" not in last[-64:] and not self.backend.alive(name):
+                raise httpx.RemoteProtocolError("the server exited before the end of the stream")
             ok = True
         except httpx.HTTPError as exc:
             status = 502
