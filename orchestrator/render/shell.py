@@ -120,8 +120,9 @@ def _server_view(plan: Plan, s: ServerPlan, target: str) -> dict[str, Any]:
 
 
 def gateway_argv(plan: Plan) -> list[str]:
-    """The foreground gateway of a plan (what `orchestrate up` runs supervised)."""
-    return ["orchestrate", "gateway", str(Path(plan.profile_file).resolve())]
+    """The foreground gateway of a plan (what `orchestrate up` runs supervised); the profile as it was
+    named, like the header's."""
+    return ["orchestrate", "gateway", plan.profile_file]
 
 
 def _gateway_view(plan: Plan) -> dict[str, Any] | None:
