@@ -221,3 +221,23 @@ def test_client_disconnect_frees_the_engine_slot(engine_built: str, env, gemma: 
     t0 = time.monotonic()     # parallel 1: the slot is free for the next request at once
     assert client(port).completions.create(model="gemma-a", prompt="Hi", max_tokens=2).choices[0].text is not None
     assert time.monotonic() - t0 < 15
+
+
+def test_embeddings_and_a_server_that_fails_to_start(engine_built: str, env, gemma: Path) -> None:
+    broken = env.tmp / "truncated.gguf"
+    broken.write_bytes(gemma.read_bytes()[: 40 * 2**20])        # a valid header, tensors cut off
+    profile, port = gateway_profile(env, "gwemb", [
+        gemma_server(gemma, "emb", "gemma-embed", start="on_demand", extra_args=["--embeddings", "--pooling", "mean"]),
+        {**gemma_server(gemma, "bad", "gemma-broken", start="on_demand"),
+         "model": {"path": str(broken), "served_name": "gemma-broken"}}])
+    up(env, profile)
+    c = client(port)
+    vectors = c.embeddings.create(model="gemma-embed", input=["the cat sat", "a dog ran"])
+    assert len(vectors.data) == 2 and len(vectors.data[0].embedding) > 100
+    with pytest.raises(openai.APIStatusError) as exc:
+        c.completions.create(model="gemma-broken", prompt="Hi", max_tokens=2)
+    assert exc.value.status_code == 503
+    err = exc.value.body if isinstance(exc.value.body, dict) else {}
+    err = err.get("error", err)
+    assert err.get("cause") == "model_corrupt", exc.value.body
+    assert "failed to start at stage" in str(err.get("message")) and record_pid(env, "gwemb", "bad") is None
