@@ -49,6 +49,9 @@ def ready() -> bool:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes: without TCP_NODELAY, a kept-alive client connection waits
+    # ~40 ms per response for its delayed ACK (llama-server, vLLM and SGLang do not stall like that).
+    disable_nagle_algorithm = True
     def log_message(self, fmt: str, *args: object) -> None:
         print("request:", fmt % args, flush=True)
 

@@ -187,3 +187,26 @@ def test_gateway_restart_adopts_running_servers_nothing_orphaned(env) -> None:
     assert env.run("down", str(profile)).returncode == 0
     assert not psutil.pid_exists(a_pid) or psutil.Process(a_pid).status() == psutil.STATUS_ZOMBIE
     assert env.records("gwre") == {}
+
+
+def test_client_leaving_while_its_server_loads_leaves_no_slot_taken(env) -> None:
+    profile, port = gateway_profile(env, "gwleave", [fake_server(env, "a", "fa", start="on_demand",
+                                                                 env={"FAKE_READY_AFTER": "1.5"})])
+    up(env, profile)
+    body = {"model": "fa", "prompt": "x", "stream": True}
+    with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=30) as r:
+        first = next(r.iter_lines())
+        assert first.startswith(": waiting for fa")                # then the client goes away
+    deadline = time.monotonic() + 15
+    text = ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        if metric(text, "gateway_server_state", server="a", state="running") == 1:
+            break
+        time.sleep(0.2)
+    time.sleep(0.3)
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    assert metric(text, "gateway_server_inflight", server="a") == 0
+    assert metric(text, "gateway_server_waiting", server="a") == 0
+    # parallel 1, queue 0 would refuse a second request if the first had kept its slot
+    assert client(port).completions.create(model="fa", prompt="x").choices[0].text == "!"
