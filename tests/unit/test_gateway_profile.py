@@ -162,3 +162,23 @@ def test_compose_and_k8s_say_what_they_cannot_express() -> None:
     text = render(always, "compose")
     assert "# the profile's gateway (127.0.0.1:9100) is not part of this output" in text
     assert "orchestrate gateway gw.yaml" in text
+
+
+def test_vllm_needs_its_memory_fraction_of_each_gpu() -> None:
+    import yaml
+
+    from orchestrator.plan.model import GIB as G
+
+    root = Path(__file__).resolve().parents[2]
+    doc = yaml.safe_load((root / "profiles" / "vllm-h100-eagle3.yaml").read_text())
+    doc["gateway"] = {"port": 9000, "host": "0.0.0.0", "api_key_env": "GW_KEY"}
+    doc["servers"][0]["start"] = "on_demand"
+    plan = build_plan(load_text(yaml.safe_dump(doc), "vllm-gw.yaml"), detect=False, environ=ENV)
+    sp = plan.server("llama")
+    assert plan.gateway is not None and sp.settings is not None and sp.settings.memory_fraction
+    from orchestrator import catalog
+
+    vram = int(catalog.find_gpu("h100-sxm").vram_gb * G)
+    need = plan.gateway.needs["llama"]["GPU 0"]
+    assert need == max(sp.estimate.total_bytes if sp.estimate else 0, int(sp.settings.memory_fraction * vram))
+    assert need >= int(sp.settings.memory_fraction * vram)   # vLLM takes its share whatever the model needs
