@@ -101,6 +101,7 @@ class Entry:
     failure: StartOutcome | None = None
     retry_at: float = 0.0
     failures: int = 0                  # consecutive failed starts and upstream deaths (back-off index)
+    restart_delay: float = 0.0         # after a crash: the back-off the next start waits first
     starts: int = 0
 
     @property
@@ -354,8 +355,9 @@ class Scheduler:
         self._spawn(self._start(e))
 
     async def _start(self, e: Entry) -> None:
-        if e.failures:
-            await asyncio.sleep(BACKOFF_S[min(e.failures, len(BACKOFF_S)) - 1])
+        if e.restart_delay:           # it crashed: back off before starting it again (a failed start waited
+            delay, e.restart_delay = e.restart_delay, 0.0    # out its retry_at before getting here)
+            await asyncio.sleep(delay)
         try:
             outcome = await self.backend.start(e.name)
         except Exception as exc:  # the backend's own bug: report it as a failed start, never hang
@@ -384,6 +386,7 @@ class Scheduler:
             if reason == "crashed":
                 e.state = "failed"
                 e.retry_at = 0.0      # restart on the next request (its start waits out the back-off)
+                e.restart_delay = BACKOFF_S[min(e.failures, len(BACKOFF_S)) - 1]
             else:
                 e.state = "stopped"
             self._pump()

@@ -244,3 +244,19 @@ def test_client_that_gives_up_while_waiting_leaves_nothing_behind() -> None:
         e = s.entries["a"]
         assert e.inflight == 0 and e.admissible() is None and s.state("a") == "running"
     asyncio.run(main())
+
+
+def test_a_failed_start_is_retried_after_its_back_off_without_waiting_again() -> None:
+    async def main() -> None:
+        t = [0.0]
+        fail = StartOutcome(False, "exited", "ready", "crashed", "see the log")
+        backend = ScriptedBackend(fail={"a": fail})
+        s, b = make([spec("a")], backend=backend, clock=lambda: t[0])
+        with pytest.raises(Rejected):
+            await s.wait("a", s.enqueue("a"))
+        t[0] += 60                                   # past retry_at
+        del backend.fail["a"]
+        t0 = asyncio.get_running_loop().time()
+        await request(s, "a")
+        assert asyncio.get_running_loop().time() - t0 < 0.5 and b.starts() == ["a", "a"]
+    asyncio.run(main())
