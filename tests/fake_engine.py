@@ -10,6 +10,11 @@ and takes its behaviour from environment variables:
   FAKE_IGNORE_SIGTERM=1  ignore SIGTERM (the runtime must SIGKILL after its grace period)
   FAKE_SPAWN_CHILD=1     start a child in the same process group that also ignores SIGTERM
   FAKE_SPAWN_DETACHED=1  start a child in a session (and process group) of its own
+  FAKE_TOKENS=N          a streamed answer ("stream": true) has N chunks (default 5), FAKE_TOKEN_DELAY=S apart
+                         (default 0.01)
+  FAKE_DIE_MID_STREAM=1  exit (as if killed) after the second chunk of a streamed answer
+With LLAMA_API_KEY set or --api-key-file given, requests other than /health need that key (401), as
+llama-server's do.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ def arg(name: str, default: str) -> str:
 
 HOST, PORT, ALIAS = arg("--host", "127.0.0.1"), int(arg("--port", "8080")), arg("-a", "fake")
 START = time.monotonic()
+KEY = os.environ.get("LLAMA_API_KEY") or (open(arg("--api-key-file", "")).read().strip()
+                                          if "--api-key-file" in sys.argv else "")
 READY_AFTER = float(os.environ.get("FAKE_READY_AFTER", "0"))
 
 
@@ -41,6 +48,10 @@ def ready() -> bool:
 
 
 class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes: without TCP_NODELAY, a kept-alive client connection waits
+    # ~40 ms per response for its delayed ACK (llama-server, vLLM and SGLang do not stall like that).
+    disable_nagle_algorithm = True
     def log_message(self, fmt: str, *args: object) -> None:
         print("request:", fmt % args, flush=True)
 
@@ -52,7 +63,15 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def refused(self) -> bool:
+        if KEY and self.path != "/health" and self.headers.get("Authorization") != f"Bearer {KEY}":
+            self.send(401, {"error": {"code": 401, "message": "Invalid API Key", "type": "authentication_error"}})
+            return True
+        return False
+
     def do_GET(self) -> None:  # noqa: N802
+        if self.refused():
+            return
         if not ready():
             self.send(503, {"error": {"code": 503, "message": "Loading model"}})
         elif self.path == "/health":
@@ -64,11 +83,43 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         length = int(self.headers.get("Content-Length", "0"))
-        self.rfile.read(length)
+        try:
+            body = json.loads(self.rfile.read(length) or b"{}")
+        except ValueError:
+            body = {}
+        if self.refused():
+            return
         if not ready():
             self.send(503, {"error": {"code": 503, "message": "Loading model"}})
+        elif body.get("stream"):
+            self.stream(self.path.endswith("/chat/completions"))
+        elif self.path.endswith("/chat/completions"):
+            self.send(200, {"object": "chat.completion", "model": ALIAS, "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": f"fake answer from {ALIAS}"},
+                 "finish_reason": "stop"}]})
         else:
-            self.send(200, {"choices": [{"text": "!", "index": 0}]})
+            self.send(200, {"object": "text_completion", "model": ALIAS, "choices": [{"text": "!", "index": 0}]})
+
+    def chunk(self, data: bytes) -> None:
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
+
+    def stream(self, chat: bool) -> None:
+        """Chunked, as llama-server streams: a death mid-stream leaves the body visibly incomplete."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for i in range(int(os.environ.get("FAKE_TOKENS", "5"))):
+            if i == 2 and os.environ.get("FAKE_DIE_MID_STREAM"):
+                os._exit(137)
+            choice = ({"index": 0, "delta": {"content": f"t{i} "}} if chat else {"index": 0, "text": f"t{i} "})
+            event = {"object": "chat.completion.chunk" if chat else "text_completion", "model": ALIAS,
+                     "choices": [choice]}
+            self.chunk(b"data: " + json.dumps(event).encode() + b"\n\n")
+            time.sleep(float(os.environ.get("FAKE_TOKEN_DELAY", "0.01")))
+        self.chunk(b"data: [DONE]\n\n")
+        self.chunk(b"")
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("plan_cmds", "validate"), "plan": ("plan_cmds", "plan"), "fit": ("plan_cmds", "fit_cmd"),
     "render": ("plan_cmds", "render"), "schema": ("plan_cmds", "schema"), "gpus": ("plan_cmds", "gpus"),
     "up": ("run_cmds", "up"), "down": ("run_cmds", "down"), "status": ("run_cmds", "status"),
-    "logs": ("run_cmds", "logs"), "compose": ("run_cmds", "compose"),
+    "logs": ("run_cmds", "logs"), "compose": ("run_cmds", "compose"), "gateway": ("gateway_cmds", "gateway"),
     "bench": ("measure_cmds", "bench"), "eval": ("measure_cmds", "eval_cmd"),
     "engines": ("engine_cmds", "engines"), "doctor": ("engine_cmds", "doctor"),
 }

@@ -24,12 +24,18 @@ from orchestrator.cli.show import print_status, print_up
 @IGNORE_FIT
 def up(profile: str, servers: tuple[str, ...], foreground: bool, atomic: bool, as_json: bool,
        ignore_fit: bool) -> None:
-    """Start every server and wait until each passes all health stages."""
+    """Start every server and wait until each passes all health stages. With a gateway: section, the
+    start: always servers and then the gateway (which starts the on_demand ones when asked for)."""
     from orchestrator.pipeline import plan_for_up
 
     deployer = make_deployer(as_json)
     plan_ = plan_for_up(profile, deployer, ignore_fit)
-    results = deployer.up(plan_, list(servers) or None, atomic=atomic)
+    if plan_.gateway is not None and not servers:
+        from orchestrator.gateway.supervise import up_with_gateway
+
+        results = up_with_gateway(deployer, plan_, atomic)   # always servers, then the gateway
+    else:
+        results = deployer.up(plan_, list(servers) or None, atomic=atomic)
     display().end()
     print_up(results, as_json)
     ok = all(r.ok for r in results)

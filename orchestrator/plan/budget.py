@@ -72,7 +72,9 @@ class Ledger:
         self.gpu = gpu
         self.servers = servers
         self.gpus = {i: GpuBudget(i, gpu.name, int(gpu.working_set_gb * GIB)) for i in range(count)}
-        self.used = [gpus_of(s, gpu, count) for s in servers]
+        # An on-demand server is planned as if it had its GPUs to itself: the gateway starts it only when
+        # what runs leaves it room (gateway: memory_budget), so it never counts toward the others' share.
+        self.used = [() if s.start == "on_demand" else gpus_of(s, gpu, count) for s in servers]
         self.reserved: dict[int, dict[int, int]] = {}   # server index -> GPU -> bytes
 
     def sharing(self, index: int) -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from orchestrator.plan import gateway as gateway_text
 from orchestrator.plan.model import GIB, FitEstimate, Plan, ServerPlan
 
 
@@ -87,7 +88,12 @@ def explain(plan: Plan) -> str:
             lines.append(f"shared memory: {g.summary()}")
     for w in plan.warnings:
         lines.append(f"warning: {w}")
+    if plan.gateway:
+        lines += gateway_text.describe(plan.gateway)
     for s in plan.servers:
         lines.append("")
-        lines += explain_server(s)
+        server_lines = explain_server(s)
+        if plan.gateway:
+            server_lines.insert(1, gateway_text.describe_start(s, plan.gateway))
+        lines += server_lines
     return "\n".join(lines) + "\n"

@@ -230,6 +230,8 @@ class ServerPlan:
     nodes: int = 1                     # machines the server spans (vLLM/SGLang multi-node: k8s LeaderWorkerSet)
     settings: Settings | None = None   # resolved settings (None only in plans cached by an older version)
     private_host: str = "127.0.0.1"    # where it binds behind a front door that holds the keys (llama-swap)
+    start: str = "always"              # always: up starts it | on_demand: the gateway starts it when asked for
+    idle_timeout_s: int | None = None  # on_demand: the gateway stops it after this long without requests
 
     @property
     def client_host(self) -> str:
@@ -306,6 +308,37 @@ class HardwareSummary:
     vram_gb: float
 
 
+@dataclass(frozen=True)
+class SwapBudget:
+    """Memory the gateway may fill on one resource ("GPU 0", "RAM"); None: not known, not checked."""
+
+    resource: str
+    bytes: int | None
+    reason: str
+
+
+@dataclass
+class GatewayPlan:
+    """The gateway in front of the servers: where it listens, its limits, and the memory it swaps
+    on-demand servers within (each server's need from its fit estimate, by resource)."""
+
+    host: str
+    port: int
+    api_key_env: str | None
+    budgets: list[SwapBudget]
+    needs: dict[str, dict[str, int]]   # server -> resource -> bytes (from ServerPlan.estimate)
+    max_body_bytes: int
+    queue: int                         # waiting requests per server beyond its parallel slots
+    start_timeout_s: int | None        # None: each server's health timeout
+    notes: list[str] = field(default_factory=list)
+
+    def budget(self, resource: str) -> int | None:
+        return next((b.bytes for b in self.budgets if b.resource == resource), None)
+
+    def start_timeout(self, sp: ServerPlan) -> int:
+        return self.start_timeout_s or (sp.health.timeout_s if sp.health else 120)
+
+
 @dataclass
 class Plan:
     name: str
@@ -314,6 +347,7 @@ class Plan:
     servers: list[ServerPlan]
     warnings: list[str] = field(default_factory=list)
     gpus: list[GpuBudget] = field(default_factory=list)   # per-GPU memory of the servers on each GPU
+    gateway: GatewayPlan | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -368,5 +402,10 @@ def plan_from_dict(data: dict[str, Any]) -> Plan:
         g = dict(g)
         g["shares"] = [_build(GpuShare, x) for x in g.get("shares", [])]
         gpus.append(_build(GpuBudget, g))
+    gateway = None
+    if isinstance(data.get("gateway"), dict):
+        gw = dict(data["gateway"])
+        gw["budgets"] = [_build(SwapBudget, b) for b in gw.get("budgets", [])]
+        gateway = _build(GatewayPlan, gw)
     return Plan(data["name"], data["profile_file"], _build(HardwareSummary, data["hardware"]), servers,
-                list(data.get("warnings", [])), gpus)
+                list(data.get("warnings", [])), gpus, gateway)

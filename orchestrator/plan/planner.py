@@ -34,6 +34,7 @@ from orchestrator.plan.decisions import (
 )
 from orchestrator.plan.engines import ik_llama, llama_cpp, sglang, vllm
 from orchestrator.plan.engines.base import Ctx, Offload, run_rules
+from orchestrator.plan.gateway import check_gateway, plan_gateway
 from orchestrator.plan.model import (
     GIB,
     EnvVar,
@@ -250,6 +251,7 @@ def plan_server(profile: Profile, index: int, facts: Facts, enforce_fit: bool = 
         warnings=ctx.warnings, notes=ctx.notes, estimate=estimate,
         depends_on=list(server.depends_on), probe_tool=choose_probe_tool(image, caps), settings=settings,
         private_host=server.host if is_loopback(server.host) else "127.0.0.1",
+        start=server.start, idle_timeout_s=server.idle_timeout,
     )
     return sp, []
 
@@ -330,7 +332,7 @@ def plan(loaded: LoadedProfile, facts: Facts, enforce_fit: bool = True) -> Plan:
     """Pure: (profile, facts) -> Plan, or ProfileError listing every problem with its line. Servers that
     share a GPU are planned against what the others leave (plan/budget.py)."""
     profile = loaded.profile
-    problems = check_profile(profile, facts.gpu, facts.gpu_count)
+    problems = check_profile(profile, facts.gpu, facts.gpu_count) + check_gateway(profile)
     ledger = budget.Ledger(facts.gpu, facts.gpu_count, list(profile.servers))
     engines = _planning_order(profile, facts, ledger)
     order = sorted(range(len(profile.servers)), key=lambda i: engines[i] in budget.POOL_ENGINES)
@@ -355,10 +357,12 @@ def plan(loaded: LoadedProfile, facts: Facts, enforce_fit: bool = True) -> Plan:
             planned[i] = sp
     for i in range(len(profile.servers)):
         problems += found.get(i, [])
+    servers = [planned[i] for i in sorted(planned)]
+    gateway, gateway_problems = plan_gateway(profile, facts, servers) if not problems else (None, [])
+    problems += gateway_problems
     if problems:
         raise ProfileError([loaded.source.locate(p) for p in problems])
     gpu = facts.gpu
     hardware = HardwareSummary(gpu=gpu.id, name=gpu.name, count=facts.gpu_count, reason=facts.gpu_reason,
                                arch=gpu.arch, compute_capability=gpu.compute_capability, vram_gb=gpu.vram_gb)
-    servers = [planned[i] for i in sorted(planned)]
-    return Plan(profile.name, loaded.file, hardware, servers, warnings, ledger.used_budgets())
+    return Plan(profile.name, loaded.file, hardware, servers, warnings, ledger.used_budgets(), gateway)

@@ -11,7 +11,7 @@ from orchestrator.profile.loader import (
     load_text,
     parse_yaml,
 )
-from orchestrator.profile.schema import Hardware, Health, Model, Profile, Server, Speculative
+from orchestrator.profile.schema import Gateway, Hardware, Health, MemoryBudget, Model, Profile, Server, Speculative
 
-__all__ = ["Hardware", "Health", "LoadedProfile", "Model", "Profile", "Server", "Source", "Speculative", "UnsafeReference",
+__all__ = ["Gateway", "Hardware", "Health", "LoadedProfile", "MemoryBudget", "Model", "Profile", "Server", "Source", "Speculative", "UnsafeReference",
            "expand_path", "json_schema", "load", "load_text", "parse_yaml"]

@@ -82,6 +82,62 @@ class Health(Strict):
         return v
 
 
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an int or a string such as '22 GiB', '512MiB', '24GB'."""
+    if isinstance(value, bool):
+        raise ValueError("a size is a number of bytes or a string such as '22 GiB'")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    m = _SIZE_RE.match(value)
+    if not m:
+        raise ValueError(f"{value!r} is not a size: write bytes or a number with a unit (B, KB, MB, GB, KiB, MiB, "
+                         "GiB, TiB), e.g. '22 GiB'")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+
+
+class MemoryBudget(Strict):
+    gpu: int | str | None = Field(None, description="Memory the gateway may fill on each GPU (bytes or '22 GiB'); "
+                                                    "default: the GPU's VRAM less fit's 1 GiB margin")
+    ram: int | str | None = Field(None, description="System RAM the gateway may fill (bytes or '48 GiB'); "
+                                                    "default: this machine's RAM, as fit counts it")
+
+    @field_validator("gpu", "ram")
+    @classmethod
+    def _size(cls, v: int | str | None) -> int | None:
+        return None if v is None else parse_size(v)
+
+
+class Gateway(Strict):
+    host: str = Field("127.0.0.1", description="Address the gateway listens on; anything but loopback needs "
+                                               "api_key_env")
+    port: int = Field(8000, ge=1, le=65535)
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                    description="NAME of the env var holding the key clients must send (never "
+                                                "the key)")
+    memory_budget: MemoryBudget = MemoryBudget()
+    max_body: int | str = Field(16 * 2**20, description="Largest request body accepted (bytes or '16 MiB')")
+    queue: int = Field(64, ge=0, le=100_000, description="Requests per server that may wait for a free slot "
+                                                         "(beyond parallel); more are answered 429")
+    start_timeout: int | None = Field(None, ge=5, le=7200, description="Seconds a request waits for a stopped "
+                                                                       "server to start; default: its "
+                                                                       "health.timeout")
+
+    @field_validator("max_body")
+    @classmethod
+    def _max_body(cls, v: int | str) -> int:
+        size = parse_size(v)
+        if size < 1024:
+            raise ValueError("max_body must be at least 1 KiB")
+        return size
+
+
 class Server(Strict):
     name: str = Field(pattern=NAME_RE, max_length=63, description="Unique within the profile; lowercase, DNS-safe")
     engine: Engine = "auto"
@@ -121,6 +177,10 @@ class Server(Strict):
                                                  "Python interpreter of the environment that has the engine. "
                                                  "Default: the installed build or env for this backend, then PATH "
                                                  "(vLLM/SGLang: orchestrate's own Python)")
+    start: Literal["always", "on_demand"] = Field("always", description="always: `up` starts it; on_demand: the "
+                                                                       "gateway starts it on its first request")
+    idle_timeout: int | None = Field(None, ge=1, le=604_800, description="on_demand: seconds without requests "
+                                                                         "after which the gateway stops it")
 
     @field_validator("host")
     @classmethod
@@ -159,3 +219,5 @@ class Profile(Strict):
     name: str = Field(pattern=NAME_RE, max_length=63, description="Deployment name: lowercase, DNS-safe")
     hardware: Hardware = Hardware()
     servers: list[Server] = Field(min_length=1)
+    gateway: Gateway | None = Field(None, description="One OpenAI-compatible endpoint in front of the servers: "
+                                                      "routes by model name, starts on_demand servers")

@@ -41,6 +41,11 @@ def _dump(doc: Any) -> str:
 def _yaml_text(plan: Plan, target: str, docs: list[Any]) -> str:
     """The header and each document; a document that does not parse back to itself is a bug here."""
     header = "# " + one_line(HEADER.format(file=plan.profile_file)) + "\n"
+    if plan.gateway is not None and target in ("compose", "k8s"):
+        gw = plan.gateway
+        header += "# " + one_line(f"the profile's gateway ({gw.host}:{gw.port}) is not part of this output: it has "
+                                  "no container image; run it beside these servers with: orchestrate gateway "
+                                  f"{plan.profile_file}") + "\n"
     if target == "k8s":
         text = header + "".join("---\n" + _dump(d) for d in docs)
     else:
@@ -55,6 +60,8 @@ def render(plan: Plan, target: str, as_json: bool = False) -> str:
         raise OrchestratorError(f"unknown target {target!r}", f"use one of {', '.join(TARGETS)}")
     if target != "k8s":
         require_single_node(plan.servers, f"--target {target}")
+    if plan.gateway is not None and target in ("compose", "k8s"):
+        _gateway_limits(plan, target)
     if target == "command" and as_json:
         return command_json(plan)
     if target in ("command", "docker"):
@@ -67,6 +74,20 @@ def render(plan: Plan, target: str, as_json: bool = False) -> str:
     if any(not s.shm_size for s in plan.servers if s.gpu_count > 1):
         raise OrchestratorError("multi-GPU server without /dev/shm", "report this as a bug")
     return _yaml_text(plan, target, docs)
+
+
+def _gateway_limits(plan: Plan, target: str) -> None:
+    """What a compose file or k8s manifests cannot say about a gateway, said plainly."""
+    on_demand = [s.name for s in plan.servers if s.start == "on_demand"]
+    what = "Compose starts every service at `docker compose up`" if target == "compose" else \
+        "a Deployment keeps its replicas running"
+    if on_demand:
+        raise OrchestratorError(f"--target {target} cannot express start: on_demand ({', '.join(on_demand)}): {what}; "
+                                "nothing in it starts a server when a request for its model arrives, stops it when "
+                                "idle or swaps it within a memory budget",
+                                "run them with `orchestrate up PROFILE` (its gateway starts on-demand servers as "
+                                "processes or containers), render --target llama-swap (it loads models on demand), "
+                                "or set start: always")
 
 
 def env_example(plan: Plan) -> str | None:

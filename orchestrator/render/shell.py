@@ -120,19 +120,43 @@ def _server_view(plan: Plan, s: ServerPlan, target: str) -> dict[str, Any]:
         prefix, argv = _env_assignments(s), s.argv()
     else:
         prefix, argv = docker_argv(plan, s)
-    return {"name": s.name, "engine": s.engine_display, "version": s.engine_version,
-            "preamble": _secret_preamble(s), "line": Quoted(" ".join([*prefix, shlex.join(argv)]))}
+    line = " ".join([*prefix, shlex.join(argv)])
+    view = {"name": s.name, "engine": s.engine_display, "version": s.engine_version,
+            "preamble": _secret_preamble(s), "line": Quoted(line), "start_note": ""}
+    if plan.gateway is not None and s.start == "on_demand":
+        idle = f", stops it after {s.idle_timeout_s} s idle" if s.idle_timeout_s else ""
+        view["start_note"] = (f"start: on_demand: the gateway starts it on the first request for "
+                              f"{s.served_name!r}{idle}; to run it by hand, remove the # below")
+        view["preamble"] = ["# " + p for p in view["preamble"]]
+        view["line"] = Quoted("# " + line)
+    return view
+
+
+def gateway_argv(plan: Plan) -> list[str]:
+    """The foreground gateway of a plan (what `orchestrate up` runs supervised); the profile as it was
+    named, like the header's."""
+    return ["orchestrate", "gateway", plan.profile_file]
+
+
+def _gateway_view(plan: Plan) -> dict[str, Any] | None:
+    gw = plan.gateway
+    if gw is None:
+        return None
+    preamble = [f': "${{{gw.api_key_env}:?set {gw.api_key_env} to the key clients must send}}"'] if gw.api_key_env \
+        else []
+    return {"address": f"{gw.host}:{gw.port}", "preamble": preamble, "line": Quoted(shlex.join(gateway_argv(plan)))}
 
 
 def render_shell(plan: Plan, target: str) -> str:
-    """The command or docker target: a POSIX sh script, one server per line."""
+    """The command or docker target: a POSIX sh script, one server per line (and the gateway, if any)."""
     servers = [_server_view(plan, s, target) for s in plan.servers]
     return str(environment().get_template(TEMPLATE).render(
-        target=target, plan=plan, header=HEADER.format(file=plan.profile_file), servers=servers))
+        target=target, plan=plan, header=HEADER.format(file=plan.profile_file), servers=servers,
+        gateway=_gateway_view(plan)))
 
 
 def command_json(plan: Plan) -> str:
-    out = []
+    out: list[dict[str, Any]] = []
     for s in plan.servers:
         out.append({
             "server": s.name, "engine": s.engine, "argv": s.argv(),
@@ -140,4 +164,10 @@ def command_json(plan: Plan) -> str:
             "secret_files": ({"path": s.api_key.process_path, "from_env": s.api_key.env_var}
                              if s.api_key and s.api_key.process_path else []),
         })
+        if plan.gateway is not None:
+            out[-1]["start"] = s.start
+    if plan.gateway is not None:
+        gw = plan.gateway
+        out.append({"gateway": f"{gw.host}:{gw.port}", "argv": gateway_argv(plan),
+                    "env": {gw.api_key_env: {"from_env": gw.api_key_env}} if gw.api_key_env else {}})
     return json.dumps(out, indent=2) + "\n"

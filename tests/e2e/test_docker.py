@@ -271,10 +271,7 @@ def test_compose_up_wait_with_an_image_under_a_custom_tag(env, gemma: Path, dock
     port = _free_port()
     doc = {"name": name, "hardware": {"gpu": "cpu"}, "servers": [
         {"name": "main", "engine": "llama.cpp", "runtime": "docker", "image": tag, "port": port, "context": 2048,
-         "model": {"path": str(gemma), "served_name": "gemma"}, "health": {"timeout": 120, "interval": 1},
-         # the b11434 CPU build here (GGML_NATIVE) segfaults while repacking weights at start (seen on
-         # this machine, with and without a container); --no-repack runs the same weights unpacked
-         "extra_args": ["--no-repack"]}]}
+         "model": {"path": str(gemma), "served_name": "gemma"}, "health": {"timeout": 120, "interval": 1}}]}
     profile = tmp_path / "custom.yaml"
     profile.write_text(yaml.safe_dump(doc))
     out = tmp_path / "deploy" / "compose.yaml"

@@ -1,0 +1,69 @@
+"""The gateway's Prometheus metrics (one registry per gateway) and its log: what was asked, what was
+started and stopped and why. Labels are server and model names, endpoints and status codes; no header,
+key or body ever reaches either."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from orchestrator.gateway.scheduler import Events, StartOutcome
+
+STATES = ("stopped", "loading", "running", "stopping", "failed")
+
+
+class Metrics(Events):
+    def __init__(self, log: TextIO | None = None) -> None:
+        self.registry = CollectorRegistry()
+        self.log_stream = log or sys.stderr
+        r = self.registry
+        self.requests = Counter("gateway_requests", "Requests answered, by model, endpoint and status code",
+                                ["model", "endpoint", "code"], registry=r)
+        self.duration = Histogram("gateway_request_duration_seconds", "Time from request to the last byte",
+                                  ["model", "endpoint"], registry=r,
+                                  buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+        self.wait = Histogram("gateway_queue_wait_seconds", "Time a request waited for a slot (and a start)",
+                              ["model"], registry=r, buckets=(0.001, 0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120))
+        self.starts = Counter("gateway_server_starts", "Server starts, by outcome", ["server", "outcome"], registry=r)
+        self.start_seconds = Histogram("gateway_server_start_seconds", "Time to start a server and pass its health "
+                                       "stages", ["server"], registry=r, buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300))
+        self.stops = Counter("gateway_server_stops", "Server stops, by reason (idle, swap, crashed)",
+                             ["server", "reason"], registry=r)
+        self.rejections = Counter("gateway_rejections", "Requests the gateway answered itself, by reason",
+                                  ["server", "reason"], registry=r)
+        self.state = Gauge("gateway_server_state", "1 for the server's current state", ["server", "state"],
+                           registry=r)
+        self.inflight = Gauge("gateway_server_inflight", "Requests being served", ["server"], registry=r)
+        self.waiting = Gauge("gateway_server_waiting", "Requests waiting for a slot", ["server"], registry=r)
+
+    def log(self, text: str) -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+        print(f"{stamp} {text}", file=self.log_stream, flush=True)
+
+    def started(self, name: str, outcome: StartOutcome) -> None:
+        self.starts.labels(name, "ok" if outcome.ok else "failed").inc()
+        self.start_seconds.labels(name).observe(outcome.elapsed_s)
+        if outcome.ok:
+            self.log(f"start {name}: {outcome.detail} in {outcome.elapsed_s:.1f} s")
+        else:
+            self.log(f"start {name} failed at stage {outcome.stage}: {outcome.detail} ({outcome.cause}: "
+                     f"{outcome.hint})")
+
+    def stopped(self, name: str, reason: str) -> None:
+        self.stops.labels(name, reason).inc()
+        self.log(f"stop {name}: {reason}")
+
+    def rejected(self, name: str, status: int, reason: str) -> None:
+        self.rejections.labels(name, reason).inc()
+
+    def changed(self, name: str, state: str, inflight: int, waiting: int) -> None:
+        for s in STATES:
+            self.state.labels(name, s).set(1 if s == state else 0)
+        self.inflight.labels(name).set(inflight)
+        self.waiting.labels(name).set(waiting)
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)
