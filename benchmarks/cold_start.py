@@ -16,6 +16,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = {
     "python -c pass": [sys.executable, "-c", "pass"],
     "import pydantic+yaml+click": [sys.executable, "-c", "import pydantic, yaml, click"],
-    "orchestrate plan": [sys.executable, "-m", "orchestrator", "plan", "examples/quickstart-cpu.yaml"],
+    "orchestrate plan": [sys.executable, "-m", "orchestrator", "plan", str(ROOT / "examples/quickstart-cpu.yaml")],
 }
 PROBE = ("import sys; sys.argv=['orchestrate','plan','examples/quickstart-cpu.yaml']\n"
          "from orchestrator.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
@@ -40,13 +41,16 @@ def main() -> None:
     if args.baseline_tree:
         cases["orchestrate plan (baseline)"] = (CASES["orchestrate plan"],
                                                 {**env, "PYTHONPATH": str(args.baseline_tree.resolve())})
+    # Not from the checkout: `python -m` puts the working directory first on sys.path, which would
+    # shadow the baseline tree on PYTHONPATH.
+    cwd = tempfile.mkdtemp()
     for argv, case_env in cases.values():   # a first run writes the bytecode caches
-        subprocess.run(argv, cwd=ROOT, capture_output=True, check=True, env=case_env)
+        subprocess.run(argv, cwd=cwd, capture_output=True, check=True, env=case_env)
     times: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(args.runs):
         for name, (argv, case_env) in cases.items():  # interleaved so machine noise hits every case alike
             t0 = time.perf_counter()
-            subprocess.run(argv, cwd=ROOT, capture_output=True, check=True, env=case_env)
+            subprocess.run(argv, cwd=cwd, capture_output=True, check=True, env=case_env)
             times[name].append(time.perf_counter() - t0)
     base = statistics.median(times["python -c pass"])
     print(f"{'case':32} {'median ms':>10} {'min ms':>8} {'vs python':>10}")

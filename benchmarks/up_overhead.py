@@ -9,7 +9,9 @@ Each round runs every case, interleaved (order rotates), on the Gemma 3 270M qui
   up (baseline): the same with another orchestrator tree first on PYTHONPATH (--baseline-tree,
         e.g. `git archive <commit> orchestrator templates | tar -x -C DIR`), to compare two versions
         in the same rounds
-then stops the server. Reports medians and the ratio up / bare (goal: <= 1.10). The plan cache is
+then stops the server. Reports medians and the ratio up / bare (goal: <= 1.10), and for each up
+case how long after its start the engine's process started (its /proc start time, 10 ms ticks):
+the fixed cost `up` adds before the engine can begin loading. The plan cache is
 warmed first (a user's second `up`), and the children run with bytecode caching on, as an
 installed package does (PYTHONDONTWRITEBYTECODE is dropped from their environment).
 --extra-arg goes into the profile's extra_args (both cases run it): `-nr` where the CPU backend's
@@ -19,6 +21,7 @@ AMX kernels crash this model (seen on a Sapphire Rapids guest, 2026-12-03).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -27,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import requests
 import yaml
 
@@ -51,13 +55,24 @@ def bare(argv: list[str], port: int) -> float:
         proc.wait()
 
 
-def up_once(profile: Path, env: dict[str, str]) -> float:
+SPAWNED: dict[str, list[float]] = {}   # case: seconds from `up`'s start to the engine's process start
+
+
+def up_once(profile: Path, env: dict[str, str], case: str = "") -> float:
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "orchestrator", "up", str(profile)], env=env, check=True,
-                   capture_output=True)
+    # cwd: not the checkout, whose orchestrator/ `python -m` would put before the baseline tree
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "up", str(profile)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=profile.parent)
+    started = psutil.Process(proc.pid).create_time()   # the same clock as the engine's below
+    if proc.wait() != 0:
+        raise RuntimeError("orchestrate up failed")
     took = time.perf_counter() - t0
+    if case:
+        state = Path(env["ORCHESTRATOR_STATE_DIR"]) / "deployments" / "bench-up.json"
+        pid = json.loads(state.read_text())["servers"]["s"]["pid"]
+        SPAWNED.setdefault(case, []).append(psutil.Process(pid).create_time() - started)   # 10 ms ticks
     subprocess.run([sys.executable, "-m", "orchestrator", "down", str(profile)], env=env, check=True,
-                   capture_output=True)
+                   capture_output=True, cwd=profile.parent)
     return took
 
 
@@ -94,14 +109,15 @@ def main() -> None:
     times: dict[str, list[float]] = {c: [] for c in cases}
     for i in range(args.runs):
         for case in cases[i % len(cases):] + cases[:i % len(cases)]:
-            times[case].append(bare(argv, port) if case == "bare" else up_once(profile, envs[case]))
+            times[case].append(bare(argv, port) if case == "bare" else up_once(profile, envs[case], case))
     b = statistics.median(times["bare"])
     print(f"engine {args.engine}, {args.runs} rounds (medians; min in brackets)")
     print(f"bare start-and-poll /health: {b * 1000:7.0f} ms  [{min(times['bare']) * 1000:.0f}]")
     for case in envs:
         u = statistics.median(times[case])
         print(f"orchestrate {case + ':':16} {u * 1000:7.0f} ms  [{min(times[case]) * 1000:.0f}]  "
-              f"ratio {u / b:.2f}")
+              f"ratio {u / b:.2f}; engine spawned {statistics.median(SPAWNED[case]) * 1000:.0f} ms "
+              f"[{min(SPAWNED[case]) * 1000:.0f}] after up started")
 
 
 if __name__ == "__main__":

@@ -8,11 +8,13 @@ Everything is keyed by (engine, version, backend) so a second call is free.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -275,8 +277,10 @@ def run_step(argv: list[str], log_file: IO[str], on_step: StepCallback | None = 
                     on_step(last[0], last[1])
 
     beat = threading.Thread(target=heartbeat, daemon=True)
+    # Its own process group: an interrupt stops cmake, ninja and every compiler it started at once
+    # (killing cmake alone would leave ninja writing into the build folder the next run clears).
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          errors="replace") as proc:
+                          errors="replace", start_new_session=True) as proc:
         assert proc.stdout is not None
         beat.start()
         try:
@@ -288,7 +292,8 @@ def run_step(argv: list[str], log_file: IO[str], on_step: StepCallback | None = 
                         last[:] = [int(m.group(1)), int(m.group(2))]
                         on_step(last[0], last[1])
         except BaseException:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             raise
         finally:
             stop.set()
@@ -318,7 +323,7 @@ def _build_locked(job: Job, have: InstalledEngine | None, log: Callable[[str], N
     # A fixed build prefix keeps ccache hits across rebuilds.
     work = cache_dir() / "build" / dest.name
     shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work.mkdir(parents=True, exist_ok=True)
     log_path = dest.parent / f"{dest.name}.build.log"
     archive, src = _prepare_source(job, work, log)
     bdir = work / "build"

@@ -83,6 +83,32 @@ def test_an_interrupt_stops_the_build_step(tmp_path: Path) -> None:
         os.kill(pids[0], 0)   # killed and reaped, not left compiling
 
 
+def test_an_interrupt_stops_what_the_step_started(tmp_path: Path) -> None:
+    """cmake --build runs ninja, ninja runs compilers: an interrupt stops all of them, not cmake alone."""
+    grandchild = ("import subprocess, sys, time\n"
+                  "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+                  "print(child.pid, flush=True)\nprint('[1/9] Building C object x.c.o', flush=True)\n"
+                  "time.sleep(60)\n")
+
+    def on_step(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    with (tmp_path / "log").open("w") as fh, pytest.raises(KeyboardInterrupt):
+        builds.run_step([sys.executable, "-c", grandchild], fh, on_step)
+    pid = int((tmp_path / "log").read_text().split()[0])
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        if open(f"/proc/{pid}/stat").read().split()[2] == "Z":
+            break   # killed; its parent (also killed) never reaped it, init will
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"the step's own child {pid} survived the interrupt")
+
+
 def test_terminal_format_redraws_one_line() -> None:
     now = [100.0]
     out = io.StringIO()
