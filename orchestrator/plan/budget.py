@@ -116,7 +116,8 @@ class Ledger:
             spare = max(room - sum(least.values()), 0) / max(len(pools), 1)
             mine = least.get(index, 0) + spare if sum(least.values()) <= room else room / max(len(pools), 1)
             shares.append((mine - outside) / total)
-        frac = math.floor(max(min(shares), 0.0) * 100) / 100
+        # at least 0.01, a value both engines take: a share that small only comes with --ignore-fit
+        frac = max(math.floor(max(min(shares), 0.0) * 100) / 100, 0.01)
         names = ", ".join(self.servers[j].name for j in self.sharing(index))
         return Budget(None, frac, f"shares GPU{'s' if len(gpus) > 1 else ''} {', '.join(map(str, gpus))} with {names}")
 
