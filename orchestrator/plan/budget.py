@@ -76,6 +76,7 @@ class Ledger:
         # what runs leaves it room (gateway: memory_budget), so it never counts toward the others' share.
         self.used = [() if s.start == "on_demand" else gpus_of(s, gpu, count) for s in servers]
         self.reserved: dict[int, dict[int, int]] = {}   # server index -> GPU -> bytes
+        self.pool_min: dict[int, dict[int, int]] = {}   # vLLM/SGLang servers: the least they start with
 
     def sharing(self, index: int) -> list[int]:
         """The other servers on any GPU of this one, in profile order."""
@@ -102,7 +103,8 @@ class Ledger:
         return Budget(sum(max(self.left(g, index), 0) for g in self.used[index]), None, self.where(index))
 
     def pool_budget(self, index: int, engine: str, engines: list[str]) -> Budget:
-        """Split what is left of the pool share of each GPU between the vLLM/SGLang servers on it."""
+        """Split what is left of the pool share of each GPU between the vLLM/SGLang servers on it: each
+        gets the least it can start with, and an even part of the rest."""
         gpus = self.used[index]
         outside = sglang_reserve(self.servers[index], self.gpu, len(gpus)) if engine == "sglang" else 0
         shares = []
@@ -110,10 +112,14 @@ class Ledger:
             total = self.gpus[g].total_bytes
             held = sum(s.bytes + s.margin_bytes for s in self.gpus[g].shares
                        if engines[self._index(s.server)] not in POOL_ENGINES)
-            pools = sum(1 for j, gs in enumerate(self.used) if g in gs and engines[j] in POOL_ENGINES)
+            pools = [j for j, gs in enumerate(self.used) if g in gs and engines[j] in POOL_ENGINES]
             room = min(POOL_SHARE * total, total - held - fit.FIT_MARGIN_BYTES) if held else POOL_SHARE * total
-            shares.append((room / max(pools, 1) - outside) / total)
-        frac = math.floor(max(min(shares), 0.0) * 100) / 100
+            least = {j: self.pool_min.get(j, {}).get(g, 0) for j in pools}
+            spare = max(room - sum(least.values()), 0) / max(len(pools), 1)
+            mine = least.get(index, 0) + spare if sum(least.values()) <= room else room / max(len(pools), 1)
+            shares.append((mine - outside) / total)
+        # at least 0.01, a value both engines take: a share that small only comes with --ignore-fit
+        frac = max(math.floor(max(min(shares), 0.0) * 100) / 100, 0.01)
         names = ", ".join(self.servers[j].name for j in self.sharing(index))
         return Budget(None, frac, f"shares GPU{'s' if len(gpus) > 1 else ''} {', '.join(map(str, gpus))} with {names}")
 

@@ -269,6 +269,7 @@ def _planning_order(profile: Profile, facts: Facts, ledger: budget.Ledger) -> li
             gpus = ledger.used[i]
             ledger.reserved[i] = {g: budget.pool_minimum(server, kv, facts.gpu, model, len(gpus), engine)
                                   for g in gpus}
+            ledger.pool_min[i] = dict(ledger.reserved[i])
     return engines
 
 

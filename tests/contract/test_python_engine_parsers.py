@@ -130,7 +130,11 @@ def _plan_cases(label: str, engine: str, source: Path | str, tmp: Path, environ:
     facts = gather(loaded, environ=environ, state_dir=str(tmp / "state"), detect=False)
     profile = loaded.profile
     gpu = facts.gpu
-    sharing = sum(1 for s in profile.servers if s.engine in ("vllm", "sglang"))
+    from orchestrator.plan.budget import gpus_of
+
+    used = [set(gpus_of(s, gpu, facts.gpu_count)) for s in profile.servers]
+    # servers on the same GPUs as another (any engine): planned against what the others leave
+    sharing = max((sum(1 for other in used if mine & other) for mine in used), default=1)
     try:   # syntax is under test here, not whether an 8B model fits a 6 GB card
         p = plan(loaded, facts, enforce_fit=False)
     except ProfileError as exc:
@@ -247,9 +251,8 @@ def intended_fraction(c: Case, defaults: dict[str, Any]) -> float | None:
     gpus = max(c.gpu_count, 1) * s.nodes
     gpu_bytes = int(c.gpu.vram_gb * GIB)
     sglang = c.engine == "sglang"
-    if c.gpu_servers > 1:
-        outside = fit.sglang_reserved_bytes(gpu_bytes, gpus, s.parallel) if sglang else 0
-        return _math.floor((0.92 * gpu_bytes / c.gpu_servers - outside) / gpu_bytes * 100) / 100
+    if c.gpu_servers > 1:   # shared: judged by shared_fraction_problems (its range, not one value)
+        return None
     facts = gather(s.model.hf, is_hf=True) if s.model.hf else gather(_model_path(s))
     device = gpu_bytes * gpus
     default = fit.sglang_default_fraction(gpu_bytes, gpus, s.parallel) if sglang else 0.92
@@ -257,6 +260,29 @@ def intended_fraction(c: Case, defaults: dict[str, Any]) -> float | None:
     if need is not None and default < need + 0.01 <= 0.95:
         return _math.ceil((need + 0.01) * 100) / 100
     return defaults["mem_fraction_static" if sglang else "gpu_memory_utilization"]   # left to the engine
+
+
+def shared_fraction_problems(c: Case, got: object) -> list[str]:
+    """Servers sharing the GPUs: each fraction at least what the server needs to start (weights,
+    vLLM's activations, one full-length sequence) and together within 0.92 of the card."""
+    from orchestrator.facts.model import gather
+    from orchestrator.plan import fit
+    from orchestrator.plan.model import GIB
+
+    if c.gpu_servers < 2 or c.gpu.is_cpu:
+        return []
+    s = c.server
+    gpus = max(c.gpu_count, 1) * s.nodes
+    device = int(c.gpu.vram_gb * GIB) * gpus
+    facts = gather(s.model.hf, is_hf=True) if s.model.hf else gather(_model_path(s))
+    need = fit.hf_required_fraction(facts, s.context, s.kv_cache, device, gpus,
+                                    activations_inside=c.engine != "sglang") or 0.0
+    outside = fit.sglang_reserved_bytes(device // gpus, gpus, s.parallel) / (device / gpus) if c.engine == "sglang" else 0
+    all_fit = c.gpu_servers * (need + outside + 0.02) <= 0.92   # + the 0.01 steps and the fit margin
+    if not isinstance(got, float) or not 0 < got <= 0.92 or (all_fit and got < need):
+        return [f"shared memory fraction {got!r}: intended within 0.92 and, as they fit together, at least what "
+                f"it needs ({need:.2f})"]
+    return []
 
 
 def intended_parsers(c: Case) -> tuple[str | None, str | None]:
@@ -342,7 +368,8 @@ def check_vllm_case(c: Case, result: dict[str, Any], facts: dict[str, Any], defa
         return [f"vLLM rejected {c.argv}: {result['error']}"]
     args = result["args"]
     bad = [f"{k} = {args.get(k)!r}, intended {v!r}" for k, v in vllm_expected(c, defaults).items()
-           if args.get(k) != v]
+           if args.get(k) != v and not (k == "gpu_memory_utilization" and c.gpu_servers > 1)]
+    bad += shared_fraction_problems(c, args.get("gpu_memory_utilization"))
     bad += check_vllm_spec(c, args.get("speculative_config"), facts)
     bad += check_parser_names(c, args, facts)
     if args.get("attention_backend") and args["attention_backend"] not in facts["attention_backends"]:
@@ -409,7 +436,8 @@ def check_sglang_case(c: Case, result: dict[str, Any], defaults: dict[str, Any],
         return [f"SGLang rejected {c.argv}: {result['error']}"]
     args = result["args"]
     bad = [f"{k} = {args.get(k)!r}, intended {v!r}" for k, v in sglang_expected(c, defaults).items()
-           if args.get(k) != v]
+           if args.get(k) != v and not (k == "mem_fraction_static" and c.gpu_servers > 1)]
+    bad += shared_fraction_problems(c, args.get("mem_fraction_static"))
     bad += check_parser_names(c, args, facts)
     if c.gpu.is_cpu:
         threads = c.server.threads

@@ -61,3 +61,11 @@ def test_engine_table_names_verified_versions() -> None:
             assert caps.get(key) is not None, (name, key)
     assert engines["llama.cpp"]["verified_version"] == "b11434"
     assert engines["ik_llama"]["verified_version"] == "55d3c05bf"
+
+
+def test_a100_sxm_and_pcie_are_named_apart() -> None:
+    """NVIDIA's A100 datasheet: the SXM4 module and the PCIe card differ in bandwidth (80 GB) and TDP."""
+    sxm, pcie = catalog.find_gpu("NVIDIA A100-SXM4-80GB"), catalog.find_gpu("NVIDIA A100 80GB PCIe")
+    assert (sxm.id, sxm.bandwidth_gbs, sxm.tdp_w) == ("a100-80gb", 2039, 400)
+    assert (pcie.id, pcie.bandwidth_gbs, pcie.tdp_w) == ("a100-80gb-pcie", 1935, 300)
+    assert catalog.find_gpu("NVIDIA A100-PCIE-40GB").tdp_w == 250 and catalog.find_gpu("a100-40gb").tdp_w == 400

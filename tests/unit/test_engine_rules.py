@@ -187,3 +187,11 @@ def test_a_larger_micro_batch_when_experts_sit_in_system_ram() -> None:
     # f16 KV at the same context leaves no room for the larger buffer without moving more experts
     assert "-ub" not in _flags(_plan("llama.cpp", "rtx-4060", path=path, context=32768))
     assert "-ub" not in _flags(_plan("llama.cpp", "rtx-4090", path="/m/Qwen3-8B-Q4_K_M.gguf"))   # all on the GPU
+
+
+def test_several_pascal_gpus_split_by_rows() -> None:
+    doc = {"name": "p", "hardware": {"gpu": "tesla-p40", "count": 3},
+           "servers": [{"name": "s", "engine": "llama.cpp", "model": {"path": "/m/Qwen3-32B-Q4_K_M.gguf"}}]}
+    sp = build_plan(load_text(yaml.safe_dump(doc), "t.yaml"), environ={"HOME": "/h"}, detect=False).servers[0]
+    assert _flags(sp)["-sm"] == "row"
+    assert "-sm" not in _flags(_plan("llama.cpp", "tesla-p40", path="/m/Qwen3-8B-Q4_K_M.gguf"))   # one GPU

@@ -64,6 +64,18 @@ def micro_batch(ctx: Ctx) -> Flag | None:
                 "compute buffer is counted in memory and keeps the same placement")
 
 
+def split_mode(ctx: Ctx) -> Flag | None:
+    """Several Pascal GPUs: -sm row (weights split by rows, every GPU works on each layer) instead of the
+    default layer split, which leaves all but one GPU idle per token; reported ~3x decode on 3x P40
+    (ollama #5458). b11434's -sm tensor is experimental; elsewhere the default stays."""
+    if ctx.engine != "llama.cpp" or ctx.gpu_count < 2 or not ctx.cc or ctx.cc[0] != 6 \
+            or ctx.offload.mode in ("moe_all", "moe_layers", "layers"):
+        return None
+    return Flag("-sm", "row", f"{ctx.gpu_count} × {ctx.gpu.name} ({ctx.gpu.sm}): split weights by rows so every "
+                "GPU works on each token (the default layer split runs them one after another); reported "
+                "~3x decode on 3x P40 (ollama #5458)")
+
+
 def moe_offload(ctx: Ctx) -> Flag | None:
     off = ctx.offload
     if off.mode == "moe_all":
@@ -189,6 +201,7 @@ def metrics(ctx: Ctx) -> Flag:
 
 
 RULES: list[Rule] = [
-    model, alias, bind_host, port, api_key_env, context, slots, threads, gpu_layers, moe_offload, micro_batch, fit_off,
+    model, alias, bind_host, port, api_key_env, context, slots, threads, gpu_layers, split_mode, moe_offload,
+    micro_batch, fit_off,
     flash_attention, kv_types, speculative, prompt_cache, metrics, user_args,
 ]

@@ -3,7 +3,7 @@
 # deployment: vllm-a100-shared; one server per line, start each in its own terminal or under a supervisor.
 
 # chat: vLLM 0.32.0
-python3 -m vllm.entrypoints.openai.api_server --model /models/Meta-Llama-3.1-8B-Instruct --served-model-name llama-3.1-8b --host 127.0.0.1 --port 8000 --max-model-len 16384 --max-num-seqs 16 --gpu-memory-utilization 0.46 --enable-prefix-caching --speculative-config '{"method": "eagle", "model": "/models/EAGLE-LLaMA3.1-Instruct-8B", "num_speculative_tokens": 4}' --enable-auto-tool-choice --tool-call-parser llama3_json
+python3 -m vllm.entrypoints.openai.api_server --model /models/Meta-Llama-3.1-8B-Instruct --served-model-name llama-3.1-8b --host 127.0.0.1 --port 8000 --max-model-len 16384 --max-num-seqs 16 --gpu-memory-utilization 0.51 --enable-prefix-caching --speculative-config '{"method": "eagle", "model": "/models/EAGLE-LLaMA3.1-Instruct-8B", "num_speculative_tokens": 4}' --enable-auto-tool-choice --tool-call-parser llama3_json
 
 # batch: vLLM 0.32.0
-python3 -m vllm.entrypoints.openai.api_server --model /models/Qwen3-4B-Instruct --served-model-name qwen3-4b --host 127.0.0.1 --port 8001 --max-model-len 8192 --max-num-seqs 64 --gpu-memory-utilization 0.46 --no-enable-prefix-caching --enable-auto-tool-choice --tool-call-parser hermes --reasoning-parser qwen3
+python3 -m vllm.entrypoints.openai.api_server --model /models/Qwen3-4B-Instruct --served-model-name qwen3-4b --host 127.0.0.1 --port 8001 --max-model-len 8192 --max-num-seqs 64 --gpu-memory-utilization 0.40 --no-enable-prefix-caching --enable-auto-tool-choice --tool-call-parser hermes --reasoning-parser qwen3

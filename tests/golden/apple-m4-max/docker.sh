@@ -1,0 +1,1 @@
+error: server moe: no container image: llama.cpp publishes no metal container image (orchestrate engines image llama.cpp --backend metal builds one from an installed engine) — set image: in the profile, or use the command target (runtime: process)
