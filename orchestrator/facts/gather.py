@@ -114,7 +114,8 @@ def locate_executable(server: Server, engine: str, gpu: Gpu, run_binary: bool = 
     a profile's binary: is run (for its version) only with run_binary."""
     caps = catalog.engine(engine)
     arch = gpu.compute_capability.replace(".", "") if gpu.compute_capability else gpu.gfx_target
-    return locate(engine, gpu.accelerator, caps["process_command"][0], server.binary, arch, run_binary)
+    return locate(engine, gpu.accelerator, caps["process_command"][0], server.binary, arch, run_binary,
+                  server.engine_version)
 
 
 def engine_facts(facts: Facts, server: Server, engine: str, run_binary: bool = False) -> None:

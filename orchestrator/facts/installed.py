@@ -85,6 +85,16 @@ def installed(engine: str, backend: str = "cpu", gpu_arch: str | None = None,
     return _read_manifest(install_dir(engine, backend, gpu_arch, version) / "manifest.json")
 
 
+def _installed_at(engine: str, backend: str, version: str | None) -> InstalledEngine | None:
+    """The installed build of a pinned version, if there is one (a version no source package holds has none)."""
+    if not version:
+        return None
+    try:
+        return installed(engine, backend, version=version)
+    except ProvisionError:
+        return None
+
+
 def backend_for(accelerator: str) -> str:
     return {"cuda": "cuda", "rocm": "rocm", "sycl": "sycl"}.get(accelerator, "cpu")
 
@@ -103,9 +113,10 @@ def profile_binary(binary: str) -> str:
 
 
 def locate(engine: str, accelerator: str, command: str, binary: str | None = None,
-           gpu_arch: str | None = None, run_binary: bool = True) -> Located:
+           gpu_arch: str | None = None, run_binary: bool = True, version: str | None = None) -> Located:
     """Which executable a server will run, without building or installing anything. With run_binary
-    False a profile's binary: is named but not run (not even for its version)."""
+    False a profile's binary: is named but not run (not even for its version). A pinned version
+    (engine_version) looks for that installed build first."""
     module = catalog.engine(engine).get("python_module")
     if binary and not run_binary:
         return Located(profile_binary(binary), f"binary: from the profile ({NOT_RUN})", probed=False)
@@ -116,7 +127,7 @@ def locate(engine: str, accelerator: str, command: str, binary: str | None = Non
     sources = catalog.source_packages()
     if engine in sources:
         backend = backend_for(accelerator)
-        inst = installed(engine, backend)
+        inst = _installed_at(engine, backend, version) or installed(engine, backend)
         if inst is not None:
             return Located(str(inst.binary()), f"installed build {inst.engine} {inst.version} ({inst.backend})",
                            inst.version)

@@ -20,10 +20,9 @@ from orchestrator.runtime.deployer import Deployer
 from orchestrator.runtime.diagnose import classify
 from orchestrator.runtime.health import HttpError, http
 from orchestrator.runtime.logs import tail
+from orchestrator.runtime.state import GATEWAY_RECORD as GATEWAY
 from orchestrator.runtime.state import ServerRecord
 
-# The gateway's state record: server names are DNS-safe (no "_"), so it never meets a server's.
-GATEWAY = "_gateway"
 READY_TIMEOUT_S = 30.0
 
 

@@ -55,9 +55,16 @@ class ServerRecord:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+# The gateway's record among a deployment's servers: server names are DNS-safe (no "_"), so it never
+# meets a server's.
+GATEWAY_RECORD = "_gateway"
+
+
 def valid_name(name: str, what: str = "deployment") -> str:
-    """A deployment or server name as the profile allows it: nothing else becomes a path in the state
-    folder (no '/', '..', newline or glob)."""
+    """A deployment or server name as the profile allows it (or the gateway's record): nothing else
+    becomes a path in the state folder (no '/', '..', newline or glob)."""
+    if what == "server" and name == GATEWAY_RECORD:
+        return name
     if not re.fullmatch(NAME_RE, name) or len(name) > 63:
         raise OrchestratorError(f"{shown(name)} is not a {what} name",
                                 "give a profile file or a deployment name (lowercase letters, digits and '-')")

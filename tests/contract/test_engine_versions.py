@@ -133,10 +133,13 @@ def test_unknown_option_is_caught_before_start(builds: dict[str, Path], tmp_path
     assert not (tmp_path / "state" / "bad.json").exists() and "started" not in p.stdout
 
 
-def _extra_args_profile(tmp_path: Path, binary: Path, extra_args: list[str]) -> Path:
+def _extra_args_profile(tmp_path: Path, build: str | Path, extra_args: list[str]) -> Path:
+    """A llama.cpp server on an installed build pinned by engine_version ("b9093"), or on a binary:
+    (which only `up` runs: checking a profile never runs its program)."""
+    where = {"engine_version": build} if isinstance(build, str) else {"binary": str(build)}
     profile = tmp_path / "extra.yaml"
     profile.write_text(yaml.safe_dump({"name": "extra", "hardware": {"gpu": "cpu"}, "servers": [{
-        "name": "s", "engine": "llama.cpp", "binary": str(binary), "port": free_port(),
+        "name": "s", "engine": "llama.cpp", **where, "port": free_port(),
         "model": {"path": str(tmp_path / "m.gguf")}, "extra_args": extra_args}]}, sort_keys=False))
     return profile
 
@@ -152,7 +155,7 @@ def _orchestrate(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]
 def test_a_typo_in_extra_args_is_blamed_on_its_entry(command: str, builds: dict[str, Path], tmp_path: Path) -> None:
     """The real b11434 --help and parser: the typo is reported at its own line and field, with the
     option the build does know, and nothing starts."""
-    profile = _extra_args_profile(tmp_path, builds["b11434"], ["--ctx-szie", "8192"])
+    profile = _extra_args_profile(tmp_path, "b11434", ["--ctx-szie", "8192"])
     p = _orchestrate(tmp_path, command, str(profile))
     line = next(i for i, x in enumerate(profile.read_text().splitlines(), 1) if "--ctx-szie" in x)
     assert p.returncode == 1, p.stdout
@@ -165,13 +168,13 @@ def test_a_typo_in_extra_args_is_blamed_on_its_entry(command: str, builds: dict[
 @pytest.mark.engines
 def test_an_extra_args_option_of_a_newer_build_names_the_version(builds: dict[str, Path], tmp_path: Path) -> None:
     """b9093's --help lists --spec-type without draft-mtp, which b11434 has; the fix names b9246."""
-    profile = _extra_args_profile(tmp_path, builds["b9093"], ["--spec-type", "draft-mtp"])
+    profile = _extra_args_profile(tmp_path, "b9093", ["--spec-type", "draft-mtp"])
     p = _orchestrate(tmp_path, "plan", str(profile))
     assert p.returncode == 1
     assert "servers[0].extra_args[0]: llama.cpp b9093 does not take --spec-type draft-mtp; it arrived in b9246" \
         in p.stderr
     assert "run llama.cpp b9246 or newer" in p.stderr
-    assert _orchestrate(tmp_path, "plan", str(_extra_args_profile(tmp_path, builds["b11434"],
+    assert _orchestrate(tmp_path, "plan", str(_extra_args_profile(tmp_path, "b11434",
                                                                   ["--spec-type", "draft-mtp"]))).returncode == 0
 
 
@@ -182,7 +185,7 @@ def test_an_option_a_rule_emits_that_the_build_lacks_keeps_the_install_fix(build
     llama-server under engine: llama.cpp): prefix_cache's --cache-reuse is not in its --help and its
     parser refuses it. That is the build's fault, reported at engine with the build to install."""
     profile = _extra_args_profile(tmp_path, builds["55d3c05bf"], [])
-    p = _orchestrate(tmp_path, "plan", str(profile))
+    p = _orchestrate(tmp_path, "up", str(profile))   # the binary: runs only for up
     line = next(i for i, x in enumerate(profile.read_text().splitlines(), 1) if "engine: llama.cpp" in x)
     assert p.returncode == 1
     assert f"extra.yaml:{line}: servers[0].engine: llama.cpp 55d3c05bf does not take --cache-reuse 256" in p.stderr
@@ -195,7 +198,7 @@ def test_a_rule_that_needs_a_newer_build_names_its_setting(builds: dict[str, Pat
     """Speculative mtp makes the rules need --spec-type draft-mtp, which b9093 lacks: reported at the
     setting that needs it, with the build to install."""
     doc = {"name": "r", "hardware": {"gpu": "cpu"}, "servers": [{
-        "name": "s", "engine": "llama.cpp", "binary": str(builds["b9093"]),
+        "name": "s", "engine": "llama.cpp", "engine_version": "b9093",
         "model": {"path": "/m/Qwen3.6-35B-A3B-UD-Q4_K_XL.gguf"}, "speculative": {"method": "mtp"}}]}
     profile = tmp_path / "r.yaml"
     profile.write_text(yaml.safe_dump(doc))

@@ -50,12 +50,17 @@ class Env:
         path.write_text(yaml.safe_dump(doc))
         return path
 
-    def fake(self, name: str = "fake", env: dict[str, str] | None = None, **server: object) -> Path:
+    def fake_files(self) -> tuple[Path, Path]:
+        """(a model file that is a GGUF v3 header with no tensors, a launcher that runs tests/fake_engine.py)."""
         dummy = self.tmp / "dummy.gguf"
-        dummy.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + b"\0" * 16)  # a GGUF v3 header, no tensors
+        dummy.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + b"\0" * 16)
         launcher = self.tmp / "fake-llama-server"
         launcher.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE} \"$@\"\n")
         launcher.chmod(0o755)
+        return dummy, launcher
+
+    def fake(self, name: str = "fake", env: dict[str, str] | None = None, **server: object) -> Path:
+        dummy, launcher = self.fake_files()
         return self.profile(name, model={"path": str(dummy)}, binary=str(launcher), env=env or {}, **server)
 
     def run(self, *args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess[str]:

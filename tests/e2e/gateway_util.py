@@ -5,22 +5,17 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tests.e2e.conftest import FAKE, Env, free_port
+from tests.e2e.conftest import Env, free_port
 
 
 def fake_binary(env: Env) -> tuple[str, str]:
     """(a GGUF-looking dummy model, a launcher that runs tests/fake_engine.py)."""
-    dummy = env.tmp / "dummy.gguf"
-    dummy.write_bytes(b"GGUF" + b"\0" * 64)
-    launcher = env.tmp / "fake-llama-server"
-    launcher.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE} \"$@\"\n")
-    launcher.chmod(0o755)
+    dummy, launcher = env.fake_files()
     return str(dummy), str(launcher)
 
 
