@@ -190,3 +190,27 @@ def find_model(name: str) -> ModelEntry | None:
             if frag in key and (best is None or len(frag) > best[0]):
                 best = (len(frag), entry)
     return best[1] if best else None
+
+
+@dataclass(frozen=True)
+class QuantQuality:
+    """What a quant costs in quality, as llama.cpp's quantize tool states it (quants.yaml)."""
+
+    label: str
+    ppl_delta: float
+    reference: str
+    source: str
+
+    def describe(self) -> str:
+        return f"{self.ppl_delta:+.4f} perplexity on {self.reference} ({self.source})"
+
+
+@lru_cache(maxsize=1)
+def quants() -> dict[str, QuantQuality]:
+    data = _load_yaml("quants.yaml")
+    return {str(k).upper(): QuantQuality(str(k).upper(), float(v["ppl_delta"]), str(v["reference"]), data["source"])
+            for k, v in data["quants"].items()}
+
+
+def quant_quality(label: str | None) -> QuantQuality | None:
+    return quants().get((label or "").upper()) if label else None
