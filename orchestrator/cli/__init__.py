@@ -1,7 +1,7 @@
 """Command line: parse, call, print. Decisions live in the core modules.
 
 The group and its one error boundary live here; the commands live beside it, by what they do:
-plan_cmds (read a profile, start nothing), run_cmds (start, stop and look at servers), measure_cmds
+plan_cmds (read a profile, start nothing), recommend_cmds (rank the catalog for a GPU), run_cmds (start, stop and look at servers), measure_cmds
 (bench, eval), engine_cmds (engines, doctor). show holds the printers, common what they share."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from orchestrator.cli.common import fail
 from orchestrator.cli.engine_cmds import doctor, engines
 from orchestrator.cli.measure_cmds import bench, eval_cmd
 from orchestrator.cli.plan_cmds import fit_cmd, gpus, plan, render, schema, validate
+from orchestrator.cli.recommend_cmds import recommend
 from orchestrator.cli.run_cmds import compose, down, logs, status, up
 from orchestrator.errors import OrchestratorError, ProfileError
 
@@ -52,6 +53,7 @@ def _terminated(signum: int, frame: object) -> None:
 
 
 for _command in (validate, plan, fit_cmd, render, schema, gpus,     # plan_cmds
+                 recommend,                                          # recommend_cmds
                  up, down, status, logs, compose,                    # run_cmds
                  bench, eval_cmd,                                    # measure_cmds
                  engines, doctor):                                   # engine_cmds
