@@ -33,6 +33,11 @@ class Efficiency:
     prefill: float
     basis: str             # where the factors come from: a default and its reason, or saved bench runs
     calibrated: bool = False
+    # CPU: the host bandwidth (GB/s) and compute (TFLOPS) measured during the runs the factors were
+    # calibrated on; the factors are shares of these, so predictions apply them to these, not to a
+    # figure measured later on a machine whose load has changed.
+    host_bandwidth_gbs: float | None = None
+    host_tflops: float | None = None
 
 
 # Defaults by backend family (Gpu.accelerator) for the GGUF engines, before any measurement here.
@@ -160,6 +165,12 @@ def predict(facts: ModelFacts, gpu: Gpu, gpu_count: int, engine: str, kv_cache: 
             offload_mode: str = "all") -> Speed:
     """Batch-1 decode after a prompt of `prompt_tokens`, and prefill of that prompt."""
     bw, bw_how, tflops, tf_how = _device(gpu, gpu_count, engine, host)
+    if gpu.is_cpu and efficiency.host_bandwidth_gbs:
+        bw = efficiency.host_bandwidth_gbs
+        bw_how = f"{bw:g} GB/s (measured during the calibration runs)"
+    if gpu.is_cpu and efficiency.host_tflops:
+        tflops = efficiency.host_tflops
+        tf_how = f"{tflops * 1000:g} GFLOPS (measured during the calibration runs)"
     kv = "f16" if kv_cache in ("auto", "bf16") else kv_cache
     got = decode_bytes(facts, kv, prompt_tokens)
     decode = prefill = None

@@ -22,6 +22,8 @@ class Share:
     model: str
     decode: float | None
     prefill: float | None
+    bandwidth_gbs: float | None = None     # what the rooflines were computed with (CPU: measured then)
+    tflops: float | None = None
 
 
 def _gpu_of(server: dict[str, Any]) -> str | None:
@@ -55,7 +57,8 @@ def shares(entries: list[dict[str, Any]], host: str) -> list[Share]:
             p = prefill / rf["prefill_roofline_tps"] if prefill and rf.get("prefill_roofline_tps") else None
             if d or p:
                 out.append(Share(str(entry.get("time", "")), str(server.get("engine", "")), gpu,
-                                 str(server.get("model", "")), d, p))
+                                 str(server.get("model", "")), d, p, rf.get("bandwidth_gbs"),
+                                 rf.get("compute_tflops")))
     return out
 
 
@@ -85,5 +88,12 @@ def efficiency(engine: str, gpu: str, accelerator: str, measured: list[Share], h
         parts.append(f"prefill {base.prefill:g} (default: no prefill roofline saved)")
     basis = (f"calibrated on {host} from {len(mine)} saved {engine} run(s) on {gpu} ({', '.join(models)}; "
              f"{source}): " + "; ".join(parts))
+    bws = [s.bandwidth_gbs for s in mine if s.decode and s.bandwidth_gbs]
+    tfs = [s.tflops for s in mine if s.prefill and s.tflops]
+    on_cpu = gpu == "cpu"
+    if on_cpu and (bws or tfs):
+        basis += " — applied to the host figures measured during those runs"
     return Efficiency(round(statistics.median(decode), 3) if decode else base.decode,
-                      round(statistics.median(prefill), 3) if prefill else base.prefill, basis, True)
+                      round(statistics.median(prefill), 3) if prefill else base.prefill, basis, True,
+                      round(statistics.median(bws), 2) if on_cpu and bws and decode else None,
+                      round(statistics.median(tfs), 4) if on_cpu and tfs and prefill else None)

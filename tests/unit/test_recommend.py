@@ -202,6 +202,12 @@ def test_calibration_takes_this_hosts_runs_of_this_engine(tmp_path: Path) -> Non
     assert "2 saved llama.cpp run(s)" in eff.basis and "gemma-3-270m" in eff.basis
     other = efficiency("vllm", "cpu", "cpu", found, platform.node())
     assert not other.calibrated and other.basis.startswith("default")
+    # the shares are of the host figures measured during those runs: predictions apply them to those
+    assert eff.host_bandwidth_gbs == 20.0 and eff.host_tflops == 0.1
+    sp = predict(entry_facts(LLAMA8, "Q4_K_M"), catalog.find_gpu("cpu"), 1, "llama.cpp", "f16",
+                 Host(99.0, "99 GB/s measured later", 999.0, "999 GFLOPS measured later"), eff)
+    assert "20 GB/s (measured during the calibration runs)" in sp.decode_how
+    assert "100 GFLOPS (measured during the calibration runs)" in sp.prefill_how
 
 
 def test_calibrated_factor_changes_the_prediction() -> None:
