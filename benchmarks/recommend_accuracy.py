@@ -33,9 +33,14 @@ PROFILES = {"llama.cpp": ROOT / "benchmarks/profiles/gemma-llamacpp.yaml",
 
 def scratch_profile(src: Path, folder: Path, extra: list[str]) -> Path:
     """The benchmark profile with extra engine args (e.g. --no-repack where AMX kernels cannot run)."""
+    import socket
+
     import yaml
 
     doc = yaml.safe_load(src.read_text())
+    with socket.socket() as sock:   # a port of its own: other work on this machine uses the profile's
+        sock.bind(("127.0.0.1", 0))
+        doc["servers"][0]["port"] = sock.getsockname()[1]
     if extra:
         doc["servers"][0]["extra_args"] = extra
     out = folder / src.name
@@ -49,7 +54,11 @@ def bench(profile: Path, state: Path, prompt: int, gen: int, runs: int, save: bo
     if save:
         argv.append("--save")
     env = {**os.environ, "ORCHESTRATOR_STATE_DIR": str(state)}
-    p = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900, check=False)
+    for _ in range(3):   # the previous session's server may still be releasing the port
+        p = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900, check=False)
+        if p.returncode == 0 or "is taken by another process" not in p.stderr:
+            break
+        time.sleep(10)
     if p.returncode != 0:
         raise SystemExit(f"bench failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     [res] = json.loads(p.stdout)
@@ -61,9 +70,10 @@ def measured(res: dict[str, Any]) -> tuple[float, float]:
     return (lv.get("server_prefill_tps") or lv["prefill_tps"], lv.get("server_decode_tps") or lv["decode_tps"])
 
 
-def predictions(out: dict[str, Any]) -> list[dict[str, Any]]:
+def predictions(out: dict[str, Any], calibrate_on: int | None = None) -> list[dict[str, Any]]:
     """Predicted vs measured for every session in `out` (raw bench results and the host figures),
-    with the default efficiency and with the one calibrated from the calibration session's saved entry."""
+    with the default efficiency and with the one calibrated from the calibration session's saved entry
+    (or, with calibrate_on, from that session's result alone)."""
     from orchestrator import catalog
     from orchestrator.facts.model import gather
     from orchestrator.plan.speed import Host, default_efficiency, predict
@@ -72,14 +82,19 @@ def predictions(out: dict[str, Any]) -> list[dict[str, Any]]:
     engine, facts, cpu = out["engine"], gather(out["model_path"]), catalog.find_gpu("cpu")
     host = Host(**out["host_figures"])
     default = default_efficiency(engine, "cpu")
-    calibrated = efficiency(engine, "cpu", "cpu", shares(out["saved_entries"], out["host"]), out["host"],
-                            "calibration session")
+    entries = out["saved_entries"]
+    if calibrate_on is not None:
+        entries = [{"kind": "bench", "host": out["host"], "servers": [out["sessions"][calibrate_on]["result"]]}]
+    calibrated = efficiency(engine, "cpu", "cpu", shares(entries, out["host"]), out["host"],
+                            "calibration session" if calibrate_on is None else f"session {calibrate_on}")
     out["default_efficiency"], out["calibrated_efficiency"] = default.__dict__, calibrated.__dict__
     rows = []
     for session in out["sessions"]:
         res, n = session["result"], session["prompt_tokens"]
         mp, md = measured(res)
-        row: dict[str, Any] = {"prompt_tokens": n, "session": session["kind"], "measured_prefill_tps": mp,
+        kind = "calibration" if calibrate_on is not None and session is out["sessions"][calibrate_on] else (
+            session["kind"] if calibrate_on is None else "validation")
+        row: dict[str, Any] = {"prompt_tokens": n, "session": kind, "measured_prefill_tps": mp,
                                "measured_decode_tps": md}
         for label, eff in (("default", default), ("calibrated", calibrated)):
             sp = predict(facts, cpu, 1, engine, "f16", host, eff, prompt_tokens=n)
@@ -125,9 +140,12 @@ def main() -> None:
     ap.add_argument("--extra-arg", action="append", default=[],
                     help="extra engine argument (repeat), e.g. --extra-arg=--no-repack")
     ap.add_argument("--recompute", type=Path, help="recompute the predictions of a saved --out file")
+    ap.add_argument("--calibrate-on", type=int, help="with --recompute: calibrate on this session (0 = the first)")
     args = ap.parse_args()
     out = json.loads(args.recompute.read_text()) if args.recompute else run(args)
-    out["rows"] = rows = predictions(out)
+    out["rows"] = rows = predictions(out, args.calibrate_on)
+    if args.calibrate_on is not None:
+        out["calibrated_on_session"] = args.calibrate_on
     text = json.dumps(out, indent=2)
     if args.out:
         args.out.write_text(text + "\n")
