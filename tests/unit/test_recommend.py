@@ -174,13 +174,14 @@ def test_too_slow_rows_rank_by_how_close_they_come() -> None:
 # --------------------------------------------------------------------------- calibration
 
 def _saved_run(tmp_path: Path, decode: float, prefill: float, engine: str = "llama.cpp", gpu: str = "cpu",
-               host: str | None = None) -> Path:
+               host: str | None = None, watts: float | None = None) -> Path:
     lv = bench.Level(concurrency=1, requests=3, errors=0, ttft_ms=50.0, ttft_p95_ms=60.0, prefill_tps=prefill * 0.9,
                      decode_tps=decode * 0.95, itl_ms=10.0, itl_p95_ms=12.0, throughput_tps=decode,
                      prompt_tokens=512, completion_tokens=128, server_prefill_tps=prefill, server_decode_tps=decode)
     rf = bench.Roofline(100_000_000, 20.0, "measured on this machine now (parallel reads)", 200.0, None, "x",
                         3e8, 0.1, "measured", 333.3, None)
-    res = bench.ServerResult("s", engine, "gemma-3-270m", "http://x", 512, 128, "server", [lv], roofline=rf, gpu=gpu)
+    res = bench.ServerResult("s", engine, "gemma-3-270m", "http://x", 512, 128, "server", [lv], roofline=rf, gpu=gpu,
+                             avg_power_w=watts, joules_per_token=round(watts / decode, 4) if watts else None)
     path = tmp_path / "state" / "bench" / "results.jsonl"
     bench.save(path, "p", [res])
     if host is not None:   # rewrite the host field as another machine's

@@ -61,6 +61,17 @@ def test_cli_gpus_compare(orchestrate) -> None:
     assert row["gpu"] == "tesla-p40" and row["speed"]["decode_tps"] and row["tdp_w"] == 250
 
 
+def test_cli_gpus_compare_shows_measured_power(orchestrate, tmp_path: Path) -> None:
+    _saved_run(tmp_path, 100.0, 100.0, gpu="rtx-3090", watts=280.0)
+    code, out, err = orchestrate("gpus", "--compare", "3090", "4090", "--json",
+                                 env={"ORCHESTRATOR_STATE_DIR": str(tmp_path / "state")})
+    assert code == 0, err
+    rows = {r["gpu"]: r for r in json.loads(out)["rows"]}
+    assert rows["rtx-3090"]["measured"]["watts"] == 280.0 and rows["rtx-3090"]["measured"]["joules_per_token"] == 2.8
+    assert rows["rtx-4090"]["measured"] is None
+    assert rows["rtx-3090"]["speed"]["efficiency"]["calibrated"]   # the saved 3090 run calibrates the 3090 row
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (("recommend", "--gpu", "rtx-3099"), "unknown GPU — did you mean rtx-3090"),
     (("recommend", "--gpu", "3090", "--context", "0"), "--context 0: a context must be at least 128 tokens"),
