@@ -177,6 +177,7 @@ class ModelEntry:
     files: dict[str, int]
     assumed: tuple[str, ...]
     source: str
+    quants: tuple[str, ...] = ()      # the only quants published for it, where the catalog says so
 
 
 @lru_cache(maxsize=1)
@@ -187,7 +188,8 @@ def models() -> list[ModelEntry]:
             name=e["name"], match=tuple(m.lower() for m in e["match"]), arch=e["arch"], params_b=float(e["params_b"]),
             active_params_b=float(e["active_params_b"]) if e.get("active_params_b") else None,
             metadata=dict(e.get("metadata") or {}), files={str(k).upper().removeprefix("UD-"): int(v) for k, v in (e.get("files") or {}).items()},
-            assumed=tuple(e.get("assumed") or ()), source=e["source"]))
+            assumed=tuple(e.get("assumed") or ()), source=e["source"],
+            quants=tuple(str(q).upper() for q in e.get("quants") or ())))
     return out
 
 
@@ -220,3 +222,27 @@ def parser_family(*names: str | None) -> dict[str, Any] | None:
         if any(fragment in key for fragment in family["match"] for key in keys):
             return dict(family)
     return None
+
+
+@dataclass(frozen=True)
+class QuantQuality:
+    """What a quant costs in quality, as llama.cpp's quantize tool states it (quants.yaml)."""
+
+    label: str
+    ppl_delta: float
+    reference: str
+    source: str
+
+    def describe(self) -> str:
+        return f"{self.ppl_delta:+.4f} perplexity on {self.reference} ({self.source})"
+
+
+@lru_cache(maxsize=1)
+def quants() -> dict[str, QuantQuality]:
+    data = _load_yaml("quants.yaml")
+    return {str(k).upper(): QuantQuality(str(k).upper(), float(v["ppl_delta"]), str(v["reference"]), data["source"])
+            for k, v in data["quants"].items()}
+
+
+def quant_quality(label: str | None) -> QuantQuality | None:
+    return quants().get((label or "").upper()) if label else None

@@ -1,7 +1,7 @@
 """Command line: parse, call, print. Decisions live in the core modules.
 
 The group and its one error boundary live here; the commands live beside it, by what they do:
-plan_cmds (read a profile, start nothing), run_cmds (start, stop and look at servers), measure_cmds
+plan_cmds (read a profile, start nothing), recommend_cmds (rank the catalog for a GPU), run_cmds (start, stop and look at servers), measure_cmds
 (bench, eval), engine_cmds (engines, doctor). show holds the printers, common what they share."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from orchestrator.errors import OrchestratorError, ProfileError
 COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("plan_cmds", "validate"), "plan": ("plan_cmds", "plan"), "fit": ("plan_cmds", "fit_cmd"),
     "render": ("plan_cmds", "render"), "schema": ("plan_cmds", "schema"), "gpus": ("plan_cmds", "gpus"),
+    "recommend": ("recommend_cmds", "recommend"),
     "up": ("run_cmds", "up"), "down": ("run_cmds", "down"), "status": ("run_cmds", "status"),
     "logs": ("run_cmds", "logs"), "compose": ("run_cmds", "compose"), "gateway": ("gateway_cmds", "gateway"),
     "bench": ("measure_cmds", "bench"), "eval": ("measure_cmds", "eval_cmd"),

@@ -141,10 +141,28 @@ def schema() -> None:
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True)
-def gpus(as_json: bool) -> None:
-    """List the GPU catalog."""
+@click.option("--compare", "compare", nargs=1, multiple=True, metavar="GPU",
+              help="Compare these GPUs side by side (repeat, or list them after the options).")
+@click.option("--model", default="Llama-3.1-8B-Instruct", show_default=True, help="--compare: a catalog model.")
+@click.option("--quant", default="Q4_K_M", show_default=True, help="--compare: the model's quant.")
+@click.option("--context", type=int, default=8192, show_default=True, help="--compare: tokens per sequence.")
+@click.option("--count", type=int, default=1, show_default=True, help="--compare: GPUs of each kind.")
+@click.argument("more", nargs=-1, metavar="[GPU]...")
+def gpus(as_json: bool, compare: tuple[str, ...], model: str, quant: str, context: int, count: int,
+         more: tuple[str, ...]) -> None:
+    """List the GPU catalog; with --compare, GPUs side by side for one model: VRAM, bandwidth, fit,
+    predicted tok/s, tokens per joule at TDP and what fits on each."""
     from orchestrator import catalog
 
+    if compare or more:
+        from orchestrator.cli.recommend_cmds import compare_gpus
+
+        if not compare:
+            raise click.UsageError("GPU names are only taken with --compare (orchestrate gpus --compare P40 3090)")
+        if count < 1:
+            raise click.UsageError("--count must be at least 1")
+        compare_gpus((*compare, *more), model, quant, context, count, as_json)
+        return
     rows = list(catalog.gpus().values())
     if as_json:
         click.echo(json.dumps([g.__dict__ for g in rows], indent=2))

@@ -84,6 +84,10 @@ def _bench_lines(r: ServerResult, previous: dict[str, Any] | None) -> list[str]:
         share = f"; decode at concurrency 1 reaches {rf.achieved_share:.0%} of it" if rf.achieved_share else ""
         lines.append(f"decode roofline: {rf.roofline_tps:,.0f} tok/s = {rf.bandwidth_gbs:g} GB/s "
                      f"({rf.bandwidth_source}) / {rf.bytes_per_token / 2**20:,.0f} MiB per token{share}")
+        if rf.prefill_roofline_tps and rf.flops_per_token:
+            pshare = f"; prefill at concurrency 1 reaches {rf.prefill_share:.0%} of it" if rf.prefill_share else ""
+            lines.append(f"prefill roofline: {rf.prefill_roofline_tps:,.0f} tok/s = {rf.compute_tflops:g} TFLOPS "
+                         f"({rf.compute_source}) / {rf.flops_per_token / 1e9:,.2f} GFLOP per token{pshare}")
     for n in r.notes:
         lines.append(f"note: {n}")
     if previous:

@@ -16,17 +16,10 @@ import struct
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from orchestrator.facts.catalog_facts import BITS_PER_WEIGHT, from_catalog
 from orchestrator.facts.types import ModelFacts
 from orchestrator.paths import cache_dir, write_private
 
-# Bits per weight by quant label (llama.cpp's quantize table and published GGUF sizes, rounded).
-BITS_PER_WEIGHT = {
-    "F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.69, "Q5_K_S": 5.54,
-    "Q5_0": 5.5, "Q4_K_M": 4.89, "Q4_K_S": 4.58, "Q4_K_XL": 4.9, "Q4_0": 4.5, "IQ4_XS": 4.25,
-    "IQ4_NL": 4.5, "Q3_K_M": 3.91, "Q3_K_S": 3.5, "Q3_K_L": 4.27, "Q3_K_XL": 4.1, "IQ3_M": 3.66,
-    "IQ3_XXS": 3.06, "Q2_K": 3.35, "Q2_K_XL": 3.0, "IQ2_M": 2.7, "IQ2_XXS": 2.06, "IQ1_S": 1.56,
-    "FP8": 8.0, "AWQ": 4.25, "GPTQ": 4.25, "NVFP4": 4.5, "MXFP4": 4.25,
-}
 _QUANT_RE = re.compile(
     r"(?<![A-Za-z0-9])(?:UD-)?(I?Q\d(?:_[A-Z0-9]+)*|BF16|F16|F32|FP8|AWQ|GPTQ|NVFP4|MXFP4)(?![A-Za-z0-9])",
     re.IGNORECASE)
@@ -321,37 +314,6 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], list[str]]:
     return header, notes
 
 
-def _from_catalog(name: str, fmt: str, location: str, quant: str | None, lookup: str = "") -> ModelFacts | None:
-    from orchestrator.catalog import find_model
-
-    entry = find_model(lookup or name)
-    if entry is None:
-        return None
-    meta: dict[str, Any] = dict(entry.metadata)
-    meta.setdefault("context_length", None)
-    published = entry.files.get((quant or "").upper()) if fmt == "gguf" else None
-    if published:
-        size = published
-        how = f"published {quant} file size"
-    else:
-        bits = BITS_PER_WEIGHT.get((quant or "").upper(), 16.0)
-        size = int(entry.params_b * 1e9 * bits / 8)
-        how = f"{entry.params_b:g}B parameters x {bits:g} bits ({quant or 'bf16'})"
-    if meta.get("expert_count") and meta.get("expert_feed_forward_length") and meta.get("embedding_length"):
-        layers = int(meta["block_count"]) - int(meta.get("leading_dense_block_count") or 0)
-        expert_params = 3 * int(meta["embedding_length"]) * int(meta["expert_feed_forward_length"]) \
-            * int(meta["expert_count"]) * layers
-        meta["tensors.expert_bytes"] = int(size * min(expert_params / (entry.params_b * 1e9), 1.0))
-        meta["tensors.expert_layers"] = layers
-    notes = [f"estimated from catalog: {entry.name} ({how}); source: {entry.source}",
-             *(f"assumed: {a}" for a in entry.assumed)]
-    return ModelFacts(
-        name=name, format=fmt, location=location, exists=False, quant=quant, params_b=entry.params_b,
-        active_params_b=entry.active_params_b or entry.params_b, size_bytes=size, size_is_estimate=True,
-        arch=entry.arch, n_layers=int(meta["block_count"]), trained_context=meta.get("context_length"),
-        has_mtp=None, metadata={k: v for k, v in meta.items() if v is not None}, source="catalog", notes=tuple(notes))
-
-
 def gather(location: str, quant: str | None = None, is_hf: bool = False) -> ModelFacts:
     """Collect facts for a model path (expanded) or hf reference. Never raises for a missing file."""
     if is_hf:
@@ -359,7 +321,7 @@ def gather(location: str, quant: str | None = None, is_hf: bool = False) -> Mode
         label = sel or repo.split("/")[-1]
         fmt = "gguf" if (sel.lower().endswith(".gguf") or "gguf" in repo.lower()) else "hf"
         q = quant or infer_quant(label) or infer_quant(repo)
-        known = _from_catalog(label, fmt, location, q, lookup=f"{repo} {label}")
+        known = from_catalog(label, fmt, location, q, lookup=f"{repo} {label}")
         if known:
             return known
         total, active = infer_params(repo)
@@ -371,7 +333,7 @@ def gather(location: str, quant: str | None = None, is_hf: bool = False) -> Mode
     fmt = "gguf" if kind == "file" or (kind == "missing" and stem.lower().endswith(".gguf")) else "hf"
     q = quant or infer_quant(stem)
     if kind == "missing":
-        known = _from_catalog(stem, fmt, str(path), q)
+        known = from_catalog(stem, fmt, str(path), q)
         if known:
             return known
     total, active = infer_params(stem)

@@ -54,6 +54,8 @@ class Target:
     kv_cache: str = "f16"
     bandwidth_gbs: float | None = None     # GPU catalog bandwidth; None on CPU (measured instead)
     gpu_ids: list[int] | None = None
+    gpu: str = "cpu"                       # GPU catalog id of what runs the model ("cpu": the host)
+    tflops: float | None = None            # GPU catalog FP16 TFLOPS; None on CPU (measured instead)
 
     @property
     def url(self) -> str:
@@ -459,6 +461,12 @@ class Roofline:
     roofline_tps: float
     achieved_share: float | None           # decode_tps at concurrency 1 / roofline
     detail: str
+    # prefill: FLOPs per prompt token over the device's FLOPS (plan.speed.flops_per_token)
+    flops_per_token: float | None = None
+    compute_tflops: float | None = None
+    compute_source: str = ""
+    prefill_roofline_tps: float | None = None
+    prefill_share: float | None = None     # prefill at concurrency 1 (engine timings where reported) / roofline
 
 
 @dataclass
@@ -477,6 +485,7 @@ class ServerResult:
     avg_power_w: float | None = None
     joules_per_token: float | None = None
     roofline: Roofline | None = None
+    gpu: str | None = None                 # GPU catalog id ("cpu": the host): what calibration matches on
     notes: list[str] = field(default_factory=list)
     samples: list[dict[str, Any]] = field(default_factory=list)  # per request (with --json)
 
@@ -575,7 +584,10 @@ def bench_target(t: Target, prompt_tokens: int, gen_tokens: int, concurrency: li
     if prefix:
         say(f"{t.name}: shared-prefix run")
         res.prefix = run_prefix(t, prompts, max(prompt_tokens, 256))
-    res.roofline = roofline(t, prompt_tokens, levels[0].decode_tps if levels and levels[0].concurrency == 1 else None)
+    first = levels[0] if levels and levels[0].concurrency == 1 else None
+    res.gpu = t.gpu
+    res.roofline = roofline(t, prompt_tokens, first.decode_tps if first else None,
+                            (first.server_prefill_tps or first.prefill_tps) if first else None)
     if res.roofline is None:
         res.notes.append("no decode roofline: the model file's tensor sizes are unknown")
     for lv in levels:
@@ -588,36 +600,21 @@ def bench_target(t: Target, prompt_tokens: int, gen_tokens: int, concurrency: li
 # --------------------------------------------------------------------------- roofline
 
 def bytes_per_token(model_location: str, kv_cache: str, depth: int) -> tuple[int, str] | None:
-    """Bytes a batch-1 decode step reads: every weight except the token-embedding table (one row is
-    read, unless it doubles as the output matrix), only the active share of MoE experts, and the KV
-    cache of `depth` earlier tokens."""
+    """Bytes a batch-1 decode step reads (plan.speed.decode_bytes on the model file's facts): every
+    weight except the token-embedding table, only the active share of MoE experts, and the KV cache
+    of `depth` earlier tokens. None when the file's tensor sizes are unknown."""
     from orchestrator.facts.model import gather
-    from orchestrator.plan.fit import kv_cache_bytes
+    from orchestrator.plan.speed import decode_bytes
 
     facts = gather(model_location)
-    meta = facts.metadata
-    total = int(meta.get("tensors.bytes") or 0)
-    if not total and facts.exists and facts.size_bytes and not facts.size_is_estimate:
-        total = facts.size_bytes          # safetensors checkpoint: the sum of its shards
-    if not total:
+    if not facts.metadata.get("tensors.bytes") and not (facts.exists and facts.size_bytes
+                                                        and not facts.size_is_estimate):
         return None
-    read = total
-    parts = []
-    embd = int(meta.get("tensors.token_embd_bytes") or 0)
-    if embd and not meta.get("tensors.output_tied", False):
-        read -= embd
-        parts.append(f"token embedding ({embd / 2**20:.0f} MiB) read one row per token")
-    experts = int(meta.get("tensors.expert_bytes") or 0)
-    n_exp, used = int(meta.get("expert_count") or 0), int(meta.get("expert_used_count") or 0)
-    if experts and n_exp and used:
-        read -= experts - experts * used // n_exp
-        parts.append(f"MoE: {used} of {n_exp} experts per token")
-    elif not experts and facts.is_moe and facts.params_b and facts.active_params_b:
-        read = int(read * facts.active_params_b / facts.params_b)
-        parts.append(f"MoE: {facts.active_params_b:g}B of {facts.params_b:g}B parameters active")
-    kv = kv_cache_bytes(facts, "llama.cpp", depth, 1, kv_cache, n_ubatch=0)  # sliding-window layers: the window
-    parts.append(f"KV of {depth} tokens {kv / 2**20:.1f} MiB ({kv_cache})")
-    return read + kv, f"weights {read / 2**20:.0f} MiB + " + "; ".join(parts)
+    got = decode_bytes(facts, kv_cache, depth)
+    if got is None:
+        return None
+    read, kv, detail = got
+    return read + kv, detail
 
 
 @functools.lru_cache(maxsize=1)
@@ -649,7 +646,28 @@ def memory_bandwidth_gbs(seconds: float = 1.0) -> float:
     return best
 
 
-def roofline(t: Target, depth: int, decode_tps: float | None) -> Roofline | None:
+@functools.lru_cache(maxsize=1)
+def matmul_gflops(seconds: float = 1.0) -> float:
+    """This machine's float32 matrix-multiply rate, measured now (prefill is matmul-bound): numpy's
+    BLAS on 1024 x 1024 matrices, on all the threads it uses, best of 3."""
+    import numpy as np
+
+    n = 1024
+    a = np.ones((n, n), dtype=np.float32)
+    b = np.ones((n, n), dtype=np.float32)
+    a @ b   # warm-up: BLAS threads start
+    best = 0.0
+    for _ in range(3):
+        done = 0
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 3:
+            a @ b
+            done += 1
+        best = max(best, done * 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def roofline(t: Target, depth: int, decode_tps: float | None, prefill_tps: float | None = None) -> Roofline | None:
     if not t.model_location:
         return None
     got = bytes_per_token(t.model_location, t.kv_cache, depth)
@@ -662,7 +680,21 @@ def roofline(t: Target, depth: int, decode_tps: float | None) -> Roofline | None
         bw, src = memory_bandwidth_gbs(), "measured on this machine now (parallel reads)"
     roof = bw * 1e9 / nbytes
     share = round(decode_tps / roof, 3) if decode_tps else None
-    return Roofline(nbytes, round(bw, 1), src, round(roof, 1), share, detail)
+    rf = Roofline(nbytes, round(bw, 1), src, round(roof, 1), share, detail)
+    from orchestrator.facts.model import gather
+    from orchestrator.plan.speed import flops_per_token
+
+    flops = flops_per_token(gather(t.model_location), depth // 2)
+    tflops, csrc = ((t.tflops, "GPU catalog FP16") if t.tflops else
+                    (matmul_gflops() / 1000, "measured on this machine now (float32 matmul)") if not t.bandwidth_gbs
+                    else (None, "unknown"))
+    if flops and tflops:
+        rf.flops_per_token = flops[0]
+        rf.compute_tflops = round(tflops, 3)
+        rf.compute_source = csrc
+        rf.prefill_roofline_tps = round(tflops * 1e12 / flops[0], 1)
+        rf.prefill_share = round(prefill_tps / rf.prefill_roofline_tps, 3) if prefill_tps else None
+    return rf
 
 
 # --------------------------------------------------------------------------- compare

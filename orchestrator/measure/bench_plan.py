@@ -28,16 +28,19 @@ def target_for(plan: Plan, sp: ServerPlan, deployer: Deployer) -> bench.Target:
         if not key:
             raise bench.BenchError(f"server {sp.name} needs the API key in {sp.api_key.env_var}, which is not set",
                                    f"export {sp.api_key.env_var}=<key>")
-    bandwidth = None
+    bandwidth = tflops = None
     gpu_id = plan.hardware.gpu
     if sp.accelerator != "cpu" and gpu_id:
         gpu = catalog.gpus().get(gpu_id)
         if gpu is not None and gpu.bandwidth_gbs:
             bandwidth = gpu.bandwidth_gbs * max(sp.gpu_count, 1)
+        if gpu is not None and gpu.fp16_tflops:
+            tflops = gpu.fp16_tflops * max(sp.gpu_count, 1)
     kv = sp.settings.kv_cache if sp.settings else "f16"
     return bench.Target(sp.name, rec.host, rec.port, sp.served_name, sp.engine, key, pid,
                         "" if sp.model_is_hf else sp.model_location,
-                        "f16" if kv in ("auto", "bf16") else kv, bandwidth, sp.gpu_ids)
+                        "f16" if kv in ("auto", "bf16") else kv, bandwidth, sp.gpu_ids,
+                        gpu_id if sp.accelerator != "cpu" and gpu_id else "cpu", tflops)
 
 
 def select(plan: Plan, only: list[str] | None) -> list[ServerPlan]:

@@ -6,4 +6,4 @@
 llama-server -m /models/Qwen3-8B-Q4_K_M.gguf -a qwen3-8b --host 127.0.0.1 --port 8080 -c 16384 -np 1 -ngl all --fit off -fa on -ctk q8_0 -ctv q8_0 --cache-reuse 256 --metrics
 
 # hf: vLLM 0.32.0
-python3 -m vllm.entrypoints.openai.api_server --model /models/Qwen2.5-7B-Instruct-AWQ --served-model-name qwen2.5-7b --host 127.0.0.1 --port 8000 --max-model-len 8192 --max-num-seqs 4 --gpu-memory-utilization 0.70 --enable-prefix-caching --enable-auto-tool-choice --tool-call-parser hermes
+python3 -m vllm.entrypoints.openai.api_server --model /models/Qwen2.5-7B-Instruct-AWQ --served-model-name qwen2.5-7b --host 127.0.0.1 --port 8000 --max-model-len 8192 --max-num-seqs 4 --gpu-memory-utilization 0.64 --enable-prefix-caching --enable-auto-tool-choice --tool-call-parser hermes

