@@ -362,6 +362,25 @@ def tiny_kv_bytes(tiny: Path, c: Case) -> int:
     return per_token * math.ceil(c.server.context / 128) * 128 * c.server.parallel
 
 
+def named_cpu_kv_problems(c: Case, kv: object) -> list[str]:
+    """A model known by name only: sized from the catalog's shapes when it has them, else 4 GiB."""
+    from orchestrator.facts.model import gather
+    from orchestrator.plan import fit
+
+    facts = gather(_model_path(c.server))
+    if not facts.metadata.get("block_count"):
+        return [] if kv == 4 * 2**30 else [f"CPU KV cache {kv} bytes for a model whose shapes are unknown: "
+                                           "intended 4 GiB"]
+    s = c.server
+    tokens = math.ceil(s.context / 128) * 128 * s.parallel
+    need = int(fit.kv_bytes_per_token_all(facts, "fp8" if s.kv_cache.startswith("fp8") else "f16") * tokens)
+    need += fit.recurrent_state_bytes(facts, s.parallel)
+    if isinstance(kv, int) and need <= kv < need + 64 * MIB and kv % (64 * MIB) == 0:
+        return []
+    return [f"CPU KV cache {kv} bytes: intended the KV of {s.parallel} × {s.context} tokens of the catalog's "
+            f"shapes ({need} bytes) rounded up to 64 MiB"]
+
+
 def check_vllm_case(c: Case, result: dict[str, Any], facts: dict[str, Any], defaults: dict[str, Any],
                     tiny: Path) -> list[str]:
     if not result["ok"]:
@@ -383,8 +402,8 @@ def check_vllm_case(c: Case, result: dict[str, Any], facts: dict[str, Any], defa
             if not (isinstance(kv, int) and need <= kv < need + 64 * MIB and kv % (64 * MIB) == 0):
                 bad.append(f"CPU KV cache {kv} bytes: intended the KV of {c.server.parallel} × "
                            f"{c.server.context} tokens ({need} bytes) rounded up to 64 MiB")
-        elif kv != 4 * 2**30:
-            bad.append(f"CPU KV cache {kv} bytes for a model whose shapes are unknown: intended 4 GiB")
+        else:
+            bad += named_cpu_kv_problems(c, kv)
         threads = c.server.threads
         bind = c.env.get("VLLM_CPU_OMP_THREADS_BIND")
         if bind != (f"0-{threads - 1}" if threads else None):
