@@ -28,3 +28,10 @@ def state_dir(environ: Mapping[str, str] | None = None) -> str:
         return env["ORCHESTRATOR_STATE_DIR"]
     base = env.get("XDG_STATE_HOME") or os.path.join(env.get("HOME", "~"), ".local", "state")
     return os.path.join(base, "orchestrator")
+
+
+def lock_path(profile_file: str | Path) -> Path:
+    """The lock file beside a profile: `homelab.yaml` → `homelab.lock.yaml`."""
+    p = Path(profile_file)
+    stem = p.name.rsplit(".", 1)[0] if p.suffix in (".yaml", ".yml") else p.name
+    return p.with_name(f"{stem}.lock.yaml")

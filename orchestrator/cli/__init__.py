@@ -13,6 +13,7 @@ import click
 
 from orchestrator.cli.common import fail
 from orchestrator.cli.engine_cmds import doctor, engines
+from orchestrator.cli.lock_cmds import lock
 from orchestrator.cli.measure_cmds import bench, eval_cmd
 from orchestrator.cli.plan_cmds import fit_cmd, gpus, plan, render, schema, validate
 from orchestrator.cli.run_cmds import compose, down, logs, status, up
@@ -54,7 +55,8 @@ def _terminated(signum: int, frame: object) -> None:
 for _command in (validate, plan, fit_cmd, render, schema, gpus,     # plan_cmds
                  up, down, status, logs, compose,                    # run_cmds
                  bench, eval_cmd,                                    # measure_cmds
-                 engines, doctor):                                   # engine_cmds
+                 engines, doctor,                                    # engine_cmds
+                 lock):                                              # lock_cmds
     main.add_command(_command)
 
 

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from orchestrator.runtime.deployer import Deployer
 
 IGNORE_FIT = click.option("--ignore-fit", is_flag=True, help="Plan even when the memory estimate says it won't fit.")
+LOCKED = click.option("--locked", is_flag=True, help="The lock beside the profile must match this machine: "
+                      "drift (or no lock) is an error instead of a fall-back to the rules.")
 
 
 def fail(problems: list[str], as_json: bool = False, data: Any = None) -> NoReturn:
@@ -26,11 +28,11 @@ def fail(problems: list[str], as_json: bool = False, data: Any = None) -> NoRetu
     sys.exit(1)
 
 
-def load_plan(profile: str, ignore_fit: bool = False) -> Plan:
+def load_plan(profile: str, ignore_fit: bool = False, locked: bool = False) -> Plan:
     from orchestrator.pipeline import build_plan
     from orchestrator.profile import load
 
-    return build_plan(load(profile), enforce_fit=not ignore_fit)
+    return build_plan(load(profile), enforce_fit=not ignore_fit, locked=locked)
 
 
 def make_deployer(as_json: bool = False) -> Deployer:

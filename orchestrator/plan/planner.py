@@ -42,6 +42,7 @@ from orchestrator.plan.model import (
     Settings,
     is_loopback,
 )
+from orchestrator.plan.tuned import apply_lock
 from orchestrator.profile import LoadedProfile, Profile, Server
 
 ENGINE_MODULES: dict[str, ModuleType] = {"llama.cpp": llama_cpp, "ik_llama": ik_llama, "vllm": vllm, "sglang": sglang}
@@ -177,6 +178,7 @@ def plan_server(profile: Profile, index: int, facts: Facts,
         depends_on=list(server.depends_on), probe_tool=choose_probe_tool(image, caps), settings=settings,
         private_host=server.host if is_loopback(server.host) else "127.0.0.1",
     )
+    apply_lock(sp, facts.locks.get(server.name))
     return sp, []
 
 
