@@ -72,7 +72,7 @@ def observe_server(sp: ServerPlan) -> lockfile.ServerLock:
         python_engine = bool(catalog.engine(sp.engine).get("python_module"))
         build = lockfile.observe_build(sp.engine_version, sp.executable.path if sp.executable else None,
                                        python_engine)
-    elif sp.image:
+    if sp.image:   # pinned for compose/k8s renders whatever the runtime
         image = lockfile.observe_image(sp.image)
     return lockfile.ServerLock(sp.engine, sp.runtime, build, image,
                                lockfile.observe_model(sp.model_location, sp.model_is_hf))
@@ -83,11 +83,17 @@ def _locked_server(lk: lockfile.LockFile, sp: ServerPlan, machine_drift: list[st
     if entry is None:
         return LockedServer(lk.file, drift=(f"server {sp.name} is not in the lock (write it with orchestrate "
                                              "lock PROFILE, or tune it)",), notes=tuple(lk.notes))
-    drift = tuple(machine_drift + lockfile.server_drift(entry, observe_server(sp)))
+    now = observe_server(sp)
+    drift = tuple(machine_drift + lockfile.server_drift(entry, now))
     tuned = entry.tuning.flags if entry.tuning else ()
     why = lockfile.tuned_reason(entry.tuning, lk.machine) if entry.tuning else ""
-    pinned = entry.image.digest if entry.image and sp.runtime == "docker" else None
-    return LockedServer(lk.file, tuned, why, pinned, drift, tuple(lk.notes))
+    image_changed = lockfile.image_drift(entry, now)
+    pinned = entry.image.digest if entry.image and not image_changed else None
+    notes = [*lk.notes, *(f"image not pinned: {d}" for d in image_changed if sp.runtime != "docker")]
+    if entry.image and entry.image.id and not entry.image.digest and not image_changed:
+        notes.append(f"image {entry.image.ref} is a local build without a registry digest: the lock holds its id "
+                     f"{entry.image.id[:19]}… (checked by lock verify), renders keep the tag")
+    return LockedServer(lk.file, tuned, why, pinned, drift, tuple(notes))
 
 
 def read_lock(loaded: LoadedProfile, rules_plan: Plan, locked: bool = False) -> dict[str, LockedServer]:

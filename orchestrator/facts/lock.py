@@ -495,8 +495,14 @@ def _model_drift(locked: ModelPin, now: ModelPin) -> list[str]:
     return []
 
 
+def image_drift(locked: ServerLock, now: ServerLock) -> list[str]:
+    return _image_drift(locked.image, now.image) if locked.image and now.image else []
+
+
 def server_drift(locked: ServerLock, now: ServerLock) -> list[str]:
-    """Each difference between a server's pins and what would run now, named precisely."""
+    """Each difference between a server's pins and what would run now, named precisely (the image
+    counts for the docker runtime; a process server runs the build, and its image is pinned for
+    rendering only)."""
     if locked.engine != now.engine:
         return [f"engine changed: the plan runs {now.engine}, the lock has {locked.engine}"]
     out = []
@@ -504,8 +510,8 @@ def server_drift(locked: ServerLock, now: ServerLock) -> list[str]:
         out.append(f"runtime changed: the plan runs {now.runtime}, the lock has {locked.runtime}")
     if locked.build and now.build:
         out += _build_drift(now.engine, locked.build, now.build)
-    if locked.image and now.image:
-        out += _image_drift(locked.image, now.image)
+    if now.runtime == "docker":
+        out += image_drift(locked, now)
     if locked.model and now.model:
         out += _model_drift(locked.model, now.model)
     return out

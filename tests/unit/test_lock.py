@@ -257,15 +257,17 @@ def test_render_pins_the_image_by_digest(tmp_path: Path) -> None:
 
 
 @pytest.mark.docker
-def test_image_digest_from_the_local_daemon(docker_client, tmp_path: Path) -> None:
-    """observe_image asks the daemon: a pulled image has a registry digest; a local build only an id."""
-    images = [i for i in docker_client.images.list() if i.attrs.get("RepoDigests") and i.tags]
+def test_image_digest_from_the_local_daemon(docker_client) -> None:
+    """observe_image asks the daemon: its local id always, the registry digest where it has one."""
+    images = [i for i in docker_client.images.list() if i.tags]
     if not images:
-        pytest.skip("no image with a registry digest on this daemon")
-    img = images[0]
-    got = lockfile.observe_image(img.tags[0])
-    assert got.id == img.id and got.digest in img.attrs["RepoDigests"]
-
+        pytest.skip("no tagged image on this daemon")
+    for img in images[:3]:
+        got = lockfile.observe_image(img.tags[0])
+        assert got.id == img.id
+        digests = img.attrs.get("RepoDigests") or []
+        assert got.digest in digests if digests else got.digest is None
+    assert lockfile.observe_image("orchestrator-test/absent:none") == lockfile.Image("orchestrator-test/absent:none")
 
 
 def test_the_plan_cache_replans_when_the_lock_changes(here: Path) -> None:
