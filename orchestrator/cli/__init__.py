@@ -17,6 +17,7 @@ from orchestrator.cli.lock_cmds import lock
 from orchestrator.cli.measure_cmds import bench, eval_cmd
 from orchestrator.cli.plan_cmds import fit_cmd, gpus, plan, render, schema, validate
 from orchestrator.cli.run_cmds import compose, down, logs, status, up
+from orchestrator.cli.tune_cmds import tune
 from orchestrator.errors import OrchestratorError, ProfileError
 
 
@@ -56,7 +57,7 @@ for _command in (validate, plan, fit_cmd, render, schema, gpus,     # plan_cmds
                  up, down, status, logs, compose,                    # run_cmds
                  bench, eval_cmd,                                    # measure_cmds
                  engines, doctor,                                    # engine_cmds
-                 lock):                                              # lock_cmds
+                 lock, tune):                                        # lock_cmds, tune_cmds
     main.add_command(_command)
 
 
