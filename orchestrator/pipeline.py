@@ -232,6 +232,7 @@ def write_lock(profile: str, tuning: dict[str, lockfile.Tuning] | None = None) -
 def verify_lock(profile: str, state_dir: str | None = None) -> list[dict[str, Any]]:
     """Per server: what drifted between the lock and what would run here now, and whether a running
     server of the deployment runs the lock's tuned flags."""
+    from orchestrator.runtime import process
     from orchestrator.runtime.state import StateStore
 
     loaded = load(profile)
@@ -246,6 +247,8 @@ def verify_lock(profile: str, state_dir: str | None = None) -> list[dict[str, An
     for name, ls in locks.items():
         drift = list(ls.drift)
         rec = records.get(name)
+        if rec is not None and rec.runtime == "process" and process.identity(rec) != "alive":
+            rec = None   # a record left by a server that has gone
         if rec is not None and not drift:
             args = rec.argv
             for flag, value in ls.tuned:

@@ -83,6 +83,30 @@ def test_no_secret_in_the_lock(here: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert "-t" in text
 
 
+def test_verify_names_a_running_server_without_the_locked_flags(here: Path) -> None:
+    """A running server started before the lock was tuned: verify says to restart it. The record is
+    this test's own process (alive); a record whose process is gone is ignored."""
+    import psutil
+
+    from orchestrator.runtime.state import ServerRecord, StateStore
+
+    pipeline.write_lock(str(here), {"s": _tuning((("-t", "1"),))})
+    store = StateStore(here.parent / "st")
+    store.ensure()
+    me = psutil.Process()
+    argv = ["llama-server", "-m", "m.gguf", "-t", "2"]
+    rec = ServerRecord("locked", "s", "llama.cpp", me.pid, os.getpgid(0), me.create_time(), "h", "127.0.0.1", 18555,
+                       "log", "llama-server", argv, "m", "/health", str(here))
+    store.update("locked", rec)
+    [row] = pipeline.verify_lock(str(here), str(here.parent / "st"))
+    assert row["drift"] == [f"the running server was started without the locked -t 1: restart it with "
+                            f"orchestrate up {here}"]
+    store.update("locked", ServerRecord(**{**rec.__dict__, "argv": [*argv, "-t", "1"]}))
+    assert pipeline.verify_lock(str(here), str(here.parent / "st"))[0]["ok"]
+    store.update("locked", ServerRecord(**{**rec.__dict__, "create_time": 1.0}))   # pid reused: not ours
+    assert pipeline.verify_lock(str(here), str(here.parent / "st"))[0]["ok"]
+
+
 def test_drift_model_replaced(here: Path) -> None:
     pipeline.write_lock(str(here))
     _gguf(here.with_name("m.gguf"), 5000)
