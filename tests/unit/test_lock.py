@@ -20,6 +20,7 @@ from orchestrator.plan.explain import explain
 from orchestrator.plan.planner import plan
 from orchestrator.profile import load, load_text
 from orchestrator.render import render
+from tests.unit.test_pure_plan import no_world  # noqa: F401 - the fixture that blocks processes, sockets and files
 
 ENGINE = """#!/bin/sh
 case "$1" in
@@ -302,3 +303,16 @@ def test_the_plan_cache_replans_when_the_lock_changes(here: Path) -> None:
     assert plancache.load(str(here), environ) is not None
     pipeline.write_lock(str(here))
     assert plancache.load(str(here), environ) is None, "a new lock must not be served a plan made without it"
+
+
+def test_planning_with_a_lock_does_no_io(here: Path, no_world) -> None:  # noqa: F811 - the fixture
+    """The lock is read and checked before planning; the planner applies it with the world blocked."""
+    pipeline.write_lock(str(here), {"s": _tuning((("-t", "1"), ("-fa", "off")))})
+    expected = build_plan(load(here)).to_dict()
+    loaded = load(here)
+    facts = gather(loaded)
+    facts.locks = pipeline.read_lock(loaded, plan(loaded, facts))
+    no_world()
+    got = plan(loaded, facts)
+    assert got.to_dict() == expected
+    assert {f.name for f in got.server("s").flags if f.source == "tuned"} == {"-fa", "-t"}
