@@ -224,9 +224,24 @@ def write_lock(profile: str, tuning: dict[str, lockfile.Tuning] | None = None) -
             else:
                 keep = prev.tuning
         servers[sp.name] = replace(now, tuning=keep)
+        said += [f"{sp.name}: {gap}" for gap in _unpinned(now)]
     lockfile.write(path, lockfile.LockFile(loaded.profile.name, machine, servers, lockfile.now_iso(),
                                            __version__))
     return path, said
+
+
+def _unpinned(now: lockfile.ServerLock) -> list[str]:
+    """What the lock could not pin because it is not here (it then checks nothing about it)."""
+    out = []
+    if now.model and now.model.sha256 is None and now.model.location.startswith("/"):
+        out.append(f"model {now.model.location} is not on this machine: its size and sha256 are not pinned")
+    b = now.build
+    if now.runtime == "process" and b and not b.sha256 and not (b.binary and Path(b.binary).exists()):
+        what = f"{b.binary} is not here" if b.binary else f"no installed {now.engine} build here"
+        out.append(f"{what}: only the version {b.version} is pinned")
+    if now.runtime == "docker" and now.image and not (now.image.digest or now.image.id):
+        out.append(f"image {now.image.ref} is not on this machine (or no Docker daemon answered): no digest pinned")
+    return out
 
 
 def verify_lock(profile: str, state_dir: str | None = None) -> list[dict[str, Any]]:

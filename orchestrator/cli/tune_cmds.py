@@ -54,7 +54,8 @@ def tune(profile: str, servers: tuple[str, ...], budget: float, prompt_tokens: i
     for o in outcomes:
         t = o.tuning()
         click.echo(f"server {o.server}: {o.workload.describe()}; {o.rounds} round(s), {o.visits} visits in "
-                   f"{o.spent_s:.0f} s; noise ±{o.noise:.1%}")
+                   f"{o.spent_s:.0f} s; noise ±{o.noise:.1%}"
+                   + (f"; {o.untried} candidate(s) left out by the budget" if o.untried else ""))
         click.echo(f"  {'candidate':<34} {'visits':>6} {'median':>8} {'vs planned':>10}  status")
         for c in t.candidates:
             ratio = f"{c['vs_planned']:.3f}" if c.get("vs_planned") else "-"

@@ -230,6 +230,7 @@ class Outcome:
     rounds: int
     spent_s: float
     visits: int
+    untried: int = 0                   # candidates the budget left out (fewest changes were tried first)
 
     def planned_median(self) -> float | None:
         pooled = [s for arm in self.planned for s in arm.scores]
@@ -240,7 +241,8 @@ class Outcome:
         w = self.winner
         figures: dict[str, Any] = {
             "planned_median": _r(planned), "noise": _r(self.noise, 3), "rounds": self.rounds, "visits": self.visits,
-            "spent_s": round(self.spent_s), "arms": [_r(a.median) for a in self.planned]}
+            "spent_s": round(self.spent_s), "arms": [_r(a.median) for a in self.planned],
+            "tried": len(self.field), "untried": self.untried}
         if w is not None:
             figures.update(gain=_r(self.gain, 3), median=_r(w.median),
                            prefill_tps=_r(statistics.median(w.prefill) if w.prefill else None),
@@ -324,7 +326,9 @@ def successive_halving(t: Tuner, pool: list[Flags], min_visits: int = 3) -> Outc
         alive = alive[:keep]
         if len(alive) <= 1 and rnd >= min_visits:
             break
-    return _decide(t, a, b, field_, alive, rnd)
+    out = _decide(t, a, b, field_, alive, rnd)
+    out.untried = len(pool) - len(field_)
+    return out
 
 
 def _decide(t: Tuner, a: Candidate, b: Candidate, field_: list[Candidate], alive: list[Candidate],

@@ -45,6 +45,7 @@ def test_tune_writes_the_lock_plan_and_up_use_it(env, gemma: Path, llama_cpp: No
     assert rows["planned (A)"]["visits"] >= 2 and rows["planned (B)"]["visits"] >= 1
     measured = [c for c in s["candidates"] if c["visits"] and not c["status"].startswith("failed")]
     assert len(measured) >= 3, "the two planned arms and at least one candidate were measured"
+    assert s["figures"]["tried"] == len(s["candidates"]) - 2 >= 1
     assert all(c["median"] > 0 for c in measured)
     assert s["figures"]["noise"] >= lockfile_min_noise()
     visit = s["figures"]["spent_s"] / s["figures"]["visits"]

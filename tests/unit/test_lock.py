@@ -316,3 +316,16 @@ def test_planning_with_a_lock_does_no_io(here: Path, no_world) -> None:  # noqa:
     got = plan(loaded, facts)
     assert got.to_dict() == expected
     assert {f.name for f in got.server("s").flags if f.source == "tuned"} == {"-fa", "-t"}
+
+
+def test_lock_says_what_it_could_not_pin(here: Path) -> None:
+    """A model that is not here, or a process server without an installed build: nothing to hash, and
+    the lock write says so instead of pinning nothing silently."""
+    here.with_name("m.gguf").unlink()
+    _, said = pipeline.write_lock(str(here))
+    assert said == [f"s: model {here.with_name('m.gguf')} is not on this machine: its size and sha256 are not pinned"]
+    text = here.read_text().replace(str(here.with_name("llama-server")), str(here.with_name("absent-server")))
+    here.write_text(text)
+    _gguf(here.with_name("m.gguf"), 8)
+    _, said = pipeline.write_lock(str(here))
+    assert said == [f"s: {here.with_name('absent-server')} is not here: only the version b11434 is pinned"]
