@@ -345,6 +345,11 @@ def _decide(t: Tuner, a: Candidate, b: Candidate, field_: list[Candidate], alive
     elif best is None or gain is None:
         reason = f"no candidate ran to the end ({arms}): the rules' flags are kept"
         winner = None
+    elif gain > noise and len(best.scores) < 2:
+        reason = (f"the planned flags held: the best candidate, {best.label}, measured {gain:+.1%} but only once "
+                  f"(a single visit shows no spread of its own; ±{noise:.1%} between the planned arms): give a "
+                  "larger --budget")
+        winner = None
     elif gain > noise:
         reason = (f"{best.label} won: {best.median:.2f} vs planned {planned:.2f} {OBJECTIVE} over "
                   f"{len(best.scores)} visits ({gain:+.1%}), beyond the ±{noise:.1%} spread between two identical "

@@ -113,3 +113,35 @@ def test_successive_halving_schedule_and_labels() -> None:
 def test_bad_budget_is_a_usage_error(orchestrate) -> None:
     code, _, err = orchestrate("tune", "examples/quickstart-cpu.yaml", "--budget", "soon")
     assert code == 2 and "'soon': give a duration such as 90s, 10m or 1h" in err
+
+
+def _tuner(tmp_path: Path):
+    from orchestrator.measure.tune import Tuner, Workload
+    from orchestrator.runtime.deployer import Deployer
+    from orchestrator.runtime.state import StateStore
+
+    text = _profile()
+    loaded = load_text(text, "t.yaml")
+    p, facts = _planned(text)
+    return Tuner(loaded, facts, p, "s", Deployer(StateStore(tmp_path)), Workload(), 60.0)
+
+
+def test_the_decision_rule(tmp_path: Path) -> None:
+    """A winner must beat planned beyond the arms' spread, and have been measured more than once."""
+    from orchestrator.measure.tune import _decide
+
+    t = _tuner(tmp_path)
+    a, b = Candidate((), "A", scores=[10.0, 10.2]), Candidate((), "B", scores=[9.8, 10.0])   # noise 2%
+    fast = Candidate((("-t", "1"),), "-t 1", scores=[11.0, 11.2])
+    out = _decide(t, a, b, [fast], [fast], 2)
+    assert out.winner is fast and out.reason.startswith("-t 1 won: 11.10 vs planned 10.00") and "+11.0%" in out.reason
+    assert out.tuning().flags == (("-t", "1"),) and out.tuning().figures["gain"] == pytest.approx(0.11)
+    close = Candidate((("-t", "1"),), "-t 1", scores=[10.1, 10.2])
+    out = _decide(t, a, b, [close], [close], 2)
+    assert out.winner is None and out.reason.startswith("the planned flags held") and "within the ±2.0%" in out.reason
+    assert out.tuning().flags == ()
+    once = Candidate((("-t", "1"),), "-t 1", scores=[20.0])
+    out = _decide(t, a, b, [once], [once], 1)
+    assert out.winner is None and "only once" in out.reason
+    out = _decide(t, a, b, [], [], 3)
+    assert out.winner is None and "the budget allowed no candidate" in out.reason
