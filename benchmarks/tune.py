@@ -65,7 +65,7 @@ def profile_for(engine: str, port: int) -> Path:
 def defaults_plan(rules: Plan) -> Plan:
     sp = rules.servers[0]
     flags = [f for f in sp.flags if f.name in DEFAULT_FLAGS or f.source == "user"]
-    return replace(rules, servers=[replace(sp, flags=flags)])
+    return replace(rules, servers=[replace(sp, flags=flags, settings=None)])   # the health check: no planned settings
 
 
 def med(xs: list[float]) -> float | None:
