@@ -142,3 +142,10 @@ def write_private(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def lock_path(profile_file: str | Path) -> Path:
+    """The lock file beside a profile: `homelab.yaml` → `homelab.lock.yaml`."""
+    p = Path(profile_file)
+    stem = p.name.rsplit(".", 1)[0] if p.suffix in (".yaml", ".yml") else p.name
+    return p.with_name(f"{stem}.lock.yaml")

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from orchestrator.paths import cache_dir, write_private
+from orchestrator.paths import cache_dir, lock_path, write_private
 from orchestrator.plan.model import Plan, plan_from_dict
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -57,6 +57,8 @@ def _inputs(plan: Plan) -> dict[str, Any]:
         binary = s.executable.path if s.executable else None
         if binary and binary.startswith("/"):  # the plan targets this build's version and --help: re-plan if it changes
             files[binary] = _stat(binary)
+    lock = str(lock_path(os.path.abspath(plan.profile_file)))   # tuned flags and pins: re-plan when it changes
+    files[lock] = _stat(lock)
     return files
 
 

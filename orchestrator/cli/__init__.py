@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "logs": ("run_cmds", "logs"), "compose": ("run_cmds", "compose"), "gateway": ("gateway_cmds", "gateway"),
     "bench": ("measure_cmds", "bench"), "eval": ("measure_cmds", "eval_cmd"),
     "engines": ("engine_cmds", "engines"), "doctor": ("engine_cmds", "doctor"),
+    "lock": ("lock_cmds", "lock"), "tune": ("tune_cmds", "tune"),
 }
 
 

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from orchestrator.runtime.deployer import Deployer
 
 IGNORE_FIT = click.option("--ignore-fit", is_flag=True, help="Plan even when the memory estimate says it won't fit.")
+LOCKED = click.option("--locked", is_flag=True, help="The lock beside the profile must match this machine: "
+                      "drift (or no lock) is an error instead of a fall-back to the rules.")
 
 
 def fail(problems: list[str], as_json: bool = False, data: Any = None) -> NoReturn:
@@ -26,12 +28,12 @@ def fail(problems: list[str], as_json: bool = False, data: Any = None) -> NoRetu
     sys.exit(1)
 
 
-def load_plan(profile: str, ignore_fit: bool = False, target: str | None = None) -> Plan:
+def load_plan(profile: str, ignore_fit: bool = False, target: str | None = None, locked: bool = False) -> Plan:
     from orchestrator.pipeline import build_plan, check_target
     from orchestrator.profile import load
 
     loaded = load(profile)
-    plan = build_plan(loaded, enforce_fit=not ignore_fit)
+    plan = build_plan(loaded, enforce_fit=not ignore_fit, locked=locked)
     if target:
         check_target(loaded, target)
     return plan

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from orchestrator.cli.common import IGNORE_FIT, load_plan
+from orchestrator.cli.common import IGNORE_FIT, LOCKED, load_plan
 from orchestrator.cli.show import print_gpus
 from orchestrator.errors import ProfileError, one_line, printable
 
@@ -50,9 +50,10 @@ def validate(profiles: tuple[str, ...], as_json: bool, ignore_fit: bool) -> None
 @click.argument("profile", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="The plan as data.")
 @IGNORE_FIT
-def plan(profile: str, as_json: bool, ignore_fit: bool) -> None:
+@LOCKED
+def plan(profile: str, as_json: bool, ignore_fit: bool, locked: bool) -> None:
     """Show per server the engine, image, port and every flag with its reason."""
-    p = load_plan(profile, ignore_fit)
+    p = load_plan(profile, ignore_fit, locked=locked)
     notes = _quality_notes(p)
     if as_json:
         data = p.to_dict()
@@ -107,12 +108,14 @@ def fit_cmd(profile: str, as_json: bool) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write to FILE instead of stdout.")
 @click.option("--json", "as_json", is_flag=True, help="command target: argv lists as JSON.")
 @IGNORE_FIT
-def render(profile: str, target: str, output: str | None, as_json: bool, ignore_fit: bool) -> None:
-    """Render launch commands, docker run lines, a compose file or k8s manifests."""
+@LOCKED
+def render(profile: str, target: str, output: str | None, as_json: bool, ignore_fit: bool, locked: bool) -> None:
+    """Render launch commands, docker run lines, a compose file or k8s manifests (with a lock beside the
+    profile: its tuned flags, and images pinned by digest)."""
     from orchestrator.render import env_example
     from orchestrator.render import render as do_render
 
-    plan_ = load_plan(profile, ignore_fit, target)
+    plan_ = load_plan(profile, ignore_fit, target, locked)
     text = do_render(plan_, target, as_json)
     if not output:
         click.echo(text, nl=False)

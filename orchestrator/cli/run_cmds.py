@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from orchestrator.cli.common import IGNORE_FIT, deployment_name, fail, load_plan, make_deployer
+from orchestrator.cli.common import IGNORE_FIT, LOCKED, deployment_name, fail, load_plan, make_deployer
 from orchestrator.cli.completion import complete_server, complete_target
 from orchestrator.cli.progress import display
 from orchestrator.cli.show import print_status, print_up
@@ -22,14 +22,15 @@ from orchestrator.cli.show import print_status, print_up
 @click.option("--atomic", is_flag=True, help="If any server fails, stop the ones this run started.")
 @click.option("--json", "as_json", is_flag=True)
 @IGNORE_FIT
+@LOCKED
 def up(profile: str, servers: tuple[str, ...], foreground: bool, atomic: bool, as_json: bool,
-       ignore_fit: bool) -> None:
+       ignore_fit: bool, locked: bool) -> None:
     """Start every server and wait until each passes all health stages. With a gateway: section, the
     start: always servers and then the gateway (which starts the on_demand ones when asked for)."""
     from orchestrator.pipeline import plan_for_up
 
     deployer = make_deployer(as_json)
-    plan_ = plan_for_up(profile, deployer, ignore_fit)
+    plan_ = plan_for_up(profile, deployer, ignore_fit, locked)
     if plan_.gateway is not None and not servers:
         from orchestrator.gateway.supervise import up_with_gateway
 

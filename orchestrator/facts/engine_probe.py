@@ -41,6 +41,12 @@ def parse_version(engine: str, text: str) -> str | None:
     return commit.removeprefix("b") if engine == "ik_llama" else commit
 
 
+def parse_commit(text: str) -> str | None:
+    """The commit a `--version` text names (`version: N (commit)`)."""
+    m = _BUILD_RE.search(text) or _VERSION_RE.search(text)
+    return m.group(2) if m else None
+
+
 def help_options(text: str) -> frozenset[str]:
     """Option names from a llama-server --help text: the tokens before each option's description."""
     out: set[str] = set()

@@ -91,3 +91,17 @@ class Facts:
     versions: dict[str, EngineVersion] = field(default_factory=dict)  # targeted engine version by server
     executables: dict[str, Located] = field(default_factory=dict)  # what up would run, by server (process)
     looked_up: bool = True              # engines and hardware were looked up (off for golden files)
+    locks: dict[str, LockedServer] = field(default_factory=dict)  # the profile's lock file, by server
+
+
+@dataclass(frozen=True)
+class LockedServer:
+    """What the lock file beside the profile says for one server, checked against what is here now
+    (facts/lock.py). The planner applies `tuned` and `image` only when `drift` is empty."""
+
+    file: str                                        # the lock file
+    tuned: tuple[tuple[str, str | None], ...] = ()   # (flag, value) the tuning chose, differing from the rules
+    tuned_why: str = ""                              # "tuned: +12% tok/s (workload), measured …"
+    image: str | None = None                         # the image pinned by digest (repo@sha256:…)
+    drift: tuple[str, ...] = ()                      # what no longer matches, each named precisely
+    notes: tuple[str, ...] = ()                      # read leniently: unknown keys, a newer lock version

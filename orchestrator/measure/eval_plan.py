@@ -94,7 +94,8 @@ def variant(loaded: LoadedProfile, server: str, *, kv: str | None = None, contex
         update["port"] = port
     new = prof.model_copy(update={"servers": [srv.model_copy(update=update)],
                                   **({"name": name} if name else {})})
-    return build_plan(LoadedProfile(new, loaded.source), enforce_fit=enforce_fit)
+    # The lock's tuned flags (a KV type among them) would override the variant's: plan it by the rules.
+    return build_plan(LoadedProfile(new, loaded.source), enforce_fit=enforce_fit, use_lock=False)
 
 
 def free_port() -> int:

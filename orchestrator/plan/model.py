@@ -14,7 +14,7 @@ from orchestrator.errors import OrchestratorError
 
 GIB = 2**30
 
-Source = Literal["rule", "user", "default"]
+Source = Literal["rule", "user", "default", "tuned"]
 Role = Literal["all", "leader", "worker"]
 
 # Container labels: the docker runtime sets them, the compose renderer writes them, `status` reads them.

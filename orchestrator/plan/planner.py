@@ -47,6 +47,7 @@ from orchestrator.plan.model import (
     Settings,
     is_loopback,
 )
+from orchestrator.plan.tuned import apply_lock
 from orchestrator.profile import LoadedProfile, Profile, Server
 from orchestrator.profile.secrets import looks_like_secret
 
@@ -253,6 +254,7 @@ def plan_server(profile: Profile, index: int, facts: Facts, enforce_fit: bool = 
         private_host=server.host if is_loopback(server.host) else "127.0.0.1",
         start=server.start, idle_timeout_s=server.idle_timeout,
     )
+    apply_lock(sp, facts.locks.get(server.name))
     return sp, []
 
 

@@ -94,7 +94,10 @@ def ensure_image(c: Any, image: str) -> None:
         return
     except ImageNotFound:
         pass
-    repo, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else (image, "", "latest")
+    if "@" in image:   # pinned by digest (a lock): pull exactly that
+        repo, _, tag = image.partition("@")
+    else:
+        repo, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else (image, "", "latest")
     try:
         c.images.pull(repo, tag=tag)
         return

