@@ -331,15 +331,22 @@ class Gateway:
             self.count(model, endpoint, 499, t0)
             return Response(status_code=499)
         if upstream.status_code != 200:
-            try:
-                content = await upstream.aread()
-            finally:
-                await upstream.aclose()
-                hold.release(upstream.status_code < 500)
-            self.count(model, endpoint, upstream.status_code, t0)
+            content = await self.failed_answer(upstream, hold, model, endpoint, t0)
             return Response(content, upstream.status_code, media_type=upstream.headers.get("content-type"))
         return StreamingResponse(self.relay(name, model, endpoint, upstream, hold, t0), upstream.status_code,
                                  headers=headers, media_type=upstream.headers.get("content-type"))
+
+    async def failed_answer(self, upstream: httpx.Response, hold: Hold, model: str, endpoint: str,
+                            t0: float) -> bytes:
+        """The body of an upstream answer that is not 200, read whole; the slot goes back (the server
+        counts as healthy unless it answered 5xx) and the request is counted."""
+        try:
+            content = await upstream.aread()
+        finally:
+            await upstream.aclose()
+            hold.release(upstream.status_code < 500)
+        self.count(model, endpoint, upstream.status_code, t0)
+        return content
 
     async def relay(self, name: str, model: str, endpoint: str, upstream: httpx.Response, hold: Hold,
                     t0: float) -> AsyncIterator[bytes]:
@@ -402,12 +409,7 @@ class Gateway:
             hold.release(ok=False)
             raise
         if upstream.status_code != 200:
-            try:
-                content = await upstream.aread()
-            finally:
-                await upstream.aclose()
-                hold.release(upstream.status_code < 500)
-            self.count(model, endpoint, upstream.status_code, t0)
+            content = await self.failed_answer(upstream, hold, model, endpoint, t0)
             yield error_event(content.decode("utf-8", "replace")[:2000], "upstream_error", upstream.status_code)
             return
         async for chunk in self.relay(name, model, endpoint, upstream, hold, t0):
