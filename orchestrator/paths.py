@@ -144,6 +144,21 @@ def write_private(path: Path, text: str) -> None:
         raise
 
 
+def file_cache(kind: str, path: str | Path, *parts: object) -> Path | None:
+    """Where facts about a file are cached (write them with write_private): keyed by `parts` and the
+    file's resolved path, size, mtime and inode, so a file rewritten or replaced gets a new entry;
+    None when the file cannot be stat'ed."""
+    import hashlib
+
+    try:
+        real = Path(path).resolve()
+        st = real.stat()
+    except OSError:
+        return None
+    stamp = "|".join(str(x) for x in (*parts, real, st.st_size, st.st_mtime_ns, st.st_ino))
+    return cache_dir(kind) / (hashlib.sha256(stamp.encode()).hexdigest()[:32] + ".json")
+
+
 def lock_path(profile_file: str | Path) -> Path:
     """The lock file beside a profile: `homelab.yaml` → `homelab.lock.yaml`."""
     p = Path(profile_file)

@@ -9,7 +9,6 @@ Version ranges of individual flags live in the catalog (engines.yaml `flag_histo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.facts.types import EngineVersion
-from orchestrator.paths import cache_dir, write_private
+from orchestrator.paths import file_cache, write_private
 
 PROBE_FORMAT = 1
 _VERSION_RE = re.compile(r"version:\s*(\d+)\s*\(([0-9a-zA-Z]+)\)")
@@ -65,12 +64,9 @@ def help_options(text: str) -> frozenset[str]:
 def probe(engine: str, binary: str) -> EngineVersion | None:
     """Run `binary --version` and `--help` (cached per binary); None if it cannot run."""
     path = Path(binary)
-    try:
-        st = path.resolve().stat()
-    except OSError:
+    cache = file_cache("probes", path, PROBE_FORMAT, engine)
+    if cache is None:
         return None
-    stamp = f"{PROBE_FORMAT}|{engine}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    cache = cache_dir("probes") / (hashlib.sha256(stamp.encode()).hexdigest()[:32] + ".json")
     data: dict[str, Any] | None = None
     try:
         data = json.loads(cache.read_text())
@@ -111,12 +107,9 @@ def parser_accepts(binary: str, flag: str, value: str | None) -> bool | None:
     import tempfile
 
     path = Path(binary)
-    try:
-        st = path.resolve().stat()
-    except OSError:
+    cache = file_cache("probes", path, PROBE_FORMAT, "parse", flag, value)
+    if cache is None:
         return None
-    stamp = f"{PROBE_FORMAT}|parse|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{flag}|{value}"
-    cache = cache_dir("probes") / (hashlib.sha256(stamp.encode()).hexdigest()[:32] + ".json")
     try:
         return bool(json.loads(cache.read_text())["accepted"])
     except (OSError, ValueError, KeyError):

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from orchestrator.errors import Problem, ProfileError
-from orchestrator.paths import cache_dir, lock_path
+from orchestrator.paths import file_cache, lock_path, write_private
 from orchestrator.profile import parse_yaml
 
 __all__ = ["LockFile", "ServerLock", "Tuning", "lock_path"]
@@ -335,12 +335,9 @@ def sha256_file(path: str | Path) -> str | None:
     """The file's sha256, cached by (path, size, mtime, inode): a 20 GB model is hashed once, and a file
     replaced in place (new inode or mtime) is hashed again."""
     p = Path(path)
-    try:
-        st = p.resolve().stat()
-    except OSError:
+    cache = file_cache("hashes", p)
+    if cache is None:
         return None
-    stamp = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
-    cache = cache_dir("hashes") / (hashlib.sha256(stamp.encode()).hexdigest()[:32] + ".json")
     try:
         return str(json.loads(cache.read_text())["sha256"])
     except (OSError, ValueError, KeyError):
@@ -354,8 +351,7 @@ def sha256_file(path: str | Path) -> str | None:
         return None
     digest = h.hexdigest()
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"sha256": digest}))
+        write_private(cache, json.dumps({"sha256": digest}))
     except OSError:
         pass
     return digest

@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 
 from orchestrator.facts.catalog_facts import BITS_PER_WEIGHT, from_catalog
 from orchestrator.facts.types import ModelFacts
-from orchestrator.paths import cache_dir, write_private
+from orchestrator.paths import file_cache, write_private
 
 _QUANT_RE = re.compile(
     r"(?<![A-Za-z0-9])(?:UD-)?(I?Q\d(?:_[A-Z0-9]+)*|BF16|F16|F32|FP8|AWQ|GPTQ|NVFP4|MXFP4)(?![A-Za-z0-9])",
@@ -205,12 +205,10 @@ def read_gguf_header(path: Path) -> dict[str, Any]:
 
 def cached_gguf_header(path: Path) -> dict[str, Any]:
     """read_gguf_header, cached by (path, size, mtime): a 262k-token vocabulary takes ~0.4 s to skip."""
-    import hashlib
-
-    st = path.stat()
-    stamp = f"{FACTS_FORMAT}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    key = hashlib.sha256(stamp.encode()).hexdigest()[:32]
-    cache = cache_dir("modelfacts") / f"{key}.json"
+    cache = file_cache("modelfacts", path, FACTS_FORMAT)
+    if cache is None:
+        path.stat()   # the OSError saying why it cannot be read
+        raise FileNotFoundError(path)
     try:
         return dict(json.loads(cache.read_text()))
     except (OSError, ValueError):

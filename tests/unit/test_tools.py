@@ -6,23 +6,15 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import yaml
 
 from orchestrator import catalog
 from orchestrator.errors import ProfileError
-from orchestrator.pipeline import build_plan
-from orchestrator.profile import load_text
+from tests.unit.test_engine_rules import _flags
+from tests.unit.test_engine_rules import _plan as plan_one
 
 
-def _plan(engine: str, path: str, gpu: str = "h100-sxm", **server: Any):
-    doc = {"name": "p", "hardware": {"gpu": gpu},
-           "servers": [{"name": "s", "engine": engine, "model": {"path": path}, **server}]}
-    return build_plan(load_text(yaml.safe_dump(doc), "t.yaml"), environ={"HOME": "/h"}, detect=False,
-                      enforce_fit=False).servers[0]
-
-
-def _flags(sp: Any) -> dict[str, str | None]:
-    return {f.name: f.value for f in sp.flags}
+def _plan(engine: str, path: str, gpu: str = "h100-sxm", **server: Any) -> Any:
+    return plan_one(engine, gpu, path, **server)
 
 
 @pytest.mark.parametrize("path,tool,reasoning", [
