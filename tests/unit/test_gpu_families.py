@@ -107,3 +107,12 @@ def test_apple_base_and_pro_chips_plan_against_the_metal_working_set(gpu: str, w
     with pytest.raises(ProfileError, match="does not run on"):
         _plan("vllm", gpu)
 
+
+
+@pytest.mark.parametrize("gpu", ["arc-b580", "arc-pro-b60"])
+def test_intel_gpus_get_the_intel_speed_default_not_the_cpu_one(gpu: str) -> None:
+    """Gpu.accelerator is 'sycl' for Intel; the speed defaults were keyed 'intel' and fell back to CPU's."""
+    from orchestrator import catalog
+    from orchestrator.plan.speed import default_efficiency
+    eff = default_efficiency("llama.cpp", catalog.gpus()[gpu].accelerator)
+    assert eff.decode == 0.45 and "Intel" in eff.basis
