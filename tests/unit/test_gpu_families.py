@@ -116,3 +116,26 @@ def test_intel_gpus_get_the_intel_speed_default_not_the_cpu_one(gpu: str) -> Non
     from orchestrator.plan.speed import default_efficiency
     eff = default_efficiency("llama.cpp", catalog.gpus()[gpu].accelerator)
     assert eff.decode == 0.45 and "Intel" in eff.basis
+
+
+MOE_35B = "/m/Qwen3.6-35B-A3B-Q4_K_M.gguf"   # ~20 GiB at Q4_K_M (catalog size)
+
+
+def test_offload_on_unified_memory_warns_that_ram_is_the_same_pool() -> None:
+    """On Apple silicon, GB10 and Strix Halo the 'system RAM' that -ncmoe moves experts to is the GPU's
+    own memory: 9.5 GiB on a 16 GB M1's GPU plus 11.5 GiB of experts is more than the machine has."""
+    doc = {"name": "p", "hardware": {"gpu": "apple-m1"},
+           "servers": [{"name": "s", "engine": "llama.cpp", "model": {"path": MOE_35B}, "context": 8192}]}
+    sp = build_plan(load_text(yaml.safe_dump(doc), "t.yaml"), environ={"HOME": "/h"}, detect=False,
+                    enforce_fit=False).servers[0]
+    assert sp.estimate.host_bytes > 0
+    assert any("unified memory" in w and "more than its 16 GB" in w for w in sp.warnings), sp.warnings
+
+
+@pytest.mark.parametrize("gpu", ["rtx-3060-12gb", "apple-m4-max", "gb10"])
+def test_no_unified_memory_warning_for_discrete_cards_or_when_nothing_is_offloaded(gpu: str) -> None:
+    doc = {"name": "p", "hardware": {"gpu": gpu},
+           "servers": [{"name": "s", "engine": "llama.cpp", "model": {"path": MOE_35B}, "context": 8192}]}
+    sp = build_plan(load_text(yaml.safe_dump(doc), "t.yaml"), environ={"HOME": "/h"}, detect=False,
+                    enforce_fit=False).servers[0]
+    assert not [w for w in sp.warnings if "unified memory" in w]
