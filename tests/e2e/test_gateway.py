@@ -207,6 +207,9 @@ def test_client_disconnect_frees_the_engine_slot(engine_built: str, env, gemma: 
             events += line.startswith("data: ")
             if events >= 3:
                 break
+        busy = time.monotonic() + 10    # the engine's /metrics is answered by its task queue: give it a moment
+        while time.monotonic() < busy and processing() != 1:
+            time.sleep(0.1)
         assert processing() == 1
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and processing() != 0:
