@@ -30,16 +30,13 @@ from collections import deque
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from orchestrator.gateway.scheduler import Events, Rejected, StartOutcome
-
-if TYPE_CHECKING:
-    from orchestrator.gateway.app import Gateway
 
 WINDOW_S = 60.0             # throughput and latency over the last minute
 EVENTS_KEPT = 50
@@ -57,8 +54,8 @@ BASE_METRICS = {"gateway_requests", "gateway_request_duration_seconds", "gateway
                 "gateway_rejections", "gateway_server_state", "gateway_server_inflight", "gateway_server_waiting"}
 # Key-shaped words (published prefixes) and `key: VALUE` / `--api-key VALUE` / `Bearer VALUE` forms.
 _KEY_WORD = re.compile(r"\b(?:sk-|sk_|rk_|hf_|gh[opsur]_|github_pat_|glpat-|xox[abpr]-|AKIA|ASIA)[A-Za-z0-9_\-]{8,}")
-_KEY_ARG = re.compile(r"(?i)((?:--api-key|api[_-]?key|authorization|bearer|token|password|secret)"
-                      r"(?:[\"']?\s*[:=]\s*[\"']?|\s+))(?!\[redacted\])[^\s\"',;]+")
+_KEY_ARG = re.compile(r"(?i)((?:--api-key|api[_-]?key|authorization\s*:\s*bearer|authorization|bearer|token|password|"
+                      r"secret)(?:[\"']?\s*[:=]\s*[\"']?|\s+))(?!\[redacted\])[^\s\"',;]{6,}")
 
 
 def redact(text: str, secrets: list[str]) -> str:
@@ -275,7 +272,8 @@ def bench_svg(entry: dict[str, Any], server: str, width: int = 640, height: int 
 class Dashboard:
     """The page and its endpoints over one Gateway; `hook` (prepare/finished) records each answer."""
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Any) -> None:
+        """`gateway`: the app's Gateway (not imported here: app.py imports this module)."""
         self.gw = gateway
         self.ring = EventRing()
         self.answers: deque[Answered] = deque(maxlen=2000)
@@ -466,7 +464,8 @@ class Dashboard:
     # ------------------------------------------------------------------ endpoints
 
     def denied(self, request: Request) -> Response | None:
-        return self.gw.unauthorized(request)
+        denied: Response | None = self.gw.unauthorized(request)
+        return denied
 
     async def page(self, request: Request) -> Response:
         text = resources.files("orchestrator.gateway").joinpath("static/index.html").read_text(encoding="utf-8")

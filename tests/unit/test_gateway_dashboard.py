@@ -112,9 +112,8 @@ def rig(tmp_path: Path):
     store.ensure()
     deployer = Deployer(store, environ)
     gateway = Gateway(plan, Scripted(plan, deployer), GW_KEY, Metrics(log=open("/dev/null", "w")))  # noqa: SIM115
-    dash = Dashboard(gateway)
     app = create_app(gateway)
-    app.router.routes.extend(dash.routes())
+    dash = next(h for h in gateway.hooks if isinstance(h, Dashboard))
     with TestClient(app) as client:
         r = Rig(client, dash, store)
         yield r
@@ -237,9 +236,11 @@ def test_detail_has_flags_with_reasons_redacted_log_and_saved_bench_with_plot(ri
 
 
 def test_redact_and_svg_escape() -> None:
-    text = redact("x --api-key abc123 y; api_key=\"qq\"; hf_ABCDEFGHijkl; token: zz9 ok; mine SECRETVALUE",
+    text = redact("x --api-key abc123 y; api_key=\"qqqqqqqq\"; hf_ABCDEFGHijkl; token: zz9zz9 ok; mine SECRETVALUE; "
+                  "Authorization: Bearer plainkey99",
                   ["SECRETVALUE"])
     assert text == ("x --api-key [redacted] y; api_key=\"[redacted]\"; [redacted]; token: [redacted] ok; mine "
-                    "[redacted]")
+                    "[redacted]; Authorization: Bearer [redacted]")
+    assert redact("control-looking token:    1 '</s>'", []) == "control-looking token:    1 '</s>'"
     svg = bench_svg({"time": "<t>", "servers": [{"server": "<b>", "levels": []}]}, "<b>")
     assert "<b>" not in svg and "&lt;b&gt;" in svg and "no data" in svg
