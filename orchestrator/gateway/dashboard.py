@@ -97,6 +97,19 @@ class EventRing(Events):
         self.add(name, "swapped out" if reason == "swap" else "stopped", reason)
 
 
+class Forget(Events):
+    """Drops a server's start progress once its start has ended, so the next start shows only its own."""
+
+    def __init__(self, progress: dict[str, dict[str, Any]]) -> None:
+        self.progress = progress
+
+    def started(self, name: str, outcome: StartOutcome) -> None:
+        self.progress.pop(name, None)
+
+    def stopped(self, name: str, reason: str) -> None:
+        self.progress.pop(name, None)
+
+
 class Fanout(Events):
     def __init__(self, *sinks: Events) -> None:
         self.sinks = sinks
@@ -280,7 +293,7 @@ class Dashboard:
         self.progress: dict[str, dict[str, Any]] = {}
         self.gpu = GpuMemory()
         self.actions: set[Any] = set()
-        gateway.sched.events = Fanout(gateway.sched.events, self.ring)
+        gateway.sched.events = Fanout(gateway.sched.events, self.ring, Forget(self.progress))
         deployer = getattr(gateway.backend, "deployer", None)
         if deployer is not None:
             self._follow(deployer)

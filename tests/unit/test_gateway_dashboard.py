@@ -40,6 +40,10 @@ class Scripted(DeployerBackend):
         self.up: set[str] = set()
 
     async def start(self, name: str) -> StartOutcome:
+        if name == "b":            # what the deployer reports while it waits for the health stages
+            self.deployer.progress(name, "ready", "503 loading model")
+            self.deployer.meter(name, "health", 3.0, 60.0, "s", "stage ready")
+            await asyncio.sleep(0.4)
         await asyncio.sleep(0.05)
         if name == "c":
             return StartOutcome(False, f"exit 1: invalid value for -fa (key {UP_KEY})", "ready", "bad_flag",
@@ -158,8 +162,12 @@ def test_start_and_stop_on_demand_from_the_dashboard_and_the_events(rig: Rig) ->
     assert rig.post("/ui/api/server/nope/start").status_code == 404
     r = rig.post("/ui/api/server/b/start", Origin="http://testserver")
     assert r.status_code == 202, r.text
+    loading = rig.wait_state("b", "loading")["loading"]
+    assert loading["step"] == "health" and loading["done"] == 3.0 and loading["total"] == 60.0
+    assert loading["detail"] == "stage ready" and rig.server("b")["actions"] == []
     b = rig.wait_state("b", "running")
     assert b["actions"] == ["stop"] and b["inflight"] == 0                    # the start holds no slot
+    assert "b" not in rig.dash.progress                                        # the next start shows its own
     assert rig.post("/ui/api/server/b/stop").status_code == 202
     rig.wait_state("b", "stopped")
     assert rig.post("/ui/api/server/b/stop").status_code == 409               # not running
