@@ -54,14 +54,17 @@ BASE_METRICS = {"gateway_requests", "gateway_request_duration_seconds", "gateway
                 "gateway_rejections", "gateway_server_state", "gateway_server_inflight", "gateway_server_waiting"}
 # Key-shaped words (published prefixes) and `key: VALUE` / `--api-key VALUE` / `Bearer VALUE` forms.
 _KEY_WORD = re.compile(r"\b(?:sk-|sk_|rk_|hf_|gh[opsur]_|github_pat_|glpat-|xox[abpr]-|AKIA|ASIA)[A-Za-z0-9_\-]{8,}")
-_KEY_ARG = re.compile(r"(?i)((?:--api-key|api[_-]?key|authorization\s*:\s*bearer|authorization|bearer|token|password|"
-                      r"secret)(?:[\"']?\s*[:=]\s*[\"']?|\s+))(?!\[redacted\])[^\s\"',;]{6,}")
+_KEY_ARG = re.compile(r"(?i)((?:(?:--api-key|authorization\s*:\s*bearer|bearer)\s+)|(?:(?:--api-key|api[_-]?key|"
+                      r"authorization|token|password|secret)[\"']?\s*[:=]\s*[\"']?))(?!\[redacted\])"
+                      r"[^\s\"',;]{6,}")
 
 
-def redact(text: str, secrets: list[str]) -> str:
-    """Text with every known secret value and anything key-shaped replaced by [redacted]."""
+def redact(text: str, secrets: list[str], shapes: bool = True) -> str:
+    """Text with every known secret value replaced by [redacted], and (`shapes`: logs) anything key-shaped."""
     for s in secrets:
         text = text.replace(s, REDACTED)
+    if not shapes:
+        return text
     text = _KEY_WORD.sub(REDACTED, text)
     return _KEY_ARG.sub(lambda m: m.group(1) + REDACTED, text)
 
@@ -443,8 +446,10 @@ class Dashboard:
         if store is not None:
             log = [redact(line, secrets) for line in tail(store.log_path(self.gw.plan.name, name), LOG_LINES)]
         bench, evals = self.saved(name)
-        return {"name": name, "explain": [redact(line, secrets) for line in explain_server(sp)],
-                "flags": [dict(f, value=redact(f["value"], secrets) if f["value"] else f["value"]) for f in flags],
+        # The plan holds secrets by reference only; known values are still taken out, shapes are left alone.
+        return {"name": name, "explain": [redact(line, secrets, shapes=False) for line in explain_server(sp)],
+                "flags": [dict(f, value=redact(f["value"], secrets, shapes=False) if f["value"] else f["value"])
+                          for f in flags],
                 "env": env, "estimate": sp.estimate.as_dict() if sp.estimate else None,
                 "needs": self.gw.gw.needs.get(name, {}), "warnings": sp.warnings, "log": log,
                 "bench": bench, "eval": evals}

@@ -2,12 +2,14 @@
 of real llama-server processes on the Gemma 3 270M GGUF, started by `orchestrate up`: the page asks
 for the key, shows each server and its state, follows an on-demand start made by an API client without
 a reload, starts a server from its button and shows that start's failure with its cause, opens a
-server's plan and log; every request the page makes goes to the gateway, and no answer holds a key. A
-screenshot is kept (tmp dir, and $ORCHESTRATOR_ARTIFACTS or tests/artifacts/)."""
+server's plan, log and saved bench run with its plot; fits a phone's width; every request the page
+makes goes to the gateway, and no answer holds a key. Screenshots are kept (tmp dir, and
+$ORCHESTRATOR_ARTIFACTS or tests/artifacts/)."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -109,12 +111,21 @@ def test_dashboard_in_a_real_browser(env, gemma: Path) -> None:
             expect(page.locator("#events")).to_contain_text("broken: start failed")
             page.screenshot(path=str(shot), full_page=True)
 
-            # A server's plan (every flag with its reason) and its last log lines.
+            # A saved bench run of the running server: its table and plot in the server's detail.
+            bench = env.run("bench", str(profile), "--server", "chat", "--prompt-tokens", "16", "--gen-tokens", "4",
+                            "--concurrency", "1,2", "--runs", "1", "--no-prefix", "--save", env=keys)
+            assert bench.returncode == 0, bench.stdout + bench.stderr
+
+            # A server's plan (every flag with its reason), its last log lines and its saved bench run.
             card["chat"].click()
             expect(page.locator("#detail")).to_be_visible()
             expect(page.locator("#detail-body table").first).to_contain_text("--port")
             expect(page.locator("#detail-body pre.log")).to_contain_text("listening on", timeout=10_000)
-            page.screenshot(path=str(env.tmp / "dashboard-server.png"))
+            expect(page.locator("#detail-body table.bench tbody tr")).to_have_count(2)
+            plot = page.locator("#detail-body img.plot")
+            expect(plot).to_have_attribute("src", re.compile(r"^blob:"))
+            page.wait_for_function("document.querySelector('#detail-body img.plot').naturalWidth > 0")
+            page.screenshot(path=str(env.tmp / "dashboard-server.png"), full_page=True)
             phone = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
             phone.on("request", lambda r: requests.append(r.url))
             phone.goto(base + "/")
@@ -127,8 +138,10 @@ def test_dashboard_in_a_real_browser(env, gemma: Path) -> None:
     finally:
         env.run("down", str(profile))
     kept = keep(shot)
+    keep(env.tmp / "dashboard-server.png")
     assert kept.stat().st_size > 10_000
-    assert requests and all(u.startswith(base + "/") for u in requests), \
-        [u for u in requests if not u.startswith(base + "/")]
+    # Every request went to the gateway (a blob: URL is the plot the page fetched, shown from memory).
+    elsewhere = [u for u in requests if not u.startswith((base + "/", f"blob:{base}/"))]
+    assert requests and not elsewhere, elsewhere
     assert any("/ui/api/state" in u for u in requests)
     assert bodies and not any(GW_KEY in b or UP_KEY in b for b in bodies)

@@ -249,6 +249,8 @@ def test_redact_and_svg_escape() -> None:
                   ["SECRETVALUE"])
     assert text == ("x --api-key [redacted] y; api_key=\"[redacted]\"; [redacted]; token: [redacted] ok; mine "
                     "[redacted]; Authorization: Bearer [redacted]")
-    assert redact("control-looking token:    1 '</s>'", []) == "control-looking token:    1 '</s>'"
+    for kept in ("control-looking token:    1 '</s>'", "on a 512-token window keep", "bearer of news"):
+        assert redact(kept, []) == kept
+    assert redact("a sk-abcdefgh1234 key", [], shapes=False) == "a sk-abcdefgh1234 key"
     svg = bench_svg({"time": "<t>", "servers": [{"server": "<b>", "levels": []}]}, "<b>")
     assert "<b>" not in svg and "&lt;b&gt;" in svg and "no data" in svg

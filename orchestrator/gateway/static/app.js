@@ -165,7 +165,9 @@ async function showDetail(name) {
   if (!d.bench.length) parts.push(el("p", { class: "legend" }, "none: orchestrate bench PROFILE saves one"));
   for (const run of d.bench) {
     const rows = run.results.flatMap(r => r.levels.map(lv => [run.time, lv.concurrency, lv.throughput_tps, lv.decode_tps, lv.ttft_ms, lv.itl_ms, lv.errors]));
-    parts.push(table(["saved", "concurrency", "tok/s", "per stream tok/s", "TTFT ms", "ITL ms", "errors"], rows));
+    const t = table(["saved", "concurrency", "tok/s", "per stream tok/s", "TTFT ms", "ITL ms", "errors"], rows);
+    t.classList.add("bench");
+    parts.push(t);
     const img = el("img", { class: "plot", alt: `bench plot ${run.time}` });
     parts.push(img);
     api(`/ui/api/server/${encodeURIComponent(name)}/bench.svg?run=${run.index}`)
