@@ -261,7 +261,7 @@ def bench_svg(entry: dict[str, Any], server: str, width: int = 640, height: int 
              f'{html.escape(str(entry.get("time", "")))}</text>']
     panels = (("throughput_tps", "output tokens/s", "#1f77b4"), ("ttft_ms", "TTFT p50 (ms)", "#d62728"))
     for k, (key, label, colour) in enumerate(panels):
-        x0, x1, y0, y1 = k * mid + pad, (k + 1) * mid - 12, height - 30, 28
+        x0, x1, y0, y1 = k * mid + pad, (k + 1) * mid - 12, height - 30, 40
         parts.append(f'<line x1="{x0}" y1="{y0}" x2="{x1}" y2="{y0}" stroke="#888"/>'
                      f'<line x1="{x0}" y1="{y0}" x2="{x0}" y2="{y1}" stroke="#888"/>'
                      f'<text x="{(x0 + x1) // 2}" y="{height - 6}" text-anchor="middle">concurrent requests · '

@@ -125,7 +125,8 @@ def test_dashboard_in_a_real_browser(env, gemma: Path) -> None:
             plot = page.locator("#detail-body img.plot")
             expect(plot).to_have_attribute("src", re.compile(r"^blob:"))
             page.wait_for_function("document.querySelector('#detail-body img.plot').naturalWidth > 0")
-            page.screenshot(path=str(env.tmp / "dashboard-server.png"), full_page=True)
+            page.screenshot(path=str(env.tmp / "dashboard-server.png"))
+            plot.screenshot(path=str(env.tmp / "dashboard-bench-plot.png"))
             phone = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
             phone.on("request", lambda r: requests.append(r.url))
             phone.goto(base + "/")
@@ -139,6 +140,7 @@ def test_dashboard_in_a_real_browser(env, gemma: Path) -> None:
         env.run("down", str(profile))
     kept = keep(shot)
     keep(env.tmp / "dashboard-server.png")
+    keep(env.tmp / "dashboard-bench-plot.png")
     assert kept.stat().st_size > 10_000
     # Every request went to the gateway (a blob: URL is the plot the page fetched, shown from memory).
     elsewhere = [u for u in requests if not u.startswith((base + "/", f"blob:{base}/"))]
