@@ -37,6 +37,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from orchestrator.gateway.backend import DeployerBackend
+from orchestrator.gateway.dashboard import Dashboard
 from orchestrator.gateway.metrics import Metrics
 from orchestrator.gateway.scheduler import Rejected, Scheduler, ServerSpec, Waiter
 from orchestrator.plan.model import Plan
@@ -571,7 +572,9 @@ def create_app(gateway: Gateway) -> Starlette:
         finally:
             await gateway.shutdown()
 
-    routes = [Route("/health", gateway.health, methods=["GET"]),
+    dashboard = Dashboard(gateway)            # the page at / and its data under /ui/ (dashboard.py)
+    gateway.hooks.append(dashboard)
+    routes = [*dashboard.routes(), Route("/health", gateway.health, methods=["GET"]),
               Route("/metrics", gateway.prometheus, methods=["GET"]),
               Route("/v1/models", gateway.models, methods=["GET"]),
               *(Route(path, gateway.relay_endpoint, methods=["POST"]) for path in ENDPOINTS)]
