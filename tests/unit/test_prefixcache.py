@@ -217,3 +217,140 @@ def test_conversation_key_follows_the_first_user_turn() -> None:
     assert a and b and c
     assert conversation_key("cl", "m", a) == conversation_key("cl", "m", b) != conversation_key("cl", "m", c)
     assert conversation_key("cl", "m", a) != conversation_key("cl2", "m", a)
+
+
+# ---------------------------------------------------------------------------------------- the hook and the report
+
+
+class FakeCall:
+    """The fields of gateway.app.Call the hook reads (the relay itself is exercised in the e2e tests)."""
+
+    def __init__(self, body: dict, client: str = "cl", name: str = "a", model: str = "gemma-a") -> None:
+        self.endpoint, self.body, self.model, self.name, self.client = CHAT, body, model, name, client
+        self.notes: dict = {}
+        self.raw = json.dumps(body).encode()
+
+    def set_body(self, body: dict) -> None:
+        self.body, self.raw = body, json.dumps(body).encode()
+
+
+def gateway_plan(extra: str = ""):
+    from orchestrator.pipeline import build_plan
+    from orchestrator.profile import load_text
+    from tests.unit.test_gateway_profile import ENV, two_servers
+
+    return build_plan(load_text(two_servers(f"gateway:\n  port: 9100\n{extra}"), "gw.yaml"), detect=False,
+                      environ=ENV)
+
+
+def test_hook_records_metrics_and_rotation(tmp_path, monkeypatch) -> None:
+    import asyncio
+    import io
+
+    import httpx
+
+    from orchestrator.gateway import prefixcache
+    from orchestrator.gateway.cachereport import read_records, render, summarize
+    from orchestrator.gateway.metrics import Metrics
+    from tests.e2e.gateway_util import metric
+
+    plan = gateway_plan()
+    log = io.StringIO()
+    metrics = Metrics(log)
+
+    async def run() -> list:
+        async with httpx.AsyncClient() as client:
+            # No engine listens there: the hook falls back to the request's messages, estimated by characters.
+            hook = prefixcache.PrefixCacheHook(plan, lambda name: ("http://127.0.0.1:9", {}), client, metrics,
+                                               tmp_path)
+            system = "You are terse. It is 2026-12-03 07:54 now."
+            turns = [chat(("system", system), ("user", "hi")),
+                     chat(("system", system), ("user", "hi"), ("assistant", "hello"), ("user", "again")),
+                     chat(("system", system.replace("07:54", "07:55")), ("user", "hi"), ("assistant", "hello"),
+                          ("user", "again"), ("assistant", "ok"), ("user", "more"))]
+            answers = [{"timings": {"cache_n": 0, "prompt_n": 20, "prompt_per_second": 200.0, "predicted_n": 3}},
+                       {"timings": {"cache_n": 19, "prompt_n": 11, "prompt_per_second": 200.0, "predicted_n": 3}},
+                       {"timings": {"cache_n": 8, "prompt_n": 32, "prompt_per_second": 200.0, "predicted_n": 3}}]
+            for body, answer in zip(turns, answers, strict=True):
+                hook.finished(FakeCall(body), 200, answer)
+            hook.finished(FakeCall(turns[0]), 500, None)                      # failures are not judged
+            await hook.drain()
+            await hook.close()
+            return list(read_records(tmp_path, plan.name))
+
+    recs = asyncio.run(run())
+    assert [r["causes"] and r["causes"][0]["kind"] for r in recs] == [[], [], "system_changed"]
+    assert recs[1]["reusable"] >= 19 and recs[1]["cached"] == 19 and not recs[1]["exact"]
+    third = recs[2]["causes"][0]
+    assert third["looks_like"] == "a timestamp" and third["tokens"] > 0 and third["seconds"] == pytest.approx(
+        third["tokens"] / 200.0, abs=1e-3)
+    text = metrics.text().decode()
+    assert metric(text, "gateway_prefix_reused_tokens_total", model="gemma-a", client="cl") == 27
+    assert metric(text, "gateway_prefix_lost_tokens_total", cause="system_changed") == third["tokens"]
+    assert "system prompt differs at char" in log.getvalue()
+    raw = (tmp_path / "prefix-cache" / f"{plan.name}.jsonl")
+    assert "You are terse" not in raw.read_text()                # no prompt text beyond the located snippet
+    assert raw.stat().st_mode & 0o777 == 0o600
+    summary = summarize(recs, plan.name)
+    assert summary["requests"] == 3 and summary["causes"][0]["kind"] == "system_changed"
+    lines = render(summary)
+    assert "system_changed: 1×" in lines[1] and any("looks like a timestamp" in line for line in lines)
+    # rotation keeps the newest records under the cap
+    monkeypatch.setattr(prefixcache, "MAX_RECORD_BYTES", raw.stat().st_size + 10)
+
+    async def more() -> None:
+        async with httpx.AsyncClient() as client:
+            hook = prefixcache.PrefixCacheHook(plan, lambda name: ("http://127.0.0.1:9", {}), client, None, tmp_path)
+            hook.finished(FakeCall(chat(("user", "x"))), 200, {"timings": {"cache_n": 0, "prompt_n": 3}})
+            await hook.drain()
+            await hook.close()
+
+    asyncio.run(more())
+    assert raw.with_name(raw.name + ".1").exists() and len(list(read_records(tmp_path, plan.name))) == 4
+
+
+def test_hook_normalizes_tools_only_when_asked() -> None:
+    from orchestrator.gateway.prefixcache import PrefixCacheHook
+
+    plan = gateway_plan("  prefix_cache: {normalize_tools: true}\n")
+    assert plan.gateway is not None and plan.gateway.normalize_tools
+    body = chat(("user", "go"), tools=[tool("b"), tool("a")])
+    call = FakeCall(body)
+    PrefixCacheHook(plan, None, None, None, None, normalize=True).prepare(call)   # type: ignore[arg-type]
+    assert [t["function"]["name"] for t in json.loads(call.raw)["tools"]] == ["a", "b"]
+    call = FakeCall(chat(("user", "go"), tools=[tool("b"), tool("a")]))
+    PrefixCacheHook(plan, None, None, None, None).prepare(call)                  # type: ignore[arg-type]
+    assert [t["function"]["name"] for t in json.loads(call.raw)["tools"]] == ["b", "a"]
+    assert gateway_plan().gateway.normalize_tools is False                       # type: ignore[union-attr]
+
+
+def test_since_and_report_cli(tmp_path) -> None:
+    from orchestrator.errors import OrchestratorError
+    from orchestrator.gateway.cachereport import parse_since
+
+    assert parse_since("1h", now=10_000.0) == 6_400.0
+    assert parse_since("30m", now=10_000.0) == 8_200.0
+    assert parse_since(None) is None
+    assert parse_since("2026-12-03T07:00+00:00") == 1796281200.0
+    with pytest.raises(OrchestratorError, match="--since 'yesterday' is neither"):
+        parse_since("yesterday")
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "prefix-cache"
+    folder.mkdir()
+    rec = {"t": 1.0, "model": "m", "client": "cl", "conversation": "c-1", "prompt": 100, "cached": 10, "reusable": 90,
+           "causes": [{"kind": "tools_reordered", "detail": "tools reordered: ['a', 'b'] now", "tokens": 80,
+                       "seconds": 0.4}]}
+    (folder / "dep.jsonl").write_text(json.dumps(rec) + "\nnot json\n")
+    env = {**os.environ, "ORCHESTRATOR_STATE_DIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "orchestrator", "cache-report", "--json"], capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["deployment"] == "dep" and data["lost_tokens"] == 80 and data["reuse"] == 0.1
+    assert data["conversations"][0]["causes"][0]["kind"] == "tools_reordered"
+    r = subprocess.run([sys.executable, "-m", "orchestrator", "cache-report", "dep", "--since", "1h"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "no chat or completion requests recorded in that time" in r.stdout
