@@ -202,6 +202,7 @@ def main() -> None:
                    [{"role": "assistant", "content": "ok"}, {"role": "user", "content": RESULT}] * k,
                    "tools": TOOLS} for k in range(args.turns)]
         costs = hook_costs(plan, port, bodies, args.hook_iterations)
+        print(orchestrate(env, "cache-report", "pcbench").stdout, file=sys.stderr)
     finally:
         orchestrate(env, "down", "pcbench")
     out: dict[str, Any] = {"rounds": args.rounds, "turns": args.turns, "swa_full": "--swa-full" in argv,

@@ -21,7 +21,8 @@ import json
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import httpx
@@ -38,11 +39,68 @@ from orchestrator.plan.model import Plan
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 HEARTBEAT_S = 1.0
 TICK_S = 1.0
+TAIL_BYTES = 16384      # the end of a stream kept for hooks: its last JSON event (llama.cpp's timings)
 T = TypeVar("T")
 
 
 class TooLarge(Exception):
     pass
+
+
+@dataclass
+class Call:
+    """One relayed request on its way through the gateway (what hooks see)."""
+
+    endpoint: str
+    body: dict[str, Any]
+    raw: bytes                   # the bytes sent upstream
+    model: str
+    name: str                    # the server that answers
+    stream: bool
+    t0: float
+    client: str                  # body "user", else header x-client-id, else the peer address
+    headers: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def set_body(self, body: dict[str, Any]) -> None:
+        self.body, self.raw = body, json.dumps(body).encode()
+
+
+class Hook(Protocol):
+    def prepare(self, call: Call) -> Response | None: ...
+
+    def finished(self, call: Call, status: int, answer: dict[str, Any] | None) -> None: ...
+
+
+def client_of(body: dict[str, Any], request: Request) -> str:
+    user = body.get("user")
+    if isinstance(user, str) and user:
+        return user[:128]
+    header = request.headers.get("x-client-id")
+    if header:
+        return header[:128]
+    return request.client.host if request.client else "-"
+
+
+def last_json_event(tail: bytes) -> dict[str, Any] | None:
+    """The last JSON `data:` event in the end of an SSE stream (llama.cpp puts `timings` there)."""
+    for event in reversed(tail.split(b"\n\n")):
+        line = event.strip()
+        if line.startswith(b"data: {"):
+            try:
+                data = json.loads(line[6:])
+            except ValueError:
+                continue
+            return data if isinstance(data, dict) else None
+    return None
+
+
+def json_body(content: bytes) -> dict[str, Any] | None:
+    try:
+        data = json.loads(content)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 class Hold:
@@ -112,6 +170,15 @@ class Gateway:
         self.created = int(time.time())
         self._ticker: asyncio.Task[None] | None = None
         self._upstreams: dict[str, tuple[str, dict[str, str]]] = {}
+        self.hooks: list[Hook] = []
+        self.prefix: Any = None
+        if self.gw.prefix_report:
+            from orchestrator.gateway.prefixcache import PrefixCacheHook
+
+            root = getattr(getattr(getattr(backend, "deployer", None), "store", None), "root", None)
+            self.prefix = PrefixCacheHook(plan, self.upstream, self.client, self.metrics, root,
+                                          normalize=self.gw.normalize_tools)
+            self.hooks.append(self.prefix)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -133,6 +200,8 @@ class Gateway:
     async def shutdown(self) -> None:
         if self._ticker:
             self._ticker.cancel()
+        if self.prefix is not None:
+            await self.prefix.close()
         await self.client.aclose()
 
     # ------------------------------------------------------------------ plain endpoints
@@ -177,8 +246,8 @@ class Gateway:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def parse(self, raw: bytes) -> tuple[str, str, bool] | JSONResponse:
-        """(server, model, stream) of a request body, or the 400/404 that answers it."""
+    def parse(self, raw: bytes) -> tuple[str, str, bool, dict[str, Any]] | JSONResponse:
+        """(server, model, stream, body) of a request body, or the 400/404 that answers it."""
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -195,7 +264,7 @@ class Gateway:
         if name is None:
             return error(404, f"model {model!r} is not served here; available: {', '.join(names)}",
                          "invalid_request_error", param="model", available=names)
-        return name, model, body.get("stream") is True
+        return name, model, body.get("stream") is True, body
 
     async def relay_endpoint(self, request: Request) -> Response:
         t0 = time.perf_counter()
@@ -213,14 +282,29 @@ class Gateway:
         if isinstance(parsed, JSONResponse):
             self.count("-", endpoint, parsed.status_code, t0)
             return parsed
-        name, model, stream = parsed
+        name, model, stream, body = parsed
+        call = Call(endpoint, body, raw, model, name, stream, t0, client_of(body, request))
+        for hook in self.hooks:
+            answer = hook.prepare(call)
+            if answer is not None:
+                return answer
+        raw = call.raw
         try:
             waiter = self.sched.enqueue(name)
         except Rejected as exc:
             return self.rejected(exc, model, endpoint, t0)
         if stream:
-            return await self.stream(request, name, model, endpoint, raw, waiter, t0)
-        return await self.unary(request, name, model, endpoint, raw, waiter, t0)
+            return await self.stream(request, name, model, endpoint, raw, waiter, t0, call)
+        return await self.unary(request, name, model, endpoint, raw, waiter, t0, call)
+
+    def finished(self, call: Call | None, status: int, answer: dict[str, Any] | None) -> None:
+        if call is None:
+            return
+        for hook in self.hooks:
+            try:
+                hook.finished(call, status, answer)
+            except Exception as exc:     # a hook never breaks an answer already given
+                self.metrics.log(f"hook {type(hook).__name__} failed: {type(exc).__name__}: {exc}")
 
     def rejected(self, exc: Rejected, model: str, endpoint: str, t0: float) -> JSONResponse:
         self.count(model, endpoint, exc.status, t0)
@@ -279,7 +363,7 @@ class Gateway:
         return await self.client.send(self.request_for(name, endpoint, raw), stream=True)
 
     async def unary(self, request: Request, name: str, model: str, endpoint: str, raw: bytes, waiter: Waiter,
-                    t0: float) -> Response:
+                    t0: float, call: Call | None = None) -> Response:
         try:
             await self.race(request, self.sched.wait(name, waiter))
         except Rejected as exc:
@@ -307,13 +391,15 @@ class Gateway:
         finally:
             hold.release(ok)
         self.count(model, endpoint, upstream.status_code, t0)
+        if self.hooks and call is not None:
+            self.finished(call, upstream.status_code, json_body(content) if upstream.status_code == 200 else None)
         return Response(content, upstream.status_code, media_type=upstream.headers.get("content-type"))
 
     async def stream(self, request: Request, name: str, model: str, endpoint: str, raw: bytes, waiter: Waiter,
-                     t0: float) -> Response:
+                     t0: float, call: Call | None = None) -> Response:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         if not waiter.future.done():
-            return StreamingResponse(self.wait_then_relay(name, model, endpoint, raw, waiter, t0),
+            return StreamingResponse(self.wait_then_relay(name, model, endpoint, raw, waiter, t0, call),
                                      media_type="text/event-stream", headers=headers)
         hold = Hold(self.sched, name)
         try:
@@ -333,7 +419,7 @@ class Gateway:
         if upstream.status_code != 200:
             content = await self.failed_answer(upstream, hold, model, endpoint, t0)
             return Response(content, upstream.status_code, media_type=upstream.headers.get("content-type"))
-        return StreamingResponse(self.relay(name, model, endpoint, upstream, hold, t0), upstream.status_code,
+        return StreamingResponse(self.relay(name, model, endpoint, upstream, hold, t0, call), upstream.status_code,
                                  headers=headers, media_type=upstream.headers.get("content-type"))
 
     async def failed_answer(self, upstream: httpx.Response, hold: Hold, model: str, endpoint: str,
@@ -349,12 +435,15 @@ class Gateway:
         return content
 
     async def relay(self, name: str, model: str, endpoint: str, upstream: httpx.Response, hold: Hold,
-                    t0: float) -> AsyncIterator[bytes]:
+                    t0: float, call: Call | None = None) -> AsyncIterator[bytes]:
         """The upstream's bytes as they arrive; an upstream failure becomes an error event."""
-        ok, status, last = False, 200, b""
+        ok, status, last, tail = False, 200, b"", b""
+        keep = bool(self.hooks and call is not None)
         try:
             async for chunk in upstream.aiter_raw():
                 last = chunk
+                if keep:
+                    tail = (tail + chunk)[-TAIL_BYTES:]
                 yield chunk
             if b"[DONE]" not in last[-64:] and not self.backend.alive(name):
                 raise httpx.RemoteProtocolError("the server exited before the end of the stream")
@@ -369,9 +458,11 @@ class Gateway:
                 await upstream.aclose()
             hold.release(ok)
             self.count(model, endpoint, status if ok or status != 200 else 499, t0)
+            if keep and ok:
+                self.finished(call, 200, last_json_event(tail))
 
     async def wait_then_relay(self, name: str, model: str, endpoint: str, raw: bytes, waiter: Waiter,
-                              t0: float) -> AsyncIterator[bytes]:
+                              t0: float, call: Call | None = None) -> AsyncIterator[bytes]:
         """A streaming request that has to wait (a start, a swap, a free slot): SSE comments until it is
         admitted, then the upstream's stream; a failure becomes an error event."""
         waiting = asyncio.ensure_future(self.sched.wait(name, waiter))
@@ -412,7 +503,7 @@ class Gateway:
             content = await self.failed_answer(upstream, hold, model, endpoint, t0)
             yield error_event(content.decode("utf-8", "replace")[:2000], "upstream_error", upstream.status_code)
             return
-        async for chunk in self.relay(name, model, endpoint, upstream, hold, t0):
+        async for chunk in self.relay(name, model, endpoint, upstream, hold, t0, call):
             yield chunk
 
 

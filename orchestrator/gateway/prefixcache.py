@@ -98,8 +98,10 @@ class Memory:
             self.bytes -= dropped.size()
 
     def reference(self, cur: Seen) -> tuple[Seen | None, str]:
-        """The previous prompt of the same conversation; else the client's recent prompt that shares
-        the most with this one, when it shares more than its first message (a rewritten first turn)."""
+        """The previous prompt of the same conversation ("conversation"); else the client's recent prompt
+        that shares the most with this one: a rewrite of that conversation's first turn when this
+        request carries history that one had ("client"), else another conversation whose shared
+        prefix (a common system prompt) is still reusable ("shared")."""
         same = self.by_conversation.get(cur.conversation)
         if same is not None and same.model == cur.model:
             return same, "conversation"
@@ -112,11 +114,10 @@ class Memory:
                 best, best_n = s, n
         if best is None:
             return None, "none"
-        first = best.shape.messages[0] if best.shape.messages else None
-        beyond_first = first is not None and len(cur.shape.messages) > 1 and cur.shape.messages[0] == first
-        if best_n * 2 >= len(best.text) or beyond_first:
+        later = set(cur.shape.messages[2:])
+        if later and any(m in later for m in best.shape.messages[2:]):
             return best, "client"
-        return None, "none"
+        return best, "shared"
 
 
 @dataclass
@@ -182,7 +183,7 @@ def judge(cur: Seen, ref: Seen | None, how: str, counts: Counts, info: ServerInf
     v = Verdict(prompt, cached, max(lcp, 0), reference=how, exact=exact)
     reusable = v.reusable or 0
     appended = cur.text.startswith(ref.text)
-    if not appended and prefix_chars < len(ref.text):
+    if how != "shared" and not appended and prefix_chars < len(ref.text):
         causes = shape_causes(cur.shape, ref.shape)
         if not causes:
             text, at, kind, _, _ = located("the rendered prompt", cur.text, ref.text)

@@ -201,11 +201,19 @@ def test_memory_is_bounded_lru_and_finds_rewritten_first_turns() -> None:
         small.remember(seen(chat(("user", "x" * 100)), list(range(100)), conv=f"c{i}"))
     assert small.bytes <= 5000 and 0 < len(small.by_conversation) < 50
     mem = Memory()
-    base = seen(chat(("system", "S"), ("user", "first")), list(range(30)), conv="c1")
+    base = seen(chat(("system", "S"), ("user", "first"), ("assistant", "a"), ("user", "second")), list(range(30)),
+                conv="c1")
     mem.remember(base)
-    rewritten = seen(chat(("system", "S"), ("user", "first, edited")), list(range(10)) + [99] * 25, conv="c2")
+    rewritten = seen(chat(("system", "S"), ("user", "first, edited"), ("assistant", "a"), ("user", "second"),
+                          ("assistant", "b"), ("user", "third")), list(range(10)) + [99] * 25, conv="c2")
     ref, how = mem.reference(rewritten)
     assert ref is base and how == "client"
+    # a new conversation with the same system prompt: its shared prefix is reusable, nothing broke
+    fresh = seen(chat(("system", "S"), ("user", "another task")), list(range(10)) + [98] * 5, conv="c4")
+    ref, how = mem.reference(fresh)
+    assert ref is base and how == "shared"
+    v = judge(fresh, ref, how, Counts(15, 10), INFO, True, 0)
+    assert v.ok and v.reusable == 10
     stranger = seen(chat(("user", "other")), [7] * 30, conv="c3", client="someone-else")
     assert mem.reference(stranger) == (None, "none")
 
