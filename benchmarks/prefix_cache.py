@@ -203,6 +203,10 @@ def main() -> None:
                    "tools": TOOLS} for k in range(args.turns)]
         costs = hook_costs(plan, port, bodies, args.hook_iterations)
         print(orchestrate(env, "cache-report", "pcbench").stdout, file=sys.stderr)
+        for log in (state / "logs").glob("*.log"):
+            for line in log.read_text(errors="replace").splitlines():
+                if "prefix-cache:" in line:
+                    print(f"{log.name}: {line}", file=sys.stderr)
     finally:
         orchestrate(env, "down", "pcbench")
     out: dict[str, Any] = {"rounds": args.rounds, "turns": args.turns, "swa_full": "--swa-full" in argv,

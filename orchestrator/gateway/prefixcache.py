@@ -73,6 +73,7 @@ class Seen:
     prompt: int | None
     generated: int
     seq: int = 0               # the server's request counter when it finished
+    rendered: bool = True      # text is the engine's rendering (False: the shape's stand-in)
 
     def size(self) -> int:
         return 2 * len(self.text) + self.shape.size() * 2 + len(self.tokens or b"") + 256
@@ -169,24 +170,27 @@ def judge(cur: Seen, ref: Seen | None, how: str, counts: Counts, info: ServerInf
     if ref is None:
         return Verdict(prompt, cached, cached or 0, reference="none", exact=cur.tokens is not None)
     exact = cur.tokens is not None and ref.tokens is not None
-    prefix_chars = common_prefix(cur.text, ref.text)
+    cur_text, ref_text = cur.text, ref.text
+    if cur.rendered != ref.rendered:     # never a rendering against a stand-in: both stand-ins
+        cur_text, ref_text, exact = cur.shape.flat(), ref.shape.flat(), False
+    prefix_chars = common_prefix(cur_text, ref_text)
     if exact:
         assert cur.tokens is not None and ref.tokens is not None
         lcp = common_tokens(cur.tokens, ref.tokens)
         ref_len = len(ref.tokens) // 4
     else:
         total = prompt or 0
-        lcp = round(prefix_chars / max(len(cur.text), 1) * total)
+        lcp = round(prefix_chars / max(len(cur_text), 1) * total)
         ref_len = ref.prompt or 0
     if prompt:
         lcp = min(lcp, prompt - 1)        # the engine evaluates at least the last token again
     v = Verdict(prompt, cached, max(lcp, 0), reference=how, exact=exact)
     reusable = v.reusable or 0
-    appended = cur.text.startswith(ref.text)
-    if how != "shared" and not appended and prefix_chars < len(ref.text):
+    appended = cur_text.startswith(ref_text)
+    if how != "shared" and not appended and prefix_chars < len(ref_text):
         causes = shape_causes(cur.shape, ref.shape)
         if not causes:
-            text, at, kind, _, _ = located("the rendered prompt", cur.text, ref.text)
+            text, at, kind, _, _ = located("the rendered prompt", cur_text, ref_text)
             causes = [Cause("rendered_differs", f"{text}: the messages are unchanged, so the chat template renders "
                             "earlier turns differently", "template", at, kind)]
         v.broken = max(0, ref_len - lcp)
@@ -194,7 +198,7 @@ def judge(cur: Seen, ref: Seen | None, how: str, counts: Counts, info: ServerInf
         v.causes += causes
     if cached is not None:
         lost = reusable - cached
-        if lost > max(4, reusable // 50):
+        if lost > max(4, reusable // (50 if exact else 10)):   # an estimate on characters is rougher
             v.lost = lost
             v.causes.append(engine_cause(cur, ref, info, cache_prompt, others_since, lost))
         v.reusable = max(reusable, cached)
@@ -247,6 +251,7 @@ class PrefixCacheHook:
         self.seq: dict[str, int] = {}
         self.infos: dict[str, ServerInfo] = {}
         self.skipped = 0
+        self.render_failures = 0
         self.last: Verdict | None = None
 
     # ------------------------------------------------------------------ on the request path
@@ -305,10 +310,10 @@ class PrefixCacheHook:
 
     async def analyse(self, job: Job) -> Verdict:
         info = await self.info(job.server)
-        text, tokens = await self.render(job, info)
+        text, tokens, rendered = await self.render(job, info)
         seq = self.seq[job.server] = self.seq.get(job.server, 0) + 1
         cur = Seen(job.conversation, job.client, job.model, job.server, job.shape, text, tokens, job.counts.prompt,
-                   job.counts.generated or 0, seq)
+                   job.counts.generated or 0, seq, rendered)
         ref, how = self.memory.reference(cur)
         others = 0
         if ref is not None:
@@ -329,30 +334,42 @@ class PrefixCacheHook:
             self.infos[name] = ServerInfo.of(sp, await asyncio.to_thread(_swa_layers, sp))
         return self.infos[name]
 
-    async def render(self, job: Job, info: ServerInfo) -> tuple[str, bytes | None]:
+    async def render(self, job: Job, info: ServerInfo) -> tuple[str, bytes | None, bool]:
         """The prompt as the engine renders and tokenizes it, where it can (llama.cpp, ik_llama.cpp);
         otherwise the shape's stand-in, untokenized."""
         if info.engine not in RENDERING_ENGINES:
-            return job.shape.flat(), None
+            return job.shape.flat(), None, job.shape.prompt is not None
         base, headers = self.upstream(job.server)
+
+        async def post(path: str, body: dict[str, Any]) -> Any:
+            for attempt in (1, 2):      # a kept-alive connection the engine closed meanwhile: once more
+                try:
+                    r = await self.client.post(base + path, json=body, headers=headers, timeout=ENGINE_TIMEOUT_S)
+                    break
+                except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+                    if attempt == 2:
+                        raise
+            r.raise_for_status()
+            return r.json()
+
         try:
             text = job.shape.prompt
             if text is None:
                 body = {k: v for k, v in job.body.items() if k not in ("stream", "stream_options")}
-                r = await self.client.post(base + "/apply-template", json=body, headers=headers,
-                                           timeout=ENGINE_TIMEOUT_S)
-                r.raise_for_status()
-                text = r.json()["prompt"]
+                text = (await post("/apply-template", body))["prompt"]
                 if not isinstance(text, str):
-                    return job.shape.flat(), None
-            r = await self.client.post(base + "/tokenize", json={"content": text, "add_special": True,
-                                                                  "parse_special": True},
-                                       headers=headers, timeout=ENGINE_TIMEOUT_S)
-            r.raise_for_status()
-            ids = r.json()["tokens"]
-            return text, array("i", ids).tobytes()
-        except (httpx.HTTPError, ValueError, KeyError, TypeError, OverflowError):
-            return job.shape.flat() if job.shape.prompt is None else job.shape.prompt, None
+                    return job.shape.flat(), None, False
+            ids = (await post("/tokenize", {"content": text, "add_special": True, "parse_special": True}))["tokens"]
+            return text, array("i", ids).tobytes(), True
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, OverflowError) as exc:
+            self.render_failures += 1
+            if self.metrics and self.render_failures <= 3:
+                detail = exc.response.text[:200] if isinstance(exc, httpx.HTTPStatusError) else ""
+                self.metrics.log(f"prefix-cache: {job.server} could not render/tokenize the prompt "
+                                 f"({type(exc).__name__} {detail}); counting on the messages instead")
+            if job.shape.prompt is not None:
+                return job.shape.prompt, None, True
+            return job.shape.flat(), None, False
 
     # ------------------------------------------------------------------ what it tells
 
