@@ -80,14 +80,14 @@ def system_prompt(repeat: int, clock: str | None) -> str:
     return head + RULES * repeat
 
 
-def conversation(port: int, variant: str, turns: int, repeat: int, tag: str) -> list[dict[str, Any]]:
+def conversation(port: int, variant: str, turns: int, repeat: int, tag: str, rnd: int = 0) -> list[dict[str, Any]]:
     msgs: list[dict[str, Any]] = [{"role": "system", "content": system_prompt(repeat, None)},
                                   {"role": "user", "content": f"Task {tag}: find why the scheduler test is slow."}]
     out = []
     for turn in range(turns):
         if variant == "clock":
             # the clock a client puts in its system prompt, a new second every turn
-            msgs[0]["content"] = system_prompt(repeat, f"2026-12-03 07:{10 + turn:02d}:{(7 * turn) % 60:02d}")
+            msgs[0]["content"] = system_prompt(repeat, f"2026-12-03 07:{10 + turn:02d}:{(7 * turn + 17 * rnd) % 60:02d}")
         body = {"model": "gemma", "messages": msgs, "tools": TOOLS, "max_tokens": 8, "temperature": 0,
                 "user": f"bench-{variant}"}
         ttft, timings, answer = stream_chat(port, body)
@@ -184,15 +184,14 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     try:
         argv = json.loads(orchestrate(env, "plan", str(profile), "--json").stdout)["servers"][0]["argv"]
-        conversation(gw_port, "stable", 2, args.repeat, "warm-up")
+        conversation(gw_port, "warm-up", 2, args.repeat, "warm-up")     # its own client: not counted
         for rnd in range(args.rounds):
             order = ["stable", "clock"] if rnd % 2 == 0 else ["clock", "stable"]
             for variant in order:
-                for row in conversation(gw_port, variant, args.turns, args.repeat, f"{rnd}-{variant}"):
+                for row in conversation(gw_port, variant, args.turns, args.repeat, f"{rnd}-{variant}", rnd):
                     rows.append({**row, "round": rnd})
         time.sleep(2)                               # the doctor works after each answer
-        recs = [r for r in read_records(state, "pcbench") if r["client"].startswith("bench-")
-                and "warm-up" not in r["conversation"]]
+        recs = [r for r in read_records(state, "pcbench") if r["client"] in ("bench-stable", "bench-clock")]
         from orchestrator.pipeline import build_plan
         from orchestrator.profile import load
 

@@ -196,6 +196,10 @@ def judge(cur: Seen, ref: Seen | None, how: str, counts: Counts, info: ServerInf
         v.broken = max(0, ref_len - lcp)
         causes[0].tokens = v.broken
         v.causes += causes
+    if cached is not None and cached > reusable and v.causes:
+        # the engine found more elsewhere (another slot, its host-memory prompt cache): the break cost less
+        v.broken = max(0, v.broken - (cached - reusable))
+        v.causes[0].tokens = v.broken
     if cached is not None:
         lost = reusable - cached
         if lost > max(4, reusable // (50 if exact else 10)):   # an estimate on characters is rougher

@@ -362,3 +362,13 @@ def test_since_and_report_cli(tmp_path) -> None:
     r = subprocess.run([sys.executable, "-m", "orchestrator", "cache-report", "dep", "--since", "1h"],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0 and "no chat or completion requests recorded in that time" in r.stdout
+
+
+def test_a_break_costs_less_when_the_engine_found_the_prefix_elsewhere() -> None:
+    before = seen(chat(("system", "S at 07:54"), ("user", "hi")), list(range(50)))
+    tokens = list(range(50))
+    tokens[5] = 999
+    moved = seen(chat(("system", "S at 07:55"), ("user", "hi")), tokens + list(range(50, 60)), seq=2)
+    # its host-memory prompt cache held 30 tokens of another conversation with the same clock
+    v = judge(moved, before, "conversation", Counts(60, 30), INFO, True, 0)
+    assert v.reusable == 30 and v.broken == 45 - 25 and v.causes[0].tokens == 20
