@@ -191,7 +191,7 @@ def main() -> None:
                 for row in conversation(gw_port, variant, args.turns, args.repeat, f"{rnd}-{variant}", rnd):
                     rows.append({**row, "round": rnd})
         time.sleep(2)                               # the doctor works after each answer
-        recs = [r for r in read_records(state, "pcbench") if r["client"] in ("bench-stable", "bench-clock")]
+        recs = [r for r in read_records(state, "pcbench") if r["client"] in ("user:bench-stable", "user:bench-clock")]
         from orchestrator.pipeline import build_plan
         from orchestrator.profile import load
 
@@ -212,7 +212,7 @@ def main() -> None:
                            "variants": {}, "doctor_cost": costs}
     for variant in ("stable", "clock"):
         mine = [r for r in rows if r["variant"] == variant and r["turn"] > 0]
-        vrecs = [r for r in recs if r["client"] == f"bench-{variant}"]
+        vrecs = [r for r in recs if r["client"] == f"user:bench-{variant}"]
         summary = summarize(vrecs, "pcbench")
         out["variants"][variant] = {
             "ttft_ms_p50": round(statistics.median(r["ttft_s"] for r in mine) * 1e3, 1),

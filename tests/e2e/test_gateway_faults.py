@@ -40,7 +40,9 @@ def test_up_status_models_on_demand_start_and_down(env) -> None:
     c = client(port)
     states = {m.id: (m.model_extra or {})["state"] for m in c.models.list().data}
     assert states == {"fa": "stopped", "fb": "running"}
-    answer = c.chat.completions.create(model="fa", messages=[{"role": "user", "content": "hi"}])
+    raw = c.chat.completions.with_raw_response.create(model="fa", messages=[{"role": "user", "content": "hi"}])
+    assert raw.headers["x-orchestrator-server"] == "a"
+    answer = raw.parse()
     assert answer.choices[0].message.content == "fake answer from fa"
     assert record_pid(env, "gwfake", "a") is not None
     deadline = time.monotonic() + 10                # idle_timeout 2 s: stopped, its record gone

@@ -176,7 +176,7 @@ def test_doctor_diagnoses_four_conversations_on_real_llama_cpp(engine_built: Non
 
         text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
         all_recs = records(env, "pfx", seen)
-        assert metric(text, "gateway_prefix_reused_tokens_total", model="gemma", client=CLIENT) == \
+        assert metric(text, "gateway_prefix_reused_tokens_total", model="gemma", client=f"user:{CLIENT}") == \
             sum(r["cached"] for r in all_recs)
         assert metric(text, "gateway_prefix_lost_tokens_total", cause="system_changed") > 0
         report = env.run("cache-report", "pfx", "--json")
