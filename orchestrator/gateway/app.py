@@ -189,6 +189,14 @@ class Gateway:
         self.created = int(time.time())
         self._ticker: asyncio.Task[None] | None = None
         self._upstreams: dict[str, tuple[str, dict[str, str]]] = {}
+        self.prefix: Any = None
+        if self.gw.prefix_report:
+            from orchestrator.gateway.prefixcache import PrefixCacheHook
+
+            root = getattr(getattr(getattr(backend, "deployer", None), "store", None), "root", None)
+            self.prefix = PrefixCacheHook(plan, self.upstream, self.client, self.metrics, root,
+                                          normalize=self.gw.normalize_tools)
+            self.hooks.append(self.prefix)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -210,6 +218,8 @@ class Gateway:
     async def shutdown(self) -> None:
         if self._ticker:
             self._ticker.cancel()
+        if self.prefix is not None:
+            await self.prefix.close()
         await self.client.aclose()
 
     # ------------------------------------------------------------------ plain endpoints

@@ -131,7 +131,8 @@ def plan_gateway(profile: Profile, facts: Facts, servers: list[ServerPlan]) -> t
                                         "servers start: always"))
     notes = [f"{sp.name}: no memory estimate; counted as 0" for sp in servers if sp.estimate is None]
     plan = GatewayPlan(host=gw.host, port=gw.port, api_key_env=gw.api_key_env, budgets=budgets, needs=needs,
-                       max_body_bytes=int(gw.max_body), queue=gw.queue, start_timeout_s=gw.start_timeout, notes=notes)
+                       max_body_bytes=int(gw.max_body), queue=gw.queue, start_timeout_s=gw.start_timeout, notes=notes,
+                       prefix_report=gw.prefix_cache.report, normalize_tools=gw.prefix_cache.normalize_tools)
     return plan, problems
 
 
@@ -144,6 +145,10 @@ def describe(gw: GatewayPlan) -> list[str]:
     for b in gw.budgets:
         figure = f"{b.bytes / GIB:.2f} GiB" if b.bytes is not None else "unlimited"
         lines.append(f"  memory budget {b.resource}: {figure} ({b.reason})")
+    if gw.prefix_report:
+        norm = ("tool definitions and schema keys sorted before relaying (changes what the model sees)"
+                if gw.normalize_tools else "requests relayed unchanged")
+        lines.append(f"  prefix cache: reuse measured per request (/metrics, cache-report); {norm}")
     lines += [f"  note: {n}" for n in gw.notes]
     return lines
 

@@ -123,6 +123,14 @@ class MemoryBudget(Strict):
         return None if v is None else parse_size(v)
 
 
+class PrefixCache(Strict):
+    report: bool = Field(True, description="Measure each request's prefix-cache reuse and name what broke it "
+                                           "(/metrics, orchestrate cache-report)")
+    normalize_tools: bool = Field(False, description="Sort tool definitions by name and the keys of their "
+                                                     "schemas before relaying, so a client's changing order no "
+                                                     "longer breaks the cache; it changes what the model sees")
+
+
 class Gateway(Strict):
     host: str = Field("127.0.0.1", description="Address the gateway listens on; anything but loopback needs "
                                                "api_key_env")
@@ -137,6 +145,7 @@ class Gateway(Strict):
     start_timeout: int | None = Field(None, ge=5, le=7200, description="Seconds a request waits for a stopped "
                                                                        "server to start; default: its "
                                                                        "health.timeout")
+    prefix_cache: PrefixCache = PrefixCache()
 
     @field_validator("max_body")
     @classmethod
