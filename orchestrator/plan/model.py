@@ -331,6 +331,8 @@ class GatewayPlan:
     queue: int                         # waiting requests per server beyond its parallel slots
     start_timeout_s: int | None        # None: each server's health timeout
     notes: list[str] = field(default_factory=list)
+    image: str | None = None           # its container image (render --target compose/k8s)
+    image_reason: str = ""
 
     def budget(self, resource: str) -> int | None:
         return next((b.bytes for b in self.budgets if b.resource == resource), None)

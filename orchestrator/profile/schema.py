@@ -128,6 +128,9 @@ class Gateway(Strict):
     start_timeout: int | None = Field(None, ge=5, le=7200, description="Seconds a request waits for a stopped "
                                                                        "server to start; default: its "
                                                                        "health.timeout")
+    image: str | None = Field(None, max_length=255,
+                              description="Container image of the gateway for render --target compose/k8s; "
+                                          "default: the one `orchestrate engines image gateway` builds")
 
     @field_validator("max_body")
     @classmethod
