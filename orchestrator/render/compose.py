@@ -22,7 +22,6 @@ from orchestrator.render.gateway import (
     SERVICE,
     check_names,
     gateway_plan_json,
-    healthcheck_code,
     require_gateway_image,
 )
 
@@ -151,8 +150,8 @@ def _gateway_service(plan: Plan) -> dict[str, Any]:
         svc["environment"] = env
     svc["configs"] = [{"source": f"{SERVICE}-plan", "target": PLAN_PATH, "mode": 0o444}]
     svc["depends_on"] = {s.name: {"condition": "service_healthy"} for s in plan.servers}
-    svc["healthcheck"] = {"test": ["CMD", "/opt/python/bin/python3", "-c", healthcheck_code(gw.port)],
-                          "interval": "2s", "timeout": "5s", "retries": 3, "start_period": "60s"}
+    # the image's own HEALTHCHECK (GET /health on the port of the plan it serves); compose sets the timings
+    svc["healthcheck"] = {"interval": "2s", "timeout": "5s", "retries": 3, "start_period": "60s"}
     svc["init"] = True
     svc["restart"] = "unless-stopped"
     svc["stop_grace_period"] = "10s"

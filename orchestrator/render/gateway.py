@@ -42,10 +42,6 @@ def check_names(plan: Plan) -> None:
                                 "rename that server")
 
 
-def healthcheck_code(port: int) -> str:
-    return f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/health', timeout=4)"
-
-
 def upstream_keys(plan: Plan) -> list[str]:
     """The variables that hold the servers' API keys, which the gateway sends upstream."""
     return sorted({s.api_key.env_var for s in plan.servers if s.api_key})

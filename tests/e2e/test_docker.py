@@ -335,6 +335,9 @@ def test_rendered_compose_with_its_gateway_serves_the_openai_client(env, gemma: 
         logs = subprocess.run([*compose, "logs", "gateway"], capture_output=True, text=True, timeout=60,
                               cwd=out.parent, env=run_env)
         assert p.returncode == 0, p.stdout + p.stderr + logs.stdout + logs.stderr
+        gw_ct = docker_client.containers.get(f"{name}--gateway")
+        assert gw_ct.attrs["State"]["Health"]["Status"] == "healthy"      # the image's own HEALTHCHECK
+        assert gw_ct.attrs["Config"]["User"] == "65534:65534"
         base = f"http://127.0.0.1:{gw_port}/v1"
         client = openai.OpenAI(base_url=base, api_key=keys["DK_GATEWAY_KEY"], max_retries=0, timeout=120)
         assert [m.id for m in client.models.list()] == ["gemma"]
