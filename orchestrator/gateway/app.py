@@ -36,7 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from orchestrator.gateway.backend import DeployerBackend
+from orchestrator.gateway.backend import GatewayBackend
 from orchestrator.gateway.dashboard import Dashboard
 from orchestrator.gateway.metrics import Metrics
 from orchestrator.gateway.scheduler import Rejected, Scheduler, ServerSpec, Waiter
@@ -166,7 +166,7 @@ async def _disconnected(request: Request) -> None:
 
 
 class Gateway:
-    def __init__(self, plan: Plan, backend: DeployerBackend, api_key: str | None, metrics: Metrics | None = None,
+    def __init__(self, plan: Plan, backend: GatewayBackend, api_key: str | None, metrics: Metrics | None = None,
                  client: httpx.AsyncClient | None = None) -> None:
         assert plan.gateway is not None
         self.plan = plan

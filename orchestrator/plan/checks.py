@@ -76,7 +76,12 @@ def check_target(profile: Profile, target: str) -> list[Problem]:
     on the pod's network and gives it a Service, so any pod of the cluster can reach it."""
     if target != "k8s":
         return []
-    return [Problem(("servers", i, "api_key_env"),
+    gateway = [] if profile.gateway is None or profile.gateway.api_key_env else [
+        Problem(("gateway",), "--target k8s makes the gateway reachable from every pod of the cluster (a Service; "
+                "the container binds 0.0.0.0) and it has no API key",
+                "set gateway.api_key_env: NAME (the manifests take the key from the Secret "
+                "DEPLOYMENT--gateway-api-key), or render another target")]
+    return gateway + [Problem(("servers", i, "api_key_env"),
                     "--target k8s makes this server reachable from every pod of the cluster (a Service; the "
                     "container binds 0.0.0.0) and it has no API key",
                     "set api_key_env: NAME (the manifests take the key from the Secret DEPLOYMENT--SERVER-api-key), "

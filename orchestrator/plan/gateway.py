@@ -4,6 +4,8 @@ estimate), and the checks a profile with start: on_demand must pass. Pure, like 
 
 from __future__ import annotations
 
+from orchestrator import __version__
+from orchestrator.catalog import LOCAL_IMAGE_PREFIX
 from orchestrator.errors import Problem
 from orchestrator.facts.types import Facts
 from orchestrator.plan.fit import FIT_MARGIN_BYTES
@@ -130,10 +132,23 @@ def plan_gateway(profile: Profile, facts: Facts, servers: list[ServerPlan]) -> t
                                         "raise gateway.memory_budget, lower its context/parallel, or make fewer "
                                         "servers start: always"))
     notes = [f"{sp.name}: no memory estimate; counted as 0" for sp in servers if sp.estimate is None]
+    image, image_reason = gateway_image(gw.image)
     plan = GatewayPlan(host=gw.host, port=gw.port, api_key_env=gw.api_key_env, budgets=budgets, needs=needs,
                        max_body_bytes=int(gw.max_body), queue=gw.queue, start_timeout_s=gw.start_timeout, notes=notes,
-                       prefix_report=gw.prefix_cache.report, normalize_tools=gw.prefix_cache.normalize_tools)
+                       prefix_report=gw.prefix_cache.report, normalize_tools=gw.prefix_cache.normalize_tools,
+                       image=image, image_reason=image_reason)
     return plan, problems
+
+
+def default_gateway_image() -> str:
+    """The tag `orchestrate engines image gateway` gives the gateway image of this version."""
+    return f"{LOCAL_IMAGE_PREFIX}gateway:{__version__}"
+
+
+def gateway_image(given: str | None) -> tuple[str, str]:
+    if given:
+        return given, "gateway.image"
+    return default_gateway_image(), "built here by `orchestrate engines image gateway` (no registry has it)"
 
 
 def describe(gw: GatewayPlan) -> list[str]:

@@ -146,6 +146,9 @@ class Gateway(Strict):
                                                                        "server to start; default: its "
                                                                        "health.timeout")
     prefix_cache: PrefixCache = PrefixCache()
+    image: str | None = Field(None, max_length=255,
+                              description="Container image of the gateway for render --target compose/k8s; "
+                                          "default: the one `orchestrate engines image gateway` builds")
 
     @field_validator("max_body")
     @classmethod
