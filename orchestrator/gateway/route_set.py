@@ -5,6 +5,7 @@ decisions on a split of it. `orchestrate eval route` and the scorer's tests read
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import OrchestratorError
-from orchestrator.plan.model import RoutePlan
+from orchestrator.plan.model import RoutePlan, client_host
 
 SET_FILE = "route_prompts.jsonl"
 HARNESS_FILE = "route_harness.json"
@@ -84,3 +85,60 @@ def report(route: RoutePlan, items: list[Item], decisions: list[dict[str, Any]])
     return {"route": route.name, "items": len(items), "correct": right,
             "accuracy": round(right / len(items), 4) if items else None,
             "confusion": {want: {got: confusion[(want, got)] for got in names} for want in names}, "wrong": wrong}
+
+
+def gateway_url(host: str, port: int) -> str:
+    return f"http://{client_host(host)}:{port}"
+
+
+def _headers(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def gateway_decisions(url: str, key: str | None, route: RoutePlan, items: list[Item]) -> list[dict[str, Any]] | None:
+    """Each item's decision from a running gateway's POST /v1/route; None when no gateway answers there."""
+    import httpx
+
+    with httpx.Client(base_url=url, headers=_headers(key), timeout=30, trust_env=False) as client:
+        try:
+            client.get("/health", timeout=2).raise_for_status()
+        except httpx.HTTPError:
+            return None
+        out = []
+        for item in items:
+            r = client.post("/v1/route", json={**item.body, "model": route.name})
+            if r.status_code != 200:
+                raise OrchestratorError(f"the gateway at {url} answered POST /v1/route with {r.status_code}: "
+                                        f"{r.text[:300]}", "is it running this profile? (orchestrate up PROFILE; "
+                                        "export the gateway's key variable if it has one)")
+            out.append(r.json())
+    return out
+
+
+def send_all(url: str, key: str | None, model: str, items: list[Item], max_tokens: int) -> dict[str, Any]:
+    """Every item as a chat request for `model` (one at a time): latency, tokens and throughput, and
+    which servers answered."""
+    import httpx
+
+    lat, prompt_t, gen_t, failed = [], 0, 0, 0
+    servers: Counter[str] = Counter()
+    with httpx.Client(base_url=url, headers=_headers(key), timeout=600, trust_env=False) as client:
+        for item in items:
+            t0 = time.perf_counter()
+            r = client.post("/v1/chat/completions", json={**item.body, "model": model, "max_tokens": max_tokens,
+                                                          "temperature": 0})
+            lat.append(time.perf_counter() - t0)
+            servers[r.headers.get("x-orchestrator-server", "-")] += 1
+            if r.status_code != 200:
+                failed += 1
+                continue
+            usage = r.json().get("usage") or {}
+            prompt_t += int(usage.get("prompt_tokens") or 0)
+            gen_t += int(usage.get("completion_tokens") or 0)
+    total = sum(lat)
+    lat.sort()
+    return {"model": model, "requests": len(items), "failed": failed, "servers": dict(servers),
+            "latency_p50_s": round(lat[len(lat) // 2], 3) if lat else None,
+            "latency_mean_s": round(total / len(lat), 3) if lat else None, "total_s": round(total, 2),
+            "prompt_tokens": prompt_t, "completion_tokens": gen_t,
+            "completion_tok_s": round(gen_t / total, 1) if total else None}

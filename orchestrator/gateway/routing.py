@@ -28,7 +28,10 @@ LEVELS = ("simple", "medium", "complex", "reasoning")
 
 
 def _rx(*words: str) -> re.Pattern[str]:
-    return re.compile("|".join(words), re.IGNORECASE)
+    """Keyword patterns, matched against lowercased text (cheaper than re.IGNORECASE)."""
+    pattern = "|".join(words)
+    assert not re.search(r"\\[SWDB]", pattern), "lowercasing would change an escape"
+    return re.compile(pattern.lower())
 
 
 CODE_BLOCK = re.compile(r"```|^\s{4,}\S.*[;{}]\s*$|^(Traceback|\s+File \"[^\"]+\", line \d+)", re.MULTILINE)
@@ -63,6 +66,7 @@ SIMPLE = _rx(r"^\s*(hi|hello|hey|hallo|bonjour|hola|ciao|thanks?|thank you|danke
              r"\b(übersetze|fasse .*zusammen|formuliere|traduis|résume|corrige|quelle est|was ist|wie viele|cuántos)\b")
 NON_LATIN = re.compile(r"[\u0400-\u04ff\u0600-\u06ff\u0900-\u097f\u3040-\u30ff\u4e00-\u9fff\uac00-\ud7af]")
 NON_ENGLISH = _rx(r"\b(der|die|das|und|ist|nicht|ich|le|la|les|est|une|des|el|los|las|qué|por|para)\b")
+HEAD = 1500
 REMINDER = re.compile(r"<system-reminder>.*?</system-reminder>", re.DOTALL | re.IGNORECASE)
 
 # Signal weights (tuned on the labeled set's training split: orchestrator/data/route_prompts.jsonl).
@@ -114,9 +118,10 @@ def score(body: dict[str, Any], thresholds: dict[str, float]) -> Decision:
     """The request's complexity in [0, 1], its level, and each signal's part of the score."""
     users, _ = user_texts(body)
     ask = users[-1]
-    head = ask[:4000]    # keyword signals read the start of the ask; a pasted document counts by its length
+    # Keyword signals read the ask's start and end, where instructions are; a pasted document counts by its length.
+    head = (ask if len(ask) <= HEAD else ask[:HEAD - 500] + "\n" + ask[-500:]).lower()
     raw = {
-        "code": 1.0 if CODE_BLOCK.search(ask) else _count(CODE_WORDS, head, 2),
+        "code": 1.0 if CODE_BLOCK.search(ask, 0, 8000) else _count(CODE_WORDS, head, 2),
         "math": _count(MATH, head, 2),
         "reasoning": _count(REASONING, head, 2),
         "step_by_step": 1.0 if STEPWISE.search(head) else 0.0,

@@ -208,3 +208,19 @@ def test_plan_carries_and_shows_routes(tmp_path: Path, orchestrate) -> None:
     code, out, err = orchestrate("plan", str(f), env={"ORCHESTRATOR_STATE_DIR": str(tmp_path / "state")})
     assert code == 0, err
     assert "route auto: a (gemma-a) up to simple, b (gemma-b) above; scores simple < 0.2" in out
+
+
+def test_eval_route_in_process_reports_accuracy_and_confusion(tmp_path: Path, orchestrate) -> None:
+    f = tmp_path / "gw.yaml"
+    f.write_text(two_servers(ROUTES.replace("9100", "9") + "        - {server: a, up_to: simple}\n"
+                             "        - {server: b}\n"))
+    env = {"ORCHESTRATOR_STATE_DIR": str(tmp_path / "state")}
+    code, out, err = orchestrate("eval", "route", str(f), "--split", "train", "--json", env=env)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["decided_by"].startswith("the scorer in-process") and result["items"] >= 100
+    assert result["accuracy"] >= 0.9 and set(result["confusion"]) == {"a", "b"}
+    code, out, err = orchestrate("eval", "route", str(f), env=env)
+    assert code == 0 and "heldout prompts" in out and "accuracy:" in out, err
+    code, out, err = orchestrate("eval", "route", str(f), "--run", env=env)
+    assert code == 1 and "--run needs the running gateway" in err
