@@ -119,9 +119,10 @@ def score(body: dict[str, Any], thresholds: dict[str, float]) -> Decision:
     users, _ = user_texts(body)
     ask = users[-1]
     # Keyword signals read the ask's start and end, where instructions are; a pasted document counts by its length.
-    head = (ask if len(ask) <= HEAD else ask[:HEAD - 500] + "\n" + ask[-500:]).lower()
+    region = ask if len(ask) <= HEAD else ask[:HEAD - 500] + "\n" + ask[-500:]
+    head = region.lower()
     raw = {
-        "code": 1.0 if CODE_BLOCK.search(ask, 0, 8000) else _count(CODE_WORDS, head, 2),
+        "code": 1.0 if CODE_BLOCK.search(region) else _count(CODE_WORDS, head, 2),
         "math": _count(MATH, head, 2),
         "reasoning": _count(REASONING, head, 2),
         "step_by_step": 1.0 if STEPWISE.search(head) else 0.0,
