@@ -38,7 +38,7 @@ from starlette.routing import Route
 
 from orchestrator.gateway.backend import DeployerBackend
 from orchestrator.gateway.metrics import Metrics
-from orchestrator.gateway.routing import Router, decide
+from orchestrator.gateway.routing import Judge, Router, decide
 from orchestrator.gateway.scheduler import Rejected, Scheduler, ServerSpec, Waiter
 from orchestrator.plan.model import Plan
 
@@ -181,7 +181,10 @@ class Gateway:
         self.handlers: list[Handler] = []
         self.routes = {r.name: r for r in self.gw.routes}
         if self.routes:
-            self.hooks.append(Router(self.gw.routes, self.metrics.route_decisions, self.metrics.route_escalations))
+            router = Router(self.gw.routes, self.metrics.route_decisions, self.metrics.route_escalations)
+            self.hooks.append(router)
+            if any(r.judge_server for r in self.gw.routes):
+                self.handlers.append(Judge(router, self, self.metrics.route_judgements))
         # TCP_NODELAY: httpx writes a request's headers and body separately, and Nagle's algorithm would hold
         # the body until the server's delayed ACK of the headers (~40 ms on Linux loopback) on every request.
         transport = httpx.AsyncHTTPTransport(

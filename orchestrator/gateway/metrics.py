@@ -42,6 +42,8 @@ class Metrics(Events):
                                        registry=r)
         self.route_escalations = Counter("gateway_route_escalations", "Conversations moved up a tier, by cause "
                                          "(error, context, tool_calls)", ["route", "cause"], registry=r)
+        self.route_judgements = Counter("gateway_route_judgements", "Judgements near a tier boundary, by verdict "
+                                        "(simple, hard, unclear, timeout, failed)", ["route", "verdict"], registry=r)
         self.waiting = Gauge("gateway_server_waiting", "Requests waiting for a slot", ["server"], registry=r)
 
     def log(self, text: str) -> None:

@@ -16,12 +16,16 @@ per request by a fast scoring of what the user asked, with the reason in the res
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
+
+from orchestrator.gateway.scheduler import Rejected
 from orchestrator.plan.model import RoutePlan
 
 LEVELS = ("simple", "medium", "complex", "reasoning")
@@ -210,10 +214,11 @@ def asked_tier(route: RoutePlan, value: str) -> int | None:
     return None
 
 
-def route_header(route: RoutePlan, tier: int, decision: Decision, how: str) -> str:
+def route_header(route: RoutePlan, tier: int, decision: Decision, how: str, verdict: str = "") -> str:
     top = ",".join(f"{k}:{v:+.2f}" for k, v in decision.top())
     return (f"{route.name} tier={tier} server={route.tiers[tier].server} level={decision.level} "
-            f"score={decision.score:.2f} by={how}" + (f" signals={top}" if top else ""))
+            f"score={decision.score:.2f} by={how}" + (f" judge={verdict}" if verdict else "") +
+            (f" signals={top}" if top else ""))
 
 
 def decide(route: RoutePlan, body: dict[str, Any]) -> dict[str, Any]:
@@ -223,6 +228,72 @@ def decide(route: RoutePlan, body: dict[str, Any]) -> dict[str, Any]:
     return {"route": route.name, "server": route.tiers[tier].server, "model": route.tiers[tier].served_name,
             "tier": tier, "level": d.level, "score": d.score, "signals": {k: v for k, v in d.signals.items() if v},
             "top": [k for k, _ in d.top()]}
+
+
+def near(route: RoutePlan, total: float) -> int | None:
+    """The boundary (between tier i and i + 1) the score is within the judge's margin of, if any."""
+    best = None
+    for i, t in enumerate(route.tiers[:-1]):
+        assert t.up_to is not None
+        gap = abs(total - route.thresholds[t.up_to])
+        if gap <= route.judge_margin and (best is None or gap < best[0]):
+            best = (gap, i)
+    return best[1] if best else None
+
+
+JUDGE_PROMPT = ("You sort requests between a small fast model and a large smart one. Reply with one letter: A if a "
+                "small model can answer it well (chit-chat, a fact, a rewrite, a short summary), B if it needs the "
+                "large model (code, math, multi-step reasoning, planning, long analysis).")
+
+
+class Judge:
+    """A gateway handler for calls the Router left undecided near a tier boundary: one token from the
+    judge server (through the scheduler, bounded by judge_timeout_ms), then the plain relay."""
+
+    def __init__(self, router: Router, gateway: Any, outcomes: Any = None) -> None:
+        self.router, self.gateway, self.outcomes = router, gateway, outcomes
+
+    def claims(self, call: Any) -> bool:
+        note = call.notes.get("route")
+        return bool(note and note.get("judge"))
+
+    async def verdict(self, call: Any, route: RoutePlan) -> str:
+        users, _ = user_texts(call.body)
+        judge = {t.server: t.served_name for t in route.tiers}.get(route.judge_server or "", route.judge_server)
+        body = {"model": judge, "messages": [{"role": "system", "content": JUDGE_PROMPT},
+                                             {"role": "user", "content": users[-1][:2000]}],
+                "max_tokens": 1, "temperature": 0}
+        try:
+            status, answer = await asyncio.wait_for(self.gateway.complete(call, body, route.judge_server),
+                                                    route.judge_timeout_ms / 1000)
+        except TimeoutError:
+            return "timeout"
+        except (Rejected, httpx.HTTPError):
+            return "failed"
+        try:
+            text = str(answer["choices"][0]["message"]["content"]).strip().upper() if status == 200 else ""
+        except (KeyError, IndexError, TypeError):
+            text = ""
+        return "simple" if text.startswith("A") else "hard" if text.startswith("B") else "unclear"
+
+    async def handle(self, call: Any, request: Any) -> Any:
+        note = call.notes["route"]
+        route = self.router.routes[note["route"]].route
+        verdict = await self.verdict(call, route)
+        if self.outcomes is not None:
+            self.outcomes.labels(route.name, verdict).inc()
+        boundary = near(route, note["score"])
+        tier, how = note["tier"], "score"
+        if boundary is not None and verdict in ("simple", "hard"):
+            tier, how = (boundary if verdict == "simple" else boundary + 1), "judge"
+        self.router.commit(call, tier, how, verdict)
+        call.headers["x-orchestrator-server"] = call.name
+        gw = self.gateway
+        try:
+            waiter = gw.sched.enqueue(call.name)
+        except Rejected as exc:
+            return gw.rejected(exc, call)
+        return await (gw.stream(request, call, waiter) if call.stream else gw.unary(request, call, waiter))
 
 
 CONTEXT_ERROR = re.compile(r"exceed|context", re.IGNORECASE)
@@ -251,16 +322,29 @@ class Router:
             tier, how = min(tier + 1, len(route.tiers) - 1), "header"
         elif asked and (want := asked_tier(route, asked)) is not None:
             tier, how = want, "header"
+        call.name = route.tiers[tier].server
+        call.notes["route"] = {"route": route.name, "key": key, "tier": tier, "level": d.level, "score": d.score,
+                               "by": how, "decision": d}
+        if how == "score" and pin is None and route.judge_server and near(route, d.score) is not None:
+            call.notes["route"]["judge"] = True     # Judge (a handler) decides, then commits
+            return None
+        self.commit(call, tier, how)
+        return None
+
+    def commit(self, call: Any, tier: int, how: str, verdict: str = "") -> None:
+        """The decision made: the conversation's pin, the server, the header, the counter."""
+        note = call.notes["route"]
+        state = self.routes[note["route"]]
+        route = state.route
+        pin = state.get(note["key"])
         if pin is None or pin.tier != tier:
             pin = Pin(tier, pin.failures if pin else 0, how in ("header", "escalated"))
-        state.put(key, pin)
+        state.put(note["key"], pin)
+        note.update(tier=tier, by=how)
         call.name = route.tiers[tier].server
-        call.headers["x-orchestrator-route"] = route_header(route, tier, d, how)
-        call.notes["route"] = {"route": route.name, "key": key, "tier": tier, "level": d.level, "score": d.score,
-                               "by": how}
+        call.headers["x-orchestrator-route"] = route_header(route, tier, note["decision"], how, verdict)
         if self.counter is not None:
             self.counter.labels(route.name, str(tier), call.name, how).inc()
-        return None
 
     def finished(self, call: Any, status: int, answer: dict[str, Any] | None) -> None:
         note = call.notes.get("route")

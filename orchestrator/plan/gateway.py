@@ -80,12 +80,17 @@ def _routes(profile: Profile, servers: list[ServerPlan]) -> tuple[list[RoutePlan
         if r.tiers and r.tiers[-1].up_to is not None:
             problems.append(Problem((*at, "tiers", len(r.tiers) - 1, "up_to"), "the last tier must take every "
                                     "request above the others", "remove up_to from the last tier"))
+        judge = r.judge.server or (r.tiers[0].server if r.tiers else None)
+        if r.judge.enabled and judge not in by_name:
+            problems.append(Problem((*at, "judge", "server"), f"no server is named {judge!r}",
+                                    f"use one of: {', '.join(sorted(by_name))}"))
         th = r.thresholds
         if not th.simple < th.medium < th.complex:
             problems.append(Problem((*at, "thresholds"), f"thresholds must rise: simple {th.simple} < medium "
                                     f"{th.medium} < complex {th.complex}", "order the three values"))
         out.append(RoutePlan(name, tiers, {"simple": th.simple, "medium": th.medium, "complex": th.complex},
-                             r.sticky, r.escalate_after))
+                             r.sticky, r.escalate_after, judge if r.judge.enabled else None, r.judge.margin,
+                             r.judge.timeout_ms))
     return out, problems
 
 
@@ -202,6 +207,9 @@ def describe(gw: GatewayPlan) -> list[str]:
         sticky = f"{r.sticky} conversations sticky" if r.sticky else "no stickiness"
         lines.append(f"  route {r.name}: {tiers}; scores {th}; {sticky}; up a tier after "
                      f"{r.escalate_after} failed tool calls, a 5xx or a context overflow")
+        if r.judge_server:
+            lines.append(f"    judged by {r.judge_server} (one token, {r.judge_timeout_ms} ms at most) within "
+                         f"{r.judge_margin:g} of a threshold")
     lines += [f"  note: {n}" for n in gw.notes]
     return lines
 

@@ -333,6 +333,9 @@ class RoutePlan:
     thresholds: dict[str, float]   # level -> the score below which a request is that level
     sticky: int                    # conversations remembered (LRU); 0: no stickiness
     escalate_after: int            # tool-call failures in a conversation before it moves up a tier
+    judge_server: str | None = None   # None: no judgement; else the server asked near a boundary
+    judge_margin: float = 0.05
+    judge_timeout_ms: int = 1500
 
 
 @dataclass

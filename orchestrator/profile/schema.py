@@ -126,6 +126,13 @@ class RouteThresholds(Strict):
     complex: float = Field(0.6, gt=0, lt=1, description="Scores below this are complex; the rest reasoning")
 
 
+class RouteJudge(Strict):
+    enabled: bool = Field(False, description="Ask a model for a one-token judgement near a tier boundary")
+    server: str | None = Field(None, description="The server that judges (default: the first tier's)")
+    margin: float = Field(0.05, ge=0, le=1, description="How near a threshold a score must be to be judged")
+    timeout_ms: int = Field(1500, ge=1, le=60_000, description="Longer than this: the score decides")
+
+
 class Route(Strict):
     tiers: list[RouteTier] = Field(min_length=1, description="Cheapest first: [{server: fast, up_to: simple}, "
                                                              "{server: smart}]")
@@ -133,6 +140,7 @@ class Route(Strict):
     sticky: int = Field(4096, ge=0, le=1_000_000, description="Conversations kept on their tier (LRU); 0: off")
     escalate_after: int = Field(2, ge=1, le=100, description="Failed tool calls in a conversation before it "
                                                              "moves up a tier")
+    judge: RouteJudge = RouteJudge()
 
 
 class Gateway(Strict):

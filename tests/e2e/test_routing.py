@@ -29,7 +29,11 @@ def routed(env, gemma: Path, smollm: Path):
     profile, port = gateway_profile(env, "gwroute", [
         {"name": "fast", "model": {"path": str(smollm), "served_name": "smol"}, "context": 512},
         {"name": "smart", "model": {"path": str(gemma), "served_name": "gemma"}, "context": 4096}],
-        routes={"auto": {"tiers": [{"server": "fast", "up_to": "simple"}, {"server": "smart"}]}})
+        routes={"auto": {"tiers": [{"server": "fast", "up_to": "simple"}, {"server": "smart"}]},
+                "judged": {"tiers": [{"server": "fast", "up_to": "simple"}, {"server": "smart"}],
+                           "judge": {"enabled": True, "margin": 1.0, "timeout_ms": 30000}},
+                "hasty": {"tiers": [{"server": "fast", "up_to": "simple"}, {"server": "smart"}],
+                          "judge": {"enabled": True, "margin": 1.0, "timeout_ms": 1}}})
     up(env, profile)
     yield port
     down = env.run("down", str(profile))
@@ -92,3 +96,25 @@ def test_auto_routes_sticks_escalates_and_counts(routed: int) -> None:
     assert metric(m, "gateway_route_decisions_total", route="auto", by="sticky") == 1
     assert metric(m, "gateway_route_escalations_total", route="auto", cause="context") == 1
     assert metric(m, "gateway_requests_total", model="auto", code="400") == 1
+
+
+def test_judgement_near_a_boundary_and_its_time_limit(routed: int) -> None:
+    port = routed
+    c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+    verdicts = []
+    for text in ("Hi there!", HARD):
+        raw = c.chat.completions.with_raw_response.create(model="judged", messages=[{"role": "user", "content": text}],
+                                                          max_tokens=4, temperature=0)
+        assert raw.parse().choices[0].message.content is not None
+        why = raw.headers["x-orchestrator-route"]
+        assert "by=judge judge=" in why or "by=score judge=unclear" in why, why   # the small model's verdict, whatever it is
+        assert raw.headers["x-orchestrator-server"] in ("fast", "smart")
+        verdicts.append(why)
+    raw = c.chat.completions.with_raw_response.create(model="hasty", messages=[{"role": "user", "content": HARD}],
+                                                      max_tokens=4, temperature=0)
+    assert raw.parse().choices and "by=score judge=timeout" in raw.headers["x-orchestrator-route"]
+    assert raw.headers["x-orchestrator-server"] == "smart"        # the score decided
+    m = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    assert metric(m, "gateway_route_judgements_total", route="judged") == 2
+    assert metric(m, "gateway_route_judgements_total", route="hasty", verdict="timeout") == 1
+    assert metric(m, "gateway_route_decisions_total", route="judged") == 2

@@ -224,3 +224,30 @@ def test_eval_route_in_process_reports_accuracy_and_confusion(tmp_path: Path, or
     assert code == 0 and "heldout prompts" in out and "accuracy:" in out, err
     code, out, err = orchestrate("eval", "route", str(f), "--run", env=env)
     assert code == 1 and "--run needs the running gateway" in err
+
+
+def test_judge_is_asked_only_near_a_boundary_of_a_new_conversation() -> None:
+    from orchestrator.gateway.routing import near
+
+    r = route()
+    r.judge_server, r.judge_margin = "fast", 0.05
+    assert near(r, 0.15) == 0 and near(r, 0.21) == 0 and near(r, 0.3) is None and near(r, 0.0) is None
+    router = Router([r])
+    edge = call(chat("What is 15 + 27? Then explain."))
+    router.prepare(edge)
+    if near(r, edge.notes["route"]["score"]) is not None:
+        assert edge.notes["route"]["judge"] and "x-orchestrator-route" not in edge.headers   # the Judge decides
+    far = call(chat("hello"))
+    router.prepare(far)
+    assert "judge" not in far.notes["route"] and far.headers["x-orchestrator-route"]
+
+
+def test_judge_server_must_exist_and_the_plan_shows_it(tmp_path: Path, orchestrate) -> None:
+    tiers = "        - {server: a, up_to: simple}\n        - {server: b}\n"
+    f = tmp_path / "judge.yaml"
+    f.write_text(two_servers(ROUTES + tiers + "      judge: {enabled: true, server: nope}\n"))
+    code, out, err = orchestrate("validate", str(f))
+    assert code == 1 and f"{f}:11: gateway.routes.auto.judge.server" in err and "no server is named 'nope'" in err, err
+    f.write_text(two_servers(ROUTES + tiers + "      judge: {enabled: true, timeout_ms: 800}\n"))
+    code, out, err = orchestrate("plan", str(f), env={"ORCHESTRATOR_STATE_DIR": str(tmp_path / "state")})
+    assert code == 0 and "judged by a (one token, 800 ms at most) within 0.05 of a threshold" in out, err
