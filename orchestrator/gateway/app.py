@@ -460,6 +460,7 @@ class Gateway:
         except httpx.HTTPError as exc:
             self.sched.upstream_died(name, type(exc).__name__)
             self.count(call.model, call.endpoint, 502, call.t0)
+            self.finish(call, 502, None)
             return error(502, f"server {name} failed while answering: {type(exc).__name__}", "upstream_error",
                          headers=call.headers)
         finally:
@@ -492,6 +493,7 @@ class Gateway:
             if isinstance(exc, httpx.HTTPError):
                 self.sched.upstream_died(name, type(exc).__name__)
                 self.count(call.model, call.endpoint, 502, call.t0)
+                self.finish(call, 502, None)
                 return error(502, f"server {name} did not answer: {type(exc).__name__}", "upstream_error",
                              headers=call.headers)
             self.count(call.model, call.endpoint, 499, call.t0)

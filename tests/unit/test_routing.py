@@ -251,3 +251,26 @@ def test_judge_server_must_exist_and_the_plan_shows_it(tmp_path: Path, orchestra
     f.write_text(two_servers(ROUTES + tiers + "      judge: {enabled: true, timeout_ms: 800}\n"))
     code, out, err = orchestrate("plan", str(f), env={"ORCHESTRATOR_STATE_DIR": str(tmp_path / "state")})
     assert code == 0 and "judged by a (one token, 800 ms at most) within 0.05 of a threshold" in out, err
+
+
+def test_route_endpoint_and_models_through_the_app() -> None:
+    from starlette.testclient import TestClient
+
+    from orchestrator.gateway.app import Gateway, create_app
+
+    text = two_servers(ROUTES.replace("9100", "9100\n  api_key_env: GW_KEY") + "        - {server: a, up_to: simple}\n"
+                       "        - {server: b}\n")
+    plan = build_plan(load_text(text, "gw.yaml"), detect=False, environ=ENV)
+    gateway = Gateway(plan, backend=None, api_key="k")  # type: ignore[arg-type]   # nothing is started here
+    app = TestClient(create_app(gateway))            # no lifespan: no server is adopted or started
+    body = {"model": "auto", "messages": [{"role": "user", "content": "Write a Rust parser with unit tests."}]}
+    assert app.post("/v1/route", json=body).status_code == 401
+    auth = {"Authorization": "Bearer k"}
+    d = app.post("/v1/route", json=body, headers=auth).json()
+    assert (d["server"], d["model"], d["tier"]) == ("b", "gemma-b", 1) and d["signals"]["code"] > 0
+    missing = app.post("/v1/route", json={**body, "model": "gemma-a"}, headers=auth)
+    assert missing.status_code == 404 and missing.json()["error"]["available"] == ["auto"]
+    models = {m["id"]: m for m in app.get("/v1/models", headers=auth).json()["data"]}
+    assert models["auto"]["route"] is True and models["auto"]["tiers"][0] == {"server": "a", "model": "gemma-a",
+                                                                              "up_to": "simple"}
+    assert {"gemma-a", "gemma-b"} <= set(models)
