@@ -187,7 +187,8 @@ def plan_gateway(profile: Profile, facts: Facts, servers: list[ServerPlan]) -> t
     problems += route_problems
     plan = GatewayPlan(host=gw.host, port=gw.port, api_key_env=gw.api_key_env, budgets=budgets, needs=needs,
                        max_body_bytes=int(gw.max_body), queue=gw.queue, start_timeout_s=gw.start_timeout, notes=notes,
-                       routes=routes)
+                       routes=routes, prefix_report=gw.prefix_cache.report,
+                       normalize_tools=gw.prefix_cache.normalize_tools)
     return plan, problems
 
 
@@ -210,6 +211,10 @@ def describe(gw: GatewayPlan) -> list[str]:
         if r.judge_server:
             lines.append(f"    judged by {r.judge_server} (one token, {r.judge_timeout_ms} ms at most) within "
                          f"{r.judge_margin:g} of a threshold")
+    if gw.prefix_report:
+        norm = ("tool definitions and schema keys sorted before relaying (changes what the model sees)"
+                if gw.normalize_tools else "requests relayed unchanged")
+        lines.append(f"  prefix cache: reuse measured per request (/metrics, cache-report); {norm}")
     lines += [f"  note: {n}" for n in gw.notes]
     return lines
 

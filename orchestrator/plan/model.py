@@ -353,6 +353,8 @@ class GatewayPlan:
     start_timeout_s: int | None        # None: each server's health timeout
     notes: list[str] = field(default_factory=list)
     routes: list[RoutePlan] = field(default_factory=list)
+    prefix_report: bool = True         # measure prefix-cache reuse per request and name what broke it
+    normalize_tools: bool = False      # sort tool definitions and their schema keys before relaying
 
     def budget(self, resource: str) -> int | None:
         return next((b.bytes for b in self.budgets if b.resource == resource), None)

@@ -55,6 +55,10 @@ CASES = [
      "12: servers[1].model.served_name", "routes by model name"),
     ("negative-idle", two_servers("gateway: {port: 9100}\n", a="    start: on_demand\n    idle_timeout: 0\n"),
      "11: servers[0].idle_timeout", "greater than or equal to 1"),
+    ("prefix-cache-typo", two_servers("gateway:\n  port: 9100\n  prefix_cache: {normalise_tools: true}\n"),
+     "6: gateway.prefix_cache.normalise_tools", "did you mean 'normalize_tools'"),
+    ("prefix-cache-not-bool", two_servers("gateway:\n  port: 9100\n  prefix_cache: {report: sometimes}\n"),
+     "6: gateway.prefix_cache.report", "boolean"),
 ]
 
 
