@@ -263,11 +263,16 @@ class Judge:
         body = {"model": judge, "messages": [{"role": "system", "content": JUDGE_PROMPT},
                                              {"role": "user", "content": users[-1][:2000]}],
                 "max_tokens": 1, "temperature": 0}
-        try:
-            status, answer = await asyncio.wait_for(self.gateway.complete(call, body, route.judge_server),
-                                                    route.judge_timeout_ms / 1000)
-        except TimeoutError:
+        # Bounded without waiting for the cancellation to land: a request still queued for a slot, or already
+        # sent, finishes (and gives its slot back) on its own while the call goes on.
+        task = asyncio.ensure_future(self.gateway.complete(call, body, route.judge_server))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        done, _ = await asyncio.wait({task}, timeout=route.judge_timeout_ms / 1000)
+        if not done:
+            task.cancel()
             return "timeout"
+        try:
+            status, answer = task.result()
         except (Rejected, httpx.HTTPError):
             return "failed"
         try:
