@@ -30,6 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# Two-word commands: `eval route PROFILE` is its own command beside `eval PROFILE`.
+SUBCOMMANDS: dict[tuple[str, str], tuple[str, str]] = {("eval", "route"): ("route_cmds", "eval_route")}
+
+
 class _Group(click.Group):
     """User errors end as one line and exit 1; a traceback only with -v. Commands load lazily
     (click's documented LazyGroup pattern)."""
@@ -43,6 +47,13 @@ class _Group(click.Group):
             command = getattr(importlib.import_module(f"orchestrator.cli.{module}"), attr)
             self.add_command(command, cmd_name)
         return super().get_command(ctx, cmd_name)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None,
+                                                                            list[str]]:
+        if len(args) >= 2 and (args[0], args[1]) in SUBCOMMANDS:
+            module, attr = SUBCOMMANDS[(args[0], args[1])]
+            return f"{args[0]} {args[1]}", getattr(importlib.import_module(f"orchestrator.cli.{module}"), attr), args[2:]
+        return super().resolve_command(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

@@ -39,6 +39,7 @@ from starlette.routing import Route
 from orchestrator.gateway.backend import GatewayBackend
 from orchestrator.gateway.dashboard import Dashboard
 from orchestrator.gateway.metrics import Metrics
+from orchestrator.gateway.routing import Judge, Router, decide
 from orchestrator.gateway.scheduler import Rejected, Scheduler, ServerSpec, Waiter
 from orchestrator.plan.model import Plan
 
@@ -66,6 +67,7 @@ class Call:
     client: str                    # who asked: body "user", else header x-client-id, else the peer address
     headers: dict[str, str] = field(default_factory=dict)   # added to the response
     notes: dict[str, Any] = field(default_factory=dict)     # what hooks learned, for later hooks and metrics
+    request_headers: dict[str, str] = field(default_factory=dict)   # the request's x-* headers (lowercase)
 
     def set_body(self, body: dict[str, Any]) -> None:
         self.body = body
@@ -178,6 +180,12 @@ class Gateway:
         self.by_model = {sp.served_name: sp.name for sp in plan.servers}
         self.hooks: list[Hook] = []
         self.handlers: list[Handler] = []
+        self.routes = {r.name: r for r in self.gw.routes}
+        if self.routes:
+            router = Router(self.gw.routes, self.metrics.route_decisions, self.metrics.route_escalations)
+            self.hooks.append(router)
+            if any(r.judge_server for r in self.gw.routes):
+                self.handlers.append(Judge(router, self, self.metrics.route_judgements))
         # TCP_NODELAY: httpx writes a request's headers and body separately, and Nagle's algorithm would hold
         # the body until the server's delayed ACK of the headers (~40 ms on Linux loopback) on every request.
         transport = httpx.AsyncHTTPTransport(
@@ -242,7 +250,28 @@ class Gateway:
             return denied
         data = [{"id": sp.served_name, "object": "model", "created": self.created, "owned_by": "orchestrator",
                  "server": sp.name, "start": sp.start, "state": self.sched.state(sp.name)} for sp in self.plan.servers]
+        data += [{"id": r.name, "object": "model", "created": self.created, "owned_by": "orchestrator", "route": True,
+                  "tiers": [{"server": t.server, "model": t.served_name, "up_to": t.up_to} for t in r.tiers]}
+                 for r in self.routes.values()]
         return JSONResponse({"object": "list", "data": data})
+
+    async def route(self, request: Request) -> Response:
+        """POST /v1/route: the routing decision for a chat body, without running a model."""
+        if (denied := self.unauthorized(request)) is not None:
+            return denied
+        try:
+            raw = await self.read_body(request)
+        except TooLarge:
+            return error(413, f"the request body is larger than {self.gw.max_body_bytes} bytes (gateway.max_body)",
+                         "invalid_request_error")
+        call = self.parse(request, raw, time.perf_counter())
+        if isinstance(call, JSONResponse):
+            return call
+        if call.model not in self.routes:
+            names = sorted(self.routes)
+            return error(404, f"{call.model!r} is not a route; routes: {', '.join(names) or 'none (gateway.routes)'}",
+                         "invalid_request_error", param="model", available=names)
+        return JSONResponse(decide(self.routes[call.model], call.body))
 
     async def prometheus(self, request: Request) -> Response:
         if (denied := self.unauthorized(request)) is not None:
@@ -279,11 +308,12 @@ class Gateway:
             return error(400, f"the request names no model: add \"model\": one of {', '.join(self.names())}",
                          "invalid_request_error", param="model")
         return Call(request.url.path, body, raw, model, self.by_model.get(model, ""), body.get("stream") is True, t0,
-                    client_of(request, body))
+                    client_of(request, body),
+                    request_headers={k: v for k, v in request.headers.items() if k.startswith("x-")})
 
     def names(self) -> list[str]:
         """Every model name a client may ask for."""
-        return sorted(self.by_model)
+        return sorted([*self.by_model, *self.routes])
 
     def unknown(self, call: Call) -> JSONResponse:
         names = self.names()
@@ -441,6 +471,7 @@ class Gateway:
         except httpx.HTTPError as exc:
             self.sched.upstream_died(name, type(exc).__name__)
             self.count(call.model, call.endpoint, 502, call.t0)
+            self.finish(call, 502, None)
             return error(502, f"server {name} failed while answering: {type(exc).__name__}", "upstream_error",
                          headers=call.headers)
         finally:
@@ -473,6 +504,7 @@ class Gateway:
             if isinstance(exc, httpx.HTTPError):
                 self.sched.upstream_died(name, type(exc).__name__)
                 self.count(call.model, call.endpoint, 502, call.t0)
+                self.finish(call, 502, None)
                 return error(502, f"server {name} did not answer: {type(exc).__name__}", "upstream_error",
                              headers=call.headers)
             self.count(call.model, call.endpoint, 499, call.t0)
@@ -587,5 +619,6 @@ def create_app(gateway: Gateway) -> Starlette:
     routes = [*dashboard.routes(), Route("/health", gateway.health, methods=["GET"]),
               Route("/metrics", gateway.prometheus, methods=["GET"]),
               Route("/v1/models", gateway.models, methods=["GET"]),
+              Route("/v1/route", gateway.route, methods=["POST"]),
               *(Route(path, gateway.relay_endpoint, methods=["POST"]) for path in ENDPOINTS)]
     return Starlette(routes=routes, lifespan=lifespan)

@@ -38,6 +38,13 @@ class Metrics(Events):
         self.state = Gauge("gateway_server_state", "1 for the server's current state", ["server", "state"],
                            registry=r)
         self.inflight = Gauge("gateway_server_inflight", "Requests being served", ["server"], registry=r)
+        self.route_decisions = Counter("gateway_route_decisions", "Routing decisions, by route, tier, server and "
+                                       "how (score, sticky, escalated, header)", ["route", "tier", "server", "by"],
+                                       registry=r)
+        self.route_escalations = Counter("gateway_route_escalations", "Conversations moved up a tier, by cause "
+                                         "(error, context, tool_calls)", ["route", "cause"], registry=r)
+        self.route_judgements = Counter("gateway_route_judgements", "Judgements near a tier boundary, by verdict "
+                                        "(simple, hard, unclear, timeout, failed)", ["route", "verdict"], registry=r)
         self.waiting = Gauge("gateway_server_waiting", "Requests waiting for a slot", ["server"], registry=r)
         pc = ["model", "client"]
         self.prefix_prompt = Counter("gateway_prefix_prompt_tokens", "Prompt tokens of chat/completion requests (the "

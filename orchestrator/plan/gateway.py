@@ -9,7 +9,7 @@ from orchestrator.catalog import LOCAL_IMAGE_PREFIX
 from orchestrator.errors import Problem
 from orchestrator.facts.types import Facts
 from orchestrator.plan.fit import FIT_MARGIN_BYTES
-from orchestrator.plan.model import GIB, GatewayPlan, ServerPlan, SwapBudget, is_loopback
+from orchestrator.plan.model import GIB, GatewayPlan, RoutePlan, RouteTier, ServerPlan, SwapBudget, is_loopback
 from orchestrator.profile import Profile
 
 RAM = "RAM"
@@ -41,6 +41,59 @@ def check_gateway(profile: Profile) -> list[Problem]:
             problems.append(Problem(("gateway", "port"), f"port {gw.port} is also servers[{i}] ({s.name})'s port",
                                     "give the gateway a port of its own"))
     return problems
+
+
+ROUTE_LEVELS = ("simple", "medium", "complex")
+
+
+def _routes(profile: Profile, servers: list[ServerPlan]) -> tuple[list[RoutePlan], list[Problem]]:
+    """gateway.routes as planned: each tier's server exists, tiers are ordered (each up_to above the one
+    before, only the last without), thresholds rise, and a route's name is no server's served_name."""
+    assert profile.gateway is not None
+    problems: list[Problem] = []
+    served = {sp.served_name: sp.name for sp in servers}
+    by_name = {sp.name: sp for sp in servers}
+    out = []
+    for name, r in profile.gateway.routes.items():
+        at = ("gateway", "routes", name)
+        if not name.strip() or len(name) > 128:
+            problems.append(Problem(at, f"route name {name!r} is empty or longer than 128 characters",
+                                    "name it like a model, e.g. auto"))
+        if name in served:
+            problems.append(Problem(at, f"route {name!r} has the name server {served[name]} serves",
+                                    "rename the route or that server's model.served_name"))
+        tiers, last_rank = [], -1
+        for i, t in enumerate(r.tiers):
+            if t.server not in by_name:
+                problems.append(Problem((*at, "tiers", i, "server"), f"no server is named {t.server!r}",
+                                        f"use one of: {', '.join(sorted(by_name))}"))
+            if t.up_to is None and i != len(r.tiers) - 1:
+                problems.append(Problem((*at, "tiers", i, "up_to"), "only the last tier may leave up_to out",
+                                        "give this tier up_to: simple, medium or complex"))
+            if t.up_to is not None:
+                rank = ROUTE_LEVELS.index(t.up_to)
+                if rank <= last_rank:
+                    problems.append(Problem((*at, "tiers", i, "up_to"), f"up_to: {t.up_to} is not above the tier "
+                                            "before's: tiers go from the cheapest (lowest level) up",
+                                            "order the tiers simple, medium, complex, then the last without up_to"))
+                last_rank = max(last_rank, rank)
+            sp = by_name.get(t.server)
+            tiers.append(RouteTier(t.server, sp.served_name if sp else t.server, t.up_to))
+        if r.tiers and r.tiers[-1].up_to is not None:
+            problems.append(Problem((*at, "tiers", len(r.tiers) - 1, "up_to"), "the last tier must take every "
+                                    "request above the others", "remove up_to from the last tier"))
+        judge = r.judge.server or (r.tiers[0].server if r.tiers else None)
+        if r.judge.enabled and judge not in by_name:
+            problems.append(Problem((*at, "judge", "server"), f"no server is named {judge!r}",
+                                    f"use one of: {', '.join(sorted(by_name))}"))
+        th = r.thresholds
+        if not th.simple < th.medium < th.complex:
+            problems.append(Problem((*at, "thresholds"), f"thresholds must rise: simple {th.simple} < medium "
+                                    f"{th.medium} < complex {th.complex}", "order the three values"))
+        out.append(RoutePlan(name, tiers, {"simple": th.simple, "medium": th.medium, "complex": th.complex},
+                             r.sticky, r.escalate_after, judge if r.judge.enabled else None, r.judge.margin,
+                             r.judge.timeout_ms))
+    return out, problems
 
 
 def _default_budgets(facts: Facts) -> list[SwapBudget]:
@@ -133,10 +186,12 @@ def plan_gateway(profile: Profile, facts: Facts, servers: list[ServerPlan]) -> t
                                         "servers start: always"))
     notes = [f"{sp.name}: no memory estimate; counted as 0" for sp in servers if sp.estimate is None]
     image, image_reason = gateway_image(gw.image)
+    routes, route_problems = _routes(profile, servers)
+    problems += route_problems
     plan = GatewayPlan(host=gw.host, port=gw.port, api_key_env=gw.api_key_env, budgets=budgets, needs=needs,
                        max_body_bytes=int(gw.max_body), queue=gw.queue, start_timeout_s=gw.start_timeout, notes=notes,
-                       prefix_report=gw.prefix_cache.report, normalize_tools=gw.prefix_cache.normalize_tools,
-                       image=image, image_reason=image_reason)
+                       routes=routes, prefix_report=gw.prefix_cache.report,
+                       normalize_tools=gw.prefix_cache.normalize_tools, image=image, image_reason=image_reason)
     return plan, problems
 
 
@@ -160,6 +215,16 @@ def describe(gw: GatewayPlan) -> list[str]:
     for b in gw.budgets:
         figure = f"{b.bytes / GIB:.2f} GiB" if b.bytes is not None else "unlimited"
         lines.append(f"  memory budget {b.resource}: {figure} ({b.reason})")
+    for r in gw.routes:
+        tiers = ", ".join(f"{t.server} ({t.served_name}) up to {t.up_to}" if t.up_to else f"{t.server} "
+                          f"({t.served_name}) above" for t in r.tiers)
+        th = ", ".join(f"{k} < {v:g}" for k, v in r.thresholds.items())
+        sticky = f"{r.sticky} conversations sticky" if r.sticky else "no stickiness"
+        lines.append(f"  route {r.name}: {tiers}; scores {th}; {sticky}; up a tier after "
+                     f"{r.escalate_after} failed tool calls, a 5xx or a context overflow")
+        if r.judge_server:
+            lines.append(f"    judged by {r.judge_server} (one token, {r.judge_timeout_ms} ms at most) within "
+                         f"{r.judge_margin:g} of a threshold")
     if gw.prefix_report:
         norm = ("tool definitions and schema keys sorted before relaying (changes what the model sees)"
                 if gw.normalize_tools else "requests relayed unchanged")

@@ -318,6 +318,27 @@ class SwapBudget:
 
 
 @dataclass
+class RouteTier:
+    server: str
+    served_name: str
+    up_to: str | None          # the highest level this tier answers; None: everything above the tier before
+
+
+@dataclass
+class RoutePlan:
+    """A virtual model name the gateway answers with one of its tiers' servers, decided per request."""
+
+    name: str
+    tiers: list[RouteTier]
+    thresholds: dict[str, float]   # level -> the score below which a request is that level
+    sticky: int                    # conversations remembered (LRU); 0: no stickiness
+    escalate_after: int            # tool-call failures in a conversation before it moves up a tier
+    judge_server: str | None = None   # None: no judgement; else the server asked near a boundary
+    judge_margin: float = 0.05
+    judge_timeout_ms: int = 1500
+
+
+@dataclass
 class GatewayPlan:
     """The gateway in front of the servers: where it listens, its limits, and the memory it swaps
     on-demand servers within (each server's need from its fit estimate, by resource)."""
@@ -331,6 +352,7 @@ class GatewayPlan:
     queue: int                         # waiting requests per server beyond its parallel slots
     start_timeout_s: int | None        # None: each server's health timeout
     notes: list[str] = field(default_factory=list)
+    routes: list[RoutePlan] = field(default_factory=list)
     prefix_report: bool = True         # measure prefix-cache reuse per request and name what broke it
     normalize_tools: bool = False      # sort tool definitions and their schema keys before relaying
     image: str | None = None           # its container image (render --target compose/k8s)
@@ -410,6 +432,8 @@ def plan_from_dict(data: dict[str, Any]) -> Plan:
     if isinstance(data.get("gateway"), dict):
         gw = dict(data["gateway"])
         gw["budgets"] = [_build(SwapBudget, b) for b in gw.get("budgets", [])]
+        gw["routes"] = [_build(RoutePlan, {**r, "tiers": [_build(RouteTier, t) for t in r.get("tiers", [])]})
+                        for r in gw.get("routes", [])]
         gateway = _build(GatewayPlan, gw)
     return Plan(data["name"], data["profile_file"], _build(HardwareSummary, data["hardware"]), servers,
                 list(data.get("warnings", [])), gpus, gateway)

@@ -123,6 +123,35 @@ class MemoryBudget(Strict):
         return None if v is None else parse_size(v)
 
 
+class RouteTier(Strict):
+    server: str = Field(description="The server (its name in servers:) that answers this tier")
+    up_to: Literal["simple", "medium", "complex"] | None = Field(
+        None, description="The highest level this tier answers; leave it out on the last tier")
+
+
+class RouteThresholds(Strict):
+    simple: float = Field(0.17, gt=0, lt=1, description="Scores below this are simple")
+    medium: float = Field(0.35, gt=0, lt=1, description="Scores below this (and not simple) are medium")
+    complex: float = Field(0.6, gt=0, lt=1, description="Scores below this are complex; the rest reasoning")
+
+
+class RouteJudge(Strict):
+    enabled: bool = Field(False, description="Ask a model for a one-token judgement near a tier boundary")
+    server: str | None = Field(None, description="The server that judges (default: the first tier's)")
+    margin: float = Field(0.05, ge=0, le=1, description="How near a threshold a score must be to be judged")
+    timeout_ms: int = Field(1500, ge=1, le=60_000, description="Longer than this: the score decides")
+
+
+class Route(Strict):
+    tiers: list[RouteTier] = Field(min_length=1, description="Cheapest first: [{server: fast, up_to: simple}, "
+                                                             "{server: smart}]")
+    thresholds: RouteThresholds = RouteThresholds()
+    sticky: int = Field(4096, ge=0, le=1_000_000, description="Conversations kept on their tier (LRU); 0: off")
+    escalate_after: int = Field(2, ge=1, le=100, description="Failed tool calls in a conversation before it "
+                                                             "moves up a tier")
+    judge: RouteJudge = RouteJudge()
+
+
 class PrefixCache(Strict):
     report: bool = Field(True, description="Measure each request's prefix-cache reuse and name what broke it "
                                            "(/metrics, orchestrate cache-report)")
@@ -145,6 +174,8 @@ class Gateway(Strict):
     start_timeout: int | None = Field(None, ge=5, le=7200, description="Seconds a request waits for a stopped "
                                                                        "server to start; default: its "
                                                                        "health.timeout")
+    routes: dict[str, Route] = Field({}, description="Virtual model names answered by a tier's server, decided "
+                                                     "per request (docs/routing.md)")
     prefix_cache: PrefixCache = PrefixCache()
     image: str | None = Field(None, max_length=255,
                               description="Container image of the gateway for render --target compose/k8s; "

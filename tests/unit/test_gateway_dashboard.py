@@ -14,7 +14,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from prometheus_client import Counter
 from starlette.testclient import TestClient
 
 from orchestrator.gateway.app import Gateway, create_app
@@ -196,10 +195,10 @@ def test_speed_from_answers_and_sections_from_the_registry(rig: Rig) -> None:
     assert a["requests"] == 4 and a["errors"] == 1 and a["tokens_per_s"] == 1.5   # 90 tokens / 60 s
     assert a["ttft_ms_p50"] == 60.0 and a["decode_tps_p50"] == 50.0 and 400 < a["latency_ms_p50"] < 5000
     assert rig.get("/ui/api/state").json()["sections"] == {}
-    routes = Counter("gateway_route_decisions", "route decisions", ["tier"], registry=rig.dash.gw.metrics.registry)
-    routes.labels("small").inc(3)
+    rig.dash.gw.metrics.route_decisions.labels("auto", "0", "a", "score").inc(3)   # routing's own counter
     sections = rig.get("/ui/api/state").json()["sections"]
-    assert sections["routes"] == [{"metric": "gateway_route_decisions_total", "labels": {"tier": "small"},
+    assert sections["routes"] == [{"metric": "gateway_route_decisions_total",
+                                   "labels": {"route": "auto", "tier": "0", "server": "a", "by": "score"},
                                    "value": 3.0}]
 
 
