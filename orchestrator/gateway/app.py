@@ -177,6 +177,9 @@ class Gateway:
         self.by_model = {sp.served_name: sp.name for sp in plan.servers}
         self.hooks: list[Hook] = []
         self.handlers: list[Handler] = []
+        if self.gw.tool_calls:
+            from orchestrator.gateway.toolflow import ToolFlow
+            self.handlers.append(ToolFlow(self))
         # TCP_NODELAY: httpx writes a request's headers and body separately, and Nagle's algorithm would hold
         # the body until the server's delayed ACK of the headers (~40 ms on Linux loopback) on every request.
         transport = httpx.AsyncHTTPTransport(

@@ -37,6 +37,12 @@ class Metrics(Events):
         self.state = Gauge("gateway_server_state", "1 for the server's current state", ["server", "state"],
                            registry=r)
         self.inflight = Gauge("gateway_server_inflight", "Requests being served", ["server"], registry=r)
+        self.tool_calls = Counter("gateway_tool_calls", "Answers to requests with tools, by what the gateway did: "
+                                  "valid (first time), repaired, rescued, retried, escalated, failed, unvalidated",
+                                  ["server", "outcome"], registry=r)
+        self.tool_call_failures = Counter("gateway_tool_call_failures", "Invalid answers seen (each attempt), by "
+                                          "kind: no_call, unknown_tool, bad_json, schema, unwanted_call, text_call",
+                                          ["server", "kind"], registry=r)
         self.waiting = Gauge("gateway_server_waiting", "Requests waiting for a slot", ["server"], registry=r)
 
     def log(self, text: str) -> None:

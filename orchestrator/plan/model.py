@@ -318,6 +318,17 @@ class SwapBudget:
 
 
 @dataclass
+class ToolCallsPlan:
+    """What the gateway does with the tool calls of one server's answers."""
+
+    repair: bool
+    retries: int
+    constrained: bool
+    escalate_to: str | None
+    on_failure: str                    # error | raw
+
+
+@dataclass
 class GatewayPlan:
     """The gateway in front of the servers: where it listens, its limits, and the memory it swaps
     on-demand servers within (each server's need from its fit estimate, by resource)."""
@@ -331,6 +342,7 @@ class GatewayPlan:
     queue: int                         # waiting requests per server beyond its parallel slots
     start_timeout_s: int | None        # None: each server's health timeout
     notes: list[str] = field(default_factory=list)
+    tool_calls: dict[str, ToolCallsPlan] = field(default_factory=dict)   # server -> settings (validate on)
 
     def budget(self, resource: str) -> int | None:
         return next((b.bytes for b in self.budgets if b.resource == resource), None)
