@@ -418,6 +418,7 @@ def plan_from_dict(data: dict[str, Any]) -> Plan:
     if isinstance(data.get("gateway"), dict):
         gw = dict(data["gateway"])
         gw["budgets"] = [_build(SwapBudget, b) for b in gw.get("budgets", [])]
+        gw["tool_calls"] = {n: _build(ToolCallsPlan, t) for n, t in (gw.get("tool_calls") or {}).items()}
         gateway = _build(GatewayPlan, gw)
     return Plan(data["name"], data["profile_file"], _build(HardwareSummary, data["hardware"]), servers,
                 list(data.get("warnings", [])), gpus, gateway)
