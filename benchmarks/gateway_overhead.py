@@ -175,7 +175,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     if args.mock:
         model = str(tmp / "dummy.gguf")
-        Path(model).write_bytes(b"GGUF" + b"\0" * 64)
+        Path(model).write_bytes(b"GGUF" + (3).to_bytes(4, "little") + b"\0" * 16)   # a GGUF v3 header, no tensors
         launcher = tmp / "fake-llama-server"
         launcher.write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE} \"$@\"\n")
         launcher.chmod(0o755)

@@ -22,6 +22,20 @@ if ((${#need[@]})); then
   fi
 fi
 
+# The test extras drive a real headless browser on the gateway's dashboard: Debian's chromium
+# (tests/e2e/test_dashboard.py; Playwright uses it as it is, it never downloads a browser of its own).
+case "${EXTRAS:-}" in *test*)
+  if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+      echo "installing chromium (the dashboard's browser tests)" >&2
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+      echo "note: no chromium: the dashboard's browser tests skip (sudo apt-get install chromium)" >&2
+    fi
+  fi ;;
+esac
+
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 "$PY" -c 'import sys; assert sys.version_info >= (3, 11), sys.version' \

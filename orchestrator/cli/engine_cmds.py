@@ -61,15 +61,24 @@ def engines_install(engine: str, backend: str, gpu_arch: str | None, source: str
 
 
 @engines.command("image")
-@click.argument("engine", type=click.Choice(["llama.cpp", "ik_llama"]))
+@click.argument("engine", type=click.Choice(["llama.cpp", "ik_llama", "gateway"]))
 @click.option("--backend", type=click.Choice(["cpu", "cuda", "rocm", "vulkan", "sycl"]), default="cpu",
               show_default=True)
 @click.option("--gpu-arch", help="The --gpu-arch the engine was installed with.")
-@click.option("--tag", help="Image name:tag (default: localhost/orchestrator/ENGINE:VERSION-BACKEND).")
+@click.option("--tag", help="Image name:tag (default: localhost/orchestrator/ENGINE:VERSION-BACKEND, "
+                            "localhost/orchestrator/gateway:VERSION).")
 def engines_image(engine: str, backend: str, gpu_arch: str | None, tag: str | None) -> None:
-    """Build a container image from an installed engine build; prints its tag on the last line."""
-    from orchestrator.provision.images import build_image
+    """Build a container image from an installed engine build, or (gateway) of the gateway for render
+    --target compose/k8s from this Python and this code; prints its tag on the last line."""
     from orchestrator.runtime import docker as docker_rt
+
+    if engine == "gateway":
+        from orchestrator.provision import gateway_image
+
+        click.echo(gateway_image.build_image(lambda: docker_rt.client(timeout=600), tag,
+                                             log=lambda m: click.echo(f"  {m}", err=True)))
+        return
+    from orchestrator.provision.images import build_image
 
     tag = build_image(lambda: docker_rt.client(timeout=600), engine, backend, gpu_arch, tag,
                       log=lambda m: click.echo(f"  {m}", err=True))

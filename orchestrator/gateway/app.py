@@ -36,7 +36,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from orchestrator.gateway.backend import DeployerBackend
+from orchestrator.gateway.backend import GatewayBackend
+from orchestrator.gateway.dashboard import Dashboard
 from orchestrator.gateway.metrics import Metrics
 from orchestrator.gateway.scheduler import Rejected, Scheduler, ServerSpec, Waiter
 from orchestrator.plan.model import Plan
@@ -165,7 +166,7 @@ async def _disconnected(request: Request) -> None:
 
 
 class Gateway:
-    def __init__(self, plan: Plan, backend: DeployerBackend, api_key: str | None, metrics: Metrics | None = None,
+    def __init__(self, plan: Plan, backend: GatewayBackend, api_key: str | None, metrics: Metrics | None = None,
                  client: httpx.AsyncClient | None = None) -> None:
         assert plan.gateway is not None
         self.plan = plan
@@ -191,6 +192,14 @@ class Gateway:
         self.created = int(time.time())
         self._ticker: asyncio.Task[None] | None = None
         self._upstreams: dict[str, tuple[str, dict[str, str]]] = {}
+        self.prefix: Any = None
+        if self.gw.prefix_report:
+            from orchestrator.gateway.prefixcache import PrefixCacheHook
+
+            root = getattr(getattr(getattr(backend, "deployer", None), "store", None), "root", None)
+            self.prefix = PrefixCacheHook(plan, self.upstream, self.client, self.metrics, root,
+                                          normalize=self.gw.normalize_tools)
+            self.hooks.append(self.prefix)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -212,6 +221,8 @@ class Gateway:
     async def shutdown(self) -> None:
         if self._ticker:
             self._ticker.cancel()
+        if self.prefix is not None:
+            await self.prefix.close()
         await self.client.aclose()
 
     # ------------------------------------------------------------------ plain endpoints
@@ -574,7 +585,9 @@ def create_app(gateway: Gateway) -> Starlette:
         finally:
             await gateway.shutdown()
 
-    routes = [Route("/health", gateway.health, methods=["GET"]),
+    dashboard = Dashboard(gateway)            # the page at / and its data under /ui/ (dashboard.py)
+    gateway.hooks.append(dashboard)
+    routes = [*dashboard.routes(), Route("/health", gateway.health, methods=["GET"]),
               Route("/metrics", gateway.prometheus, methods=["GET"]),
               Route("/v1/models", gateway.models, methods=["GET"]),
               *(Route(path, gateway.relay_endpoint, methods=["POST"]) for path in ENDPOINTS)]

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from orchestrator.gateway.scheduler import Events, StartOutcome
 
 STATES = ("stopped", "loading", "running", "stopping", "failed")
+MAX_CLIENT_LABELS = 64      # distinct client labels on the prefix-cache counters; later clients count as "other"
 
 
 class Metrics(Events):
@@ -44,6 +45,26 @@ class Metrics(Events):
                                           "kind: no_call, unknown_tool, bad_json, schema, unwanted_call, text_call",
                                           ["server", "kind"], registry=r)
         self.waiting = Gauge("gateway_server_waiting", "Requests waiting for a slot", ["server"], registry=r)
+        pc = ["model", "client"]
+        self.prefix_prompt = Counter("gateway_prefix_prompt_tokens", "Prompt tokens of chat/completion requests (the "
+                                     "engine's count)", pc, registry=r)
+        self.prefix_reused = Counter("gateway_prefix_reused_tokens", "Prompt tokens the engine reused from its "
+                                     "prefix cache (its own report)", pc, registry=r)
+        self.prefix_reusable = Counter("gateway_prefix_reusable_tokens", "Prompt tokens shared with the "
+                                       "conversation's previous prompt (could have been reused)", pc, registry=r)
+        self.prefix_lost = Counter("gateway_prefix_lost_tokens", "Tokens of reuse lost, by cause (see "
+                                   "orchestrate cache-report)", [*pc, "cause"], registry=r)
+        self._clients: set[str] = set()
+
+    def client_label(self, client: str) -> str:
+        """A bounded set of client labels: the first MAX_CLIENT_LABELS seen, then 'other'."""
+        client = client[:64]
+        if client in self._clients:
+            return client
+        if len(self._clients) < MAX_CLIENT_LABELS:
+            self._clients.add(client)
+            return client
+        return "other"
 
     def log(self, text: str) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S")

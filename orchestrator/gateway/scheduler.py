@@ -401,6 +401,20 @@ class Scheduler:
                 self._begin_stop(e, "idle")
         self._pump()
 
+    def stop(self, name: str, reason: str) -> str | None:
+        """Stop an on-demand server that serves nothing now (the dashboard's stop); the reason it was
+        not stopped otherwise."""
+        e = self.entries[name]
+        if e.spec.start != "on_demand":
+            return f"{name} is a start: always server"
+        if e.state != "running":
+            return f"{name} is {e.state}, not running"
+        if e.inflight or e.admissible() is not None or e.drain_before is not None:
+            return f"{name} is busy ({self.describe(name)}): try again when it is idle"
+        self._begin_stop(e, reason)
+        self._pump()
+        return None
+
     def adopt(self, running: set[str]) -> None:
         """Servers found running when the gateway starts (up's always servers, or on-demand servers a
         previous gateway started): serve them, and let their idle clocks start now."""

@@ -3,15 +3,17 @@ and what `up` starts as a supervised process)."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from pathlib import Path
 from typing import TextIO
 
 from orchestrator.errors import OrchestratorError
 from orchestrator.gateway.app import Gateway, create_app
-from orchestrator.gateway.backend import DeployerBackend
+from orchestrator.gateway.backend import DeployerBackend, PlatformBackend
 from orchestrator.gateway.metrics import Metrics
-from orchestrator.plan.model import Plan
+from orchestrator.plan.model import Plan, plan_from_dict
 from orchestrator.runtime.deployer import Deployer
 
 GRACEFUL_S = 5
@@ -39,12 +41,44 @@ def build(plan: Plan, deployer: Deployer, log: TextIO | None = None) -> Gateway:
     return Gateway(plan, DeployerBackend(plan, deployer), gateway_key(plan, deployer.environ), metrics)
 
 
+def read_plan(path: str) -> Plan:
+    """A plan written by render --target compose/k8s (Plan.to_dict as JSON)."""
+    try:
+        data = json.loads(Path(path).read_text())
+        plan = plan_from_dict(data)
+    except OSError as exc:
+        raise OrchestratorError(f"cannot read the plan {path}: {exc.strerror}",
+                                "mount the plan.json that render --target compose/k8s wrote") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise OrchestratorError(f"{path} is not a plan written by orchestrate render: {type(exc).__name__}: {exc}",
+                                "render it again: orchestrate render PROFILE --target compose|k8s") from None
+    if plan.gateway is None:
+        raise OrchestratorError(f"the plan {path} has no gateway", "add a gateway: section to the profile and "
+                                "render it again")
+    return plan
+
+
+def build_platform(plan: Plan, environ: dict[str, str], log: TextIO | None = None) -> Gateway:
+    """The gateway of servers a container platform runs (render --target compose/k8s)."""
+    metrics = Metrics(log)
+    return Gateway(plan, PlatformBackend(plan, environ, metrics.log), gateway_key(plan, environ), metrics)
+
+
+def serve_plan(path: str, environ: dict[str, str], log: TextIO | None = None) -> None:
+    """Serve a rendered plan's gateway inside a container, in front of servers the platform runs."""
+    plan = read_plan(path)
+    run(plan, build_platform(plan, environ, log))
+
+
 def serve(plan: Plan, deployer: Deployer, log: TextIO | None = None) -> None:
     """Serve until SIGINT/SIGTERM. Servers it started keep running (their records are in the state
     file; the next gateway adopts them, `down` stops them)."""
+    run(plan, build(plan, deployer, log))
+
+
+def run(plan: Plan, gateway: Gateway) -> None:
     import uvicorn
 
-    gateway = build(plan, deployer, log)
     assert plan.gateway is not None
     gateway.metrics.log(f"gateway for {plan.name} on http://{plan.gateway.host}:{plan.gateway.port} "
                         f"(pid {os.getpid()}); servers: " + ", ".join(f"{sp.served_name} ({sp.start})"

@@ -27,7 +27,7 @@ from orchestrator.measure import bench
 from orchestrator.measure.bench_plan import target_for
 from orchestrator.plan.model import Plan, ServerPlan
 from orchestrator.plan.planner import flash_attention_on, plan
-from orchestrator.profile import LoadedProfile
+from orchestrator.profile import LoadedProfile, Server
 from orchestrator.runtime.deployer import Deployer
 
 Say = Callable[[str], None]
@@ -46,6 +46,17 @@ class Workload:
     def describe(self) -> str:
         return (f"{self.concurrency}× ({self.prompt_tokens} prompt + {self.gen_tokens} generated tokens), "
                 f"{self.requests} round(s) per visit")
+
+
+def workload_for(srv: Server, shape: dict[str, int | None]) -> Workload:
+    """The shape tune measures: each option given on the command line, else the server's workload:
+    section, else the defaults (concurrency: the server's parallel)."""
+    given = srv.workload
+    base = Workload() if given is None else Workload(given.prompt_tokens, given.gen_tokens,
+                                                     given.concurrency or srv.parallel, given.requests)
+    return Workload(shape.get("prompt_tokens") or base.prompt_tokens, shape.get("gen_tokens") or base.gen_tokens,
+                    shape.get("concurrency") or (base.concurrency if given is not None else srv.parallel),
+                    shape.get("requests") or base.requests)
 
 
 @dataclass
@@ -403,8 +414,7 @@ def tune_profile(profile: str, servers: list[str] | None, deployer: Deployer, bu
     outcomes = []
     for sp in chosen:
         srv = next(s for s in loaded.profile.servers if s.name == sp.name)
-        w = Workload(shape.get("prompt_tokens") or 512, shape.get("gen_tokens") or 128,
-                     shape.get("concurrency") or srv.parallel, shape.get("requests") or 1)
+        w = workload_for(srv, shape)
         outcomes.append(tune(loaded, facts, rules, sp.name, deployer, w, budget_s / len(chosen), kv_allowed, say,
                              os.cpu_count() or 1))
     path, said = pipeline.write_lock(profile, {o.server: o.tuning() for o in outcomes})

@@ -47,6 +47,18 @@ def check_profile(profile: Profile, gpu: Gpu, gpu_count: int) -> list[Problem]:
             elif max(s.gpus) >= gpu_count:
                 problems.append(Problem(("servers", i, "gpus"), f"GPU index {max(s.gpus)} but hardware.count is {gpu_count}",
                                         f"use indices 0..{gpu_count - 1} or raise hardware.count"))
+        w = s.workload
+        if w is not None and w.prompt_tokens + w.gen_tokens > s.context:
+            problems.append(Problem(("servers", i, "workload", "prompt_tokens"), f"a workload request of "
+                                    f"{w.prompt_tokens} prompt + {w.gen_tokens} generated tokens does not fit this "
+                                    f"server's context of {s.context} tokens per sequence",
+                                    f"raise context to at least {w.prompt_tokens + w.gen_tokens}, or shorten the "
+                                    "workload"))
+        if w is not None and w.concurrency is not None and w.concurrency > s.parallel:
+            problems.append(Problem(("servers", i, "workload", "concurrency"), f"workload concurrency "
+                                    f"{w.concurrency} is more than parallel {s.parallel}: requests past {s.parallel} "
+                                    "would queue and every candidate would measure the queue",
+                                    f"raise parallel to {w.concurrency}, or lower the workload's concurrency"))
     names = {s.name for s in profile.servers}
     for i, s in enumerate(profile.servers):
         for d in s.depends_on:
@@ -64,7 +76,12 @@ def check_target(profile: Profile, target: str) -> list[Problem]:
     on the pod's network and gives it a Service, so any pod of the cluster can reach it."""
     if target != "k8s":
         return []
-    return [Problem(("servers", i, "api_key_env"),
+    gateway = [] if profile.gateway is None or profile.gateway.api_key_env else [
+        Problem(("gateway",), "--target k8s makes the gateway reachable from every pod of the cluster (a Service; "
+                "the container binds 0.0.0.0) and it has no API key",
+                "set gateway.api_key_env: NAME (the manifests take the key from the Secret "
+                "DEPLOYMENT--gateway-api-key), or render another target")]
+    return gateway + [Problem(("servers", i, "api_key_env"),
                     "--target k8s makes this server reachable from every pod of the cluster (a Service; the "
                     "container binds 0.0.0.0) and it has no API key",
                     "set api_key_env: NAME (the manifests take the key from the Secret DEPLOYMENT--SERVER-api-key), "

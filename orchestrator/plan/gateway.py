@@ -4,6 +4,8 @@ estimate), and the checks a profile with start: on_demand must pass. Pure, like 
 
 from __future__ import annotations
 
+from orchestrator import __version__
+from orchestrator.catalog import LOCAL_IMAGE_PREFIX
 from orchestrator.errors import Problem
 from orchestrator.facts.types import Facts
 from orchestrator.plan.fit import FIT_MARGIN_BYTES
@@ -149,10 +151,23 @@ def plan_gateway(profile: Profile, facts: Facts, servers: list[ServerPlan]) -> t
     tool_calls = {s.name: ToolCallsPlan(s.tool_calls.repair, s.tool_calls.retries, s.tool_calls.constrained,
                                         s.tool_calls.escalate_to, s.tool_calls.on_failure)
                   for s in profile.servers if s.tool_calls is not None and s.tool_calls.check}
+    image, image_reason = gateway_image(gw.image)
     plan = GatewayPlan(host=gw.host, port=gw.port, api_key_env=gw.api_key_env, budgets=budgets, needs=needs,
                        max_body_bytes=int(gw.max_body), queue=gw.queue, start_timeout_s=gw.start_timeout, notes=notes,
-                       tool_calls=tool_calls)
+                       prefix_report=gw.prefix_cache.report, normalize_tools=gw.prefix_cache.normalize_tools,
+                       image=image, image_reason=image_reason, tool_calls=tool_calls)
     return plan, problems
+
+
+def default_gateway_image() -> str:
+    """The tag `orchestrate engines image gateway` gives the gateway image of this version."""
+    return f"{LOCAL_IMAGE_PREFIX}gateway:{__version__}"
+
+
+def gateway_image(given: str | None) -> tuple[str, str]:
+    if given:
+        return given, "gateway.image"
+    return default_gateway_image(), "built here by `orchestrate engines image gateway` (no registry has it)"
 
 
 def describe(gw: GatewayPlan) -> list[str]:
@@ -173,6 +188,10 @@ def describe(gw: GatewayPlan) -> list[str]:
             steps.append(f"then {tc.escalate_to}")
         steps.append("then a 502" if tc.on_failure == "error" else "then the raw answer marked unvalidated")
         lines.append(f"  tool calls of {name}: " + "; ".join(steps))
+    if gw.prefix_report:
+        norm = ("tool definitions and schema keys sorted before relaying (changes what the model sees)"
+                if gw.normalize_tools else "requests relayed unchanged")
+        lines.append(f"  prefix cache: reuse measured per request (/metrics, cache-report); {norm}")
     lines += [f"  note: {n}" for n in gw.notes]
     return lines
 

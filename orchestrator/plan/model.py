@@ -343,6 +343,10 @@ class GatewayPlan:
     start_timeout_s: int | None        # None: each server's health timeout
     notes: list[str] = field(default_factory=list)
     tool_calls: dict[str, ToolCallsPlan] = field(default_factory=dict)   # server -> settings (validate on)
+    prefix_report: bool = True         # measure prefix-cache reuse per request and name what broke it
+    normalize_tools: bool = False      # sort tool definitions and their schema keys before relaying
+    image: str | None = None           # its container image (render --target compose/k8s)
+    image_reason: str = ""
 
     def budget(self, resource: str) -> int | None:
         return next((b.bytes for b in self.budgets if b.resource == resource), None)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from types import ModuleType
 
 from orchestrator import catalog
-from orchestrator.catalog import GGUF_ENGINES
+from orchestrator.catalog import GGUF_ENGINES, Gpu
 from orchestrator.errors import Problem, ProfileError
 from orchestrator.facts.types import EngineVersion, Facts, ModelFacts
 from orchestrator.plan import budget, fit
@@ -194,6 +194,18 @@ def _executable(facts: Facts, name: str) -> Executable | None:
     return Executable(found.path, found.how, found.version, found.usable) if found else None
 
 
+def unified_memory_warning(ctx: Ctx, gpu: Gpu, estimate: FitEstimate) -> None:
+    """Apple silicon, DGX Spark (GB10), Strix Halo: "system RAM" is the same memory as the GPU's, so
+    weights moved off the GPU still come out of the pool the GPU part already uses."""
+    if gpu.form != "integrated" or gpu.is_cpu or not estimate.host_bytes:
+        return
+    on_gpu, on_host, pool = estimate.total_bytes / GIB, estimate.host_bytes / GIB, gpu.vram_gb
+    over = f", more than its {pool:g} GB" if on_gpu + on_host > pool else f" of its {pool:g} GB"
+    ctx.warnings.append(f"{gpu.name} has unified memory: the {on_host:.1f} GiB offloaded to system RAM and the "
+                        f"{on_gpu:.1f} GiB on the GPU share one pool ({on_gpu + on_host:.1f} GiB{over}, before the "
+                        "OS and other programs); a smaller model, quant or context keeps more of it on the GPU")
+
+
 def _does_not_fit(index: int, estimate: FitEstimate) -> Problem:
     need = estimate.total_bytes / GIB
     have = (estimate.available_bytes or 0) / GIB
@@ -233,6 +245,7 @@ def plan_server(profile: Profile, index: int, facts: Facts, enforce_fit: bool = 
                                share.available_bytes if share else None, ctx.mem_reserve, ctx.ubatch)
     if server.nodes > 1:
         estimate.device = f"{total_gpus} GPUs of {server.nodes} nodes"
+    unified_memory_warning(ctx, facts.gpu, estimate)
     if enforce_fit and estimate.verdict == "does not fit":
         return None, [_does_not_fit(index, estimate)]
     settings = Settings(context=server.context, slots=server.parallel, kv_cache=ctx.kv_cache,

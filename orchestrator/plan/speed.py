@@ -48,7 +48,8 @@ DEFAULT_EFFICIENCY: dict[str, Efficiency] = {
                        "per weight, 1.0x its 165 TFLOPS (int8 tensor-core MMQ; llama.cpp PR #7676)"),
     "rocm": Efficiency(0.55, 0.5, "default for ROCm: a round figure below CUDA's, not measured"),
     "metal": Efficiency(0.7, 0.5, "default for Metal: a round figure, not measured"),
-    "intel": Efficiency(0.45, 0.3, "default for Intel GPUs: a round figure, not measured"),
+    # "sycl", not "intel": Gpu.accelerator names Intel GPUs by backend (SYCL), so an "intel" key was never read.
+    "sycl": Efficiency(0.45, 0.3, "default for Intel GPUs (SYCL): a round figure, not measured"),
     "cpu": Efficiency(0.6, 0.5, "default for CPU: decode 0.6 of the host's parallel-read bandwidth, prefill "
                       "0.5 of its float32 matmul FLOPS; round figures, not measured"),
 }

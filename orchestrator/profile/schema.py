@@ -82,6 +82,15 @@ class Health(Strict):
         return v
 
 
+class Workload(Strict):
+    """The requests this server is for: the shape `orchestrate tune` measures with (its options override it)."""
+
+    prompt_tokens: int = Field(512, ge=16, le=1_048_576, description="Prompt length of a typical request")
+    gen_tokens: int = Field(128, ge=2, le=131_072, description="Tokens generated per request")
+    concurrency: int | None = Field(None, ge=1, le=1024, description="Simultaneous requests; default: parallel")
+    requests: int = Field(1, ge=1, le=1000, description="Rounds of `concurrency` requests per measurement")
+
+
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$")
 _SIZE_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
@@ -114,6 +123,14 @@ class MemoryBudget(Strict):
         return None if v is None else parse_size(v)
 
 
+class PrefixCache(Strict):
+    report: bool = Field(True, description="Measure each request's prefix-cache reuse and name what broke it "
+                                           "(/metrics, orchestrate cache-report)")
+    normalize_tools: bool = Field(False, description="Sort tool definitions by name and the keys of their "
+                                                     "schemas before relaying, so a client's changing order no "
+                                                     "longer breaks the cache; it changes what the model sees")
+
+
 class Gateway(Strict):
     host: str = Field("127.0.0.1", description="Address the gateway listens on; anything but loopback needs "
                                                "api_key_env")
@@ -128,6 +145,10 @@ class Gateway(Strict):
     start_timeout: int | None = Field(None, ge=5, le=7200, description="Seconds a request waits for a stopped "
                                                                        "server to start; default: its "
                                                                        "health.timeout")
+    prefix_cache: PrefixCache = PrefixCache()
+    image: str | None = Field(None, max_length=255,
+                              description="Container image of the gateway for render --target compose/k8s; "
+                                          "default: the one `orchestrate engines image gateway` builds")
 
     @field_validator("max_body")
     @classmethod
@@ -183,6 +204,8 @@ class Server(Strict):
     env: dict[str, str] = Field(default_factory=dict)
     extra_args: list[str] = Field(default_factory=list)
     health: Health = Health()
+    workload: Workload | None = Field(None, description="The requests this server is for (prompt and generation "
+                                                        "lengths, concurrency): what `orchestrate tune` measures")
     depends_on: list[str] = Field(default_factory=list, description="Servers of this profile that must be healthy "
                                                                     "before this one starts (up, compose depends_on)")
     threads: int | None = Field(None, ge=1, le=1024, description="CPU threads (llama.cpp/ik_llama; vLLM on CPU: "

@@ -119,53 +119,86 @@ def dockerfile(inst: InstalledEngine) -> str:
     return "\n".join(lines) + "\n"
 
 
+class Context:
+    """A docker build context written as a tar: the Dockerfile and rootfs/, each folder made once, with
+    its parents."""
+
+    def __init__(self, dockerfile_text: str) -> None:
+        self.buf = io.BytesIO()
+        self.tf = tarfile.open(fileobj=self.buf, mode="w")
+        self.dirs: set[str] = set()
+        self.data("Dockerfile", dockerfile_text.encode(), 0o644)
+
+    def mkdir(self, arcname: str, mode: int = 0o755) -> None:
+        path = Path(arcname)
+        for p in [*reversed(path.parents), path]:
+            if str(p) not in (".", "") and str(p) not in self.dirs:
+                self.dirs.add(str(p))
+                _add_dir(self.tf, str(p), mode if p == path else 0o755)
+
+    def file(self, src: Path, arcname: str, mode: int = 0o755) -> None:
+        self.mkdir(str(Path(arcname).parent))
+        _add_file(self.tf, src, arcname, mode)
+
+    def data(self, arcname: str, data: bytes, mode: int = 0o644) -> None:
+        if "/" in arcname:
+            self.mkdir(str(Path(arcname).parent))
+        info = tarfile.TarInfo(arcname)
+        info.size, info.mode, info.mtime = len(data), mode, int(time.time())
+        self.tf.addfile(info, io.BytesIO(data))
+
+    def symlink(self, arcname: str, target: str) -> None:
+        link = tarfile.TarInfo(arcname)
+        link.type, link.linkname, link.mtime = tarfile.SYMTYPE, target, int(time.time())
+        self.tf.addfile(link)
+
+    def users(self) -> None:
+        """/etc/passwd and /etc/group naming root and nobody (65534), and a /tmp anyone may write."""
+        self.data("rootfs/etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:"
+                  b"/bin/sh\n")
+        self.data("rootfs/etc/group", b"root:x:0:\nnogroup:x:65534:\n")
+        self.mkdir("rootfs/tmp", 0o1777)
+
+    def close(self) -> bytes:
+        self.tf.close()
+        return self.buf.getvalue()
+
+
 def build_context(inst: InstalledEngine) -> bytes:
     """The docker build context as a tar: Dockerfile + rootfs/."""
     binary = inst.binary()
     libs = shared_libraries(binary)
     busybox = static_busybox()
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        df = dockerfile(inst).encode()
-        info = tarfile.TarInfo("Dockerfile")
-        info.size, info.mtime = len(df), int(time.time())
-        tf.addfile(info, io.BytesIO(df))
-        dirs = {"rootfs", "rootfs/app", "rootfs/bin", "rootfs/models", "rootfs/run", "rootfs/etc"}
-        for lib in libs:
-            parent = Path("rootfs") / lib.parent.relative_to("/")
-            for p in [parent, *parent.parents]:
-                if str(p) not in (".", ""):
-                    dirs.add(str(p))
-        for d in sorted(dirs):
-            _add_dir(tf, d)
-        _add_dir(tf, "rootfs/tmp", 0o1777)
-        _add_file(tf, binary, "rootfs/app/llama-server")
-        for lib in libs:
-            _add_file(tf, lib, "rootfs" + str(lib), 0o755)
-        _add_file(tf, busybox, "rootfs/bin/busybox")
-        script = HEALTHCHECK_SCRIPT.encode()
-        info = tarfile.TarInfo("rootfs/bin/healthcheck")
-        info.size, info.mode, info.mtime = len(script), 0o755, int(time.time())
-        tf.addfile(info, io.BytesIO(script))
-        for applet in BUSYBOX_APPLETS:
-            link = tarfile.TarInfo(f"rootfs/bin/{applet}")
-            link.type, link.linkname, link.mtime = tarfile.SYMTYPE, "busybox", int(time.time())
-            tf.addfile(link)
-        passwd = b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/sh\n"
-        group = b"root:x:0:\nnogroup:x:65534:\n"
-        for name, data in (("rootfs/etc/passwd", passwd), ("rootfs/etc/group", group)):
-            info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+    ctx = Context(dockerfile(inst))
+    for d in ("rootfs/app", "rootfs/bin", "rootfs/models", "rootfs/run"):
+        ctx.mkdir(d)
+    ctx.users()
+    ctx.file(binary, "rootfs/app/llama-server")
+    for lib in libs:
+        ctx.file(lib, "rootfs" + str(lib), 0o755)
+    ctx.file(busybox, "rootfs/bin/busybox")
+    ctx.data("rootfs/bin/healthcheck", HEALTHCHECK_SCRIPT.encode(), 0o755)
+    for applet in BUSYBOX_APPLETS:
+        ctx.symlink(f"rootfs/bin/{applet}", "busybox")
+    return ctx.close()
+
+
+def docker_build(connect: Callable[[], Any], context: bytes, tag: str) -> None:
+    """`docker build` of a context made by Context, tagged `tag`."""
+    from docker.errors import APIError, BuildError
+
+    c = connect()
+    try:
+        c.images.build(fileobj=io.BytesIO(context), custom_context=True, tag=tag, rm=True, forcerm=True)
+    except (BuildError, APIError) as exc:
+        raise OrchestratorError(f"docker build of {tag} failed: {str(exc).splitlines()[0][:200]}",
+                                "check the daemon's disk space and the message") from None
 
 
 def build_image(connect: Callable[[], Any], engine: str, backend: str = "cpu", gpu_arch: str | None = None,
                 tag: str | None = None, log: Callable[[str], None] = print) -> str:
     """Build the image and return its tag. connect() gives the Docker client (runtime.docker.client),
     called only once there is something to build."""
-    from docker.errors import APIError, BuildError
-
     inst = installed(engine, backend, gpu_arch)
     if inst is None:
         arch = f" --gpu-arch {gpu_arch}" if gpu_arch else ""
@@ -176,12 +209,7 @@ def build_image(connect: Callable[[], Any], engine: str, backend: str = "cpu", g
     if not inst.portable:
         log("note: this build targets this machine's CPU: the image runs on CPUs with the same "
             "instruction set; for any x86-64 CPU reinstall with orchestrate engines install --portable")
-    c = connect()
     context = build_context(inst)
     log(f"building {tag} from {inst.binary()} ({len(context) / 2**20:.0f} MiB context)")
-    try:
-        c.images.build(fileobj=io.BytesIO(context), custom_context=True, tag=tag, rm=True, forcerm=True)
-    except (BuildError, APIError) as exc:
-        raise OrchestratorError(f"docker build of {tag} failed: {str(exc).splitlines()[0][:200]}",
-                                "check the daemon's disk space and the message") from None
+    docker_build(connect, context, tag)
     return tag

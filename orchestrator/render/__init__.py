@@ -34,6 +34,15 @@ class _Dumper(yaml.SafeDumper):
         return True
 
 
+def _str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    """Text of several lines (the gateway's plan.json) as a literal block, as it reads."""
+    style = "|" if "\n" in data and data.endswith("\n") and not data.startswith(" ") else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
 def _dump(doc: Any) -> str:
     return yaml.dump(doc, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True, width=100)
 
@@ -43,9 +52,8 @@ def _yaml_text(plan: Plan, target: str, docs: list[Any]) -> str:
     header = "# " + one_line(HEADER.format(file=plan.profile_file)) + "\n"
     if plan.gateway is not None and target in ("compose", "k8s"):
         gw = plan.gateway
-        header += "# " + one_line(f"the profile's gateway ({gw.host}:{gw.port}) is not part of this output: it has "
-                                  "no container image; run it beside these servers with: orchestrate gateway "
-                                  f"{plan.profile_file}") + "\n"
+        header += "# " + one_line(f"the gateway runs from the image {gw.image}: build it here with orchestrate "
+                                  "engines image gateway") + "\n"
     if target == "k8s":
         text = header + "".join("---\n" + _dump(d) for d in docs)
     else:
@@ -93,7 +101,8 @@ def _gateway_limits(plan: Plan, target: str) -> None:
 def env_example(plan: Plan) -> str | None:
     """The .env.example written beside a compose file: every variable it references, without values."""
     names = sorted({e.from_env for s in plan.servers for e in s.env if e.from_env and not e.process_only}
-                   | {s.api_key.env_var for s in plan.servers if s.api_key})
+                   | {s.api_key.env_var for s in plan.servers if s.api_key}
+                | ({plan.gateway.api_key_env} if plan.gateway and plan.gateway.api_key_env else set()))
     if not names:
         return None
     lines = [f"# Variables {one_line(Path(plan.profile_file).name)} references: copy to .env beside compose.yaml and fill "

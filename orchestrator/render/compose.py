@@ -17,6 +17,13 @@ from orchestrator.plan.model import (
     container_name,
 )
 from orchestrator.render.common import STOP_GRACE_S, container_entry, env_need, publish, require_image, require_key
+from orchestrator.render.gateway import (
+    PLAN_PATH,
+    SERVICE,
+    check_names,
+    gateway_plan_json,
+    require_gateway_image,
+)
 
 
 class Interpolated(str):
@@ -124,10 +131,43 @@ def _service(plan: Plan, s: ServerPlan, secrets: dict[str, Any]) -> dict[str, An
     return svc
 
 
+def _gateway_service(plan: Plan) -> dict[str, Any]:
+    """The gateway's service: its image, the plan it serves (the compose config NAME-plan), its port
+    published on the planned address, its key and each upstream's by reference, after every server is
+    healthy."""
+    gw = plan.gateway
+    assert gw is not None
+    host = f"[{gw.host}]" if ":" in gw.host else gw.host
+    svc: dict[str, Any] = {"image": require_gateway_image(gw), "container_name": container_name(plan.name, SERVICE),
+                           "command": ["--plan", PLAN_PATH], "ports": [f"{host}:{gw.port}:{gw.port}"]}
+    env: dict[str, str] = {}
+    if gw.api_key_env:
+        env[gw.api_key_env] = Interpolated(require_key(gw.api_key_env, "the key clients of the gateway send"))
+    for s in plan.servers:
+        if s.api_key:
+            env[s.api_key.env_var] = Interpolated(require_key(s.api_key.env_var, f"{s.name}'s API key"))
+    if env:
+        svc["environment"] = env
+    svc["configs"] = [{"source": f"{SERVICE}-plan", "target": PLAN_PATH, "mode": 0o444}]
+    svc["depends_on"] = {s.name: {"condition": "service_healthy"} for s in plan.servers}
+    # the image's own HEALTHCHECK (GET /health on the port of the plan it serves); compose sets the timings
+    svc["healthcheck"] = {"interval": "2s", "timeout": "5s", "retries": 3, "start_period": "60s"}
+    svc["init"] = True
+    svc["restart"] = "unless-stopped"
+    svc["stop_grace_period"] = "10s"
+    svc["labels"] = {"orchestrator.gateway-of": plan.name}   # not orchestrator.profile: status lists servers
+    return svc
+
+
 def compose_data(plan: Plan) -> dict[str, Any]:
     secrets: dict[str, Any] = {}
     services = {s.name: _service(plan, s, secrets) for s in plan.servers}
     doc: dict[str, Any] = {"name": plan.name, "services": services}
+    if plan.gateway is not None:
+        check_names(plan)
+        services[SERVICE] = _gateway_service(plan)
+        doc["configs"] = {f"{SERVICE}-plan": {"content": gateway_plan_json(plan, {s.name: s.name
+                                                                                   for s in plan.servers})}}
     if secrets:
         doc["secrets"] = secrets
     return dict(escape_all(doc))

@@ -8,6 +8,7 @@ from typing import Any
 
 from orchestrator.plan.model import Plan, Role, ServerPlan, container_name
 from orchestrator.render.common import STOP_GRACE_S, container_entry, require_image
+from orchestrator.render.gateway import k8s_gateway_docs
 
 LWS_API = "leaderworkerset.x-k8s.io/v1"
 LWS_NAME_LABEL = "leaderworkerset.sigs.k8s.io/name"   # set by the LeaderWorkerSet controller on every pod
@@ -129,4 +130,6 @@ def k8s_docs(plan: Plan) -> list[dict[str, Any]]:
             "spec": {"selector": selector,
                      "ports": [{"name": "http", "port": s.port, "targetPort": "http", "protocol": "TCP"}]},
         })
+    if plan.gateway is not None:
+        docs += k8s_gateway_docs(plan)
     return docs

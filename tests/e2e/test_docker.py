@@ -291,3 +291,71 @@ def test_compose_up_wait_with_an_image_under_a_custom_tag(env, gemma: Path, dock
         down = subprocess.run([*compose, "down"], capture_output=True, text=True, timeout=180, cwd=out.parent)
         docker_client.images.remove(tag, force=True)
     assert down.returncode == 0, down.stderr
+
+
+def test_rendered_compose_with_its_gateway_serves_the_openai_client(env, gemma: Path, images, docker_client,
+                                                                   tmp_path: Path) -> None:
+    """The gateway image built here (`orchestrate engines image gateway`), the rendered compose file with a
+    llama.cpp server and the gateway, `docker compose up --wait`, then the official client through the
+    gateway's published port: models, a chat completion, a streamed one; the gateway's key is enforced and
+    the server's own key is one only the gateway sends."""
+    import time
+
+    import openai
+
+    name = f"{PREFIX}gateway"
+    tag = "localhost/orchestrator/gateway:e2e"
+    t0 = time.perf_counter()
+    built = env.run("engines", "image", "gateway", "--tag", tag, timeout=600)
+    build_s = time.perf_counter() - t0
+    assert built.returncode == 0, built.stdout + built.stderr
+    assert built.stdout.strip().splitlines()[-1] == tag
+    image = docker_client.images.get(tag)
+    assert image.labels["org.opencontainers.image.version"] and len(image.labels["orchestrator.code-sha256"]) == 64
+    print(f"gateway image: {image.attrs['Size'] / 2**20:.0f} MiB, built in {build_s:.1f} s")
+    gw_port, port = _free_port(), _free_port()
+    doc = {"name": name, "hardware": {"gpu": "cpu"},
+           "gateway": {"host": "127.0.0.1", "port": gw_port, "api_key_env": "DK_GATEWAY_KEY", "image": tag},
+           "servers": [{"name": "gemma", "engine": "llama.cpp", "runtime": "docker", "image": images["llama.cpp"],
+                        "port": port, "context": 2048, "api_key_env": "DK_GEMMA_KEY",
+                        "model": {"path": str(gemma), "served_name": "gemma"},
+                        "health": {"timeout": 60, "interval": 1}}]}
+    profile = tmp_path / "gw.yaml"
+    profile.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "deploy" / "compose.yaml"
+    out.parent.mkdir()
+    r = env.run("render", str(profile), "-t", "compose", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    keys = {"DK_GATEWAY_KEY": "gw-key-for-e2e", "DK_GEMMA_KEY": "server-key-for-e2e"}
+    compose = [compose_binary(), "-f", str(out)]
+    run_env = {**env.env, **keys}
+    try:
+        p = subprocess.run([*compose, "up", "-d", "--wait", "--wait-timeout", "240"], capture_output=True, text=True,
+                           timeout=360, cwd=out.parent, env=run_env)
+        logs = subprocess.run([*compose, "logs", "gateway"], capture_output=True, text=True, timeout=60,
+                              cwd=out.parent, env=run_env)
+        assert p.returncode == 0, p.stdout + p.stderr + logs.stdout + logs.stderr
+        gw_ct = docker_client.containers.get(f"{name}--gateway")
+        assert gw_ct.attrs["State"]["Health"]["Status"] == "healthy"      # the image's own HEALTHCHECK
+        assert gw_ct.attrs["Config"]["User"] == "65534:65534"
+        base = f"http://127.0.0.1:{gw_port}/v1"
+        client = openai.OpenAI(base_url=base, api_key=keys["DK_GATEWAY_KEY"], max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list()] == ["gemma"]
+        reply = client.chat.completions.create(model="gemma", max_tokens=8,
+                                               messages=[{"role": "user", "content": "Say hi"}])
+        assert reply.choices[0].message.content
+        chunks = list(client.chat.completions.create(model="gemma", max_tokens=8, stream=True,
+                                                     messages=[{"role": "user", "content": "Count to three"}]))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=base, api_key="wrong", max_retries=0).models.list()
+        assert requests.get(f"{base}/models", timeout=10).status_code == 401
+        # the server itself wants its own key: the gateway sent it
+        assert chat(port).status_code == 401
+        assert chat(port, headers={"Authorization": f"Bearer {keys['DK_GEMMA_KEY']}"}).status_code == 200
+    finally:
+        down = subprocess.run([*compose, "down"], capture_output=True, text=True, timeout=180, cwd=out.parent,
+                              env=run_env)
+        docker_client.images.remove(tag, force=True)
+    assert down.returncode == 0, down.stderr
+    assert ours(docker_client, name) == []

@@ -237,3 +237,55 @@ def test_embeddings_and_a_server_that_fails_to_start(engine_built: str, env, gem
     err = err.get("error", err)
     assert err.get("cause") == "bad_flag", exc.value.body
     assert "failed to start at stage" in str(err.get("message")) and record_pid(env, "gwemb", "bad") is None
+
+
+def test_real_engine_keys_401_and_queue_overflow_429(env, gemma: Path) -> None:
+    """On real llama-server: a wrong gateway key is 401, the upstream's own key (injected by the gateway)
+    is never the gateway's; with parallel 1 and queue 1 a third concurrent request gets 429 with
+    Retry-After while the first streams and the second waits, and both of those finish."""
+    from orchestrator.provision import builds as provision
+
+    provision.build("llama.cpp", "cpu")
+    gw_key, up_key = "sk-gw-R7c2Lq90zz", "sk-up-Hx51Ty63yy"
+    profile, port = gateway_profile(env, "gwreal", [gemma_server(gemma, "a", "gemma-a", api_key_env="UP_KEY")],
+                                    api_key_env="GW_KEY", queue=1)
+    up(env, profile, {"GW_KEY": gw_key, "UP_KEY": up_key})
+    with pytest.raises(openai.AuthenticationError):
+        client(port, "sk-wrong").completions.create(model="gemma-a", prompt="Hi", max_tokens=2)
+    with pytest.raises(openai.AuthenticationError):
+        client(port, up_key).completions.create(model="gemma-a", prompt="Hi", max_tokens=2)
+    upstream_port = env.records("gwreal")["a"].port
+    assert httpx.post(f"http://127.0.0.1:{upstream_port}/v1/completions", json={"prompt": "Hi", "max_tokens": 2},
+                      timeout=30).status_code == 401          # the engine itself wants its key
+    c = client(port, gw_key)
+    assert c.completions.create(model="gemma-a", prompt="Hi", max_tokens=2).choices[0].text is not None
+
+    base, auth = f"http://127.0.0.1:{port}/v1", {"Authorization": f"Bearer {gw_key}"}
+    body = {"model": "gemma-a", "prompt": "Once upon a time", "max_tokens": 120, "stream": True,
+            "ignore_eos": True}
+    done: list[int] = []
+
+    def stream_one() -> None:
+        with httpx.stream("POST", f"{base}/completions", json=body, headers=auth, timeout=120) as r:
+            for _ in r.iter_bytes():
+                pass
+            done.append(r.status_code)
+
+    threads = [threading.Thread(target=stream_one) for _ in range(2)]   # one generating, one waiting
+    for t in threads:
+        t.start()
+        time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    metrics_text = ""
+    while time.monotonic() < deadline:
+        metrics_text = httpx.get(f"http://127.0.0.1:{port}/metrics", headers=auth).text
+        if metric(metrics_text, "gateway_server_waiting", server="a") == 1:
+            break
+        time.sleep(0.1)
+    assert metric(metrics_text, "gateway_server_waiting", server="a") == 1, metrics_text
+    r = httpx.post(f"{base}/completions", json=body, headers=auth, timeout=30)
+    assert r.status_code == 429, r.text
+    assert int(r.headers["Retry-After"]) >= 1 and "queue 1" in r.json()["error"]["message"]
+    for t in threads:
+        t.join(120)
+    assert done == [200, 200]

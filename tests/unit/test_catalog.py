@@ -69,3 +69,86 @@ def test_a100_sxm_and_pcie_are_named_apart() -> None:
     assert (sxm.id, sxm.bandwidth_gbs, sxm.tdp_w) == ("a100-80gb", 2039, 400)
     assert (pcie.id, pcie.bandwidth_gbs, pcie.tdp_w) == ("a100-80gb-pcie", 1935, 300)
     assert catalog.find_gpu("NVIDIA A100-PCIE-40GB").tdp_w == 250 and catalog.find_gpu("a100-40gb").tdp_w == 400
+
+
+# Pages that collect other sites' figures, or repositories unrelated to the card: a `source` must
+# name the vendor's datasheet, spec page or announcement instead (issue 15, item 6).
+_AGGREGATORS = ("omegaco", "sysrqmts", "tech4gamers", "techpowerup", "microway", "io-tech", "glennklockwood",
+                "manuals.plus", "winston-zhang", "saulelectric", "astroc86", "mullet.se", "grafikkarten", "cputronic",
+                "technic3d", "calwoo", "holynerdvana", "triteia", "waredb", "thefpsreview", "spheron", "dominikbucko",
+                "codesota", "aiwiki", "zexron", "yobitel", "pcspecchart", "phoronix", "gentoo", "svethardware",
+                "fpsbench", "hmc-tech", "myapplechat", "macmegasite", "llmfit", "goodnewsapodcast", "public llm-serving",
+                "tom's", "linux format")
+_VENDOR_NAMES = {"nvidia": "NVIDIA", "amd": "AMD", "intel": "Intel", "apple": "Apple"}
+_FORMS = {"datacenter", "workstation", "consumer", "integrated", "cpu"}
+
+
+@pytest.mark.parametrize("gid", sorted(catalog.gpus()))
+def test_every_entry_cites_its_vendor(gid: str) -> None:
+    g = catalog.gpus()[gid]
+    text = f"{g.source} {g.notes or ''}".lower()
+    assert not [a for a in _AGGREGATORS if a in text], f"{gid}: cites an aggregator: {g.source}"
+    if g.vendor in _VENDOR_NAMES:
+        assert _VENDOR_NAMES[g.vendor] in g.source, f"{gid}: source names no {_VENDOR_NAMES[g.vendor]} document"
+    if g.vendor == "nvidia":
+        assert "developer.nvidia.com/cuda-gpus" in g.source or "compute capability" in g.source, gid
+
+
+@pytest.mark.parametrize("gid", sorted(catalog.gpus()))
+def test_every_entry_has_the_fields_its_readers_need(gid: str) -> None:
+    g = catalog.gpus()[gid]
+    assert g.form in _FORMS and g.name and g.arch, gid
+    if g.is_cpu:
+        return
+    assert g.vram_gb > 0 and g.bandwidth_gbs, gid
+    if g.vendor == "nvidia":
+        assert g.cc is not None and g.gfx_target is None, gid
+    if g.vendor == "amd":
+        assert g.compute_capability is None and (g.gfx_target or "").startswith("gfx"), gid
+    for field in ("fp16_tflops", "tdp_w"):
+        if getattr(g, field) is None:       # a missing figure is explained, never left silent
+            assert field in (g.notes or "") or "publishes no" in (g.notes or ""), (gid, field)
+
+
+def test_ids_names_and_aliases_are_unique_after_matching() -> None:
+    seen: dict[str, str] = {}
+    for g in catalog.gpus().values():
+        for key in {catalog.normalize(k) for k in (g.id, g.name, *g.aliases)}:
+            assert seen.setdefault(key, g.id) == g.id, f"{key!r} names both {seen[key]} and {g.id}"
+
+
+@pytest.mark.parametrize("gid,arch,target,vram,bandwidth", [
+    ("b200", "blackwell", "10.0", 180, 8000), ("b300", "blackwell", "10.3", 288, 8000),
+    ("gb200", "blackwell", "10.0", 186, 8000), ("rtx-pro-6000-blackwell", "blackwell", "12.0", 96, 1792),
+    ("gb10", "blackwell", "12.1", 128, 273), ("h20", "hopper", "9.0", 96, 4000), ("l20", "ada", "8.9", 48, 864),
+    ("mi210", "cdna2", "gfx90a", 64, 1638.4), ("mi325x", "cdna3", "gfx942", 256, 6000),
+    ("mi355x", "cdna4", "gfx950", 288, 8000), ("radeon-pro-w7900", "rdna3", "gfx1100", 48, 864),
+    ("ryzen-ai-max-395", "rdna3.5", "gfx1151", 128, 256), ("arc-b570", "xe2-hpg", None, 10, 380),
+    ("arc-pro-b50", "xe2-hpg", None, 16, 224), ("arc-pro-b60", "xe2-hpg", None, 24, 456),
+    ("apple-m5", "apple-m5", None, 32, 153), ("apple-m1", "apple-m1", None, 16, 68.25),
+    ("apple-m2-pro", "apple-m2", None, 32, 200), ("apple-m3-pro", "apple-m3", None, 36, 150),
+])
+def test_new_cards_carry_their_vendor_figures(gid: str, arch: str, target: str | None, vram: float,
+                                              bandwidth: float) -> None:
+    g = catalog.gpus()[gid]
+    assert (g.arch, g.compute_capability or g.gfx_target, g.vram_gb, g.bandwidth_gbs) == (arch, target, vram, bandwidth)
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("NVIDIA B200", "b200"), ("NVIDIA GB10", "gb10"), ("DGX Spark", "gb10"), ("NVIDIA B300 SXM", "b300"),
+    ("NVIDIA RTX PRO 6000 Blackwell Workstation Edition", "rtx-pro-6000-blackwell"),
+    ("NVIDIA RTX PRO 6000 Blackwell Max-Q Workstation Edition", "rtx-pro-6000-blackwell-max-q"),
+    ("NVIDIA RTX PRO 6000 Blackwell Server Edition", "rtx-pro-6000-blackwell-server"), ("rtx pro 6000", "rtx-pro-6000-blackwell"),
+    ("AMD Instinct MI355X", "mi355x"), ("Radeon PRO W7900", "radeon-pro-w7900"), ("Strix Halo", "ryzen-ai-max-395"),
+    ("Radeon 8060S Graphics", "ryzen-ai-max-395"), ("Intel Arc Pro B60", "arc-pro-b60"), ("Arc B570", "arc-b570"),
+    ("Apple M5", "apple-m5"), ("Apple M3 Pro", "apple-m3-pro"),
+])
+def test_new_cards_match_the_names_tools_report(name: str, expected: str) -> None:
+    assert catalog.find_gpu(name).id == expected
+
+
+def test_unified_memory_parts_are_integrated_and_apple_keeps_its_working_set() -> None:
+    for gid in ("gb10", "ryzen-ai-max-395", "apple-m1", "apple-m5"):
+        assert catalog.gpus()[gid].form == "integrated", gid
+    assert catalog.gpus()["apple-m5"].working_set_gb == round(32 * 2 / 3, 2)
+    assert catalog.gpus()["gb10"].working_set_gb == 128    # CUDA sees the pool; no macOS-style limit

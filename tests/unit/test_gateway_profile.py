@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from orchestrator.pipeline import build_plan
 from orchestrator.plan.model import GIB, plan_from_dict
@@ -65,6 +66,10 @@ CASES = [
      "10: servers[0].tool_calls.retry", "retr"),
     ("negative-idle", two_servers("gateway: {port: 9100}\n", a="    start: on_demand\n    idle_timeout: 0\n"),
      "11: servers[0].idle_timeout", "greater than or equal to 1"),
+    ("prefix-cache-typo", two_servers("gateway:\n  port: 9100\n  prefix_cache: {normalise_tools: true}\n"),
+     "6: gateway.prefix_cache.normalise_tools", "did you mean 'normalize_tools'"),
+    ("prefix-cache-not-bool", two_servers("gateway:\n  port: 9100\n  prefix_cache: {report: sometimes}\n"),
+     "6: gateway.prefix_cache.report", "boolean"),
 ]
 
 
@@ -159,7 +164,7 @@ def test_render_command_shows_gateway_and_start_modes() -> None:
     assert data[2]["gateway"] == "127.0.0.1:9100" and data[2]["argv"][:2] == ["orchestrate", "gateway"]
 
 
-def test_compose_and_k8s_say_what_they_cannot_express() -> None:
+def test_compose_and_k8s_say_what_they_cannot_express_and_render_the_gateway_otherwise() -> None:
     from orchestrator.errors import OrchestratorError
     from orchestrator.render import render
 
@@ -170,8 +175,8 @@ def test_compose_and_k8s_say_what_they_cannot_express() -> None:
             render(on_demand, target)
     always = build_plan(load_text(two_servers("gateway: {port: 9100}\n"), "gw.yaml"), detect=False, environ=ENV)
     text = render(always, "compose")
-    assert "# the profile's gateway (127.0.0.1:9100) is not part of this output" in text
-    assert "orchestrate gateway gw.yaml" in text
+    assert "orchestrate engines image gateway" in text
+    assert "gateway" in yaml.safe_load(text)["services"]
 
 
 def test_vllm_needs_its_memory_fraction_of_each_gpu() -> None:

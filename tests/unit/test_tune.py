@@ -145,3 +145,45 @@ def test_the_decision_rule(tmp_path: Path) -> None:
     assert out.winner is None and "only once" in out.reason
     out = _decide(t, a, b, [], [], 3)
     assert out.winner is None and "the budget allowed no candidate" in out.reason
+
+
+def test_workload_section_gives_tune_its_shape_and_options_override_it() -> None:
+    from orchestrator.measure.tune import workload_for
+
+    loaded = load_text(_profile(parallel=4, workload={"prompt_tokens": 2048, "gen_tokens": 64}), "t.yaml")
+    srv = loaded.profile.servers[0]
+    w = workload_for(srv, {})
+    assert (w.prompt_tokens, w.gen_tokens, w.concurrency, w.requests) == (2048, 64, 4, 1)
+    w = workload_for(srv, {"gen_tokens": 16, "concurrency": 2})
+    assert (w.prompt_tokens, w.gen_tokens, w.concurrency) == (2048, 16, 2)
+    plain = load_text(_profile(parallel=3), "t.yaml").profile.servers[0]
+    w = workload_for(plain, {})
+    assert (w.prompt_tokens, w.gen_tokens, w.concurrency) == (512, 128, 3)
+
+
+@pytest.mark.parametrize(("workload", "where", "says"), [
+    ({"prompt_tokens": 4000, "gen_tokens": 200}, "workload.prompt_tokens", "does not fit this server's context of 4096"),
+    ({"concurrency": 8}, "workload.concurrency", "more than parallel 2"),
+])
+def test_workload_that_cannot_run_as_written_is_a_profile_error(tmp_path: Path, workload: dict, where: str,
+                                                                says: str) -> None:
+    from orchestrator.errors import ProfileError
+
+    path = tmp_path / "w.yaml"
+    path.write_text(_profile(parallel=2, workload=workload))
+    loaded = load(str(path))
+    facts = gather(loaded, environ={"HOME": "/home/u"}, detect=False)
+    with pytest.raises(ProfileError) as exc:
+        plan(loaded, facts, enforce_fit=False)
+    text = str(exc.value)
+    assert where in text and says in text and "w.yaml:" in text
+
+
+def test_workload_fields_are_checked_with_their_line(tmp_path: Path) -> None:
+    from orchestrator.errors import ProfileError
+
+    path = tmp_path / "w.yaml"
+    path.write_text(_profile(workload={"prompt_tokens": 4, "shape": 1}))
+    with pytest.raises(ProfileError) as exc:
+        load(str(path))
+    assert "prompt_tokens" in str(exc.value) and "shape" in str(exc.value)
