@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from orchestrator.gateway import route_set  # noqa: E402
-from orchestrator.gateway.app import Call  # noqa: E402
+from orchestrator.gateway.call import Call  # noqa: E402
 from orchestrator.gateway.routing import Router, score  # noqa: E402
 from orchestrator.plan.model import RoutePlan, RouteTier  # noqa: E402
 

@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "recommend": ("recommend_cmds", "recommend"),
     "up": ("run_cmds", "up"), "down": ("run_cmds", "down"), "status": ("run_cmds", "status"),
     "logs": ("run_cmds", "logs"), "compose": ("run_cmds", "compose"), "gateway": ("gateway_cmds", "gateway"),
-    "cache-report": ("gateway_cmds", "cache_report"),
+    "cache-report": ("gateway_cmds", "cache_report"), "eval-tools": ("gateway_cmds", "eval_tools"),
     "bench": ("measure_cmds", "bench"), "eval": ("measure_cmds", "eval_cmd"),
     "engines": ("engine_cmds", "engines"), "doctor": ("engine_cmds", "doctor"),
     "lock": ("lock_cmds", "lock"), "tune": ("tune_cmds", "tune"),

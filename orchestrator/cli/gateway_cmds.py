@@ -33,6 +33,59 @@ def gateway(profile: str | None, plan_file: str | None, ignore_fit: bool) -> Non
     serve(plan_for_up(profile, deployer, ignore_fit), deployer)
 
 
+@click.command("eval-tools")
+@click.argument("profile", type=click.Path(dir_okay=False))
+@click.option("--server", "server", help="The server to measure (default: the first with tool_calls, else the first).")
+@click.option("--direct-only", is_flag=True, help="Only the server directly, not through the gateway.")
+@click.option("--limit", type=click.IntRange(min=1), help="Run the first N tasks only.")
+@click.option("--max-tokens", type=click.IntRange(min=16), default=256, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@IGNORE_FIT
+def eval_tools(profile: str, server: str | None, direct_only: bool, limit: int | None, max_tokens: int,
+               as_json: bool, ignore_fit: bool) -> None:
+    """Run the tool-use suite (42 tasks) against a running server directly and through the gateway:
+    valid-call rate, task-correct rate, attempts per task, added latency, failure kinds."""
+    import json
+    import os
+
+    from orchestrator.cli.common import fail, load_plan
+    from orchestrator.gateway.tool_eval import run_suite
+    from orchestrator.plan.model import client_host
+
+    plan = load_plan(profile, ignore_fit)
+    names = [sp.name for sp in plan.servers]
+    tool_servers = [n for n in names if plan.gateway and n in plan.gateway.tool_calls]
+    name = server or (tool_servers or names)[0]
+    if name not in names:
+        fail([f"no server {name!r} in {profile}; servers: {', '.join(names)}"])
+    sp = plan.server(name)
+    direct_headers = {}
+    if sp.api_key and os.environ.get(sp.api_key.env_var):
+        direct_headers["Authorization"] = f"Bearer {os.environ[sp.api_key.env_var]}"
+    targets = [("direct", f"http://{sp.client_host}:{sp.port}/v1", direct_headers)]
+    if not direct_only:
+        gw = plan.gateway
+        if gw is None:
+            fail([f"{profile} has no gateway: section; use --direct-only"])
+        assert gw is not None
+        headers = {}
+        if gw.api_key_env and os.environ.get(gw.api_key_env):
+            headers["Authorization"] = f"Bearer {os.environ[gw.api_key_env]}"
+        host = client_host(gw.host)
+        targets.append(("gateway", f"http://{host}:{gw.port}/v1", headers))
+    summaries = run_suite(targets, sp.served_name, max_tokens, limit, say=lambda s: click.echo(s, err=True))
+    if as_json:
+        click.echo(json.dumps([s.as_dict() for s in summaries], indent=2))
+        return
+    click.echo(f"{name} ({sp.engine} {sp.engine_version}, model {sp.served_name}), {summaries[0].tasks} tasks")
+    for s in summaries:
+        added = "" if s.target == "direct" else f"; added latency p50 {s.p50_s:.2f} s, p95 {s.p95_s:.2f} s"
+        click.echo(f"  {s.target:8} valid calls {s.valid_rate:6.1%}  task-correct {s.correct_rate:6.1%}  "
+                   f"attempts/task {s.attempts_per_task:.2f}  invalid passed as valid {s.invalid_passed}{added}")
+        if s.kinds:
+            click.echo("           failures: " + ", ".join(f"{k} {v}" for k, v in sorted(s.kinds.items())))
+        if s.outcomes:
+            click.echo("           gateway: " + ", ".join(f"{k} {v}" for k, v in sorted(s.outcomes.items())))
 @click.command("cache-report")
 @click.argument("deployment", required=False)
 @click.option("--since", default=None, help="Only requests after this: 30m, 1h, 2d, or a date/time")

@@ -26,8 +26,7 @@ import json
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import httpx
@@ -37,6 +36,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from orchestrator.gateway.backend import GatewayBackend
+from orchestrator.gateway.call import Call, Handler, Hook
 from orchestrator.gateway.dashboard import Dashboard
 from orchestrator.gateway.metrics import Metrics
 from orchestrator.gateway.routing import Judge, Router, decide
@@ -51,47 +51,6 @@ T = TypeVar("T")
 
 class TooLarge(Exception):
     pass
-
-
-@dataclass
-class Call:
-    """One relayed request on its way through the gateway."""
-
-    endpoint: str                  # /v1/chat/completions, /v1/completions, /v1/embeddings
-    body: dict[str, Any]           # the parsed request body
-    raw: bytes                     # the bytes sent upstream (set_body re-encodes after a change)
-    model: str                     # the name the client asked for
-    name: str                      # the server that answers ("" until a server serves that name)
-    stream: bool
-    t0: float                      # time.perf_counter() at arrival
-    client: str                    # who asked: body "user", else header x-client-id, else the peer address
-    headers: dict[str, str] = field(default_factory=dict)   # added to the response
-    notes: dict[str, Any] = field(default_factory=dict)     # what hooks learned, for later hooks and metrics
-    request_headers: dict[str, str] = field(default_factory=dict)   # the request's x-* headers (lowercase)
-
-    def set_body(self, body: dict[str, Any]) -> None:
-        self.body = body
-        self.raw = json.dumps(body, ensure_ascii=False).encode()
-
-
-class Hook(Protocol):
-    """Sees every relayed call, in `Gateway.hooks` order."""
-
-    def prepare(self, call: Call) -> Response | None:
-        """Before the call is queued: may set call.name, change the body, add headers; a Response
-        answers the request instead."""
-
-    def finished(self, call: Call, status: int, answer: dict[str, Any] | None) -> None:
-        """After the answer: its JSON body (unary) or the last JSON data event of a stream; None when
-        it was not JSON."""
-
-
-class Handler(Protocol):
-    """Answers the calls it claims instead of the plain relay (e.g. with several upstream requests)."""
-
-    def claims(self, call: Call) -> bool: ...
-
-    async def handle(self, call: Call, request: Request) -> Response: ...
 
 
 class Hold:
@@ -186,6 +145,9 @@ class Gateway:
             self.hooks.append(router)
             if any(r.judge_server for r in self.gw.routes):
                 self.handlers.append(Judge(router, self, self.metrics.route_judgements))
+        if self.gw.tool_calls:
+            from orchestrator.gateway.toolflow import ToolFlow
+            self.handlers.append(ToolFlow(self))
         # TCP_NODELAY: httpx writes a request's headers and body separately, and Nagle's algorithm would hold
         # the body until the server's delayed ACK of the headers (~40 ms on Linux loopback) on every request.
         transport = httpx.AsyncHTTPTransport(

@@ -45,6 +45,12 @@ class Metrics(Events):
                                          "(error, context, tool_calls)", ["route", "cause"], registry=r)
         self.route_judgements = Counter("gateway_route_judgements", "Judgements near a tier boundary, by verdict "
                                         "(simple, hard, unclear, timeout, failed)", ["route", "verdict"], registry=r)
+        self.tool_calls = Counter("gateway_tool_calls", "Answers to requests with tools, by what the gateway did: "
+                                  "valid (first time), repaired, rescued, retried, escalated, failed, unvalidated",
+                                  ["server", "outcome"], registry=r)
+        self.tool_call_failures = Counter("gateway_tool_call_failures", "Invalid answers seen (each attempt), by "
+                                          "kind: no_call, unknown_tool, bad_json, schema, unwanted_call, text_call",
+                                          ["server", "kind"], registry=r)
         self.waiting = Gauge("gateway_server_waiting", "Requests waiting for a slot", ["server"], registry=r)
         pc = ["model", "client"]
         self.prefix_prompt = Counter("gateway_prefix_prompt_tokens", "Prompt tokens of chat/completion requests (the "

@@ -9,7 +9,16 @@ from orchestrator.catalog import LOCAL_IMAGE_PREFIX
 from orchestrator.errors import Problem
 from orchestrator.facts.types import Facts
 from orchestrator.plan.fit import FIT_MARGIN_BYTES
-from orchestrator.plan.model import GIB, GatewayPlan, RoutePlan, RouteTier, ServerPlan, SwapBudget, is_loopback
+from orchestrator.plan.model import (
+    GIB,
+    GatewayPlan,
+    RoutePlan,
+    RouteTier,
+    ServerPlan,
+    SwapBudget,
+    ToolCallsPlan,
+    is_loopback,
+)
 from orchestrator.profile import Profile
 
 RAM = "RAM"
@@ -30,6 +39,22 @@ def check_gateway(profile: Profile) -> list[Problem]:
         if s.idle_timeout is not None and s.start != "on_demand":
             problems.append(Problem(("servers", i, "idle_timeout"), "idle_timeout applies to on_demand servers only",
                                     "set start: on_demand, or remove idle_timeout"))
+    names = [s.name for s in profile.servers]
+    for i, s in enumerate(profile.servers):
+        tc = s.tool_calls
+        if tc is None:
+            continue
+        if gw is None:
+            problems.append(Problem(("servers", i, "tool_calls"), "tool_calls are checked by the gateway, and the "
+                                    "profile has none", "add a gateway: section (host, port), or remove tool_calls"))
+        if tc.escalate_to is not None and (tc.escalate_to == s.name or tc.escalate_to not in names):
+            others = ", ".join(n for n in names if n != s.name) or "none"
+            problems.append(Problem(("servers", i, "tool_calls", "escalate_to"),
+                                    f"escalate_to {tc.escalate_to!r} is not another server of this profile",
+                                    f"name one of the other servers ({others}), or remove escalate_to"))
+        if tc.escalate_to is not None and not tc.check:
+            problems.append(Problem(("servers", i, "tool_calls", "escalate_to"), "escalate_to needs validate: true "
+                                    "(nothing is found invalid without it)", "set validate: true"))
     if gw is None:
         return problems
     if not is_loopback(gw.host) and not gw.api_key_env:
@@ -185,13 +210,17 @@ def plan_gateway(profile: Profile, facts: Facts, servers: list[ServerPlan]) -> t
                                         "raise gateway.memory_budget, lower its context/parallel, or make fewer "
                                         "servers start: always"))
     notes = [f"{sp.name}: no memory estimate; counted as 0" for sp in servers if sp.estimate is None]
+    tool_calls = {s.name: ToolCallsPlan(s.tool_calls.repair, s.tool_calls.retries, s.tool_calls.constrained,
+                                        s.tool_calls.escalate_to, s.tool_calls.on_failure)
+                  for s in profile.servers if s.tool_calls is not None and s.tool_calls.check}
     image, image_reason = gateway_image(gw.image)
     routes, route_problems = _routes(profile, servers)
     problems += route_problems
     plan = GatewayPlan(host=gw.host, port=gw.port, api_key_env=gw.api_key_env, budgets=budgets, needs=needs,
                        max_body_bytes=int(gw.max_body), queue=gw.queue, start_timeout_s=gw.start_timeout, notes=notes,
                        routes=routes, prefix_report=gw.prefix_cache.report,
-                       normalize_tools=gw.prefix_cache.normalize_tools, image=image, image_reason=image_reason)
+                       normalize_tools=gw.prefix_cache.normalize_tools, image=image, image_reason=image_reason,
+                       tool_calls=tool_calls)
     return plan, problems
 
 
@@ -225,6 +254,15 @@ def describe(gw: GatewayPlan) -> list[str]:
         if r.judge_server:
             lines.append(f"    judged by {r.judge_server} (one token, {r.judge_timeout_ms} ms at most) within "
                          f"{r.judge_margin:g} of a threshold")
+    for name, tc in sorted(gw.tool_calls.items()):
+        steps = ["checked against each request's tools and tool_choice"] + (["repaired/rescued"] if tc.repair else [])
+        steps.append(f"{tc.retries} retr{'y' if tc.retries == 1 else 'ies'} with the errors")
+        if tc.constrained:
+            steps.append("a constrained retry where the engine can")
+        if tc.escalate_to:
+            steps.append(f"then {tc.escalate_to}")
+        steps.append("then a 502" if tc.on_failure == "error" else "then the raw answer marked unvalidated")
+        lines.append(f"  tool calls of {name}: " + "; ".join(steps))
     if gw.prefix_report:
         norm = ("tool definitions and schema keys sorted before relaying (changes what the model sees)"
                 if gw.normalize_tools else "requests relayed unchanged")

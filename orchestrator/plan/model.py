@@ -339,6 +339,17 @@ class RoutePlan:
 
 
 @dataclass
+class ToolCallsPlan:
+    """What the gateway does with the tool calls of one server's answers."""
+
+    repair: bool
+    retries: int
+    constrained: bool
+    escalate_to: str | None
+    on_failure: str                    # error | raw
+
+
+@dataclass
 class GatewayPlan:
     """The gateway in front of the servers: where it listens, its limits, and the memory it swaps
     on-demand servers within (each server's need from its fit estimate, by resource)."""
@@ -353,6 +364,7 @@ class GatewayPlan:
     start_timeout_s: int | None        # None: each server's health timeout
     notes: list[str] = field(default_factory=list)
     routes: list[RoutePlan] = field(default_factory=list)
+    tool_calls: dict[str, ToolCallsPlan] = field(default_factory=dict)   # server -> settings (validate on)
     prefix_report: bool = True         # measure prefix-cache reuse per request and name what broke it
     normalize_tools: bool = False      # sort tool definitions and their schema keys before relaying
     image: str | None = None           # its container image (render --target compose/k8s)
@@ -434,6 +446,7 @@ def plan_from_dict(data: dict[str, Any]) -> Plan:
         gw["budgets"] = [_build(SwapBudget, b) for b in gw.get("budgets", [])]
         gw["routes"] = [_build(RoutePlan, {**r, "tiers": [_build(RouteTier, t) for t in r.get("tiers", [])]})
                         for r in gw.get("routes", [])]
+        gw["tool_calls"] = {n: _build(ToolCallsPlan, t) for n, t in (gw.get("tool_calls") or {}).items()}
         gateway = _build(GatewayPlan, gw)
     return Plan(data["name"], data["profile_file"], _build(HardwareSummary, data["hardware"]), servers,
                 list(data.get("warnings", [])), gpus, gateway)

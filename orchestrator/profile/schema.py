@@ -190,6 +190,20 @@ class Gateway(Strict):
         return size
 
 
+class ToolCalls(Strict):
+    check: bool = Field(True, alias="validate", description="Check each tool call of a request with tools: the "
+                        "name is one of its tools, the arguments are JSON valid for its parameters, tool_choice "
+                        "is respected")
+    repair: bool = Field(True, description="Repair broken argument JSON and rescue calls written as text")
+    retries: int = Field(2, ge=0, le=5, description="Retries that give the model the validation errors")
+    constrained: bool = Field(True, description="Then one retry whose output the engine constrains to a valid "
+                                                "call (llama.cpp json_schema, vLLM/SGLang response_format)")
+    escalate_to: str | None = Field(None, pattern=NAME_RE, description="Server of this profile that gets the "
+                                                                       "request when all that fails")
+    on_failure: Literal["error", "raw"] = Field("error", description="error: a 502 naming what was wrong; raw: "
+                                                "the model's answer, marked x-orchestrator-tool-calls: unvalidated")
+
+
 class Server(Strict):
     name: str = Field(pattern=NAME_RE, max_length=63, description="Unique within the profile; lowercase, DNS-safe")
     engine: Engine = "auto"
@@ -235,6 +249,8 @@ class Server(Strict):
                                                                        "gateway starts it on its first request")
     idle_timeout: int | None = Field(None, ge=1, le=604_800, description="on_demand: seconds without requests "
                                                                          "after which the gateway stops it")
+    tool_calls: ToolCalls | None = Field(None, description="The gateway checks, repairs and retries the tool calls "
+                                                           "of this server's answers (docs/tool-calls.md)")
 
     @field_validator("host")
     @classmethod

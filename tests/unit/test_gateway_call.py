@@ -6,7 +6,8 @@ import json
 
 from starlette.requests import Request
 
-from orchestrator.gateway.app import Call, client_of, last_event
+from orchestrator.gateway.app import client_of, last_event
+from orchestrator.gateway.call import Call
 
 
 def request(headers: dict[str, str] | None = None) -> Request:

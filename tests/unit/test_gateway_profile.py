@@ -54,6 +54,16 @@ CASES = [
      "16: servers[1].start", "can never start beside"),
     ("same-served-name", two_servers("gateway: {port: 9100}\n").replace("gemma-b", "gemma-a"),
      "12: servers[1].model.served_name", "routes by model name"),
+    ("tool-calls-without-gateway", two_servers("", a="    tool_calls: {retries: 1}\n"), "9: servers[0].tool_calls",
+     "checked by the gateway"),
+    ("escalate-to-unknown", two_servers("gateway: {port: 9100}\n", a="    tool_calls: {escalate_to: big}\n"),
+     "10: servers[0].tool_calls.escalate_to", "not another server of this profile"),
+    ("escalate-to-itself", two_servers("gateway: {port: 9100}\n", a="    tool_calls:\n      escalate_to: a\n"),
+     "11: servers[0].tool_calls.escalate_to", "name one of the other servers (b)"),
+    ("tool-calls-retries-range", two_servers("gateway: {port: 9100}\n", a="    tool_calls: {retries: 9}\n"),
+     "10: servers[0].tool_calls.retries", "less than or equal to 5"),
+    ("tool-calls-unknown-key", two_servers("gateway: {port: 9100}\n", a="    tool_calls: {retry: 1}\n"),
+     "10: servers[0].tool_calls.retry", "retr"),
     ("negative-idle", two_servers("gateway: {port: 9100}\n", a="    start: on_demand\n    idle_timeout: 0\n"),
      "11: servers[0].idle_timeout", "greater than or equal to 1"),
     ("prefix-cache-typo", two_servers("gateway:\n  port: 9100\n  prefix_cache: {normalise_tools: true}\n"),
@@ -187,3 +197,20 @@ def test_vllm_needs_its_memory_fraction_of_each_gpu() -> None:
     need = plan.gateway.needs["llama"]["GPU 0"]
     assert need == max(sp.estimate.total_bytes if sp.estimate else 0, int(sp.settings.memory_fraction * vram))
     assert need >= int(sp.settings.memory_fraction * vram)   # vLLM takes its share whatever the model needs
+
+
+def test_plan_carries_tool_calls_and_shows_them(tmp_path: Path, orchestrate) -> None:
+    text = two_servers("gateway:\n  port: 9100\n", a="    tool_calls: {retries: 1, escalate_to: b, on_failure: raw}\n",
+                       b="    tool_calls: {validate: false}\n")
+    plan = build_plan(load_text(text, "gw.yaml"), detect=False, environ=ENV)
+    assert plan.gateway is not None and set(plan.gateway.tool_calls) == {"a"}     # validate: false is off
+    tcp = plan.gateway.tool_calls["a"]
+    assert (tcp.retries, tcp.escalate_to, tcp.on_failure, tcp.repair, tcp.constrained) == (1, "b", "raw", True, True)
+    again = plan_from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert again.gateway == plan.gateway
+    f = tmp_path / "tc.yaml"
+    f.write_text(text)
+    code, out, err = orchestrate("plan", str(f), env={"ORCHESTRATOR_STATE_DIR": str(tmp_path / "state")})
+    assert code == 0, err
+    assert ("tool calls of a: checked against each request's tools and tool_choice; repaired/rescued; 1 retry with "
+            "the errors; a constrained retry where the engine can; then b; then the raw answer marked unvalidated") in out

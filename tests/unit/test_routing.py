@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.gateway import route_set
-from orchestrator.gateway.app import Call
+from orchestrator.gateway.call import Call
 from orchestrator.gateway.routing import Router, conversation_key, decide, score
 from orchestrator.pipeline import build_plan
 from orchestrator.plan.model import RoutePlan, RouteTier, plan_from_dict
