@@ -47,7 +47,8 @@ def orchestrate(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[
                           cwd=ROOT, timeout=900)
 
 
-MOCK: dict[str, Any] = {}   # --mock: the fake engine's binary and environment
+MOCK: dict[str, Any] = {}
+PREFIX_REPORT = True        # --no-prefix-report: the gateway without the prefix-cache doctor   # --mock: the fake engine's binary and environment
 
 
 def write_profile(tmp: Path, engine: str, model: str, parallel: int, start: str, name: str,
@@ -56,7 +57,10 @@ def write_profile(tmp: Path, engine: str, model: str, parallel: int, start: str,
               "context": 1024, "parallel": parallel, "port": ports[1], "start": start}
     if MOCK:
         server.update(binary=MOCK["binary"], env=dict(MOCK["env"]))
-    doc = {"name": name, "hardware": {"gpu": "cpu"}, "gateway": {"port": ports[0]}, "servers": [server]}
+    gateway: dict[str, Any] = {"port": ports[0]}
+    if not PREFIX_REPORT:
+        gateway["prefix_cache"] = {"report": False}
+    doc = {"name": name, "hardware": {"gpu": "cpu"}, "gateway": gateway, "servers": [server]}
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
@@ -168,7 +172,11 @@ def main() -> None:
     ap.add_argument("--cold-runs", type=int, default=3)
     ap.add_argument("--mock", action="store_true", help="tests/fake_engine.py as the upstream")
     ap.add_argument("--token-delay-ms", type=float, default=10.0)
+    ap.add_argument("--no-prefix-report", action="store_true",
+                    help="gateway.prefix_cache.report: false (the doctor's engine calls after each answer off)")
     args = ap.parse_args()
+    global PREFIX_REPORT
+    PREFIX_REPORT = not args.no_prefix_report
     from orchestrator.provision import builds as provision
     from tests.e2e.conftest import FAKE, free_port
 
