@@ -31,7 +31,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 # Two-word commands: `eval route PROFILE` is its own command beside `eval PROFILE`.
-SUBCOMMANDS: dict[tuple[str, str], tuple[str, str]] = {("eval", "route"): ("route_cmds", "eval_route")}
+# `eval route` and `eval tools` read as eval's own subcommands (`eval-tools` is the same command).
+SUBCOMMANDS: dict[tuple[str, str], tuple[str, str]] = {("eval", "route"): ("route_cmds", "eval_route"),
+                                                       ("eval", "tools"): ("gateway_cmds", "eval_tools")}
 
 
 class _Group(click.Group):

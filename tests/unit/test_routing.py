@@ -274,3 +274,13 @@ def test_route_endpoint_and_models_through_the_app() -> None:
     assert models["auto"]["route"] is True and models["auto"]["tiers"][0] == {"server": "a", "model": "gemma-a",
                                                                               "up_to": "simple"}
     assert {"gemma-a", "gemma-b"} <= set(models)
+
+
+def test_eval_tools_is_also_an_eval_subcommand(tmp_path: Path, orchestrate) -> None:
+    f = tmp_path / "gw.yaml"
+    f.write_text(two_servers(ROUTES.replace("9100", "9") + "        - {server: a, up_to: simple}\n"
+                             "        - {server: b}\n"))
+    env = {"ORCHESTRATOR_STATE_DIR": str(tmp_path / "state")}
+    for words in (("eval", "tools"), ("eval-tools",)):
+        code, out, err = orchestrate(*words, "--help", env=env)
+        assert code == 0 and "tool-use suite" in out, err
