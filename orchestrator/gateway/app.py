@@ -282,6 +282,16 @@ class Gateway:
         return error(404, f"model {call.model!r} is not served here; available: {', '.join(names)}",
                      "invalid_request_error", param="model", available=names)
 
+    def answered(self, call: Call, status: int, content: bytes) -> None:
+        """Count a whole upstream answer and tell the hooks, with its JSON body where it has one."""
+        self.count(call.model, call.endpoint, status, call.t0)
+        if self.hooks:
+            try:
+                answer = json.loads(content)
+            except ValueError:
+                answer = None
+            self.finish(call, status, answer if isinstance(answer, dict) else None)
+
     def finish(self, call: Call, status: int, answer: dict[str, Any] | None) -> None:
         for hook in self.hooks:
             try:
@@ -438,13 +448,7 @@ class Gateway:
                          headers=call.headers)
         finally:
             hold.release(ok)
-        self.count(call.model, call.endpoint, upstream.status_code, call.t0)
-        if self.hooks:
-            try:
-                answer = json.loads(content)
-            except ValueError:
-                answer = None
-            self.finish(call, upstream.status_code, answer if isinstance(answer, dict) else None)
+        self.answered(call, upstream.status_code, content)
         return Response(content, upstream.status_code, media_type=upstream.headers.get("content-type"),
                         headers=call.headers)
 
@@ -486,13 +490,7 @@ class Gateway:
         finally:
             await upstream.aclose()
             hold.release(upstream.status_code < 500)
-        self.count(call.model, call.endpoint, upstream.status_code, call.t0)
-        if self.hooks:
-            try:
-                answer = json.loads(content)
-            except ValueError:
-                answer = None
-            self.finish(call, upstream.status_code, answer if isinstance(answer, dict) else None)
+        self.answered(call, upstream.status_code, content)
         return content
 
     async def relay(self, call: Call, upstream: httpx.Response, hold: Hold) -> AsyncIterator[bytes]:
