@@ -6,26 +6,18 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import yaml
 
 from orchestrator.errors import ProfileError
-from orchestrator.pipeline import build_plan
-from orchestrator.profile import load_text
+from tests.unit.test_engine_rules import _flags
+from tests.unit.test_engine_rules import _plan as plan_one
 
 GGUF = "/m/Meta-Llama-3.1-8B-Instruct-Q4_K_M.gguf"
 HF = "/m/Meta-Llama-3.1-8B-Instruct"
 
 
 def _plan(engine: str, gpu: str, **server: Any) -> Any:
-    path = GGUF if engine in ("llama.cpp", "ik_llama") else HF
-    doc = {"name": "p", "hardware": {"gpu": gpu},
-           "servers": [{"name": "s", "engine": engine, "model": {"path": path}, **server}]}
-    return build_plan(load_text(yaml.safe_dump(doc), "t.yaml"), environ={"HOME": "/h"}, detect=False,
-                      enforce_fit=False).servers[0]
-
-
-def _flags(sp: Any) -> dict[str, str | None]:
-    return {f.name: f.value for f in sp.flags}
+    """test_engine_rules' planner helper, with a GGUF for the llama.cpp engines and HF weights otherwise."""
+    return plan_one(engine, gpu, GGUF if engine in ("llama.cpp", "ik_llama") else HF, **server)
 
 
 def _reason(sp: Any, name: str) -> str:
@@ -124,18 +116,12 @@ MOE_35B = "/m/Qwen3.6-35B-A3B-Q4_K_M.gguf"   # ~20 GiB at Q4_K_M (catalog size)
 def test_offload_on_unified_memory_warns_that_ram_is_the_same_pool() -> None:
     """On Apple silicon, GB10 and Strix Halo the 'system RAM' that -ncmoe moves experts to is the GPU's
     own memory: 9.5 GiB on a 16 GB M1's GPU plus 11.5 GiB of experts is more than the machine has."""
-    doc = {"name": "p", "hardware": {"gpu": "apple-m1"},
-           "servers": [{"name": "s", "engine": "llama.cpp", "model": {"path": MOE_35B}, "context": 8192}]}
-    sp = build_plan(load_text(yaml.safe_dump(doc), "t.yaml"), environ={"HOME": "/h"}, detect=False,
-                    enforce_fit=False).servers[0]
+    sp = plan_one("llama.cpp", "apple-m1", MOE_35B, context=8192)
     assert sp.estimate.host_bytes > 0
     assert any("unified memory" in w and "more than its 16 GB" in w for w in sp.warnings), sp.warnings
 
 
 @pytest.mark.parametrize("gpu", ["rtx-3060-12gb", "apple-m4-max", "gb10"])
 def test_no_unified_memory_warning_for_discrete_cards_or_when_nothing_is_offloaded(gpu: str) -> None:
-    doc = {"name": "p", "hardware": {"gpu": gpu},
-           "servers": [{"name": "s", "engine": "llama.cpp", "model": {"path": MOE_35B}, "context": 8192}]}
-    sp = build_plan(load_text(yaml.safe_dump(doc), "t.yaml"), environ={"HOME": "/h"}, detect=False,
-                    enforce_fit=False).servers[0]
+    sp = plan_one("llama.cpp", gpu, MOE_35B, context=8192)
     assert not [w for w in sp.warnings if "unified memory" in w]
