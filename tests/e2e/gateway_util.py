@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 
 from tests.e2e.conftest import Env, free_port
@@ -53,3 +56,22 @@ def metric(text: str, name: str, **labels: str) -> float:
 def record_pid(env: Env, deployment: str, server: str) -> int | None:
     rec = env.records(deployment).get(server)
     return getattr(rec, "pid", None) if rec is not None else None
+
+
+def streams_in_background(url: str, body: dict[str, Any], count: int, headers: dict[str, str] | None = None,
+                          timeout: float = 120, stagger_s: float = 0.0) -> tuple[list[threading.Thread], list[int]]:
+    """`count` streamed requests on threads of their own, read to the end: (the threads, the status
+    codes of those that finished, in finishing order)."""
+    done: list[int] = []
+
+    def stream_one() -> None:
+        with httpx.stream("POST", url, json=body, headers=headers, timeout=timeout) as r:
+            for _ in r.iter_bytes():
+                pass
+            done.append(r.status_code)
+
+    threads = [threading.Thread(target=stream_one) for _ in range(count)]
+    for t in threads:
+        t.start()
+        time.sleep(stagger_s)
+    return threads, done

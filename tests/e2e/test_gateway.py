@@ -17,7 +17,7 @@ import openai
 import psutil
 import pytest
 
-from tests.e2e.gateway_util import gateway_profile, metric, record_pid, up
+from tests.e2e.gateway_util import gateway_profile, metric, record_pid, streams_in_background, up
 
 pytestmark = pytest.mark.engines
 ENGINES = ["llama.cpp", "ik_llama"]
@@ -264,18 +264,7 @@ def test_real_engine_keys_401_and_queue_overflow_429(env, gemma: Path) -> None:
     base, auth = f"http://127.0.0.1:{port}/v1", {"Authorization": f"Bearer {gw_key}"}
     body = {"model": "gemma-a", "prompt": "Once upon a time", "max_tokens": 120, "stream": True,
             "ignore_eos": True}
-    done: list[int] = []
-
-    def stream_one() -> None:
-        with httpx.stream("POST", f"{base}/completions", json=body, headers=auth, timeout=120) as r:
-            for _ in r.iter_bytes():
-                pass
-            done.append(r.status_code)
-
-    threads = [threading.Thread(target=stream_one) for _ in range(2)]   # one generating, one waiting
-    for t in threads:
-        t.start()
-        time.sleep(0.3)
+    threads, done = streams_in_background(f"{base}/completions", body, 2, auth, stagger_s=0.3)  # one generating, one waiting
     deadline = time.monotonic() + 10
     metrics_text = ""
     while time.monotonic() < deadline:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 
 import httpx
@@ -16,7 +15,7 @@ import openai
 import psutil
 import pytest
 
-from tests.e2e.gateway_util import fake_binary, gateway_profile, metric, record_pid, up
+from tests.e2e.gateway_util import fake_binary, gateway_profile, metric, record_pid, streams_in_background, up
 
 
 def fake_server(e, name: str, served: str, **extra) -> dict:
@@ -109,17 +108,7 @@ def test_queue_overflow_is_429_with_retry_after(env) -> None:
     up(env, profile)
     base = f"http://127.0.0.1:{port}/v1"
     body = {"model": "fa", "prompt": "x", "stream": True}
-    done: list[int] = []
-
-    def stream_one() -> None:
-        with httpx.stream("POST", f"{base}/completions", json=body, timeout=30) as r:
-            for _ in r.iter_bytes():
-                pass
-            done.append(r.status_code)
-
-    threads = [threading.Thread(target=stream_one) for _ in range(2)]   # one running, one waiting
-    for t in threads:
-        t.start()
+    threads, done = streams_in_background(f"{base}/completions", body, 2, timeout=30)   # one running, one waiting
     time.sleep(0.5)
     r = httpx.post(f"{base}/completions", json=body)
     assert r.status_code == 429, r.text
