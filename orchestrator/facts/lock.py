@@ -36,7 +36,7 @@ LOCK_VERSION = 1
 # The knobs a tuning run may set (and a lock may carry): each changes speed, never what is served.
 # A lock naming any other option is refused, so a lock file cannot slip arbitrary arguments into argv.
 TUNABLE = frozenset({"-t", "-tb", "-b", "-ub", "-fa", "-ctk", "-ctv", "--spec-draft-n-max", "--draft-max",
-                     "-ncmoe"})
+                     "-ncmoe", "-np"})
 HEADER = ("# Written by `orchestrate lock` / `orchestrate tune`: what this profile ran, pinned.\n"
           "# Commit it with the profile; `orchestrate lock verify PROFILE` checks this machine against it.\n")
 

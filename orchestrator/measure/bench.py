@@ -209,7 +209,10 @@ class Sample:
 
     @property
     def prefill_tps(self) -> float | None:
-        return self.prompt_tokens / self.ttft_s if self.ttft_s > 0 else None
+        """Prompt tokens the engine evaluated (a cached prefix is not evaluated again) per second to the
+        first token."""
+        evaluated = self.prompt_tokens - (self.cached_tokens or 0)
+        return evaluated / self.ttft_s if self.ttft_s > 0 and evaluated > 0 else None
 
 
 def stream_completion(t: Target, prompt: list[int] | str, max_tokens: int, timeout: float = 600.0,
@@ -498,14 +501,15 @@ class ServerResult:
 
 # --------------------------------------------------------------------------- runs
 
-def run_round(t: Target, prompts: list[list[int]], gen_tokens: int) -> tuple[list[Sample], float]:
+def run_round(t: Target, prompts: list[list[int]], gen_tokens: int,
+              cache_prompt: bool | None = None) -> tuple[list[Sample], float]:
     """All prompts sent at the same moment; returns their samples and the round's wall time."""
     results: list[Sample | None] = [None] * len(prompts)
     gate = threading.Barrier(len(prompts))
 
     def worker(i: int) -> None:
         gate.wait()
-        results[i] = stream_completion(t, prompts[i], gen_tokens)
+        results[i] = stream_completion(t, prompts[i], gen_tokens, cache_prompt=cache_prompt)
 
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(len(prompts))]
     t0 = time.perf_counter()
@@ -517,15 +521,33 @@ def run_round(t: Target, prompts: list[list[int]], gen_tokens: int) -> tuple[lis
 
 
 def run_level(t: Target, prompts: Prompts, concurrency: int, prompt_tokens: int, gen_tokens: int,
-              runs: int) -> tuple[list[Sample], float]:
-    """`runs` rounds of `concurrency` simultaneous requests; returns the samples and summed wall time."""
+              runs: int, prefix: list[int] | None = None) -> tuple[list[Sample], float]:
+    """`runs` rounds of `concurrency` simultaneous requests; returns the samples and summed wall time.
+    With a prefix (see prime_prefix) every request begins with it and asks the engine to reuse its cache,
+    so `prompt_tokens` fresh tokens are evaluated at that depth."""
     samples: list[Sample] = []
     wall = 0.0
+    head = prefix or []
     for _ in range(runs):
-        got, took = run_round(t, [prompts.take(prompt_tokens) for _ in range(concurrency)], gen_tokens)
+        got, took = run_round(t, [head + prompts.take(prompt_tokens) for _ in range(concurrency)], gen_tokens,
+                              cache_prompt=True if prefix else None)
         samples.extend(got)
         wall += took
     return samples, wall
+
+
+def prime_prefix(t: Target, prompts: Prompts, depth: int, concurrency: int) -> list[int]:
+    """A shared prefix of `depth` tokens, evaluated once per slot the measured requests will use (one
+    request per simultaneous stream, at the same moment, so each lands in its own slot), so that the
+    measured requests find it cached. Returns the prefix."""
+    prefix = prompts.take(depth)
+    got, _ = run_round(t, [prefix + prompts.take(4) for _ in range(concurrency)], 2, cache_prompt=True)
+    bad = [s for s in got if not s.ok]
+    if bad or len(got) < concurrency:
+        raise BenchError(f"server {t.name}: the {depth}-token shared prefix did not run: "
+                         + (bad[0].error if bad else "a request was lost"),
+                         "is the depth within the server's context per slot? (orchestrate plan shows -c and -np)")
+    return prefix
 
 
 def run_prefix(t: Target, prompts: Prompts, prefix_tokens: int, suffix_tokens: int = 32) -> PrefixResult:

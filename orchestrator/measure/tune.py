@@ -1,7 +1,8 @@
 """`orchestrate tune`: measure the knobs the rules cannot know on this machine, keep the winner.
 
 Candidates vary the knobs a plan is unsure of (threads, ubatch, FlashAttention, the KV type where the
-user allows another, draft length with speculative decoding, -ncmoe near the fit boundary); each is a
+user allows another, draft length with speculative decoding, -ncmoe near the fit boundary, fewer slots
+than simultaneous requests); each is a
 plan made by the planner itself (the candidate's flags handed over as a lock, so every other flag
 keeps its rule), started by the deployer, measured with bench's client on the workload's shape, and
 stopped again: one *visit*. Rounds are interleaved, and the planned configuration runs twice per
@@ -42,9 +43,11 @@ class Workload:
     gen_tokens: int = 128
     concurrency: int = 1
     requests: int = 1          # rounds of `concurrency` requests per visit
+    depth: int = 0             # tokens of a shared, cached prefix every request begins with
 
     def describe(self) -> str:
-        return (f"{self.concurrency}× ({self.prompt_tokens} prompt + {self.gen_tokens} generated tokens), "
+        at = f" at depth {self.depth} (a shared prefix, cached)" if self.depth else ""
+        return (f"{self.concurrency}× ({self.prompt_tokens} prompt + {self.gen_tokens} generated tokens){at}, "
                 f"{self.requests} round(s) per visit")
 
 
@@ -53,10 +56,11 @@ def workload_for(srv: Server, shape: dict[str, int | None]) -> Workload:
     section, else the defaults (concurrency: the server's parallel)."""
     given = srv.workload
     base = Workload() if given is None else Workload(given.prompt_tokens, given.gen_tokens,
-                                                     given.concurrency or srv.parallel, given.requests)
+                                                     given.concurrency or srv.parallel, given.requests, given.depth)
+    depth = shape.get("depth")
     return Workload(shape.get("prompt_tokens") or base.prompt_tokens, shape.get("gen_tokens") or base.gen_tokens,
                     shape.get("concurrency") or (base.concurrency if given is not None else srv.parallel),
-                    shape.get("requests") or base.requests)
+                    shape.get("requests") or base.requests, base.depth if depth is None else depth)
 
 
 @dataclass
@@ -66,6 +70,7 @@ class Candidate:
     scores: list[float] = field(default_factory=list)
     prefill: list[float] = field(default_factory=list)
     decode: list[float] = field(default_factory=list)
+    ttft_ms: list[float] = field(default_factory=list)
     failed: str = ""
     out_in_round: int | None = None  # the round after which successive halving dropped it
 
@@ -80,6 +85,7 @@ class Candidate:
         return {"flags": self.label, "visits": len(self.scores), "median": _r(med),
                 "prefill_tps": _r(statistics.median(self.prefill) if self.prefill else None),
                 "decode_tps": _r(statistics.median(self.decode) if self.decode else None),
+                "ttft_ms": _r(statistics.median(self.ttft_ms) if self.ttft_ms else None, 1),
                 "vs_planned": _r(med / planned, 3) if med and planned else None, "status": status}
 
 
@@ -98,11 +104,11 @@ def _flag(sp: ServerPlan, name: str) -> str | None:
 
 
 def knobs(sp: ServerPlan, facts: Facts, parallel: int, cores: int, kv_allowed: list[str],
-          prompt_tokens: int = 512) -> dict[str, list[Flags]]:
+          prompt_tokens: int = 512, concurrency: int = 1) -> dict[str, list[Flags]]:
     """Per knob, the settings to try besides the planned one (each a tuple of flags set together).
     Settings that cannot differ from the planned one on this workload are left out: all cores when
     the plan leaves threads at the engine's default (which is all cores), a ubatch at or above the
-    prompt length when the planned one is too."""
+    prompt length when the planned one is too, fewer slots when requests come one at a time."""
     out: dict[str, list[Flags]] = {}
     if sp.engine not in ("llama.cpp", "ik_llama"):
         return out
@@ -127,6 +133,13 @@ def knobs(sp: ServerPlan, facts: Facts, parallel: int, cores: int, kv_allowed: l
     if ncmoe is not None and ncmoe.isdigit():
         n = int(ncmoe)
         out["ncmoe"] = [(("-ncmoe", str(k)),) for k in (n - 2, n - 1, n + 1, n + 2) if k >= 0]
+    # Slots: fewer than the requests that arrive together, so the rest queue and each batch is smaller.
+    # Never more than planned: -c is the profile's context × parallel, split evenly across the slots, so
+    # more slots would give each less context than the profile asks for; fewer give each more.
+    np_ = _flag(sp, "-np")
+    if np_ is not None and np_.isdigit() and concurrency > 1:
+        n = int(np_)
+        out["slots"] = [(("-np", str(k)),) for k in sorted({max(1, min(n, concurrency) // 2), 1}) if k < min(n, concurrency)]
     user = {f.value for f in sp.flags if f.source == "user"}
     return {k: v for k, v in out.items() if v and not USER_NAMES.get(k, set()) & user}
 
@@ -135,7 +148,8 @@ def knobs(sp: ServerPlan, facts: Facts, parallel: int, cores: int, kv_allowed: l
 USER_NAMES = {"threads": {"-t", "--threads"}, "ubatch": {"-ub", "--ubatch-size"},
               "flash_attention": {"-fa", "--flash-attn"},
               "kv_cache": {"-ctk", "-ctv", "--cache-type-k", "--cache-type-v"},
-              "draft_tokens": {"--spec-draft-n-max", "--draft-max", "--draft"}, "ncmoe": {"-ncmoe", "--n-cpu-moe"}}
+              "draft_tokens": {"--spec-draft-n-max", "--draft-max", "--draft"}, "ncmoe": {"-ncmoe", "--n-cpu-moe"},
+              "slots": {"-np", "--parallel"}}
 
 
 def _compatible(flags: Flags) -> bool:
@@ -195,7 +209,9 @@ class Tuner:
             t = target_for(p, p.server(self.server), self.deployer)
             prompts = bench.Prompts(t)
             bench.warm_up(t, prompts)
-            samples, wall = bench.run_level(t, prompts, w.concurrency, w.prompt_tokens, w.gen_tokens, w.requests)
+            prefix = bench.prime_prefix(t, prompts, w.depth, w.concurrency) if w.depth else None
+            samples, wall = bench.run_level(t, prompts, w.concurrency, w.prompt_tokens, w.gen_tokens, w.requests,
+                                            prefix)
             level = bench.summarize(w.concurrency, samples, wall)
             if level.errors or not level.throughput_tps:
                 cand.failed = "requests failed: " + "; ".join(level.error_examples)
@@ -205,6 +221,8 @@ class Tuner:
                 cand.prefill.append(level.prefill_tps)
             if level.decode_tps:
                 cand.decode.append(level.decode_tps)
+            if level.ttft_ms:
+                cand.ttft_ms.append(level.ttft_ms)
         finally:
             self.deployer.down(p.name, [self.server])
             self.visits += 1
@@ -263,7 +281,8 @@ class Outcome:
                  *[c.row(planned) for c in self.field]]
         return Tuning(w.flags if w else (), self.reason, now_iso(), OBJECTIVE,
                       {"prompt_tokens": self.workload.prompt_tokens, "gen_tokens": self.workload.gen_tokens,
-                       "concurrency": self.workload.concurrency, "requests_per_visit": self.workload.requests},
+                       "concurrency": self.workload.concurrency, "requests_per_visit": self.workload.requests,
+                       **({"depth": self.workload.depth} if self.workload.depth else {})},
                       figures, tuple(cands))
 
 
@@ -364,7 +383,7 @@ def _decide(t: Tuner, a: Candidate, b: Candidate, field_: list[Candidate], alive
     elif gain > noise:
         reason = (f"{best.label} won: {best.median:.2f} vs planned {planned:.2f} {OBJECTIVE} over "
                   f"{len(best.scores)} visits ({gain:+.1%}), beyond the ±{noise:.1%} spread between two identical "
-                  f"planned arms ({arms})")
+                  f"planned arms ({arms})") + _latency_cost(best, a, b)
         winner = best
     else:
         reason = (f"the planned flags held: the best candidate, {best.label}, measured {gain:+.1%} "
@@ -372,6 +391,19 @@ def _decide(t: Tuner, a: Candidate, b: Candidate, field_: list[Candidate], alive
                   f"identical planned arms ({arms})")
         winner = None
     return Outcome(t.server, t.workload, [a, b], field_, winner, gain, noise, reason, rounds, t.spent_s, t.visits)
+
+
+def _latency_cost(best: Candidate, a: Candidate, b: Candidate) -> str:
+    """What the winner costs the first token, when it costs it more than a quarter (fewer slots than
+    requests: the rest wait in the engine's queue)."""
+    planned = a.ttft_ms + b.ttft_ms
+    if not best.ttft_ms or not planned:
+        return ""
+    won, was = statistics.median(best.ttft_ms), statistics.median(planned)
+    if won <= was * 1.25:
+        return ""
+    why = " (fewer slots than simultaneous requests: the others queue)" if "-np" in dict(best.flags) else ""
+    return f"; its median time to first token is {won:.0f} ms against {was:.0f} ms planned{why}"
 
 
 def tune(loaded: LoadedProfile, facts: Facts, rules: Plan, server: str, deployer: Deployer, workload: Workload,
@@ -382,11 +414,11 @@ def tune(loaded: LoadedProfile, facts: Facts, rules: Plan, server: str, deployer
         raise OrchestratorError(f"server {server} of {rules.name} is running: tune starts and stops it for every "
                                 "candidate", f"stop it first: orchestrate down {loaded.file} --server {server}")
     srv = next(s for s in loaded.profile.servers if s.name == server)
-    by_knob = knobs(sp, facts, srv.parallel, cores, kv_allowed, workload.prompt_tokens)
+    by_knob = knobs(sp, facts, srv.parallel, cores, kv_allowed, workload.prompt_tokens, workload.concurrency)
     if not by_knob:
         raise OrchestratorError(f"server {server}: nothing to tune for {sp.engine_display}",
                                 "tune knows the llama.cpp and ik_llama.cpp knobs (threads, ubatch, FlashAttention, "
-                                "KV type, draft length, -ncmoe)")
+                                "KV type, draft length, -ncmoe, slots)")
     pool = candidates(by_knob, limit=64)
     say(f"{server}: {len(pool)} candidates over {', '.join(by_knob)}; budget {_duration(budget_s)}")
     t = Tuner(loaded, facts, rules, server, deployer, workload, budget_s, say)

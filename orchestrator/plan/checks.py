@@ -48,12 +48,13 @@ def check_profile(profile: Profile, gpu: Gpu, gpu_count: int) -> list[Problem]:
                 problems.append(Problem(("servers", i, "gpus"), f"GPU index {max(s.gpus)} but hardware.count is {gpu_count}",
                                         f"use indices 0..{gpu_count - 1} or raise hardware.count"))
         w = s.workload
-        if w is not None and w.prompt_tokens + w.gen_tokens > s.context:
-            problems.append(Problem(("servers", i, "workload", "prompt_tokens"), f"a workload request of "
-                                    f"{w.prompt_tokens} prompt + {w.gen_tokens} generated tokens does not fit this "
-                                    f"server's context of {s.context} tokens per sequence",
-                                    f"raise context to at least {w.prompt_tokens + w.gen_tokens}, or shorten the "
-                                    "workload"))
+        if w is not None and w.depth + w.prompt_tokens + w.gen_tokens > s.context:
+            need = w.depth + w.prompt_tokens + w.gen_tokens
+            depth = f"{w.depth} tokens of depth + " if w.depth else ""
+            problems.append(Problem(("servers", i, "workload", "depth" if w.depth else "prompt_tokens"),
+                                    f"a workload request of {depth}{w.prompt_tokens} prompt + {w.gen_tokens} "
+                                    f"generated tokens does not fit this server's context of {s.context} tokens per "
+                                    f"sequence", f"raise context to at least {need}, or shorten the workload"))
         if w is not None and w.concurrency is not None and w.concurrency > s.parallel:
             problems.append(Problem(("servers", i, "workload", "concurrency"), f"workload concurrency "
                                     f"{w.concurrency} is more than parallel {s.parallel}: requests past {s.parallel} "

@@ -22,12 +22,22 @@ def _settings(sp: ServerPlan, name: str, value: str | None) -> None:
         sp.settings = replace(sp.settings, flash_attention=value != "off")
     elif name == "-ctk" and value:
         sp.settings = replace(sp.settings, kv_cache=value)
+    elif name == "-np" and value and value.isdigit():
+        # -c stays the profile's context × parallel, split across fewer slots: each gets more.
+        total = sp.settings.context * sp.settings.slots
+        sp.settings = replace(sp.settings, slots=int(value), context=total // int(value))
 
 
 def apply_tuning(sp: ServerPlan, tuned: tuple[tuple[str, str | None], ...], why: str) -> None:
     """Each tuned (flag, value) replaces the rules' flag of that name, or joins the flags before the
-    user's extra_args when the rules leave it at the engine's default."""
+    user's extra_args when the rules leave it at the engine's default. Slots only ever fewer than the
+    profile's parallel: -c is split across them, and more would give each less than the profile's context."""
     for name, value in tuned:
+        if name == "-np" and sp.settings is not None and not (value and value.isdigit()
+                                                             and 1 <= int(value) <= sp.settings.slots):
+            sp.warnings.append(f"the lock's -np {value} is not applied: tuning may only lower the slots below the "
+                               f"profile's parallel {sp.settings.slots} (re-run orchestrate tune)")
+            continue
         at = next((i for i, f in enumerate(sp.flags) if f.name == name), None)
         if at is not None:
             old = sp.flags[at]

@@ -89,6 +89,9 @@ class Workload(Strict):
     gen_tokens: int = Field(128, ge=2, le=131_072, description="Tokens generated per request")
     concurrency: int | None = Field(None, ge=1, le=1024, description="Simultaneous requests; default: parallel")
     requests: int = Field(1, ge=1, le=1000, description="Rounds of `concurrency` requests per measurement")
+    depth: int = Field(0, ge=0, le=1_048_576, description="Tokens already in the context when a request starts: "
+                       "a shared prefix (system prompt, conversation so far) that every request begins with and the "
+                       "engine has cached; decode and attention run at this depth")
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$")

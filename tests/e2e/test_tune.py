@@ -83,6 +83,32 @@ def test_tune_writes_the_lock_plan_and_up_use_it(env, gemma: Path, llama_cpp: No
         env.run("down", str(profile))
 
 
+def test_a_workload_at_depth_finds_its_prefix_cached_in_every_slot(env, gemma: Path, llama_cpp: None) -> None:
+    """The mechanism `tune --depth` measures with: the shared prefix is evaluated once per slot, then
+    every measured request (two at a time, two slots) evaluates only its fresh tokens, and the prefill
+    rate counts the tokens the engine evaluated."""
+    from orchestrator.measure import bench
+
+    depth, fresh = 768, 64
+    profile = env.profile("tune-depth", model={"path": str(gemma), "served_name": "gemma"}, context=1024,
+                          parallel=2, health={"timeout": 120, "interval": 1})
+    assert env.run("up", str(profile)).returncode == 0
+    try:
+        port = yaml.safe_load(profile.read_text())["servers"][0]["port"]
+        t = bench.Target("s", "127.0.0.1", port, "gemma", "llama.cpp")
+        prompts = bench.Prompts(t)
+        prefix = bench.prime_prefix(t, prompts, depth, 2)
+        samples, _ = bench.run_level(t, prompts, 2, fresh, 8, 2, prefix)
+        assert len(samples) == 4 and all(s.ok for s in samples), samples
+        for s in samples:
+            assert s.prompt_tokens == depth + fresh
+            assert s.cached_tokens is not None and s.cached_tokens >= depth - 1, s.server
+            assert s.server["prompt_n"] <= fresh + 1
+            assert s.prefill_tps == pytest.approx((s.prompt_tokens - s.cached_tokens) / s.ttft_s)
+    finally:
+        env.run("down", str(profile))
+
+
 def lockfile_min_noise() -> float:
     from orchestrator.measure.tune import MIN_NOISE
 

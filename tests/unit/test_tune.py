@@ -161,8 +161,59 @@ def test_workload_section_gives_tune_its_shape_and_options_override_it() -> None
     assert (w.prompt_tokens, w.gen_tokens, w.concurrency) == (512, 128, 3)
 
 
+def test_depth_comes_from_the_workload_section_and_the_option() -> None:
+    from orchestrator.measure.tune import workload_for
+
+    srv = load_text(_profile(context=16384, workload={"prompt_tokens": 256, "depth": 8192}), "t.yaml").profile.servers[0]
+    w = workload_for(srv, {})
+    assert w.depth == 8192 and "at depth 8192" in w.describe()
+    assert workload_for(srv, {"depth": 0}).depth == 0, "--depth 0 measures from an empty context"
+    assert workload_for(load_text(_profile(), "t.yaml").profile.servers[0], {}).depth == 0
+
+
+def test_slots_are_tried_only_below_parallel_and_with_simultaneous_requests() -> None:
+    p, facts = _planned(_profile(parallel=4))
+    sp = p.server("s")
+    assert knobs(sp, facts, 4, 8, [], 512, concurrency=4)["slots"] == [(("-np", "1"),), (("-np", "2"),)]
+    assert knobs(sp, facts, 4, 8, [], 512, concurrency=2)["slots"] == [(("-np", "1"),)]
+    assert "slots" not in knobs(sp, facts, 4, 8, [], 512, concurrency=1), "one request at a time: one slot is used"
+    one, facts1 = _planned(_profile(parallel=1))
+    assert "slots" not in knobs(one.server("s"), facts1, 1, 8, [], 512, concurrency=1)
+    user, facts2 = _planned(_profile(parallel=4, extra_args=["--parallel", "4"]))
+    assert "slots" not in knobs(user.server("s"), facts2, 4, 8, [], 512, concurrency=4), "the user's choice stands"
+
+
+def test_tuned_slots_keep_the_context_and_never_exceed_parallel() -> None:
+    from orchestrator.plan.tuned import apply_tuning
+
+    p, _ = _planned(_profile(parallel=4, context=4096))
+    sp = p.server("s")
+    apply_tuning(sp, (("-np", "2"),), "tuned: +9%")
+    flags = {f.name: f.value for f in sp.flags}
+    assert flags["-np"] == "2" and flags["-c"] == "16384", "-c stays context × parallel"
+    assert sp.settings is not None and (sp.settings.slots, sp.settings.context) == (2, 8192)
+    p, _ = _planned(_profile(parallel=2, context=4096))
+    sp = p.server("s")
+    apply_tuning(sp, (("-np", "8"),), "tuned")
+    assert {f.name: f.value for f in sp.flags}["-np"] == "2" and "is not applied" in sp.warnings[-1]
+
+
+def test_a_slow_first_token_is_said_with_the_winner(tmp_path: Path) -> None:
+    from orchestrator.measure.tune import _decide
+
+    t = _tuner(tmp_path)
+    a = Candidate((), "A", scores=[10.0, 10.2], ttft_ms=[100.0, 110.0])
+    b = Candidate((), "B", scores=[9.8, 10.0], ttft_ms=[105.0])
+    fewer = Candidate((("-np", "1"),), "-np 1", scores=[12.0, 12.2], ttft_ms=[400.0, 420.0])
+    out = _decide(t, a, b, [fewer], [fewer], 2)
+    assert out.winner is fewer and "time to first token is 410 ms against 105 ms planned" in out.reason
+    assert "the others queue" in out.reason
+    assert out.tuning().candidates[2]["ttft_ms"] == 410.0
+
+
 @pytest.mark.parametrize(("workload", "where", "says"), [
     ({"prompt_tokens": 4000, "gen_tokens": 200}, "workload.prompt_tokens", "does not fit this server's context of 4096"),
+    ({"prompt_tokens": 256, "depth": 3900}, "workload.depth", "3900 tokens of depth + 256 prompt"),
     ({"concurrency": 8}, "workload.concurrency", "more than parallel 2"),
 ])
 def test_workload_that_cannot_run_as_written_is_a_profile_error(tmp_path: Path, workload: dict, where: str,
