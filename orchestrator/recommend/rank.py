@@ -109,7 +109,8 @@ def profile_text(entry: ModelEntry, quant: str, gpu: Gpu, count: int, context: i
     """The profile this row stands for: what `--write` saves. The model path is where the GGUF is
     expected; until it is there, plan and fit read the model's shape from the catalog."""
     doc = {
-        "name": _slug(f"{entry.name}-{quant}"),
+        # deployment--server names containers, k8s objects and logs: within 63 (31 + 2 + 30)
+        "name": _slug(f"{entry.name}-{quant}")[:31].strip("-"),
         "hardware": {"gpu": gpu.id, "count": count if not gpu.is_cpu else 1},
         "servers": [{
             "name": _slug(entry.name)[:30].strip("-"),

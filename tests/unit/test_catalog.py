@@ -152,3 +152,72 @@ def test_unified_memory_parts_are_integrated_and_apple_keeps_its_working_set() -
         assert catalog.gpus()[gid].form == "integrated", gid
     assert catalog.gpus()["apple-m5"].working_set_gb == round(32 * 2 / 3, 2)
     assert catalog.gpus()["gb10"].working_set_gb == 128    # CUDA sees the pool; no macOS-style limit
+
+
+# --------------------------------------------------------------------------- models.yaml
+
+_NEW_MODELS = ["Llama-3.3-70B-Instruct", "Llama-3.2-3B-Instruct", "Llama-3.2-1B-Instruct", "Mistral-Nemo-Instruct-2407",
+               "Mistral-Small-3.1-24B", "Phi-4", "gemma-3-27b-it", "Qwen2.5-32B-Instruct", "Qwen3-14B",
+               "Qwen3-30B-A3B", "gpt-oss-120b"]
+
+
+@pytest.mark.parametrize("file_name,expected", [
+    ("Llama-3.3-70B-Instruct-Q4_K_M.gguf", "Llama-3.3-70B-Instruct"),
+    ("Meta-Llama-3.3-70B-Instruct-Q4_K_M.gguf", "Llama-3.3-70B-Instruct"),
+    ("Llama-3.2-3B-Instruct-Q4_K_M.gguf", "Llama-3.2-3B-Instruct"),
+    ("Llama-3.2-1B-Instruct-Q8_0.gguf", "Llama-3.2-1B-Instruct"),
+    ("Mistral-Nemo-Instruct-2407-Q4_K_M.gguf", "Mistral-Nemo-Instruct-2407"),
+    ("Mistral-Small-3.1-24B-Instruct-2503-Q4_K_M.gguf", "Mistral-Small-3.1-24B"),
+    ("phi-4-Q4_K_M.gguf", "Phi-4"),
+    ("gemma-3-27b-it-Q4_K_M.gguf", "gemma-3-27b-it"),
+    ("Qwen2.5-32B-Instruct-Q4_K_M.gguf", "Qwen2.5-32B-Instruct"),
+    ("Qwen3-14B-Q4_K_M.gguf", "Qwen3-14B"),
+    ("Qwen3-30B-A3B-Q4_K_M.gguf", "Qwen3-30B-A3B"),
+    ("gpt-oss-120b-MXFP4.gguf", "gpt-oss-120b"),
+    # the longest fragment still wins for the neighbours of the new entries
+    ("Qwen3-Coder-30B-A3B-Instruct-Q4_K_M.gguf", "Qwen3-Coder-30B-A3B"),
+    ("gpt-oss-20b-MXFP4.gguf", "gpt-oss-20b"),
+    ("gemma-3-4b-it-Q4_K_M.gguf", "gemma-3-4b-it"),
+    ("Qwen2.5-7B-Instruct-Q4_K_M.gguf", "Qwen2.5-7B-Instruct"),
+    ("Llama-3.1-8B-Instruct-Q4_K_M.gguf", "Llama-3.1-8B-Instruct"),
+])
+def test_model_files_resolve_to_their_entry(file_name: str, expected: str) -> None:
+    found = catalog.find_model(f"/models/{file_name}")
+    assert found is not None and found.name == expected
+
+
+@pytest.mark.parametrize("file_name", ["Phi-4-mini-instruct-Q4_K_M.gguf", "Qwen2.5-Coder-32B-Instruct-Q4_K_M.gguf",
+                                       "Llama-3.2-11B-Vision-Instruct-Q4_K_M.gguf"])
+def test_other_sizes_of_a_family_are_not_taken_for_a_new_entry(file_name: str) -> None:
+    assert catalog.find_model(file_name) is None
+
+
+def test_the_sliding_window_layers_of_the_new_entries() -> None:
+    from orchestrator.facts.catalog_facts import entry_facts
+    from orchestrator.plan import fit
+
+    by_name = {m.name: m for m in catalog.models()}
+    assert fit.swa_layers(entry_facts(by_name["gpt-oss-120b"], "MXFP4")) == 18     # 36 layers, alternating
+    assert fit.swa_layers(entry_facts(by_name["gemma-3-27b-it"], "Q4_K_M")) == 52   # 62 layers, every 6th global
+    assert fit.swa_layers(entry_facts(by_name["Llama-3.3-70B-Instruct"], "Q4_K_M")) == 0
+
+
+@pytest.mark.parametrize("name", _NEW_MODELS)
+def test_new_models_plan_through_recommend(name: str) -> None:
+    from orchestrator.plan.model import GIB
+    from orchestrator.plan.speed import Host
+    from orchestrator.recommend.rank import evaluate, quants_for
+
+    entry = next(m for m in catalog.models() if m.name == name)
+    quant = "Q4_K_M" if "Q4_K_M" in quants_for(entry) else quants_for(entry)[0]
+    row = evaluate(entry, quant, catalog.find_gpu("h100-sxm"), 1, 8192, Host(), 256 * GIB)
+    assert row.engine is not None and not row.problems, row.memory
+    assert row.verdict in ("fits", "fits with offload"), row.memory
+    assert row.speed is not None and row.speed.decode_tps and row.trained_context
+
+
+@pytest.mark.parametrize("entry", catalog.models(), ids=lambda m: m.name)
+def test_every_model_entry_names_its_source(entry: catalog.ModelEntry) -> None:
+    assert entry.source and not [a for a in _AGGREGATORS if a in entry.source.lower()], entry.source
+    assert entry.match and all(m == m.lower() for m in entry.match), entry.name
+    assert (entry.active_params_b is not None) == bool(entry.metadata.get("expert_count")), entry.name

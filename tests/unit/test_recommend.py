@@ -262,3 +262,15 @@ def fit_swa(entry: ModelEntry) -> int:
     from orchestrator.plan import fit
 
     return fit.swa_layers(entry_facts(entry, "MXFP4"))
+
+
+def test_written_profiles_keep_names_within_what_containers_and_k8s_take() -> None:
+    """deployment--server names containers, k8s objects and logs (63 at most): a long model name is
+    cut, and the profile --write saves still loads."""
+    from orchestrator.recommend.rank import profile_text
+
+    long = _entry("Mistral-Small-3.1-24B-Instruct-2503-Reasoning-Extended", 24.0)
+    for entry in [long, *catalog.models()]:
+        text = profile_text(entry, "Q4_K_M", catalog.find_gpu("rtx-4090"), 1, 8192)
+        prof = load_text(text, "w.yaml").profile
+        assert len(f"{prof.name}--{prof.servers[0].name}") <= 63, prof.name
