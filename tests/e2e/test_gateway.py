@@ -96,8 +96,15 @@ def test_on_demand_start_with_loading_comments_then_idle_stop(engine_built: str,
     assert any(line.startswith("data: {") for line in lines) and "data: [DONE]" in lines
     pid = record_pid(env, "gwidle", "a")
     assert pid and psutil.pid_exists(pid)
+
+    def idle_stops() -> float:
+        return metric(httpx.get(f"http://127.0.0.1:{port}/metrics").text, "gateway_server_stops_total", server="a",
+                      reason="idle")
+
+    # /v1/models shows a server that is stopping as stopped, and its record goes before the stop has
+    # finished; the counter is written when it has.
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and record_pid(env, "gwidle", "a") is not None:
+    while time.monotonic() < deadline and (record_pid(env, "gwidle", "a") is not None or idle_stops() < 1):
         time.sleep(0.25)
     assert record_pid(env, "gwidle", "a") is None and states(port) == {"gemma-a": "stopped"}
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
@@ -202,16 +209,32 @@ def test_client_disconnect_frees_the_engine_slot(engine_built: str, env, gemma: 
 
     body = {"model": "gemma-a", "prompt": "Once upon a time", "max_tokens": 2000, "stream": True,
             "ignore_eos": True}   # a base model may stop early: the engine must still be generating
-    with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120) as r:
-        events = 0
-        for line in r.iter_lines():
-            events += line.startswith("data: ")
-            if events >= 3:
-                break
-        busy = time.monotonic() + 10    # the engine's /metrics is answered by its task queue: give it a moment
-        while time.monotonic() < busy and processing() != 1:
-            time.sleep(0.1)
-        assert processing() == 1
+    # The client reads on in a thread until told to go: leaving httpx's line iterator closes the
+    # connection at once (and a client that stops reading makes the engine cancel too, once the
+    # buffers between them fill), so the engine is seen generating only while someone reads.
+    events: list[str] = []
+    go = threading.Event()
+
+    def read() -> None:
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line)
+                if go.is_set():
+                    return   # the connection closes here, mid-stream
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    busy = time.monotonic() + 30
+    while time.monotonic() < busy and (len(events) < 3 or processing() != 1):
+        time.sleep(0.1)
+    if processing() != 1:   # say what the engine did instead (a stream that ended, a slot that was never used)
+        slots = httpx.get(f"http://127.0.0.1:{upstream_port}/slots", timeout=10).text[:1500]
+        go.set()
+        raise AssertionError(f"the engine is not generating: events {events[-3:]}, /slots {slots}")
+    go.set()
+    reader.join(30)
+    assert not reader.is_alive() and not any('"finish_reason":"length"' in e for e in events), "it went mid-stream"
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and processing() != 0:
         time.sleep(0.1)
