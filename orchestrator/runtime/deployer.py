@@ -44,7 +44,8 @@ def dependency_order(servers: list[ServerPlan]) -> list[ServerPlan]:
 
 def port_free(sp: ServerPlan) -> None:
     """Raise the preflight failure when something already listens on the server's port."""
-    owner = process.port_owner(sp.host, sp.port)
+    owner = process.port_owner(sp.host, sp.port,
+                               reuseport=sp.runtime == "process" and sp.engine in process.REUSEPORT_ENGINES)
     if owner:
         raise ServerFailure("preflight", f"port {sp.port} on {sp.host} is taken by {owner}",
                             Diagnosis("port_in_use", f"stop {owner} or change port: in the profile", None))

@@ -175,12 +175,20 @@ def stop(rec: ServerRecord, grace: float = 10.0) -> str:
     raise RuntimeError(f"process group {rec.pgid} survived SIGKILL")
 
 
-def _bindable(host: str, port: int) -> bool:
+# llama-server (llama.cpp and ik_llama.cpp) listens with cpp-httplib's default_socket_options:
+# SO_REUSEPORT where the platform has it (vendor/cpp-httplib, b11434 and ik 55d3c05bf), so it binds
+# beside the TIME_WAIT connections a stopped llama-server leaves, which an SO_REUSEADDR bind cannot.
+REUSEPORT_ENGINES = ("llama.cpp", "ik_llama")
+
+
+def _bindable(host: str, port: int, reuseport: bool = False) -> bool:
     import socket
 
     bind_host = "0.0.0.0" if host in ("0.0.0.0", "::") else host  # noqa: S104 - probing only
     with socket.socket(socket.AF_INET6 if ":" in bind_host else socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport and hasattr(socket, "SO_REUSEPORT"):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             s.bind((bind_host, port))
             return True
@@ -198,13 +206,19 @@ def _only_time_wait(port: int) -> bool:
     return states == {psutil.CONN_TIME_WAIT}
 
 
-def port_owner(host: str, port: int, drain_s: float = 65.0) -> str | None:
+def port_owner(host: str, port: int, drain_s: float = 65.0, reuseport: bool = False) -> str | None:
     """Who listens on the port: 'pid 123 (name)' or 'another process'; None when the port is free.
     Connections of a server that just stopped linger in TIME_WAIT for up to a minute, and a server
-    whose listener lacks SO_REUSEADDR cannot bind until they are gone: wait for that drain."""
+    whose listener lacks SO_REUSEADDR cannot bind until they are gone: wait for that drain. A server
+    that binds with SO_REUSEPORT (`reuseport`: llama-server) need not wait when nothing but TIME_WAIT
+    connections hold the port (checked first: a live listener with SO_REUSEPORT would let the probe
+    bind too)."""
     if _bindable(host, port):
         return None
     import psutil
+
+    if reuseport and _only_time_wait(port) and _bindable(host, port, reuseport=True):
+        return None
 
     deadline = time.monotonic() + drain_s
     while _only_time_wait(port) and time.monotonic() < deadline:

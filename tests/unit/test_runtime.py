@@ -287,3 +287,42 @@ def test_down_removes_the_key_files_it_started_with(deployer: Deployer, tmp_path
         key.write_text("secret")
     deployer.down("dep")
     assert not any(k.exists() for k in keys)
+
+
+def _time_wait_of_a_reuseport_listener() -> int:
+    """A port held by nothing but the server side of a closed connection in TIME_WAIT, left by a
+    listener that bound with SO_REUSEPORT, as llama-server's cpp-httplib does."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = int(listener.getsockname()[1])
+        client = socket.create_connection(("127.0.0.1", port))
+        conn, _ = listener.accept()
+        conn.close()              # the server closes first: its side goes to TIME_WAIT
+        client.recv(1)
+        client.close()
+    return port
+
+
+def test_a_reuseport_server_need_not_wait_out_time_wait() -> None:
+    """llama-server binds beside its predecessor's TIME_WAIT connections (SO_REUSEPORT): waiting a
+    minute for them to drain made every restart on the same port slow (seen with ik_llama.cpp)."""
+    import socket
+    import time
+
+    from orchestrator.runtime import process
+
+    port = _time_wait_of_a_reuseport_listener()
+    t0 = time.monotonic()
+    assert process.port_owner("127.0.0.1", port, drain_s=30, reuseport=True) is None
+    assert time.monotonic() - t0 < 5
+    said = process.port_owner("127.0.0.1", port, drain_s=1)
+    assert said is not None and "TIME_WAIT" in said, "an SO_REUSEADDR server still waits for the drain"
+    with socket.socket() as live:    # a live listener is never taken for free, whatever it bound with
+        live.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        live.bind(("127.0.0.1", 0))
+        live.listen()
+        assert process.port_owner("127.0.0.1", live.getsockname()[1], drain_s=1, reuseport=True) is not None
