@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from orchestrator.facts.cpu import host_cpu_flags
 from orchestrator.paths import cache_dir, lock_path, write_private
 from orchestrator.plan.model import Plan, plan_from_dict
 
@@ -37,7 +38,8 @@ def _code_stamp() -> str:
 def _key(path: str, text: str, environ: dict[str, str]) -> str:
     used = sorted(set(_VAR.findall(text)) | {"HOME", "ORCHESTRATOR_STATE_DIR", "XDG_STATE_HOME"})
     env = {name: environ.get(name) for name in used}
-    blob = json.dumps([os.path.abspath(path), text, env, _code_stamp()], sort_keys=True)
+    cpu = [os.cpu_count(), sorted(host_cpu_flags())]   # a plan (and the build it runs) is for this CPU
+    blob = json.dumps([os.path.abspath(path), text, env, _code_stamp(), cpu], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:40]
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from orchestrator import catalog
 from orchestrator.catalog.recipes import RECIPES, Recipe
 from orchestrator.errors import ProvisionError
+from orchestrator.facts.cpu import host_cpu_flags
 from orchestrator.facts.types import Located
 from orchestrator.paths import cache_dir
 
@@ -50,9 +51,18 @@ class InstalledEngine:
     build_log: str
     portable: bool = False           # built for any x86-64 CPU (-DGGML_NATIVE=OFF)
     amx: bool | None = None          # ggml's AMX kernels built in (None: a manifest from before this was recorded)
+    cpu_flags: list[str] | None = None   # a native build: the instruction-set flags of the CPU it was built on
+                                         # (None: portable, or a manifest from before this was recorded)
 
     def binary(self, name: str = "llama-server") -> Path:
         return Path(self.bin_dir) / name
+
+    def missing_cpu_flags(self, host: set[str]) -> list[str]:
+        """Instruction sets a native build was compiled for that this CPU lacks (it would stop with an
+        illegal instruction): the cache moved to another machine, or the VM to another host."""
+        if self.portable or not self.cpu_flags or not host:
+            return []
+        return sorted(set(self.cpu_flags) - host)
 
     def has(self, tool: str) -> bool:
         """Whether this build holds `tool` (llama-server always; llama-bench and llama-perplexity
@@ -128,9 +138,16 @@ def locate(engine: str, accelerator: str, command: str, binary: str | None = Non
     if engine in sources:
         backend = backend_for(accelerator)
         inst = _installed_at(engine, backend, version) or installed(engine, backend)
-        if inst is not None:
+        missing = inst.missing_cpu_flags(host_cpu_flags()) if inst is not None else []
+        if inst is not None and not missing:
             return Located(str(inst.binary()), f"installed build {inst.engine} {inst.version} ({inst.backend})",
                            inst.version)
+        if inst is not None:
+            again = ("up builds it again for this CPU" if backend == "cpu" else
+                     f"orchestrate engines install {engine} --backend {backend} builds it again")
+            return Located(None, f"not usable on this CPU: the installed {inst.engine} {inst.version} was built "
+                                 f"natively on a CPU with {', '.join(missing)}, which this one lacks (it would stop "
+                                 f"with an illegal instruction); {again}")
     found = shutil.which(command)
     if found:
         return Located(found, f"{command} on PATH (its version is not checked against the plan's)")

@@ -27,6 +27,8 @@ from typing import IO
 
 from orchestrator import catalog
 from orchestrator.errors import ProvisionError
+from orchestrator.facts.cpu import host_cpu_flags
+from orchestrator.facts.hardware import ISA_FLAGS
 from orchestrator.facts.installed import (
     InstalledEngine,
     install_dir,
@@ -121,16 +123,9 @@ X86_OPTIONS = {"sse4_2": "GGML_SSE42", "f16c": "GGML_F16C", "fma": "GGML_FMA", "
                "avx512_bf16": "GGML_AVX512_BF16"}
 
 
-def host_cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
-    """The CPU's feature flags as the kernel lists them (empty where there is no /proc/cpuinfo)."""
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return set(line.partition(":")[2].split())
-    except OSError:
-        pass
-    return set()
+# What a native build may compile in: a build made on a CPU with one of these runs only where it is.
+BUILD_ISA = frozenset(X86_OPTIONS) | frozenset(ISA_FLAGS)
+AMX = frozenset({"amx_tile", "amx_int8", "amx_bf16"})   # llama.cpp builds leave these out (native_options)
 
 
 def native_options(engine: str, portable: bool, flags: set[str]) -> list[str]:
@@ -223,9 +218,15 @@ def build(
 
 
 def _usable(have: InstalledEngine | None, log: Callable[[str], None]) -> InstalledEngine | None:
-    """An installed build to keep using, or None when it must be built again: a native llama.cpp build
-    with AMX kernels (or from before that was recorded) on a host where they crash."""
-    if have is None or have.portable or have.engine != "llama.cpp" or "amx_int8" not in host_cpu_flags():
+    """An installed build to keep using, or None when it must be built again: a native build for a CPU
+    with instruction sets this one lacks, or a native llama.cpp build with AMX kernels (or from before
+    that was recorded) on a host where they crash."""
+    host = host_cpu_flags()
+    if have is not None and (missing := have.missing_cpu_flags(host)):
+        log(f"{have.engine} {have.version} was built natively on a CPU with {', '.join(missing)}, which this one "
+            "lacks: building it again for this CPU")
+        return None
+    if have is None or have.portable or have.engine != "llama.cpp" or "amx_int8" not in host:
         return have
     if have.amx is False:
         return have
@@ -352,6 +353,7 @@ def _build_locked(job: Job, have: InstalledEngine | None, log: Callable[[str], N
         build_log=str(log_path),
         portable=job.portable,
         amx=False if job.engine == "llama.cpp" else None,   # native_options leaves them out
+        cpu_flags=None if job.portable else sorted(host_cpu_flags() & (BUILD_ISA - (AMX if job.engine == "llama.cpp" else set()))),
     )
     _install(inst, have, [bdir / "bin" / t for t in job.targets], log_path)
     shutil.rmtree(work, ignore_errors=True)

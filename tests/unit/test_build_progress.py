@@ -229,3 +229,31 @@ def test_engines_install_on_a_terminal_draws_one_bar(toy: Path, tmp_path: Path) 
     bars = [line for line in screen.splitlines() if "steps" in line]
     assert len(bars) == 1, screen
     assert re.search(r"\[llama\.cpp\] build \[#{24}\] (\d+)/\1 steps \(100%\), \d+s elapsed", bars[0]), screen
+
+
+@needs_cmake
+def test_a_native_build_made_on_another_cpu_is_built_again(toy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache moved to another machine (or the VM to another host) whose CPU lacks an instruction
+    set the native build was compiled for: it would stop with an illegal instruction, so `locate`
+    does not offer it and the next build replaces it."""
+    from orchestrator.facts import installed as facts_installed
+
+    here = {"sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "amx_int8"}
+    monkeypatch.setattr(builds, "host_cpu_flags", lambda cpuinfo="/proc/cpuinfo": here)
+    inst = builds.build("llama.cpp", "cpu", source=toy, jobs=2, log=lambda m: None)
+    assert inst.cpu_flags is not None and "avx512_vnni" in inst.cpu_flags
+    assert "amx_int8" not in inst.cpu_flags, "llama.cpp builds leave the AMX kernels out"
+    first = inst.binary().stat().st_mtime_ns
+    older = {"sse4_2", "avx", "avx2", "fma", "f16c"}      # a Zen 2 / Haswell-class CPU
+    monkeypatch.setattr(facts_installed, "host_cpu_flags", lambda cpuinfo="/proc/cpuinfo": older)
+    found = facts_installed.locate("llama.cpp", "cpu", "llama-server")
+    assert found.path is None and "not usable on this CPU" in found.how and "avx512_vnni" in found.how
+    assert "up builds it again" in found.how
+    said: list[str] = []
+    monkeypatch.setattr(builds, "host_cpu_flags", lambda cpuinfo="/proc/cpuinfo": older)
+    again = builds.build("llama.cpp", "cpu", source=toy, jobs=2, log=said.append)
+    assert any("built natively on a CPU with avx512_vnni, avx512bw, avx512f" in m for m in said), said
+    assert again.binary().stat().st_mtime_ns != first and again.cpu_flags == sorted(older)
+    monkeypatch.setattr(facts_installed, "host_cpu_flags", lambda cpuinfo="/proc/cpuinfo": here)
+    assert facts_installed.locate("llama.cpp", "cpu", "llama-server").path == str(again.binary()), \
+        "a build for an older CPU runs on a newer one"

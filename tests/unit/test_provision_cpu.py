@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.facts import installed as facts_installed
+from orchestrator.facts.cpu import host_cpu_flags
 from orchestrator.provision import builds
 
 SPR = {"sse4_2", "f16c", "fma", "bmi2", "avx", "avx2", "avx_vnni", "avx512f", "avx512vbmi", "avx512_vnni",
@@ -29,8 +30,8 @@ def test_native_everywhere_but_llama_cpp_on_an_amx_host() -> None:
 def test_cpu_flags_read_from_cpuinfo(tmp_path: Path) -> None:
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_int8\nbugs\t\t: none\n")
-    assert builds.host_cpu_flags(str(info)) == {"fpu", "avx2", "amx_int8"}
-    assert builds.host_cpu_flags(str(tmp_path / "missing")) == set()
+    assert host_cpu_flags(str(info)) == {"fpu", "avx2", "amx_int8"}
+    assert host_cpu_flags(str(tmp_path / "missing")) == set()
 
 
 def _manifest(tmp_path: Path, **extra: object) -> facts_installed.InstalledEngine:
