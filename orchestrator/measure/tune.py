@@ -301,9 +301,15 @@ def _noise(a: Candidate, b: Candidate) -> float:
 
 
 def _round(t: Tuner, rnd: int, order: list[Candidate], total: int, done: int) -> tuple[int, bool]:
-    """One interleaved round; False when the budget ran out before its end."""
+    """One interleaved round (its last visit: planned arm B); False when the budget ran out before its
+    end. Arm B is measured at least once even so: without it there is no noise to judge a change by."""
+    arm_b = order[-1]
     for cand in order:
         if t.visits and t.left() < t.cost:
+            if not arm_b.scores and not arm_b.failed and cand is not arm_b:
+                t.progress(done, total, rnd, arm_b)
+                t.visit(arm_b)
+                done += 1
             return done, False
         t.progress(done, total, rnd, cand)
         t.visit(cand)

@@ -238,3 +238,23 @@ def test_workload_fields_are_checked_with_their_line(tmp_path: Path) -> None:
     with pytest.raises(ProfileError) as exc:
         load(str(path))
     assert "prompt_tokens" in str(exc.value) and "shape" in str(exc.value)
+
+
+def test_arm_b_is_measured_even_when_the_budget_runs_out_in_round_one(tmp_path: Path) -> None:
+    """Without a second planned arm there is no noise to judge by (it read ±100% before)."""
+    from orchestrator.measure.tune import _round
+
+    t = _tuner(tmp_path)
+    t.budget_s = 10.0
+
+    def visit(cand: Candidate) -> None:
+        cand.scores.append(10.0)
+        t.visits += 1
+        t.spent_s += 4.0
+
+    t.visit = visit  # type: ignore[method-assign]
+    cands = [Candidate((("-t", str(i)),), f"-t {i}") for i in range(1, 4)]
+    b = Candidate((), "planned (B)")
+    done, complete = _round(t, 1, [*cands, b], 10, 1)
+    assert not complete and b.scores == [10.0], "the budget ran out, B was still measured"
+    assert [len(c.scores) for c in cands] == [1, 1, 0] and done == 4
