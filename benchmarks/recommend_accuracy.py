@@ -1,7 +1,11 @@
 """Predicted vs measured prefill and decode (batch 1) for the Gemma 3 270M GGUF on this machine's CPU,
 before and after calibration.
 
-    python benchmarks/recommend_accuracy.py --engine llama.cpp [--out benchmarks/results/...json]
+    python benchmarks/recommend_accuracy.py --engine llama.cpp|ik_llama|vllm [--out benchmarks/results/...json]
+
+vllm: vLLM CPU (`orchestrate engines install vllm` first) on a random-weight Llama-shaped model of
+about Gemma 3 270M's weight bytes (hidden 1024, 16 layers, FFN 2816, 16 heads, 4 KV heads, bf16:
+~360 MB; vLLM CPU runs no GGUF), made once with tests/e2e/make_tiny_llama.py in the vLLM env's Python.
 
 1. Calibration session: `orchestrate bench --up --save` at a 512-token prompt into a scratch
    results file (its own state dir, so nothing of the user's is read or written).
@@ -28,7 +32,25 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = {"llama.cpp": ROOT / "benchmarks/profiles/gemma-llamacpp.yaml",
-            "ik_llama": ROOT / "benchmarks/profiles/gemma-ikllama.yaml"}
+            "ik_llama": ROOT / "benchmarks/profiles/gemma-ikllama.yaml",
+            "vllm": ROOT / "benchmarks/profiles/llama180m-vllm.yaml"}
+VLLM_SHAPE = ["--hidden", "1024", "--ffn", "2816", "--layers", "16", "--heads", "16", "--kv-heads", "4"]
+
+
+def vllm_model() -> Path:
+    """The random-weight model the vllm profile names (made once, kept in the cache)."""
+    from orchestrator.facts.installed import installed_env
+    from orchestrator.paths import cache_dir
+
+    out = cache_dir() / "test-models" / "bench-llama-180m"
+    if (out / "model.safetensors").is_file():
+        return out
+    env = installed_env("vllm")
+    if env is None:
+        raise SystemExit("vLLM CPU is not installed: orchestrate engines install vllm")
+    subprocess.run([env.python, str(ROOT / "tests/e2e/make_tiny_llama.py"), str(out), *VLLM_SHAPE], check=True,
+                   timeout=900)
+    return out
 
 
 def scratch_profile(src: Path, folder: Path, extra: list[str]) -> Path:
@@ -62,7 +84,7 @@ def bench(profile: Path, state: Path, prompt: int, gen: int, runs: int, save: bo
     if p.returncode != 0:
         raise SystemExit(f"bench failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     [res] = json.loads(p.stdout)
-    return res
+    return dict(res)
 
 
 def measured(res: dict[str, Any]) -> tuple[float, float]:
@@ -110,6 +132,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from orchestrator.measure.bench import matmul_gflops, memory_bandwidth_gbs, results_file, saved
     from orchestrator.profile import load
 
+    if args.engine == "vllm":
+        vllm_model()
     loaded = load(PROFILES[args.engine])
     model_path = os.path.expanduser(str(loaded.profile.servers[0].model.path))
     with tempfile.TemporaryDirectory(prefix="recommend-accuracy-") as tmp:

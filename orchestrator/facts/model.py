@@ -356,6 +356,12 @@ def gather(location: str, quant: str | None = None, is_hf: bool = False) -> Mode
             arch, meta = _hf_config(path / "config.json")
         except ValueError as exc:
             defect = f"config.json: {exc}"
+        width = HF_DTYPE_BYTES.get(str(meta.get("torch_dtype")))
+        weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        if total is None and width and weights and not meta.get("quant_method"):
+            total = round(weights / width / 1e9, 6)   # safetensors hold the weights at the config's dtype
+            notes.append(f"{total:.3g}B parameters: the safetensors' {weights:,} bytes at {width} bytes per "
+                         f"{meta['torch_dtype']} weight")
     return _facts(path, kind, fmt, q, total, active, arch, meta, notes, defect)
 
 
@@ -432,12 +438,19 @@ def _hf_config(config: Path) -> tuple[str | None, dict[str, Any]]:
         "expert_count": text.get("num_experts") or text.get("num_local_experts"),
         "expert_used_count": text.get("num_experts_per_tok"),
         "tokenizer.tokens_count": text.get("vocab_size"),
-        "torch_dtype": text.get("torch_dtype") or cfg.get("torch_dtype"),
+        # transformers 5 writes "dtype"; earlier versions "torch_dtype"
+        "torch_dtype": (text.get("torch_dtype") or cfg.get("torch_dtype") or text.get("dtype")
+                        or cfg.get("dtype")),
+        "quant_method": (cfg.get("quantization_config") or {}).get("quant_method") if isinstance(
+            cfg.get("quantization_config"), dict) else None,
         "full_attention_interval": text.get("full_attention_interval"),
         "shortconv.l_cache": text.get("conv_L_cache"),
     }.items() if v is not None}
     meta.update(_hf_hybrid(text, meta))
     return arch, meta
+
+
+HF_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 def _facts(path: Path, kind: str, fmt: str, q: str | None, total: float | None, active: float | None,

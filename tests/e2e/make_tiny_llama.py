@@ -1,7 +1,7 @@
 """Write a tiny random-weight Llama-style model in HF format: config.json, model.safetensors and a
 byte-level BPE tokenizer trained here on a few sentences (no download).
 
-    python make_tiny_llama.py OUT_DIR
+    python make_tiny_llama.py OUT_DIR [--hidden N --ffn N --layers N --heads N --kv-heads N]
 
 Runs with the Python of the vLLM environment (it has torch, transformers and tokenizers).
 Shapes: hidden 256, 4 heads (head_dim 64: vLLM's CPU attention rejects head_dim 16 on the first
@@ -31,7 +31,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def main(out: Path) -> None:
+def main(out: Path, hidden: int = 256, ffn: int = 512, layers: int = 2, heads: int = 4, kv_heads: int = 4) -> None:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -50,8 +50,8 @@ def main(out: Path) -> None:
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=4096, bos_token_id=fast.bos_token_id,
+        vocab_size=512, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096, bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, tie_word_embeddings=True,
         torch_dtype="bfloat16",
     )
@@ -61,6 +61,8 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    args = sys.argv[1:]
+    if len(args) % 2 != 1 or any(a not in ("--hidden", "--ffn", "--layers", "--heads", "--kv-heads") for a in args[1::2]):
         sys.exit(__doc__)
-    main(Path(sys.argv[1]))
+    shape = {k.lstrip("-").replace("-", "_"): int(v) for k, v in zip(args[1::2], args[2::2], strict=True)}
+    main(Path(args[0]), **shape)

@@ -147,6 +147,29 @@ def test_hf_config_layer_types_mark_linear_attention_layers(tmp_path: Path) -> N
     assert fit.hf_kv_per_sequence(f, 1000, "f16") == 1000 * 2 * 64 * 2 + 3 * (3 * (64 + 2 * 2 * 16) + 16 * 64) * 4
 
 
+@pytest.mark.parametrize(("dtype_key", "dtype", "quant", "params"), [
+    ("dtype", "bfloat16", None, 0.0005),          # transformers 5 writes "dtype"
+    ("torch_dtype", "float32", None, 0.00025),
+    ("torch_dtype", "bfloat16", {"quant_method": "awq"}, None),   # packed weights: bytes say nothing of the count
+])
+def test_hf_parameters_from_the_safetensors_bytes_at_the_configs_dtype(tmp_path: Path, dtype_key: str, dtype: str,
+                                                                       quant: dict | None, params: float | None) -> None:
+    """A directory whose name gives no size: the parameter count (what prefill FLOPs are predicted
+    from) is its safetensors' bytes at the config's dtype."""
+    d = tmp_path / "my-model"
+    d.mkdir()
+    cfg = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2, "hidden_size": 64,
+           "num_attention_heads": 4, "vocab_size": 100, dtype_key: dtype}
+    if quant:
+        cfg["quantization_config"] = quant
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "model.safetensors").write_bytes(b"\0" * 1_000_000)
+    f = gather(str(d))
+    assert f.params_b == params
+    if params:
+        assert any("safetensors' 1,000,000 bytes" in n for n in f.notes)
+
+
 # --------------------------------------------------------------------------- split GGUF
 
 def test_split_gguf_sums_the_tensors_of_every_part(tmp_path: Path) -> None:
