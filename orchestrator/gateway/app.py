@@ -163,7 +163,7 @@ class Gateway:
         if self.gw.prefix_report:
             from orchestrator.gateway.prefixcache import PrefixCacheHook
 
-            root = getattr(getattr(getattr(backend, "deployer", None), "store", None), "root", None)
+            root = backend.deployer.store.root if backend.deployer else None
             self.prefix = PrefixCacheHook(plan, self.upstream, self.client, self.metrics, root,
                                           normalize=self.gw.normalize_tools)
             self.hooks.append(self.prefix)

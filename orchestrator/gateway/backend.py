@@ -50,7 +50,14 @@ def _set_exception(future: asyncio.Future[T], exc: BaseException) -> None:
 
 
 class GatewayBackend(Protocol):
-    """What the gateway asks of whoever runs its servers."""
+    """What the gateway asks of whoever runs its servers. `deployer`: the one that runs them on this
+    machine (its state store holds their records, logs and saved results), None where a container
+    platform does; `environ`: where the servers' keys and secret variables are read."""
+
+    @property
+    def deployer(self) -> Deployer | None: ...
+    @property
+    def environ(self) -> dict[str, str]: ...
 
     async def start(self, name: str) -> StartOutcome: ...
     async def stop(self, name: str, reason: str) -> None: ...
@@ -63,6 +70,7 @@ class DeployerBackend:
     def __init__(self, plan: Plan, deployer: Deployer) -> None:
         self.plan = plan
         self.deployer = deployer
+        self.environ = deployer.environ
 
     async def start(self, name: str) -> StartOutcome:
         results = await in_thread(lambda: self.deployer.up(self.plan, [name]))
@@ -111,6 +119,7 @@ class PlatformBackend:
 
     def __init__(self, plan: Plan, environ: dict[str, str], log: Callable[[str], None]) -> None:
         self.plan, self.environ, self.log = plan, environ, log
+        self.deployer: Deployer | None = None
 
     def _health(self, name: str) -> tuple[bool, str]:
         sp = self.plan.server(name)

@@ -297,9 +297,8 @@ class Dashboard:
         self.gpu = GpuMemory()
         self.actions: set[Any] = set()
         gateway.sched.events = Fanout(gateway.sched.events, self.ring, Forget(self.progress))
-        deployer = getattr(gateway.backend, "deployer", None)
-        if deployer is not None:
-            self._follow(deployer)
+        if gateway.backend.deployer is not None:
+            self._follow(gateway.backend.deployer)
 
     # ------------------------------------------------------------------ feeds
 
@@ -329,7 +328,7 @@ class Dashboard:
     def secrets(self) -> list[str]:
         """Every secret value the gateway can know: its own key, each server's upstream key and the
         values of variables the plan takes secrets from."""
-        environ = getattr(getattr(self.gw.backend, "deployer", None), "environ", {}) or {}
+        environ = self.gw.backend.environ
         names = {e.from_env for sp in self.gw.plan.servers for e in sp.env if e.from_env}
         names |= {sp.api_key.env_var for sp in self.gw.plan.servers if sp.api_key}
         if self.gw.gw.api_key_env:
@@ -346,8 +345,7 @@ class Dashboard:
     # ------------------------------------------------------------------ figures
 
     def records(self) -> dict[str, Any]:
-        backend = self.gw.backend
-        deployer = getattr(backend, "deployer", None)
+        deployer = self.gw.backend.deployer
         if deployer is None:
             return {}
         try:
@@ -455,7 +453,7 @@ class Dashboard:
                 "bench": bench, "eval": evals}
 
     def results_path(self) -> Path | None:
-        deployer = getattr(self.gw.backend, "deployer", None)
+        deployer = self.gw.backend.deployer
         if deployer is None:
             return None
         from orchestrator.measure.bench import results_file
