@@ -306,7 +306,7 @@ def _round(t: Tuner, rnd: int, order: list[Candidate], total: int, done: int) ->
     arm_b = order[-1]
     for cand in order:
         if t.visits and t.left() < t.cost:
-            if not arm_b.scores and not arm_b.failed and cand is not arm_b:
+            if not arm_b.scores and not arm_b.failed:
                 t.progress(done, total, rnd, arm_b)
                 t.visit(arm_b)
                 done += 1

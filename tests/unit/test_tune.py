@@ -258,3 +258,10 @@ def test_arm_b_is_measured_even_when_the_budget_runs_out_in_round_one(tmp_path: 
     done, complete = _round(t, 1, [*cands, b], 10, 1)
     assert not complete and b.scores == [10.0], "the budget ran out, B was still measured"
     assert [len(c.scores) for c in cands] == [1, 1, 0] and done == 4
+    # the budget runs out just when B's turn comes (seen on ik_llama.cpp at depth 8k)
+    t.visits, t.spent_s, t.budget_s = 0, 0.0, 10.0
+    two, b = cands[:2], Candidate((), "planned (B)")
+    for c in two:
+        c.scores.clear()
+    done, complete = _round(t, 1, [*two, b], 10, 1)
+    assert b.scores == [10.0] and done == 4
