@@ -137,13 +137,16 @@ def cpu_kv_cache(ctx: Ctx) -> Flag | None:
                     f"CPU: KV cache in RAM, {CPU_KV_UNKNOWN // GIB} GiB (the model's layer shapes are unknown without "
                     "its config.json); without a size vLLM's CPU backend claims most of the free RAM")
     kv = "fp8" if ctx.kv_cache.startswith("fp8") else "f16"
-    tokens = math.ceil(ctx.server.context / CPU_BLOCK_TOKENS) * CPU_BLOCK_TOKENS * ctx.server.parallel
+    # Plus one block: vLLM's block pool holds one back as its null block, and the start-up check plans
+    # against the rest (v1/core/kv_cache_utils.py check_enough_kv_cache_memory, 0.32.0); a size of
+    # exactly context × parallel is refused with "the estimated maximum model length is context - 128".
+    tokens = (math.ceil(ctx.server.context / CPU_BLOCK_TOKENS) * ctx.server.parallel + 1) * CPU_BLOCK_TOKENS
     need = int(fit.kv_bytes_per_token_all(facts, kv) * tokens) + fit.recurrent_state_bytes(facts, ctx.server.parallel)
     size = max(CPU_KV_STEP, math.ceil(need / CPU_KV_STEP) * CPU_KV_STEP)
     return Flag("--kv-cache-memory-bytes", str(size),
-                f"CPU: KV cache in RAM for {ctx.server.parallel} × {ctx.server.context} tokens "
-                f"({need / MIB:.1f} MiB, rounded up to {size // MIB} MiB); without a size vLLM's CPU backend "
-                "claims most of the free RAM")
+                f"CPU: KV cache in RAM for {ctx.server.parallel} × {ctx.server.context} tokens and the block vLLM "
+                f"holds back ({need / MIB:.1f} MiB, rounded up to {size // MIB} MiB); without a size vLLM's CPU "
+                "backend claims most of the free RAM")
 
 
 def cpu_threads(ctx: Ctx) -> EnvVar | None:
