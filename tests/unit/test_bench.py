@@ -57,6 +57,11 @@ def test_ratios_median_and_spread_over_rounds() -> None:
     assert d1.a == 10.0 and d1.b == 12.0 and d1.higher_is_better
     assert got["c=2 decode_tps"].ratio == 1.0
     assert not got["c=1 ttft_ms"].higher_is_better
+    # two rounds whose ratios agree to three decimals: the median lies inside the spread, at its precision
+    two = {r.metric: r for r in bench.ratios([_result([10.0, 8.0])] * 2, [_result([15.412, 8.0]), _result([15.424, 8.0])])}
+    r = two["c=1 decode_tps"]
+    assert r.low is not None and r.ratio is not None and r.high is not None
+    assert r.low <= r.ratio <= r.high and (r.low, r.ratio, r.high) == (1.541, 1.542, 1.542)
 
 
 def test_results_file_appends_and_survives_a_torn_line(tmp_path: Path) -> None:
