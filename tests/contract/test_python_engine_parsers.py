@@ -353,13 +353,19 @@ def check_vllm_spec(c: Case, got: dict[str, Any] | None, facts: dict[str, Any]) 
     return bad
 
 
+def kv_tokens(context: int, parallel: int) -> int:
+    """The tokens a CPU KV cache must hold: context x parallel in vLLM's 128-token CPU blocks, and the one
+    block its block pool holds back (v1/core/kv_cache_utils.py check_enough_kv_cache_memory, 0.32.0)."""
+    return (math.ceil(context / 128) * parallel + 1) * 128
+
+
 def tiny_kv_bytes(tiny: Path, c: Case) -> int:
     """KV bytes for context x parallel, from the tiny model's own config.json."""
     cfg = json.loads((tiny / "config.json").read_text())
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     elem = 1 if c.server.kv_cache.startswith("fp8") else 2
     per_token = cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * 2 * head_dim * elem
-    return per_token * math.ceil(c.server.context / 128) * 128 * c.server.parallel
+    return per_token * kv_tokens(c.server.context, c.server.parallel)
 
 
 def named_cpu_kv_problems(c: Case, kv: object) -> list[str]:
@@ -372,7 +378,7 @@ def named_cpu_kv_problems(c: Case, kv: object) -> list[str]:
         return [] if kv == 4 * 2**30 else [f"CPU KV cache {kv} bytes for a model whose shapes are unknown: "
                                            "intended 4 GiB"]
     s = c.server
-    tokens = math.ceil(s.context / 128) * 128 * s.parallel
+    tokens = kv_tokens(s.context, s.parallel)
     need = int(fit.kv_bytes_per_token_all(facts, "fp8" if s.kv_cache.startswith("fp8") else "f16") * tokens)
     need += fit.recurrent_state_bytes(facts, s.parallel)
     if isinstance(kv, int) and need <= kv < need + 64 * MIB and kv % (64 * MIB) == 0:

@@ -253,15 +253,19 @@ def test_judge_server_must_exist_and_the_plan_shows_it(tmp_path: Path, orchestra
     assert code == 0 and "judged by a (one token, 800 ms at most) within 0.05 of a threshold" in out, err
 
 
-def test_route_endpoint_and_models_through_the_app() -> None:
+def test_route_endpoint_and_models_through_the_app(tmp_path: Path) -> None:
     from starlette.testclient import TestClient
 
     from orchestrator.gateway.app import Gateway, create_app
+    from orchestrator.gateway.backend import DeployerBackend
+    from orchestrator.runtime.deployer import Deployer
+    from orchestrator.runtime.state import StateStore
 
     text = two_servers(ROUTES.replace("9100", "9100\n  api_key_env: GW_KEY") + "        - {server: a, up_to: simple}\n"
                        "        - {server: b}\n")
     plan = build_plan(load_text(text, "gw.yaml"), detect=False, environ=ENV)
-    gateway = Gateway(plan, backend=None, api_key="k")  # type: ignore[arg-type]   # nothing is started here
+    backend = DeployerBackend(plan, Deployer(StateStore(tmp_path), environ=ENV))   # nothing is started here
+    gateway = Gateway(plan, backend=backend, api_key="k")
     app = TestClient(create_app(gateway))            # no lifespan: no server is adopted or started
     body = {"model": "auto", "messages": [{"role": "user", "content": "Write a Rust parser with unit tests."}]}
     assert app.post("/v1/route", json=body).status_code == 401
