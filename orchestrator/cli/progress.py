@@ -99,6 +99,7 @@ class Display:
         self.clock = clock
         self.meters: dict[tuple[str, str], Meter] = {}
         self.shown: dict[tuple[str, str], float] = {}   # when each meter was last written
+        self.ended: dict[tuple[str, str], tuple[float, float | None]] = {}   # what each finished meter showed
         self.drawn = False                              # a bar line is on screen without its newline
 
     def _clear(self) -> None:
@@ -113,6 +114,8 @@ class Display:
 
     def update(self, who: str, what: str, done: float, total: float | None, unit: str, note: str = "") -> None:
         key = (who, what)
+        if key not in self.meters and self.ended.get(key) == (done, total):
+            return   # a finished step reported again (pip installing what it downloaded): said already
         now = self.clock()
         m = self.meters.get(key)
         if m is None or (m.unit != "s" and done < m.done):   # a new step (or the same label started over)
@@ -136,6 +139,7 @@ class Display:
             self.shown[key] = now
         if m.finished:
             del self.meters[key]
+            self.ended[key] = (done, total)
 
     def steps(self, who: str, what: str) -> Callable[[int, int], None]:
         """A (done, total) callback for an engine build."""

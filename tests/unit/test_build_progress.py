@@ -257,3 +257,18 @@ def test_a_native_build_made_on_another_cpu_is_built_again(toy: Path, monkeypatc
     monkeypatch.setattr(facts_installed, "host_cpu_flags", lambda cpuinfo="/proc/cpuinfo": here)
     assert facts_installed.locate("llama.cpp", "cpu", "llama-server").path == str(again.binary()), \
         "a build for an older CPU runs on a newer one"
+
+
+def test_a_finished_step_reported_again_is_not_repeated() -> None:
+    """pip goes on installing after its download is complete: the 100% line is written once."""
+    now = [0.0]
+    out = io.StringIO()
+    shown = Display(out, tty=False, clock=lambda: now[0])
+    mib = 2**20
+    for t, done, total in [(0, 0, 54 * mib), (1, 54 * mib, 54 * mib), (1.5, 54 * mib, 227 * mib),
+                           (2, 227 * mib, 227 * mib), (7, 227 * mib, 227 * mib), (12, 227 * mib, 227 * mib)]:
+        now[0] = t
+        shown.update("gemma", "model download", done, total, "bytes")
+    lines = out.getvalue().splitlines()
+    assert sum("227.0 MiB/227.0 MiB (100%)" in line for line in lines) == 1, lines
+    assert any("54.0 MiB/54.0 MiB (100%)" in line for line in lines), "a new total is a new step"
