@@ -84,6 +84,9 @@ def _results_path(results_path: str | None, deployer: Deployer) -> Path:
               help="Simultaneous requests per level, comma-separated.")
 @click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True,
               help="Rounds per level (with --compare: A B rounds).")
+@click.option("--depth", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Context depth: every request starts after a shared prefix of this many tokens, evaluated "
+                   "once per slot first and then found cached (llama-bench's -d, through the server).")
 @click.option("--no-prefix", is_flag=True, help="Skip the shared-prefix (prefix cache) run.")
 @click.option("--up", "start_first", is_flag=True, help="Start the servers first and stop the ones it started after.")
 @click.option("--compare", is_flag=True, help="Two profiles, A then B, interleaved: ratios B/A with their spread.")
@@ -97,7 +100,7 @@ def _results_path(results_path: str | None, deployer: Deployer) -> Path:
               help="Results file for --save (default: STATE_DIR/bench/results.jsonl).")
 @IGNORE_FIT
 def bench(profiles: tuple[str, ...], servers: tuple[str, ...], prompt_tokens: int, gen_tokens: int,
-          concurrency: list[int], runs: int, no_prefix: bool, start_first: bool, compare: bool, as_json: bool,
+          concurrency: list[int], runs: int, depth: int, no_prefix: bool, start_first: bool, compare: bool, as_json: bool,
           samples: bool, plot_file: str | None, save: bool, results_path: str | None, ignore_fit: bool) -> None:
     """Measure running servers: TTFT, prefill and decode tokens/s, throughput per concurrency level,
     prefix-cache effect, memory, watts per token and the decode roofline."""
@@ -112,7 +115,7 @@ def bench(profiles: tuple[str, ...], servers: tuple[str, ...], prompt_tokens: in
     if plot_file and compare:
         raise click.UsageError("--plot draws one profile's levels; leave it out with --compare")
     opts = {"prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "concurrency": concurrency, "runs": runs,
-            "prefix": not no_prefix}
+            "prefix": not no_prefix, "depth": depth}
     deployer = make_deployer(as_json=True)
     only = list(servers) or None
     if compare:

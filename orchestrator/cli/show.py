@@ -103,8 +103,9 @@ def print_bench(results: list[ServerResult], previous: dict[str, Any] | None) ->
 
     console = Console(width=None if sys.stdout.isatty() else 200)   # piped: no wrapped headers
     for r in results:
+        at = f", after {r.depth} cached tokens of context" if r.depth else ""
         table = Table(title=f"{r.server}: {r.engine} {r.model} — {r.prompt_tokens} prompt + {r.gen_tokens} "
-                            "generated tokens per request", title_justify="left")
+                            f"generated tokens per request{at}", title_justify="left")
         for col in ("conc.", "TTFT p50 ms", "TTFT p95 ms", "prefill tok/s", "decode tok/s/stream", "ITL p50 ms",
                     "ITL p95 ms", "throughput tok/s", "errors"):
             table.add_column(col, justify="right")

@@ -483,6 +483,7 @@ class ServerResult:
     tokenizer: str
     levels: list[Level]
     prefix: PrefixResult | None = None
+    depth: int = 0                         # tokens of shared, cached context every request started after
     rss_peak_bytes: int | None = None
     gpu_memory_peak_bytes: int | None = None
     avg_power_w: float | None = None
@@ -577,23 +578,31 @@ def warm_up(t: Target, prompts: Prompts) -> None:
 
 
 def bench_target(t: Target, prompt_tokens: int, gen_tokens: int, concurrency: list[int], runs: int,
-                 prefix: bool = True, progress: Progress | None = None) -> ServerResult:
+                 prefix: bool = True, progress: Progress | None = None, depth: int = 0) -> ServerResult:
+    """With `depth`, every request starts after a shared prefix of that many tokens, evaluated once per
+    slot before the levels run (prime_prefix), so prefill and decode are measured at that context depth
+    (llama-bench's -d, through the server)."""
     say = progress or (lambda msg: None)
     check_target(t)
     prompts = Prompts(t)
     say(f"{t.name}: warm-up")
     warm_up(t, prompts)
+    head = None
+    if depth:
+        say(f"{t.name}: a {depth}-token shared prefix, once per slot")
+        head = prime_prefix(t, prompts, depth, max(concurrency))
     levels: list[Level] = []
     all_samples: list[tuple[int, Sample]] = []
     tokens_out = 0
     with Sampler(t.pid, t.gpu_ids) as sampler:
         for c in concurrency:
             say(f"{t.name}: concurrency {c}, {runs} round(s) of {prompt_tokens}+{gen_tokens} tokens")
-            samples, wall = run_level(t, prompts, c, prompt_tokens, gen_tokens, runs)
+            samples, wall = run_level(t, prompts, c, prompt_tokens, gen_tokens, runs, head)
             levels.append(summarize(c, samples, wall))
             all_samples.extend((c, s) for s in samples)
             tokens_out += sum(s.completion_tokens for s in samples if s.ok)
-    res = ServerResult(t.name, t.engine, t.served_name, t.url, prompt_tokens, gen_tokens, prompts.method, levels)
+    res = ServerResult(t.name, t.engine, t.served_name, t.url, prompt_tokens, gen_tokens, prompts.method, levels,
+                       depth=depth)
     res.samples = [{**{k: v for k, v in asdict(s).items() if k not in ("itl_s", "text")}, "concurrency": c,
                     "decode_tps": s.decode_tps, "prefill_tps": s.prefill_tps} for c, s in all_samples]
     res.rss_peak_bytes = sampler.rss_peak or None
@@ -608,8 +617,9 @@ def bench_target(t: Target, prompt_tokens: int, gen_tokens: int, concurrency: li
         res.prefix = run_prefix(t, prompts, max(prompt_tokens, 256))
     first = levels[0] if levels and levels[0].concurrency == 1 else None
     res.gpu = t.gpu
-    res.roofline = roofline(t, prompt_tokens, first.decode_tps if first else None,
-                            (first.server_prefill_tps or first.prefill_tps) if first else None)
+    res.roofline = roofline(t, depth + prompt_tokens, first.decode_tps if first else None,
+                            (first.server_prefill_tps or first.prefill_tps) if first else None,
+                            depth + prompt_tokens // 2)
     if res.roofline is None:
         res.notes.append("no decode roofline: the model file's tensor sizes are unknown")
     for lv in levels:
@@ -689,7 +699,10 @@ def matmul_gflops(seconds: float = 1.0) -> float:
     return best
 
 
-def roofline(t: Target, depth: int, decode_tps: float | None, prefill_tps: float | None = None) -> Roofline | None:
+def roofline(t: Target, depth: int, decode_tps: float | None, prefill_tps: float | None = None,
+             prefill_depth: int | None = None) -> Roofline | None:
+    """Decode after `depth` tokens of context; prefill at a mean depth of `prefill_depth` (half the prompt
+    when the context starts empty)."""
     if not t.model_location:
         return None
     got = bytes_per_token(t.model_location, t.kv_cache, depth)
@@ -706,7 +719,7 @@ def roofline(t: Target, depth: int, decode_tps: float | None, prefill_tps: float
     from orchestrator.facts.model import gather
     from orchestrator.plan.speed import flops_per_token
 
-    flops = flops_per_token(gather(t.model_location), depth // 2)
+    flops = flops_per_token(gather(t.model_location), depth // 2 if prefill_depth is None else prefill_depth)
     tflops, csrc = ((t.tflops, "GPU catalog FP16") if t.tflops else
                     (matmul_gflops() / 1000, "measured on this machine now (float32 matmul)") if not t.bandwidth_gbs
                     else (None, "unknown"))

@@ -87,7 +87,8 @@ def start(deployer: Deployer, plan: Plan, only: list[str] | None) -> Started:
 def bench_plan(plan: Plan, deployer: Deployer, only: list[str] | None, opts: dict[str, Any],
                say: Say) -> list[bench.ServerResult]:
     return [bench.bench_target(target_for(plan, sp, deployer), opts["prompt_tokens"], opts["gen_tokens"],
-                               opts["concurrency"], opts["runs"], prefix=opts.get("prefix", True), progress=say)
+                               opts["concurrency"], opts["runs"], prefix=opts.get("prefix", True), progress=say,
+                               depth=opts.get("depth", 0))
             for sp in select(plan, only)]
 
 

@@ -170,3 +170,22 @@ def test_sigterm_stops_the_servers_bench_up_started(when: str, env, gemma: Path,
     assert p.returncode == 128 + signal.SIGTERM, err
     assert env.records(profile.stem) == {}, "the server bench started is stopped and forgotten"
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_bench_at_depth_measures_after_a_cached_prefix(env, gemma: Path, built_engines: None) -> None:
+    """--depth: every request starts after the same 512 cached tokens; the engine evaluates only each
+    request's own prompt, and the prefill rate counts those tokens."""
+    profile = env.profile("bench-depth", model={"path": str(gemma), "served_name": "gemma"}, context=2048)
+    r = env.run("bench", str(profile), "--up", "--json", "--samples", "--no-prefix", "--depth", "512",
+                "--prompt-tokens", "64", "--gen-tokens", "8", "--concurrency", "1", "--runs", "2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    [res] = json.loads(r.stdout)
+    assert res["depth"] == 512 and "shared prefix" in r.stderr
+    for s in res["samples"]:
+        assert s["ok"] and s["prompt_tokens"] == 512 + 64
+        assert s["cached_tokens"] >= 511 and s["server"]["prompt_n"] <= 65, s["server"]
+        assert s["prefill_tps"] == pytest.approx((s["prompt_tokens"] - s["cached_tokens"]) / s["ttft_s"])
+    assert "after 512 cached tokens" not in r.stdout   # --json: no table
+    table = env.run("bench", str(profile), "--up", "--no-prefix", "--depth", "512", "--prompt-tokens", "64",
+                    "--gen-tokens", "8", "--concurrency", "1", "--runs", "1")
+    assert table.returncode == 0 and "after 512 cached tokens of context" in table.stdout, table.stdout
