@@ -46,6 +46,7 @@ from orchestrator.plan.model import Plan
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 HEARTBEAT_S = 1.0
 TICK_S = 1.0
+UPSTREAM_KEEPALIVE_S = 2.0   # below llama-server's 5 s keep-alive timeout (see upstream_client)
 T = TypeVar("T")
 
 
@@ -126,6 +127,20 @@ async def _disconnected(request: Request) -> None:
             return
 
 
+
+def upstream_client() -> httpx.AsyncClient:
+    """The pool the gateway reaches its servers with. TCP_NODELAY: httpx writes a request's headers and
+    body separately, and Nagle's algorithm would hold the body until the server's delayed ACK of the
+    headers (~40 ms on Linux loopback) on every request. Keep-alive expiry below the engines' own:
+    llama-server (cpp-httplib) closes a connection idle for CPPHTTPLIB_KEEPALIVE_TIMEOUT_SECOND = 5 s,
+    httpx's default expiry is also 5 s, and a request sent on a connection the server is closing at that
+    moment fails with RemoteProtocolError (seen as a 502 "server a did not answer")."""
+    transport = httpx.AsyncHTTPTransport(
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=UPSTREAM_KEEPALIVE_S),
+        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+    return httpx.AsyncClient(timeout=httpx.Timeout(connect=5.0, read=600.0, write=60.0, pool=None), trust_env=False,
+                             transport=transport)
+
 class Gateway:
     def __init__(self, plan: Plan, backend: GatewayBackend, api_key: str | None, metrics: Metrics | None = None,
                  client: httpx.AsyncClient | None = None) -> None:
@@ -148,14 +163,7 @@ class Gateway:
         if self.gw.tool_calls:
             from orchestrator.gateway.toolflow import ToolFlow
             self.handlers.append(ToolFlow(self))
-        # TCP_NODELAY: httpx writes a request's headers and body separately, and Nagle's algorithm would hold
-        # the body until the server's delayed ACK of the headers (~40 ms on Linux loopback) on every request.
-        transport = httpx.AsyncHTTPTransport(
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
-        self.client = client or httpx.AsyncClient(
-            timeout=httpx.Timeout(connect=5.0, read=600.0, write=60.0, pool=None), trust_env=False,
-            transport=transport)
+        self.client = client or upstream_client()
         self.created = int(time.time())
         self._ticker: asyncio.Task[None] | None = None
         self._upstreams: dict[str, tuple[str, dict[str, str]]] = {}
