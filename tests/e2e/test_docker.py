@@ -128,12 +128,7 @@ def test_rendered_compose_up_wait_two_servers(env, gemma: Path, images, docker_c
          "context": 2048, "model": {"path": str(gemma), "served_name": "gemma-side"}, "depends_on": ["main"],
          "health": {"timeout": 60, "interval": 1}},
     ]}
-    profile = tmp_path / "two.yaml"
-    profile.write_text(yaml.safe_dump(doc))
-    out = tmp_path / "deploy" / "compose.yaml"
-    out.parent.mkdir()
-    r = env.run("render", str(profile), "-t", "compose", "-o", str(out))
-    assert r.returncode == 0, r.stderr
+    out = _render_compose(env, tmp_path, doc, "two")
     rendered = yaml.safe_load(out.read_text())
     assert rendered["services"]["side"]["depends_on"] == {"main": {"condition": "service_healthy"}}
     compose = [compose_binary(), "-f", str(out)]
@@ -206,6 +201,17 @@ def test_port_taken(env, gemma: Path, images, docker_client) -> None:
     assert ours(docker_client, name) == []
 
 
+
+def _render_compose(env, tmp_path: Path, doc: dict, stem: str) -> Path:
+    """Write the profile `doc` and render it to a compose file, as a user would; the compose file."""
+    profile = tmp_path / f"{stem}.yaml"
+    profile.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "deploy" / "compose.yaml"
+    out.parent.mkdir()
+    r = env.run("render", str(profile), "-t", "compose", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    return out
+
 def _free_port() -> int:
     from tests.e2e.conftest import free_port
 
@@ -272,12 +278,7 @@ def test_compose_up_wait_with_an_image_under_a_custom_tag(env, gemma: Path, dock
     doc = {"name": name, "hardware": {"gpu": "cpu"}, "servers": [
         {"name": "main", "engine": "llama.cpp", "runtime": "docker", "image": tag, "port": port, "context": 2048,
          "model": {"path": str(gemma), "served_name": "gemma"}, "health": {"timeout": 120, "interval": 1}}]}
-    profile = tmp_path / "custom.yaml"
-    profile.write_text(yaml.safe_dump(doc))
-    out = tmp_path / "deploy" / "compose.yaml"
-    out.parent.mkdir()
-    r = env.run("render", str(profile), "-t", "compose", "-o", str(out))
-    assert r.returncode == 0, r.stderr
+    out = _render_compose(env, tmp_path, doc, "custom")
     assert "test" not in yaml.safe_load(out.read_text())["services"]["main"]["healthcheck"]
     compose = [compose_binary(), "-f", str(out)]
     try:
@@ -320,12 +321,7 @@ def test_rendered_compose_with_its_gateway_serves_the_openai_client(env, gemma: 
                         "port": port, "context": 2048, "api_key_env": "DK_GEMMA_KEY",
                         "model": {"path": str(gemma), "served_name": "gemma"},
                         "health": {"timeout": 60, "interval": 1}}]}
-    profile = tmp_path / "gw.yaml"
-    profile.write_text(yaml.safe_dump(doc))
-    out = tmp_path / "deploy" / "compose.yaml"
-    out.parent.mkdir()
-    r = env.run("render", str(profile), "-t", "compose", "-o", str(out))
-    assert r.returncode == 0, r.stderr
+    out = _render_compose(env, tmp_path, doc, "gw")
     keys = {"DK_GATEWAY_KEY": "gw-key-for-e2e", "DK_GEMMA_KEY": "server-key-for-e2e"}
     compose = [compose_binary(), "-f", str(out)]
     run_env = {**env.env, **keys}
