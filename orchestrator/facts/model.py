@@ -356,12 +356,6 @@ def gather(location: str, quant: str | None = None, is_hf: bool = False) -> Mode
             arch, meta = _hf_config(path / "config.json")
         except ValueError as exc:
             defect = f"config.json: {exc}"
-        width = HF_DTYPE_BYTES.get(str(meta.get("torch_dtype")))
-        weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-        if total is None and width and weights and not meta.get("quant_method"):
-            total = round(weights / width / 1e9, 6)   # safetensors hold the weights at the config's dtype
-            notes.append(f"{total:.3g}B parameters: the safetensors' {weights:,} bytes at {width} bytes per "
-                         f"{meta['torch_dtype']} weight")
     return _facts(path, kind, fmt, q, total, active, arch, meta, notes, defect)
 
 
@@ -464,8 +458,14 @@ def _facts(path: Path, kind: str, fmt: str, q: str | None, total: float | None, 
         size = path.stat().st_size
         estimate = False
     elif kind == "dir":
-        size = sum(f.stat().st_size for f in path.glob("*.safetensors")) or _index_total(path)
+        weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        size = weights or _index_total(path)
         estimate = size is None
+        width = HF_DTYPE_BYTES.get(str(meta.get("torch_dtype")))
+        if total is None and width and weights and not meta.get("quant_method"):
+            total = round(weights / width / 1e9, 6)   # safetensors hold the weights at the config's dtype
+            notes = [*notes, f"{total:.3g}B parameters: the safetensors' {weights:,} bytes at {width} bytes per "
+                             f"{meta['torch_dtype']} weight"]
     else:
         size, estimate = _estimate_bytes(total, q), True
     nextn = meta.get("nextn_predict_layers")
